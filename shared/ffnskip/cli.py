@@ -1,0 +1,134 @@
+"""`ffnskip` command line: generate, bench (and the service commands as they land).
+
+Every user error is an FfnSkipError: printed as one line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from ffnskip.config import POLICIES, SamplingParams, SkipParams
+from ffnskip.errors import FfnSkipError, InvalidArgument
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a HF directory, a .gguf file or a cached HF id")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def add_skip_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("skip policy (BRIEF section 2)")
+    group.add_argument("--profile", type=Path, help="a profile.json from the calibrator; flags below override it")
+    group.add_argument("--policy", choices=POLICIES)
+    group.add_argument("--cold-start", type=int)
+    group.add_argument("--cold-end", type=int)
+    group.add_argument("--threshold", type=float)
+    group.add_argument("--max-skip", type=_int_or_none, default=argparse.SUPPRESS,
+                       help="k, the skip run length; 'none' = up to cold_end")
+    group.add_argument("--warm-up", type=int)
+    group.add_argument("--probability", type=float, help="skip probability for random / non_adaptive")
+    group.add_argument("--static-layers", type=_int_list, help="comma-separated layers for static")
+    group.add_argument("--skip-seed", type=int)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def skip_params_from_args(args: argparse.Namespace) -> SkipParams:
+    base = load_skip_file(args.profile) if args.profile else SkipParams()
+    overrides = {
+        "policy": args.policy, "cold_start": args.cold_start, "cold_end": args.cold_end,
+        "threshold": args.threshold, "warm_up": args.warm_up, "probability": args.probability,
+        "static_layers": tuple(args.static_layers) if args.static_layers is not None else None,
+        "seed": args.skip_seed,
+    }
+    params = base.with_overrides(**overrides)
+    if hasattr(args, "max_skip"):  # given on the command line; None ("none") is a real value here
+        params = replace(params, max_skip=args.max_skip)
+    return params
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+def load_skip_file(path: Path) -> SkipParams:
+    """A calibrator profile, or a plain JSON object of SkipParams fields."""
+    from ffnskip.profile import Profile
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidArgument("profile", f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise InvalidArgument("profile", f"{path} is not JSON: {exc}") from exc
+    if isinstance(data, dict) and "schema_version" in data:
+        return Profile.from_dict(data).skip_params()
+    if not isinstance(data, dict):
+        raise InvalidArgument("profile", f"{path} must hold a JSON object")
+    known = set(SkipParams.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidArgument(f"profile.{unknown[0]}", f"unknown field (expected some of {', '.join(sorted(known))})")
+    if "static_layers" in data:
+        data["static_layers"] = tuple(data["static_layers"])
+    return SkipParams(**data)
+
+
+def _int_or_none(text: str) -> Optional[int]:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ffnskip import bench, generate
+
+    parser = argparse.ArgumentParser(prog="ffnskip", description="Adaptive FFN-skip decoding (FFN-SkipLLM)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="prepare a model once (the embedded default: de-quantise and cache)")
+    add_model_args(prepare)
+    prepare.set_defaults(handler=run_prepare)
+    generate.register(commands)
+    bench.register(commands)
+    return parser
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from ffnskip.engine import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"{loaded.model_id}: {loaded.num_layers} layers at {loaded.path}, fingerprint {loaded.fingerprint}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except FfnSkipError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Frozen, validated parameter objects shared by the engine, the CLI and the services.
+
+Validation lives in __post_init__ so that an object that exists is a valid one;
+every failure names its field through InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
+
+from ffnskip.errors import InvalidArgument
+
+PolicyName = Literal["dense", "adaptive", "random", "non_adaptive", "static", "observe"]
+POLICIES: tuple[str, ...] = ("dense", "adaptive", "random", "non_adaptive", "static", "observe")
+
+
+@dataclass(frozen=True)
+class SkipParams:
+    """What the skip loop does (BRIEF section 2).
+
+    cold_end = None means "the last layer stays cold" (L - 1, where cosine similarity is
+    low in every model measured), resolved against the model by `resolved(num_layers)`;
+    max_skip = None means "up to cold_end".
+    """
+
+    policy: str = "adaptive"
+    cold_start: int = 1
+    cold_end: Optional[int] = None
+    threshold: float = 0.97
+    max_skip: Optional[int] = 4
+    warm_up: int = 16
+    probability: float = 0.25  # random / non_adaptive
+    static_layers: tuple[int, ...] = ()  # static
+    seed: int = 0  # random / non_adaptive draws
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidArgument("policy", f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if self.cold_start < 0:
+            raise InvalidArgument("cold_start", f"must be >= 0, got {self.cold_start}")
+        if self.cold_end is not None and self.cold_end <= self.cold_start:
+            raise InvalidArgument("cold_end", f"must be > cold_start ({self.cold_start}), got {self.cold_end}")
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and 0.0 < self.threshold <= 1.0):
+            raise InvalidArgument("threshold", f"must be in (0, 1], got {self.threshold}")
+        if self.max_skip is not None and self.max_skip < 0:
+            raise InvalidArgument("max_skip", f"must be >= 0 (or null for up to cold_end), got {self.max_skip}")
+        if self.warm_up < 0:
+            raise InvalidArgument("warm_up", f"must be >= 0, got {self.warm_up}")
+        if not (0.0 <= self.probability <= 1.0):
+            raise InvalidArgument("probability", f"must be in [0, 1], got {self.probability}")
+        if any(layer < 0 for layer in self.static_layers):
+            raise InvalidArgument("static_layers", "layer indices must be >= 0")
+        object.__setattr__(self, "static_layers", tuple(sorted(set(self.static_layers))))
+
+    def resolved(self, num_layers: int) -> "SkipParams":
+        """Check against a model with `num_layers` layers and fill in cold_end."""
+        cold_end = max(num_layers - 1, self.cold_start + 1) if self.cold_end is None else self.cold_end
+        if cold_end > num_layers:
+            raise InvalidArgument("cold_end", f"must be <= the model's {num_layers} layers, got {cold_end}")
+        if self.cold_start >= cold_end:
+            raise InvalidArgument("cold_start", f"must be < cold_end ({cold_end}), got {self.cold_start}")
+        bad = [layer for layer in self.static_layers if layer >= num_layers]
+        if bad:
+            raise InvalidArgument("static_layers", f"layers {bad} do not exist in a {num_layers}-layer model")
+        return replace(self, cold_end=cold_end)
+
+    def with_overrides(self, **overrides: object) -> "SkipParams":
+        """A copy with the given non-None fields replaced (validated again)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **changes) if changes else self
+
+
+DENSE = SkipParams(policy="dense")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen and when a sequence stops. temperature 0 = greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop", "stop strings must be non-empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a model is loaded and how many sequences decode at once."""
+
+    model: str = "smollm2-135m"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_batch: int = 16
+    max_seq_len: Optional[int] = 2048  # None = the model's context window
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidArgument("model", "must not be empty")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidArgument("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise InvalidArgument("device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.max_batch < 1:
+            raise InvalidArgument("max_batch", f"must be >= 1, got {self.max_batch}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise InvalidArgument("max_seq_len", f"must be >= 2, got {self.max_seq_len}")

@@ -1,0 +1,9 @@
+"""The FFN-skip decode engine: model loading, the skip loop, sampling and batching.
+
+This package imports torch and transformers, never grpc, redis or protobuf.
+"""
+
+from ffnskip.engine.engine import Engine, GenerationResult, TokenEvent
+from ffnskip.engine.loading import LoadedModel, load_model
+
+__all__ = ["Engine", "GenerationResult", "TokenEvent", "LoadedModel", "load_model"]

@@ -1,0 +1,213 @@
+"""The engine facade: add requests, step the batch, generate or stream.
+
+`step()` reads in one glance: admit waiting sequences (prefill each into a free
+cache row, sample its first token), decode the sequences that were already
+running under their skip policies, then retire the finished ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence as Seq
+
+import torch
+
+from ffnskip.config import DENSE, SamplingParams, SkipParams
+from ffnskip.engine.loading import LoadedModel
+from ffnskip.engine.model import SkipModel
+from ffnskip.engine.policies import RowPlan, SkipController
+from ffnskip.engine.prompts import encode_prompt, eos_ids
+from ffnskip.engine.sampling import sample
+from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence
+from ffnskip.engine.stats import SkipStats, weight_bytes
+from ffnskip.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int  # 1-based position among the generated tokens
+    token_id: int
+    text: str  # the piece this token releases (may be empty)
+    skipped_layers: list[int]
+    finish_reason: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    skip_stats: SkipStats
+    skip_records: list[list[int]]
+    ttft_s: float
+    total_s: float
+    similarity: list[Optional[list[float]]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "text": self.text,
+            "tokens": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "skip_stats": self.skip_stats.to_dict(),
+            "skip_records": self.skip_records,
+            "timings": {"ttft_s": self.ttft_s, "total_s": self.total_s, "tokens_per_s": self.tokens_per_s},
+        }
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = SkipModel(loaded.model)
+        self.num_layers = self.model.num_layers
+        self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
+        self.cache = self.model.new_cache(max_batch, self.max_seq_len)
+        self.controller = SkipController(self.num_layers, self.model.device)
+        self.weight_bytes = weight_bytes(loaded.model)
+        self.eos_ids = eos_ids(loaded)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i].row == i: rows stay a contiguous prefix
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
+            sampling: SamplingParams = SamplingParams(), skip: SkipParams = DENSE,
+            request_id: str = "", prompt_ids: Optional[list[int]] = None) -> Sequence:
+        """Validate and queue a request (a prompt, chat messages or token ids); it is
+        prefilled at the next step that has a free row."""
+        resolved = skip.resolved(self.num_layers)
+        if prompt_ids is None:
+            prompt_ids = encode_prompt(self.tokenizer, prompt, messages)
+        elif not prompt_ids:
+            raise InvalidArgument("prompt_ids", "must not be empty")
+        self._check_lengths(len(prompt_ids), sampling.max_new_tokens)
+        seq = Sequence(
+            prompt_ids=prompt_ids, sampling=sampling, skip=resolved,
+            plan=RowPlan.build(resolved, self.num_layers),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            eos_ids=self.eos_ids, request_id=request_id,
+        )
+        self.waiting.append(seq)
+        return seq
+
+    def _check_lengths(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens >= self.loaded.context_window:
+            raise InvalidArgument("prompt", f"{prompt_tokens} tokens exceed the model's context window of {self.loaded.context_window}")
+        if prompt_tokens + max_new_tokens > self.max_seq_len:
+            raise InvalidArgument(
+                "max_new_tokens",
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's sequence length {self.max_seq_len}",
+            )
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Stop a sequence; it leaves the batch at the next step."""
+        for seq in list(self.waiting) + self.running:
+            if seq.request_id == request_id:
+                seq.cancel(reason)
+                return
+        raise NotFound(f"request {request_id!r} is not queued or running")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        self._retire_finished()  # sequences cancelled since the last step leave first
+        self._drop_cancelled_waiting()
+        decoding = len(self.running)
+        events = [self._prefill(self.waiting.popleft()) for _ in range(min(len(self.waiting), self.cache.free_rows))]
+        if decoding:
+            events += self._decode(self.running[:decoding])
+        self._retire_finished()
+        return events
+
+    def _prefill(self, seq: Sequence) -> TokenEvent:
+        seq.row = self.cache.take_row()
+        self.running.append(seq)
+        started = time.perf_counter()
+        ids = torch.tensor(seq.prompt_ids, device=self.model.device)
+        logits = self.model.prefill(self.cache, seq.row, ids)
+        token = sample(logits[None], [seq.sampling], [seq.sample_generator])[0]
+        seq.forward_seconds += time.perf_counter() - started
+        return self._emit(seq, token, [], None)
+
+    def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
+        started = time.perf_counter()
+        self.controller.begin_step([s.plan for s in batch], [s.past_warm_up for s in batch],
+                                   [s.skip_generator for s in batch],
+                                   record_similarity=any(s.skip.policy == "observe" for s in batch))
+        logits = self.model.decode(self.cache, [s.generated[-1] for s in batch],
+                                   [s.last_position for s in batch], self.controller)
+        tokens = sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch])
+        skipped, similarity = self.controller.end_step()
+        elapsed = time.perf_counter() - started
+        events = []
+        for i, seq in enumerate(batch):
+            seq.forward_seconds += elapsed
+            events.append(self._emit(seq, tokens[i], skipped[i], similarity[i] if similarity else None))
+        return events
+
+    def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity) -> TokenEvent:
+        piece = seq.append(token, skipped, similarity)
+        return TokenEvent(seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason)
+
+    def _drop_cancelled_waiting(self) -> None:
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+
+    def _retire_finished(self) -> None:
+        for seq in sorted((s for s in self.running if s.finished), key=lambda s: s.row, reverse=True):
+            moved = self.cache.release_row(seq.row)
+            last = self.running.pop()
+            if moved is not None:
+                last.row = seq.row
+                self.running[seq.row] = last
+            seq.row = None
+
+    # -- conveniences -----------------------------------------------------------------------
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        end = seq.finished_at or time.perf_counter()
+        return GenerationResult(
+            request_id=seq.request_id, text=seq.text, token_ids=list(seq.generated),
+            finish_reason=seq.finish_reason or "running",
+            skip_stats=SkipStats.from_records(seq.skip_records, self.num_layers, seq.skip.warm_up),
+            skip_records=seq.skip_records,
+            ttft_s=(seq.first_token_at or end) - seq.submitted_at, total_s=end - seq.submitted_at,
+            similarity=seq.similarity,
+        )
+
+    def generate(self, prompts: Seq[str | list[dict]], sampling: SamplingParams = SamplingParams(),
+                 skip: SkipParams = DENSE) -> list[GenerationResult]:
+        """Generate for several prompts (strings or chat message lists) as one batch."""
+        seqs = [self.add(**_prompt_kwargs(p), sampling=sampling, skip=skip) for p in prompts]
+        while any(not s.finished for s in seqs):
+            self.step()
+        return [self.result(s) for s in seqs]
+
+    def stream(self, prompt: str | list[dict], sampling: SamplingParams = SamplingParams(),
+               skip: SkipParams = DENSE) -> Iterator[TokenEvent]:
+        """Yield one prompt's tokens as they are generated."""
+        seq = self.add(**_prompt_kwargs(prompt), sampling=sampling, skip=skip)
+        while not seq.finished:
+            for event in self.step():
+                if event.request_id == seq.request_id:
+                    yield event
+
+
+def _prompt_kwargs(prompt: str | list[dict]) -> dict:
+    return {"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}

@@ -1,0 +1,65 @@
+"""One preallocated KV cache with a row per running sequence.
+
+Rows in use are kept as a contiguous prefix [0, n) so that a decode step works on
+views (cache[:n]) with no gather; when a sequence leaves, the last row moves into
+its hole (only the filled positions are copied).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, max_seq_len: int,
+                 head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_layers, max_batch, num_kv_heads, max_seq_len, head_dim)
+        # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN
+        # garbage from reused memory would poison the row.
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.lengths = [0] * max_batch  # host-side filled length of each row
+        self.in_use = 0
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - self.in_use
+
+    def take_row(self) -> int:
+        if self.in_use >= self.max_batch:
+            raise RuntimeError("no free KV cache row")  # the scheduler admits by free_rows
+        row = self.in_use
+        self.in_use += 1
+        self.lengths[row] = 0
+        return row
+
+    def release_row(self, row: int) -> int | None:
+        """Free `row`; return the row that moved into it (the old last row), if any."""
+        last = self.in_use - 1
+        moved = None
+        if row != last:
+            filled = self.lengths[last]
+            self.keys[:, row, :, :filled] = self.keys[:, last, :, :filled]
+            self.values[:, row, :, :filled] = self.values[:, last, :, :filled]
+            self.lengths[row] = filled
+            moved = last
+        self.lengths[last] = 0
+        self.in_use -= 1
+        return moved
+
+    def write_prefill(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [kv_heads, T, head_dim] for positions [0, T)."""
+        length = k.shape[1]
+        self.keys[layer, row, :, :length] = k
+        self.values[layer, row, :, :length] = v
+
+    def write_decode(self, layer: int, batch: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, kv_heads, 1, head_dim] written at each row's own position."""
+        rows = torch.arange(batch, device=k.device)
+        self.keys[layer, rows, :, positions] = k[:, :, 0]
+        self.values[layer, rows, :, positions] = v[:, :, 0]
+
+    def view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length]

@@ -1,0 +1,131 @@
+"""Per-request state: ids, cache row, parameters, skip records, stop checks, text."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ffnskip.config import SamplingParams, SkipParams
+from ffnskip.engine.policies import RowPlan
+
+_ids = itertools.count(1)
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text pieces that never split a UTF-8 character
+    (the prefix/read offset method: decode a short window, emit what grew)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-4:])  # a little context so leading spaces decode right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    skip: SkipParams  # resolved against the model
+    plan: RowPlan
+    detokenizer: IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    request_id: str = ""
+    generated: list[int] = field(default_factory=list)
+    skip_records: list[list[int]] = field(default_factory=list)
+    similarity: list[Optional[list[float]]] = field(default_factory=list)
+    text: str = ""
+    pending: str = ""  # text held back because it may be the start of a stop string
+    row: Optional[int] = None
+    finish_reason: Optional[str] = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    forward_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            self.request_id = f"req-{next(_ids)}"
+        self.sample_generator = torch.Generator().manual_seed(self.sampling.seed)
+        self.skip_generator = torch.Generator().manual_seed(self.skip.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def past_warm_up(self) -> bool:
+        """Whether the next token's forward may skip (tokens 1..warm_up run in full)."""
+        return len(self.generated) >= self.skip.warm_up
+
+    @property
+    def last_position(self) -> int:
+        """Position of the last token in the cache, fed to the next decode step."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    def append(self, token_id: int, skipped: list[int], similarity: Optional[list[float]]) -> str:
+        """Record a generated token; return the text piece it releases to the client."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.append(token_id)
+        self.skip_records.append(skipped)
+        self.similarity.append(similarity)
+        if token_id in self.eos_ids and not self.sampling.ignore_eos:
+            return self._finish("eos", now, flush=True)
+        piece = self._release(self.detokenizer.push(token_id))
+        if self.finished:
+            return piece
+        if len(self.generated) >= self.sampling.max_new_tokens:
+            return piece + self._finish("length", now, flush=True)
+        return piece
+
+    def _release(self, piece: str) -> str:
+        """Apply stop strings: emit text unless it could still become a stop string."""
+        candidate = self.pending + piece
+        for stop in self.sampling.stop:
+            cut = (self.text + candidate).find(stop)
+            if cut >= 0:
+                emitted = (self.text + candidate)[:cut][len(self.text):]
+                self.text += emitted
+                self.pending = ""
+                self._finish("stop", time.perf_counter(), flush=False)
+                return emitted
+        hold = max((_overlap(candidate, stop) for stop in self.sampling.stop), default=0)
+        emitted, self.pending = candidate[:len(candidate) - hold], candidate[len(candidate) - hold:]
+        self.text += emitted
+        return emitted
+
+    def _finish(self, reason: str, now: float, flush: bool) -> str:
+        self.finish_reason = reason
+        self.finished_at = now
+        rest = self.pending if flush else ""
+        self.text += rest
+        self.pending = ""
+        return rest
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.finished:
+            self._finish(reason, time.perf_counter(), flush=False)
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
