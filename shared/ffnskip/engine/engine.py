@@ -106,6 +106,8 @@ class Engine:
     def _check_lengths(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens >= self.loaded.context_window:
             raise InvalidArgument("prompt", f"{prompt_tokens} tokens exceed the model's context window of {self.loaded.context_window}")
+        if prompt_tokens >= self.max_seq_len:
+            raise InvalidArgument("prompt", f"{prompt_tokens} tokens exceed this engine's sequence length of {self.max_seq_len}")
         if prompt_tokens + max_new_tokens > self.max_seq_len:
             raise InvalidArgument(
                 "max_new_tokens",

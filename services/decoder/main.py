@@ -1,0 +1,83 @@
+"""Decoder process: `python -m services.decoder.main` (settings from FFNSKIP_* variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from ffnskip.config import SkipParams
+from ffnskip.engine import Engine, load_model
+from ffnskip.errors import FfnSkipError
+from ffnskip.logging import configure_logging, get_logger
+from ffnskip.rpc.server import Server
+from ffnskip.store.connection import connect
+from ffnskip.store.profiles import ProfileStore
+from ffnskip.store.registry import DecoderRegistry
+from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
+from services.decoder.engine_loop import EngineLoop
+from services.decoder.profiles import ProfileWatcher
+from services.decoder.registration import Registration
+from services.decoder.service import DecoderService
+from services.decoder.servicer import DecoderServicer
+from services.decoder.settings import DecoderSettings
+
+log = get_logger("decoder")
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+async def serve(settings: DecoderSettings) -> None:
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len)
+    log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
+             dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
+    redis_client = connect(settings.redis)
+    profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
+                              settings.profile_cache_dir, default=SkipParams(policy="dense"))
+    profiles.start()
+    engine_loop = EngineLoop(engine, settings.max_queue)
+    engine_loop.start()
+    facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
+             "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}
+    servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles), facts)
+    server = Server([SERVICE_NAME])
+    decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server.grpc)
+    port = await server.start(f"{settings.host}:{settings.port}")
+    address = settings.advertise_address if settings.port else f"{settings.advertise_address.rsplit(':', 1)[0]}:{port}"
+
+    def registry_info() -> dict:
+        return {"id": settings.decoder_id, "address": address, "model_id": settings.model_name,
+                "capacity": settings.max_batch, "load": engine_loop.running + engine_loop.waiting,
+                "profile_version": profiles.current.version, "draining": servicer.draining}
+
+    registration = Registration(DecoderRegistry(redis_client), registry_info, settings.registry_ttl_s)
+    registration.start()
+    await server.set_ready(True)
+    log.info("decoder serving", address=address, decoder_id=settings.decoder_id)
+    await server.wait_for_signal()
+
+    # Drain: stop taking work (readiness off, registry says draining), finish what runs, leave.
+    servicer.draining = True
+    engine_loop.drain()
+    registration.beat_once()
+    await server.drain(settings.drain_timeout_s, on_drain=lambda: asyncio.to_thread(engine_loop.idle.wait))
+    registration.withdraw()
+    profiles.stop()
+    engine_loop.stop()
+    log.info("decoder stopped")
+
+
+def main() -> int:
+    try:
+        settings = DecoderSettings.from_env(os.environ)
+        configure_logging(settings.log_level)
+        asyncio.run(serve(settings))
+    except FfnSkipError as exc:
+        log.error("decoder failed to start", error=exc.message)
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

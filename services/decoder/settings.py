@@ -1,0 +1,90 @@
+"""Decoder settings, read from the environment once in main (prefix FFNSKIP_)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ffnskip.errors import InvalidArgument
+from ffnskip.rpc.generation import OVERRIDABLE_POLICIES, OverrideLimits
+from ffnskip.store.connection import RedisSettings
+
+REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
+ENV_VARS = (
+    "FFNSKIP_DECODER_HOST", "FFNSKIP_DECODER_PORT", "FFNSKIP_ADVERTISE_ADDRESS", "FFNSKIP_DECODER_ID",
+    "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_CACHE",
+    "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
+    "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
+    "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
+    "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_LOG_LEVEL",
+) + REDIS_ENV_VARS
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    host: str
+    port: int
+    advertise_address: str  # what the gateway dials (the pod IP in Kubernetes)
+    decoder_id: str
+    model: str  # what to load: embedded name, directory, .gguf
+    model_name: str  # the id clients ask for and profiles are stored under
+    device: str
+    dtype: str
+    max_batch: int
+    max_queue: int
+    max_seq_len: int
+    max_new_tokens_cap: int
+    default_max_new_tokens: int
+    profile_cache_dir: Path
+    registry_ttl_s: float
+    drain_timeout_s: float
+    limits: OverrideLimits
+    log_level: str
+    redis: RedisSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "DecoderSettings":
+        port = _int(env, "FFNSKIP_DECODER_PORT", 50052)
+        host = env.get("FFNSKIP_DECODER_HOST", "127.0.0.1")
+        model = env.get("FFNSKIP_MODEL", "smollm2-135m")
+        policies = tuple(p for p in env.get("FFNSKIP_ALLOWED_POLICIES", ",".join(OVERRIDABLE_POLICIES)).split(",") if p)
+        unknown = [p for p in policies if p not in OVERRIDABLE_POLICIES]
+        if unknown:
+            raise InvalidArgument("FFNSKIP_ALLOWED_POLICIES", f"unknown policies {unknown}")
+        return cls(
+            host=host, port=port,
+            advertise_address=env.get("FFNSKIP_ADVERTISE_ADDRESS", f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"),
+            decoder_id=env.get("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
+            model=model, model_name=env.get("FFNSKIP_MODEL_NAME", model),
+            device=env.get("FFNSKIP_DEVICE", "auto"), dtype=env.get("FFNSKIP_DTYPE", "auto"),
+            max_batch=_int(env, "FFNSKIP_MAX_BATCH", 16), max_queue=_int(env, "FFNSKIP_MAX_QUEUE", 64),
+            max_seq_len=_int(env, "FFNSKIP_MAX_SEQ_LEN", 2048),
+            max_new_tokens_cap=_int(env, "FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),
+            default_max_new_tokens=_int(env, "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", 128),
+            profile_cache_dir=Path(env.get("FFNSKIP_PROFILE_CACHE_DIR", str(Path.home() / ".cache" / "ffnskip" / "profiles"))),
+            registry_ttl_s=_float(env, "FFNSKIP_REGISTRY_TTL_S", 10.0),
+            drain_timeout_s=_float(env, "FFNSKIP_DRAIN_TIMEOUT_S", 30.0),
+            limits=OverrideLimits(
+                policies=policies, min_threshold=_float(env, "FFNSKIP_OVERRIDE_MIN_THRESHOLD", 0.5),
+                max_skip=_int(env, "FFNSKIP_OVERRIDE_MAX_SKIP", 64), min_warm_up=_int(env, "FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
+            ),
+            log_level=env.get("FFNSKIP_LOG_LEVEL", "info"),
+            redis=RedisSettings.from_env(env),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError as exc:
+        raise InvalidArgument(name, f"must be an integer, got {env[name]!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        return float(env.get(name, default))
+    except ValueError as exc:
+        raise InvalidArgument(name, f"must be a number, got {env[name]!r}") from exc

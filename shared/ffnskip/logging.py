@@ -1,0 +1,91 @@
+"""Structured JSON logs for the services, with a request id bound per RPC.
+
+`configure_logging(level)` is called once in a service's main. structlog loggers and
+plain stdlib loggers (grpc, redis, transformers) then write one JSON object per line to
+stderr, and every line logged while an RPC runs carries its `request_id` (taken from the
+client's `x-request-id` metadata or generated), including lines from threads the RPC
+handed work to with asyncio.to_thread (which copies the context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from typing import Iterator, Optional
+
+import structlog
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id_var: ContextVar[Optional[str]] = ContextVar("ffnskip_request_id", default=None)
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # echoed into logs: no spaces, quotes or newlines
+
+
+def _shared_processors() -> list:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    """JSON lines on `stream` (stderr) for structlog and stdlib loggers alike; idempotent."""
+    name = level.strip().lower()
+    if name not in _LEVELS:
+        from ffnskip.errors import InvalidArgument
+
+        raise InvalidArgument("log_level", f"must be one of {', '.join(_LEVELS)}, got {level!r}")
+    numeric = getattr(logging, name.upper())
+    structlog.configure(
+        processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_from_metadata(metadata) -> str:
+    """The client's x-request-id when it is a sane token, else a fresh one."""
+    for key, value in metadata or ():
+        if key.lower() == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_ID.match(value):
+            return value
+    return new_request_id()
+
+
+@contextlib.contextmanager
+def bound_request_id(request_id: str) -> Iterator[str]:
+    """Bind `request_id` for this context (an RPC's task) and its log lines."""
+    token = request_id_var.set(request_id)
+    try:
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            yield request_id
+    finally:
+        request_id_var.reset(token)

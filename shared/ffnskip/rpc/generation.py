@@ -1,0 +1,106 @@
+"""GenerateRequest <-> engine parameters, shared by the decoder and the gateway.
+
+Validation errors name the request field as a client sees it (`sampling.top_p`,
+`skip.threshold`, `messages[1].content`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from ffnskip.config import SamplingParams, SkipParams
+from ffnskip.engine.prompts import ROLES
+from ffnskip.errors import InvalidArgument
+from ffnskip.v1 import generation_pb2 as pb
+
+OVERRIDABLE_POLICIES = ("adaptive", "dense", "random", "non_adaptive", "static")
+MAX_PROMPT_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class OverrideLimits:
+    """What a request may change in the active profile's skip parameters."""
+
+    policies: tuple[str, ...] = OVERRIDABLE_POLICIES
+    min_threshold: float = 0.5
+    max_skip: int = 64  # the largest k a request may ask for
+    min_warm_up: int = 0
+
+
+def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list[dict]]]:
+    """(prompt, messages): exactly one is set."""
+    if request.prompt and request.messages:
+        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+    if request.messages:
+        messages = []
+        for i, m in enumerate(request.messages):
+            if m.role not in ROLES:
+                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.role!r}")
+            if not m.content.strip():
+                raise InvalidArgument(f"messages[{i}].content", "must not be empty")
+            messages.append({"role": m.role, "content": m.content})
+        return None, messages
+    if not request.prompt.strip():
+        raise InvalidArgument("prompt", "must not be empty (or give messages)")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    return request.prompt, None
+
+
+def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_new_tokens_cap: int) -> SamplingParams:
+    max_new = options.max_new_tokens or default_max_new_tokens
+    if options.max_new_tokens < 0:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {options.max_new_tokens}")
+    if max_new > max_new_tokens_cap:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be <= {max_new_tokens_cap}, got {max_new}")
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new, temperature=options.temperature,
+            top_p=options.top_p if options.HasField("top_p") else 1.0, top_k=options.top_k,
+            seed=options.seed, stop=tuple(options.stop),
+        )
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"sampling.{exc.field}", exc.problem) from exc
+
+
+def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimits) -> SkipParams:
+    """The profile's parameters with the request's overrides, inside the configured limits."""
+    if overrides.policy and overrides.policy not in limits.policies:
+        raise InvalidArgument("skip.policy", f"must be one of {', '.join(limits.policies)}, got {overrides.policy!r}")
+    if overrides.HasField("threshold") and not (limits.min_threshold <= overrides.threshold <= 1.0):
+        raise InvalidArgument("skip.threshold", f"must be in [{limits.min_threshold}, 1], got {overrides.threshold:g}")
+    if overrides.HasField("max_skip") and not (-1 <= overrides.max_skip <= limits.max_skip):
+        raise InvalidArgument("skip.max_skip", f"must be in [-1, {limits.max_skip}] (-1 = up to cold_end), got {overrides.max_skip}")
+    if overrides.HasField("warm_up") and overrides.warm_up < limits.min_warm_up:
+        raise InvalidArgument("skip.warm_up", f"must be >= {limits.min_warm_up}, got {overrides.warm_up}")
+    params = base
+    try:
+        if overrides.policy:
+            params = replace(params, policy=overrides.policy)
+        if overrides.HasField("threshold"):
+            params = replace(params, threshold=float(overrides.threshold))
+        if overrides.HasField("max_skip"):
+            params = replace(params, max_skip=None if overrides.max_skip == -1 else overrides.max_skip)
+        if overrides.HasField("warm_up"):
+            params = replace(params, warm_up=overrides.warm_up)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"skip.{exc.field}", exc.problem) from exc
+    return params
+
+
+def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096) -> None:
+    """The checks that need no model (the gateway runs these before routing)."""
+    if not request.model:
+        raise InvalidArgument("model", "must not be empty")
+    prompt_of(request)
+    sampling_of(request.sampling, 128, max_new_tokens_cap)
+    skip_of(request.skip, SkipParams(policy="dense"), OverrideLimits(min_threshold=1e-9, max_skip=1 << 20))
+
+
+def stats_to_proto(stats) -> pb.SkipStats:
+    return pb.SkipStats(
+        skip_ratio=stats.skip_ratio, decode_skip_ratio=stats.decode_skip_ratio,
+        ffn_blocks_total=stats.ffn_blocks_total, ffn_blocks_skipped=stats.ffn_blocks_skipped,
+        per_layer_skips=stats.per_layer_skips, generated_tokens=stats.generated_tokens,
+    )

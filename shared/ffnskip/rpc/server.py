@@ -1,0 +1,117 @@
+"""Build a grpc.aio server the way every ffnskip service needs it, and drain it on SIGTERM.
+
+    server = build_server([calibrator_pb2.DESCRIPTOR.services_by_name["Calibrator"].full_name])
+    add_CalibratorServicer_to_server(servicer, server.grpc)
+    await server.start("0.0.0.0:50053")
+    await server.set_ready(True)
+    await server.wait_for_signal()          # SIGTERM / SIGINT
+    await server.drain(grace_s=20)          # readiness NOT_SERVING, finish in-flight, stop
+
+Health (grpc.health.v1) answers for "" (the whole server), "liveness" and "readiness"
+(the names the Kubernetes probes ask for): liveness is SERVING while the process runs;
+readiness and "" are SERVING only between set_ready(True) and the start of a drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ffnskip.errors import Unavailable
+from ffnskip.logging import get_logger
+from ffnskip.rpc.status import StatusInterceptor
+
+log = get_logger("ffnskip.rpc.server")
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a full prompt set (512 x 8000 chars) or a profile + plot fits
+LIVENESS, READINESS = "liveness", "readiness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Accept client keepalive pings every 10 s, with or without calls in flight
+        # (gateway -> decoder channels ping that often to spot dead peers).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Our own pings find clients that vanished without closing (a killed pod).
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+class Server:
+    """A grpc.aio server with health, reflection and the status interceptor."""
+
+    def __init__(self, service_names: Sequence[str], max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.grpc = grpc.aio.server(interceptors=[StatusInterceptor(), *interceptors],
+                                    options=server_options(max_message_bytes))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.grpc)
+        self.port: Optional[int] = None
+        self._signal = asyncio.Event()
+
+    async def start(self, address: str, credentials: Optional[grpc.ServerCredentials] = None) -> int:
+        """Bind (with TLS when `credentials` are given) and start; readiness stays NOT_SERVING
+        until set_ready(True). Returns the port."""
+        await self.health.set(LIVENESS, SERVING)
+        await self.set_ready(False)
+        try:
+            port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
+                    else self.grpc.add_insecure_port(address))
+        except RuntimeError as err:
+            raise Unavailable(f"cannot listen on {address}: {err}") from err
+        if not port:
+            raise Unavailable(f"cannot listen on {address}")
+        await self.grpc.start()
+        self.port = port
+        log.info("grpc server listening", address=address, port=port)
+        return port
+
+    async def set_ready(self, ready: bool) -> None:
+        status = SERVING if ready else NOT_SERVING
+        await self.health.set(READINESS, status)
+        await self.health.set("", status)
+
+    def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("signal received, draining", signal=signal.Signals(sig).name)
+        self._signal.set()
+
+    def request_stop(self) -> None:
+        self._signal.set()
+
+    async def wait_for_signal(self) -> None:
+        self.install_signal_handlers()
+        await self._signal.wait()
+
+    async def drain(self, grace_s: float, on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+        """Readiness NOT_SERVING (liveness stays SERVING), run `on_drain` (e.g. stop taking
+        work) while in-flight RPCs finish, then stop; RPCs still running after grace_s end
+        with CANCELLED."""
+        await self.set_ready(False)
+        stop = asyncio.ensure_future(self.grpc.stop(grace_s))
+        if on_drain is not None:
+            try:
+                await asyncio.wait_for(on_drain(), timeout=grace_s)
+            except asyncio.TimeoutError:
+                log.warning("drain: work still running after the grace period", grace_s=grace_s)
+        await stop
+        log.info("grpc server stopped")

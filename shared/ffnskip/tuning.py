@@ -1,0 +1,113 @@
+"""Tune (threshold, max_skip, warm_up) to a target decode skip ratio with real runs.
+
+Prediction replays the adaptive rule on similarities recorded in observe mode: a
+token fires at its first hot layer with cos >= threshold and skips the next k hot
+layers. The prediction only picks candidates; every number kept in the profile is
+measured by a real skip run on held-back prompts against dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ffnskip.config import SkipParams
+from ffnskip.metrics import token_agreement
+
+TOLERANCE = 0.02  # measured decode ratio this close to the target needs no correction
+FIRE_RATES = (1.0, 0.85, 0.7)  # candidate k = target * L / rate: fire on every token, or most
+WARM_UPS = (8, 16, 32)
+BASE_WARM_UP = 16
+AGREEMENT_SLACK = 0.02  # the smallest warm-up whose agreement is this close to the best wins
+
+
+@dataclass(frozen=True)
+class Choice:
+    threshold: float
+    max_skip: Optional[int]
+    warm_up: int
+    skip_ratio: float
+    decode_skip_ratio: float
+    agreement: float
+
+
+def predicted_ratio(similarity: list[list[float]], threshold: float, k: Optional[int], cold_start: int, cold_end: int) -> float:
+    num_layers = len(similarity[0])
+    skipped = 0
+    for row in similarity:
+        for layer in range(cold_start, cold_end):
+            if row[layer] >= threshold:
+                remaining = cold_end - layer - 1
+                skipped += remaining if k is None else min(k, remaining)
+                break
+    return skipped / (len(similarity) * num_layers)
+
+
+def threshold_for(similarity, target: float, k: Optional[int], cold_start: int, cold_end: int) -> Optional[float]:
+    """The highest threshold whose predicted ratio reaches `target`, or None if k cannot."""
+    if predicted_ratio(similarity, 1e-6, k, cold_start, cold_end) < target:
+        return None
+    low, high = 1e-6, 1.0  # ratio(low) >= target > ratio(high) (or ratio(1.0) >= target)
+    if predicted_ratio(similarity, high, k, cold_start, cold_end) >= target:
+        return high
+    for _ in range(40):
+        middle = (low + high) / 2
+        if predicted_ratio(similarity, middle, k, cold_start, cold_end) >= target:
+            low = middle
+        else:
+            high = middle
+    return round(low, 6)
+
+
+def candidate_run_lengths(target: float, num_layers: int, cold_start: int, cold_end: int) -> list[Optional[int]]:
+    hot = cold_end - cold_start
+    ks = sorted({min(hot - 1, max(1, math.ceil(target * num_layers / rate))) for rate in FIRE_RATES})
+    return ks + [None]
+
+
+def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, target: float, tracker) -> Choice:
+    dense = runner.generate(held, SkipParams(policy="dense"), tracker, "dense reference").tokens
+    num_layers = len(similarity[0])
+
+    def measure(threshold: float, k: Optional[int], warm_up: int) -> Choice:
+        params = SkipParams(policy="adaptive", cold_start=cold_start, cold_end=cold_end,
+                            threshold=threshold, max_skip=k, warm_up=warm_up)
+        run = runner.generate(held, params, tracker, f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}")
+        return Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
+                      token_agreement(run.tokens, dense))
+
+    tried: list[Choice] = []
+    for k in candidate_run_lengths(target, num_layers, cold_start, cold_end):
+        threshold = threshold_for(similarity, target, k, cold_start, cold_end)
+        if threshold is None:
+            continue
+        choice = measure(threshold, k, BASE_WARM_UP)
+        tried.append(choice)
+        if abs(choice.decode_skip_ratio - target) > TOLERANCE:
+            tried.append(measure(_corrected(similarity, choice, target, cold_start, cold_end), k, BASE_WARM_UP))
+    if not tried:  # nothing can reach the target: skip as much as the hot region allows
+        tried.append(measure(1e-6, None, BASE_WARM_UP))
+    best = _best(tried, target)
+    by_warm_up = {BASE_WARM_UP: best}
+    for warm_up in WARM_UPS:
+        if warm_up not in by_warm_up:
+            by_warm_up[warm_up] = measure(best.threshold, best.max_skip, warm_up)
+    top = max(c.agreement for c in by_warm_up.values() if abs(c.decode_skip_ratio - target) <= 0.03 or c is best)
+    return min((c for c in by_warm_up.values() if c.agreement >= top - AGREEMENT_SLACK and abs(c.decode_skip_ratio - target) <= 0.03),
+               key=lambda c: c.warm_up, default=best)
+
+
+def _corrected(similarity, measured: Choice, target: float, cold_start: int, cold_end: int) -> float:
+    """Aim the prediction at target + (target - measured): real runs drift from the replay."""
+    aim = min(0.95, max(1e-3, 2 * target - measured.decode_skip_ratio))
+    threshold = threshold_for(similarity, aim, measured.max_skip, cold_start, cold_end)
+    return threshold if threshold is not None else 1e-6
+
+
+def _best(tried: list[Choice], target: float) -> Choice:
+    """Highest agreement among the candidates within tolerance of the target, else the closest."""
+    close = [c for c in tried if abs(c.decode_skip_ratio - target) <= 0.03]
+    if close:
+        return max(close, key=lambda c: (c.agreement, -abs(c.decode_skip_ratio - target)))
+    return min(tried, key=lambda c: abs(c.decode_skip_ratio - target))
