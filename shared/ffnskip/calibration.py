@@ -35,7 +35,7 @@ class CalibrationRequest:
     prompts: tuple[str, ...]
     target_skip_ratio: float = 0.25
     tokens_per_prompt: int = 128
-    batch_size: int = 8
+    batch_size: int = 16  # a batch step costs little more than a single one: bandwidth-bound
     job_id: str = ""
     model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
     chat: bool = True  # send prompts through the chat template (the serving regime)

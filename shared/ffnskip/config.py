@@ -12,8 +12,8 @@ from typing import Literal, Optional
 
 from ffnskip.errors import InvalidArgument
 
-PolicyName = Literal["dense", "adaptive", "random", "non_adaptive", "static", "observe"]
-POLICIES: tuple[str, ...] = ("dense", "adaptive", "random", "non_adaptive", "static", "observe")
+PolicyName = Literal["dense", "adaptive", "aligned", "random", "non_adaptive", "static", "observe"]
+POLICIES: tuple[str, ...] = ("dense", "adaptive", "aligned", "random", "non_adaptive", "static", "observe")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class SkipParams:
     probability: float = 0.25  # random / non_adaptive
     static_layers: tuple[int, ...] = ()  # static
     seed: int = 0  # random / non_adaptive draws
+    quorum: float = 0.5  # aligned: share of a batch's rows that must vote skip for all to skip
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -50,6 +51,8 @@ class SkipParams:
             raise InvalidArgument("warm_up", f"must be >= 0, got {self.warm_up}")
         if not (0.0 <= self.probability <= 1.0):
             raise InvalidArgument("probability", f"must be in [0, 1], got {self.probability}")
+        if not (0.0 < self.quorum <= 1.0):
+            raise InvalidArgument("quorum", f"must be in (0, 1], got {self.quorum}")
         if any(layer < 0 for layer in self.static_layers):
             raise InvalidArgument("static_layers", "layer indices must be >= 0")
         object.__setattr__(self, "static_layers", tuple(sorted(set(self.static_layers))))

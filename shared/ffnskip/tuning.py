@@ -12,11 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import structlog
+
 from ffnskip.config import SkipParams
 from ffnskip.metrics import token_agreement
 
+log = structlog.get_logger("ffnskip.tuning")
+
 TOLERANCE = 0.02  # measured decode ratio this close to the target needs no correction
-FIRE_RATES = (1.0, 0.85, 0.7)  # candidate k = target * L / rate: fire on every token, or most
+FIRE_RATES = (1.0, 0.8)  # candidate k = target * L / rate: fire on every token, or most
 WARM_UPS = (8, 16, 32)
 BASE_WARM_UP = 16
 AGREEMENT_SLACK = 0.02  # the smallest warm-up whose agreement is this close to the best wins
@@ -74,8 +78,12 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
         params = SkipParams(policy="adaptive", cold_start=cold_start, cold_end=cold_end,
                             threshold=threshold, max_skip=k, warm_up=warm_up)
         run = runner.generate(held, params, tracker, f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}")
-        return Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
-                      token_agreement(run.tokens, dense))
+        choice = Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
+                        token_agreement(run.tokens, dense))
+        log.info("tuning run", threshold=threshold, max_skip=k, warm_up=warm_up, target=target,
+                 predicted=round(predicted_ratio(similarity, threshold, k, cold_start, cold_end), 4),
+                 decode_skip_ratio=round(choice.decode_skip_ratio, 4), agreement=round(choice.agreement, 4))
+        return choice
 
     tried: list[Choice] = []
     for k in candidate_run_lengths(target, num_layers, cold_start, cold_end):
@@ -100,7 +108,8 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
 
 def _corrected(similarity, measured: Choice, target: float, cold_start: int, cold_end: int) -> float:
     """Aim the prediction at target + (target - measured): real runs drift from the replay."""
-    aim = min(0.95, max(1e-3, 2 * target - measured.decode_skip_ratio))
+    ceiling = predicted_ratio(similarity, 1e-6, measured.max_skip, cold_start, cold_end)
+    aim = min(0.95 * ceiling, max(1e-3, 2 * target - measured.decode_skip_ratio))  # stay inside what k can reach
     threshold = threshold_for(similarity, aim, measured.max_skip, cold_start, cold_end)
     return threshold if threshold is not None else 1e-6
 

@@ -125,3 +125,40 @@ def test_skip_stats_follow_the_definitions(planted_loaded):
     assert math.isclose(stats.skip_ratio, 12 / 64)
     assert math.isclose(stats.decode_skip_ratio, 12 / (8 * 6))
     assert stats.per_layer_skips == [0, 0, 0, 6, 6, 0, 0, 0]
+
+
+def run_pair(loaded, first: SkipParams, second: SkipParams) -> tuple[list[list[int]], list[list[int]], int]:
+    """Two sequences decoded together; returns both skip traces and the FFN weight reads of the decode steps."""
+    engine = Engine(loaded, max_batch=2, max_seq_len=64)
+    seqs = [engine.add(prompt="planted", sampling=SAMPLING, skip=first),
+            engine.add(prompt="planted", sampling=SAMPLING, skip=second)]
+    reads = 0
+    engine.step()  # both prefills
+    while engine.has_work:
+        engine.step()
+        reads += engine.controller.layers_run
+    return seqs[0].skip_records, seqs[1].skip_records, reads
+
+
+def aligned(**kwargs) -> SkipParams:
+    return adaptive(policy="aligned", **kwargs)
+
+
+def test_aligned_quorum_met_skips_the_layer_for_every_row(planted_loaded):
+    # row 0 fires at layer 2 and votes to skip 3 and 4; row 1 (k=0) never votes: 1 of 2 meets quorum 0.5
+    voter, bystander, reads = run_pair(planted_loaded, aligned(quorum=0.5), aligned(quorum=0.5, max_skip=0))
+    assert voter[1:] == [[3, 4]] * 7
+    assert bystander[1:] == [[3, 4]] * 7
+    assert reads == 7 * (8 - 2)  # layers 3 and 4 are not read at all in the 7 decode steps
+
+
+def test_aligned_quorum_missed_runs_the_layer_for_every_row(planted_loaded):
+    voter, bystander, reads = run_pair(planted_loaded, aligned(quorum=1.0), aligned(quorum=1.0, max_skip=0))
+    assert voter[1:] == [[]] * 7 and bystander[1:] == [[]] * 7
+    assert reads == 7 * 8
+
+
+def test_per_row_adaptive_in_a_batch_still_reads_the_weights(planted_loaded):
+    voter, bystander, reads = run_pair(planted_loaded, adaptive(), adaptive(max_skip=0))
+    assert voter[1:] == [[3, 4]] * 7 and bystander[1:] == [[]] * 7
+    assert reads == 7 * 8  # row 1 needs every FFN, so every layer's weights are read

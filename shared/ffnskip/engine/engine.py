@@ -80,6 +80,9 @@ class Engine:
         self.eos_ids = eos_ids(loaded)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i: rows stay a contiguous prefix
+        # decode-step counters: layer-steps, and those whose FFN weights were read by any row
+        self.decode_layer_steps = 0
+        self.decode_ffn_reads = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -157,6 +160,8 @@ class Engine:
                                    [s.last_position for s in batch], self.controller)
         tokens = sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch])
         skipped, similarity = self.controller.end_step()
+        self.decode_layer_steps += self.num_layers
+        self.decode_ffn_reads += self.controller.layers_run
         elapsed = time.perf_counter() - started
         events = []
         for i, seq in enumerate(batch):

@@ -6,6 +6,12 @@ the FFN of each layer the model asks `decide(layer)`, and after the FFN it repor
 back through `observe(layer, h, out)`, which is where the adaptive rule
 (BRIEF section 2) fires: cos(h, out) >= threshold on a hot layer skips the FFN of
 the next k hot layers, once per token.
+
+`aligned` rows follow the same rule but decide together: at each hot layer their
+skip wishes are votes, and when at least a quorum of the aligned rows vote skip,
+the FFN is skipped for all of them (else it runs for all). Skipping then removes
+the layer's weight read itself, which per-row skipping almost never does in a
+batch. A row that is skipped without voting does not fire on that layer.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ class SkipController:
         batch = len(plans)
         kinds = [p.params.policy if on else "dense" for p, on in zip(plans, active)]
         self.batch = batch
-        self.observing = record_similarity or any(k in ("observe", "adaptive") for k in kinds)
+        self.layers_run = 0  # layers whose FFN ran for at least one row (a weight read)
+        self.observing = record_similarity or any(k in ("observe", "adaptive", "aligned") for k in kinds)
         self.trivial = all(k in ("dense", "observe") for k in kinds) and not self.observing
         self.skipped = torch.zeros(batch, self.num_layers, dtype=torch.bool, device=self.device)
         self.similarity = torch.full((batch, self.num_layers), float("nan"), device=self.device) if self.observing else None
@@ -82,9 +89,14 @@ class SkipController:
             return
         self.planned = torch.stack([p.draw(g) for p, g in zip(plans, generators)]).to(self.device)
         self.planned &= torch.tensor(active, device=self.device)[:, None]
-        adaptive = torch.tensor([k == "adaptive" for k in kinds], device=self.device)
-        self.adaptive_hot = torch.stack([p.hot for p in plans]).to(self.device) & adaptive[:, None]
+        adaptive = torch.tensor([k in ("adaptive", "aligned") for k in kinds], device=self.device)
+        aligned = torch.tensor([k == "aligned" for k in kinds], device=self.device)
+        hot = torch.stack([p.hot for p in plans]).to(self.device)
+        self.adaptive_hot = hot & adaptive[:, None]
+        self.aligned_hot = hot & aligned[:, None]
         self.any_adaptive = bool(adaptive.any())
+        self.any_aligned = bool(aligned.any())
+        self.quorum = min((p.params.quorum for p, k in zip(plans, kinds) if k == "aligned"), default=1.0)
         self.threshold = torch.tensor([p.params.threshold for p in plans], device=self.device)
         self.run_length = torch.tensor([p.run_length for p in plans], device=self.device)
         self.remaining = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -93,15 +105,32 @@ class SkipController:
     def decide(self, layer: int) -> Decision:
         """Which rows run this layer's FFN. The one host sync of the skip loop is here."""
         if self.trivial:
+            self.layers_run += 1
             return RUN_ALL
-        skip = self.planned[:, layer] | (self.adaptive_hot[:, layer] & (self.remaining > 0))
+        wishes = self.adaptive_hot[:, layer] & (self.remaining > 0)
+        self.wished = wishes
+        skip = self.planned[:, layer] | wishes
+        if self.any_aligned:
+            skip = self._align(layer, wishes, skip)
         self.skipped[:, layer] = skip
         n_skip = int(skip.sum())
+        if n_skip < self.batch:
+            self.layers_run += 1
         if n_skip == 0:
             return RUN_ALL
         if n_skip == self.batch:
             return Decision("none")
         return Decision("some", (~skip).nonzero().squeeze(1))
+
+    def _align(self, layer: int, wishes: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """One decision for all aligned rows in this hot layer, from their votes."""
+        members = self.aligned_hot[:, layer]
+        voters = int(members.sum())
+        if voters == 0:
+            return skip
+        votes = int((wishes & members).sum())
+        together = votes >= self.quorum * voters
+        return (skip & ~members) | (members if together else torch.zeros_like(members))
 
     def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> None:
         """h, out: [B, D] before and after the FFN (out == h where it was skipped)."""
@@ -113,7 +142,7 @@ class SkipController:
             return
         hot = self.adaptive_hot[:, layer]
         skipped = self.skipped[:, layer]
-        self.remaining -= (hot & skipped).long()
+        self.remaining -= (hot & self.wished).long()  # a run of k is positional: outvoted wishes count too
         fires = hot & ~skipped & ~self.fired & (similarity >= self.threshold)
         self.remaining = torch.where(fires, self.run_length, self.remaining)
         self.fired |= fires

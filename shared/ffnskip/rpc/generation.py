@@ -14,7 +14,7 @@ from ffnskip.engine.prompts import ROLES
 from ffnskip.errors import InvalidArgument
 from ffnskip.v1 import generation_pb2 as pb
 
-OVERRIDABLE_POLICIES = ("adaptive", "dense", "random", "non_adaptive", "static")
+OVERRIDABLE_POLICIES = ("adaptive", "aligned", "dense", "random", "non_adaptive", "static")
 MAX_PROMPT_CHARS = 200_000
 
 
