@@ -98,7 +98,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ffnskip import bench, generate
+    from ffnskip import bench, generate, ops
 
     parser = argparse.ArgumentParser(prog="ffnskip", description="Adaptive FFN-skip decoding (FFN-SkipLLM)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=run_prepare)
     generate.register(commands)
     bench.register(commands)
+    ops.register(commands)
     return parser
 
 

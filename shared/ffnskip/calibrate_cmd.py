@@ -1,0 +1,82 @@
+"""`ffnskip calibrate`: calibrate a model locally, without Redis or any service, and write
+DIR/profile.json and DIR/similarity.png (the same calibration the calibrator service runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ffnskip import cli
+
+
+def register(commands) -> None:
+    local = commands.add_parser("calibrate", help="calibrate a model locally and write DIR/profile.json + DIR/similarity.png")
+    cli.add_model_args(local)
+    local.add_argument("--target-skip", type=float, default=0.25, help="target decode skip ratio in (0, 0.9]")
+    local.add_argument("--tokens-per-prompt", type=int, default=128)
+    local.add_argument("--prompts-file", type=Path, help="default: the shipped calibration set")
+    local.add_argument("--batch-size", type=int, help="prompts decoded together (default: the calibration's)")
+    local.add_argument("--out", type=Path, required=True, help="output directory")
+    local.set_defaults(handler=_local_calibrate)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """JSONL rows with a text / prompt / question field, or plain text with one prompt per line."""
+    from ffnskip import datasets
+    from ffnskip.errors import InvalidArgument
+
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InvalidArgument("prompts_file", f"cannot read {path}: {err.strerror}") from None
+    if path.suffix != ".jsonl":
+        return [line for line in text.splitlines() if line.strip()]
+    prompts = []
+    for number, row in enumerate(datasets.read_jsonl(str(path)), start=1):
+        value = next((row[k] for k in ("text", "prompt", "question") if isinstance(row.get(k), str)), None)
+        if value is None:
+            raise InvalidArgument("prompts_file", f"{path} row {number} has no text, prompt or question string")
+        prompts.append(value)
+    return prompts
+
+
+def _local_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ffnskip import datasets
+    from ffnskip.calibration import CalibrationRequest, calibrate
+    from ffnskip.engine import load_model
+
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else datasets.texts("calibration", "text")
+    batching = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    request = CalibrationRequest(prompts=tuple(prompts), target_skip_ratio=args.target_skip,
+                                 tokens_per_prompt=args.tokens_per_prompt, **batching)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(phase: str, done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.set_description(phase)
+            bar.n = done
+            bar.refresh()
+
+        outcome = calibrate(loaded, request, progress=progress)
+    profile = outcome.profile
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(args.out / "profile.json", (json.dumps(profile.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    _write_atomic(args.out / "similarity.png", outcome.plot_png)
+    print(f"{profile.model_id}: cold [0, {profile.cold_start}) and [{profile.cold_end}, {profile.num_layers}), "
+          f"threshold {profile.threshold:.4f}, max_skip {profile.max_skip}, warm_up {profile.warm_up}; "
+          f"decode_skip_ratio {profile.measured_decode_skip_ratio:.3f} (target {profile.target_skip_ratio:.2f}), "
+          f"agreement {profile.measured_agreement:.3f}")
+    print(f"wrote {args.out / 'profile.json'} and {args.out / 'similarity.png'}")
+    return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)  # a reader never sees a half-written profile

@@ -1,0 +1,74 @@
+"""The shared server builder on loopback: health names, readiness through a drain,
+reflection, message-size limits, and in-flight RPCs finishing during a drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from ffnskip.rpc.server import Server
+
+pytestmark = pytest.mark.timeout(60)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _echo(request: bytes, context) -> bytes:
+    return request
+
+
+async def _statuses(channel) -> dict[str, int]:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return {name: (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+            for name in ("", "liveness", "readiness")}
+
+
+def test_health_reflection_and_drain() -> None:
+    async def scenario() -> None:
+        server = Server(["test.Echo"], max_message_bytes=1024)
+        release = asyncio.Event()
+
+        async def slow(request: bytes, context) -> bytes:
+            await release.wait()
+            return b"finished"
+
+        handlers = {"Echo": grpc.unary_unary_rpc_method_handler(_echo), "Slow": grpc.unary_unary_rpc_method_handler(slow)}
+        server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+        port = await server.start("127.0.0.1:0")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await _statuses(channel) == {"": NOT_SERVING, "liveness": SERVING, "readiness": NOT_SERVING}
+            await server.set_ready(True)
+            assert await _statuses(channel) == {"": SERVING, "liveness": SERVING, "readiness": SERVING}
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name async for reply in replies for s in reply.list_services_response.service}
+            assert {"test.Echo", "grpc.health.v1.Health"} <= names
+
+            echo = channel.unary_unary("/test.Echo/Echo")
+            assert await echo(b"x" * 512, timeout=5) == b"x" * 512
+            with pytest.raises(grpc.aio.AioRpcError) as too_big:
+                await echo(b"x" * 4096, timeout=5)
+            assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            health = health_pb2_grpc.HealthStub(channel)
+            readiness = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+            liveness = health.Watch(health_pb2.HealthCheckRequest(service="liveness"))
+            assert (await readiness.read()).status == SERVING and (await liveness.read()).status == SERVING
+            in_flight = asyncio.ensure_future(channel.unary_unary("/test.Echo/Slow")(b"", timeout=20))
+
+            async def on_drain() -> None:
+                # Draining: readiness goes down while the in-flight call is still running.
+                assert (await asyncio.wait_for(readiness.read(), 5)).status == NOT_SERVING
+                assert not in_flight.done()
+                release.set()
+
+            await server.drain(grace_s=2, on_drain=on_drain)
+            assert await in_flight == b"finished"
+            with pytest.raises(grpc.aio.AioRpcError):  # liveness never reported NOT_SERVING; the watch just ends
+                assert (await liveness.read()).status == SERVING
+
+    asyncio.run(scenario())
