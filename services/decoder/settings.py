@@ -20,6 +20,7 @@ ENV_VARS = (
     "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
     "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
     "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_LOG_LEVEL",
+    "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT",
 ) + REDIS_ENV_VARS
 
 
@@ -43,6 +44,8 @@ class DecoderSettings:
     drain_timeout_s: float
     limits: OverrideLimits
     log_level: str
+    metrics_host: str
+    metrics_port: int  # Prometheus /metrics; 0 = off (several local decoders would collide)
     redis: RedisSettings
 
     @classmethod
@@ -72,6 +75,7 @@ class DecoderSettings:
                 max_skip=_int(env, "FFNSKIP_OVERRIDE_MAX_SKIP", 64), min_warm_up=_int(env, "FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
             ),
             log_level=env.get("FFNSKIP_LOG_LEVEL", "info"),
+            metrics_host=env.get("FFNSKIP_METRICS_HOST", "0.0.0.0"), metrics_port=_int(env, "FFNSKIP_METRICS_PORT", 0),
             redis=RedisSettings.from_env(env),
         )
 

@@ -15,9 +15,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
+from typing import Optional
 
 from ffnskip import cli
 from ffnskip.config import DENSE, SamplingParams, SkipParams
@@ -79,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from ffnskip import service_bench
 
         return service_bench.run(args)
+    import torch  # here, not at import: every CLI command imports this module
     from ffnskip.engine import Engine, load_model
     from ffnskip.engine.profile_step import profile_decode_step
 
@@ -151,6 +150,8 @@ class BenchRunner:
         return seconds, pooled.skip_ratio, pooled.decode_skip_ratio, avoided
 
     def _hf_generate(self, prompts: list[list[int]]) -> float:
+        import torch
+
         model, tokenizer = self.engine.loaded.model, self.engine.loaded.tokenizer
         width = max(len(p) for p in prompts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -99,6 +99,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from ffnskip import bench, generate, ops
+    from ffnskip import client_cli  # client, load, up: the gateway's commands
 
     parser = argparse.ArgumentParser(prog="ffnskip", description="Adaptive FFN-skip decoding (FFN-SkipLLM)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(commands)
     bench.register(commands)
     ops.register(commands)
+    client_cli.register(commands)
     return parser
 
 

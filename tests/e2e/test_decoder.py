@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -41,10 +42,12 @@ def start_decoder(tmp_path, redis_url: str, name: str, **extra) -> ServiceProces
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("decoder")
     with running_redis() as redis_server:
-        decoder = start_decoder(tmp, redis_server.url, "decoder-a")
+        metrics_port = free_port()
+        decoder = start_decoder(tmp, redis_server.url, "decoder-a", FFNSKIP_METRICS_PORT=str(metrics_port))
         channel = grpc.insecure_channel(decoder.address)
         try:
-            yield {"redis": redis_server, "decoder": decoder, "stub": decoder_pb2_grpc.DecoderStub(channel), "tmp": tmp}
+            yield {"redis": redis_server, "decoder": decoder, "stub": decoder_pb2_grpc.DecoderStub(channel), "tmp": tmp,
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
         finally:
             channel.close()
             decoder.stop()
@@ -92,6 +95,21 @@ def test_stream_tokens_in_order_with_final_stats(stack):
     assert all(not m.token.skipped_layers for m in tokens[:4])  # warm-up
     assert final.policy == "adaptive" and final.served_by == "decoder-a"
     assert final.latency.ttft_ms > 0 and final.latency.total_ms >= final.latency.ttft_ms
+
+
+def test_metrics_endpoint_counts_tokens_and_queue(stack):
+    before = scrape(stack["metrics"])
+    result = stack["stub"].Generate(request(6), timeout=120)
+    after = scrape(stack["metrics"])
+    assert after['ffnskip:generation_tokens_total{model_name="smollm2-135m"}'] - \
+        before.get('ffnskip:generation_tokens_total{model_name="smollm2-135m"}', 0.0) == len(result.token_ids)
+    assert after['ffnskip:num_requests_waiting{model_name="smollm2-135m"}'] == 0.0
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and not line.startswith("#")}
 
 
 def test_registered_in_redis_for_the_gateway(stack):

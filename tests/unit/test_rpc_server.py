@@ -30,8 +30,10 @@ def test_health_reflection_and_drain() -> None:
     async def scenario() -> None:
         server = Server(["test.Echo"], max_message_bytes=1024)
         release = asyncio.Event()
+        arrived = asyncio.Event()
 
         async def slow(request: bytes, context) -> bytes:
+            arrived.set()
             await release.wait()
             return b"finished"
 
@@ -59,6 +61,7 @@ def test_health_reflection_and_drain() -> None:
             liveness = health.Watch(health_pb2.HealthCheckRequest(service="liveness"))
             assert (await readiness.read()).status == SERVING and (await liveness.read()).status == SERVING
             in_flight = asyncio.ensure_future(channel.unary_unary("/test.Echo/Slow")(b"", timeout=20))
+            await asyncio.wait_for(arrived.wait(), 10)  # the call is running on the server before the drain
 
             async def on_drain() -> None:
                 # Draining: readiness goes down while the in-flight call is still running.

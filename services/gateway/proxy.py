@@ -1,0 +1,257 @@
+"""Forwarding a generation to a decoder pod, with failover.
+
+One request = at most `max_attempts` attempts, each on a different pod chosen by the
+routing policy, each with its own deadline inside the client's. An attempt that fails
+with UNAVAILABLE before any token was passed on is retried elsewhere (its pod is
+quarantined for a few seconds so the next requests avoid it without each paying a
+failed attempt); any other failure, or any failure after the first token, ends the
+call with an explicit status: a client never sees duplicated tokens or a truncated
+success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional
+
+import grpc
+
+from ffnskip import errors
+from ffnskip.logging import get_logger
+from ffnskip.rpc.status import STATUS_TABLE
+from ffnskip.v1 import decoder_pb2_grpc, generation_pb2
+from services.gateway.discovery import Discovery
+from services.gateway.routing import Endpoint, pick
+from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
+
+log = get_logger("ffnskip.gateway.proxy")
+
+
+class UpstreamError(Exception):
+    """A decoder's error status, passed on to the client as it is (code, message, trailers)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.trailers = trailers
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, UpstreamError):
+        return exc.code
+    if isinstance(exc, errors.FfnSkipError):
+        return next(STATUS_TABLE[c] for c in type(exc).__mro__ if c in STATUS_TABLE)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+class ChannelPool:
+    """One long-lived channel per decoder address, with keepalive (a silently dead pod
+    is detected mid-stream) and explicit message-size limits."""
+
+    def __init__(self, max_message_bytes: int, keepalive_s: float) -> None:
+        self._options = [
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 0),  # ping only while calls run: idle pods are not pestered
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 0),  # retries are ours, with the first-token rule
+            ("grpc.initial_reconnect_backoff_ms", 200),  # a restarted pod is found again quickly
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+        ]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._busy: dict[str, int] = {}  # calls running per address
+
+    @contextlib.contextmanager
+    def stub(self, address: str) -> Iterator[decoder_pb2_grpc.DecoderStub]:
+        """A stub on the address's channel, marked busy while the block runs."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        self._busy[address] = self._busy.get(address, 0) + 1
+        try:
+            yield decoder_pb2_grpc.DecoderStub(channel)
+        finally:
+            self._busy[address] -= 1
+            if not self._busy[address]:
+                del self._busy[address]
+
+    async def retain(self, addresses: set[str]) -> None:
+        """Close the channels of pods that left the registry (not while calls run on them:
+        a registry hiccup must not cut streams that are fine)."""
+        for address in [a for a in self._channels if a not in addresses and a not in self._busy]:
+            await self._channels.pop(address).close(grace=None)
+
+    async def close(self) -> None:
+        await self.retain(set())
+
+
+class Router:
+    """The routing policy plus the state it needs: in-flight counts and quarantine."""
+
+    def __init__(self, discovery: Discovery, quarantine_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.discovery = discovery
+        self.in_flight: dict[str, int] = {}
+        self._quarantine_s = quarantine_s
+        self._quarantined: dict[str, float] = {}
+        self._clock = clock
+        self._rotation = itertools.count()
+
+    def live(self, model: Optional[str] = None) -> list[Endpoint]:
+        now = self._clock()
+        return [e for e in self.discovery.endpoints() if e.live(now) and (model is None or e.model_id == model)]
+
+    def serves(self, model: str) -> bool:
+        return bool(self.live(model))
+
+    def choose(self, model: str, tried: set[str]) -> Endpoint:
+        now = self._clock()
+        endpoints = self.discovery.endpoints()
+        if not self.serves(model):
+            served = sorted({e.model_id for e in self.live()})
+            raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served) or 'none'}")
+        suspect = {d for d, until in self._quarantined.items() if until > now}
+        rotation = next(self._rotation)
+        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation)
+        if chosen is None and suspect - tried:  # a suspect pod is better than none
+            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation)
+        if chosen is None:
+            raise errors.Unavailable(f"no healthy decoder for model {model!r} right now (tried {len(tried)}); retry")
+        return chosen
+
+    def quarantine(self, decoder_id: str) -> None:
+        self._quarantined[decoder_id] = self._clock() + self._quarantine_s
+
+    def acquire(self, decoder_id: str) -> None:
+        self.in_flight[decoder_id] = self.in_flight.get(decoder_id, 0) + 1
+
+    def release(self, decoder_id: str) -> None:
+        left = self.in_flight.get(decoder_id, 0) - 1
+        if left > 0:
+            self.in_flight[decoder_id] = left
+        else:
+            self.in_flight.pop(decoder_id, None)
+
+
+Commit = Callable[[str], Awaitable[None]]
+
+
+class Proxy:
+    def __init__(self, router: Router, pool: ChannelPool, telemetry: Telemetry, max_attempts: int,
+                 attempt_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.router = router
+        self.pool = pool
+        self.telemetry = telemetry
+        self.max_attempts = max_attempts
+        self.attempt_timeout_s = attempt_timeout_s
+        self._clock = clock
+
+    async def stream(
+        self, request: generation_pb2.GenerateRequest, time_remaining: Callable[[], Optional[float]],
+        on_commit: Optional[Commit] = None,
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        """The decoder's messages for `request`: tokens, then the summary (whose served_by
+        names the pod). `on_commit(decoder_id)` runs before the first message is passed on."""
+        started = self._clock()
+        model = request.model
+        label_model = model if self.router.serves(model) else NO_MODEL  # no unbounded labels from client input
+        decoder = NO_DECODER
+        tried: set[str] = set()
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                endpoint = self._choose(model, tried)
+                decoder = endpoint.decoder_id
+                tried.add(decoder)
+                last_error: Optional[grpc.aio.AioRpcError] = None
+                attempt_messages = self._attempt(request, endpoint, started, time_remaining, on_commit)
+                async with contextlib.aclosing(attempt_messages):  # its cleanup runs now, not at GC
+                    async for message in attempt_messages:
+                        if isinstance(message, grpc.aio.AioRpcError):
+                            last_error = message  # the attempt's last item: it has cleaned up after it
+                        else:
+                            yield message
+                if last_error is None:
+                    return
+                self.router.quarantine(decoder)
+                if attempt == self.max_attempts:
+                    raise errors.Unavailable(f"no decoder of model {model!r} answered in {attempt} attempts "
+                                             f"(last, {decoder}: {last_error.details()}); retry")
+                self.telemetry.failover(model, decoder)
+                log.warning("decoder unavailable before the first token; failing over", decoder=decoder,
+                            attempt=attempt, error=last_error.details())
+                decoder = NO_DECODER
+        except BaseException as exc:
+            self.telemetry.error(label_model, decoder, code_of(exc).name)
+            raise
+
+    def _choose(self, model: str, tried: set[str]) -> Endpoint:
+        try:
+            return self.router.choose(model, tried)
+        except errors.Unavailable:
+            if tried:
+                raise errors.Unavailable(f"every decoder of model {model!r} tried ({len(tried)}) was unavailable; retry") from None
+            raise
+
+    async def _attempt(self, request, endpoint: Endpoint, started: float,  # type: ignore[no-untyped-def]
+                       time_remaining: Callable[[], Optional[float]], on_commit: Optional[Commit]):
+        """Yields the decoder's messages; yields the AioRpcError itself when the attempt may
+        be retried (UNAVAILABLE before any token was passed on); raises otherwise."""
+        decoder, model = endpoint.decoder_id, request.model
+        remaining = time_remaining()
+        timeout = self.attempt_timeout_s if remaining is None else min(self.attempt_timeout_s, remaining)
+        if timeout <= 0:
+            raise errors.DeadlineExceeded("the call's deadline passed before a decoder could take it")
+        passed = 0  # messages passed on to the client
+        with self.pool.stub(endpoint.address) as stub:
+            call = stub.GenerateStream(request, timeout=timeout, metadata=(("x-request-id", request.request_id),))
+            self.router.acquire(decoder)
+            self.telemetry.started(model, decoder)
+            last = started
+            try:
+                async for message in call:
+                    now = self._clock()
+                    if passed == 0 and on_commit is not None:
+                        await on_commit(decoder)
+                    if message.HasField("summary"):
+                        self._record_success(model, decoder, message.summary, now - started)
+                    elif passed == 0:
+                        self.telemetry.first_token(model, decoder, now - started)
+                    else:
+                        self.telemetry.next_token(model, decoder, now - last)
+                    passed, last = passed + 1, now
+                    yield message
+                    if message.HasField("summary"):
+                        return
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                    f"decoder {decoder} ended the stream without a summary after {passed} messages; retry")
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and passed == 0:
+                    yield err
+                    return
+                raise _upstream(err, decoder, passed) from None
+            finally:
+                call.cancel()  # a no-op when finished; stops the pod's work when the client went away
+                self.router.release(decoder)
+                self.telemetry.ended(model, decoder)
+
+    def _record_success(self, model: str, decoder: str, summary: generation_pb2.GenerateResponse, e2e_s: float) -> None:
+        stats = summary.skip_stats
+        self.telemetry.success(
+            model, decoder, summary.finish_reason or "unknown", e2e_s, stats.generated_tokens,
+            stats.ffn_blocks_total, stats.ffn_blocks_skipped, list(stats.per_layer_skips),
+            stats.skip_ratio, stats.decode_skip_ratio)
+
+
+def _upstream(err: grpc.aio.AioRpcError, decoder: str, tokens: int) -> UpstreamError:
+    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == "retry-after")
+    details = err.details() or err.code().name
+    if tokens:
+        details = f"decoder {decoder} failed after {tokens} tokens, the response is incomplete: {details}"
+    return UpstreamError(err.code(), details, trailers)

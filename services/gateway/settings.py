@@ -1,0 +1,181 @@
+"""Gateway settings: read from an environment mapping (FFNSKIP_ prefix) in main only,
+validated once into a frozen object that is passed down.
+
+API keys are hashed here and the plain keys dropped: nothing downstream, logs
+included, ever holds one.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from ffnskip.errors import InvalidArgument
+from ffnskip.store.connection import RedisSettings
+from services.gateway.auth import KeyRing
+
+ENV_VARS: tuple[str, ...] = (
+    "FFNSKIP_GATEWAY_HOST",  # bind address of the gRPC port (default 0.0.0.0)
+    "FFNSKIP_GATEWAY_PORT",  # gRPC port (default 50051; 0 = any free port)
+    "FFNSKIP_GATEWAY_ID",  # this replica's id in telemetry (default gateway-<hostname>-<port>)
+    "FFNSKIP_METRICS_HOST",  # bind address of the Prometheus /metrics HTTP endpoint (default 0.0.0.0)
+    "FFNSKIP_METRICS_PORT",  # its port (default 9090; 0 = off)
+    "FFNSKIP_API_KEYS",  # comma-separated API keys (plain, or sha256:<hex> digests)
+    "FFNSKIP_OPS_KEYS",  # comma-separated ops keys (GetTelemetry); also valid as API keys
+    "FFNSKIP_AUTH_DISABLED",  # "true" serves without keys (local development only)
+    "FFNSKIP_TLS_CERT",  # PEM certificate chain file: TLS on the gRPC port (with FFNSKIP_TLS_KEY)
+    "FFNSKIP_TLS_KEY",  # PEM private key file
+    "FFNSKIP_REDIS_URL",  # redis://host:port/db (registry, telemetry, prompt samples)
+    "FFNSKIP_REDIS_PASSWORD",
+    "FFNSKIP_REDIS_TLS",
+    "FFNSKIP_REDIS_DB",
+    "FFNSKIP_MAX_ATTEMPTS",  # decoders tried per request before UNAVAILABLE (default 3)
+    "FFNSKIP_ATTEMPT_TIMEOUT_S",  # one attempt's deadline, within the client's (default 600)
+    "FFNSKIP_QUARANTINE_S",  # a decoder that failed with UNAVAILABLE gets no new requests this long (default 5)
+    "FFNSKIP_DISCOVERY_INTERVAL_S",  # registry refresh period (default 0.5)
+    "FFNSKIP_DISCOVERY_STALE_S",  # during a Redis outage, route to last-known decoders this long (default 15)
+    "FFNSKIP_MAX_NEW_TOKENS",  # cap on sampling.max_new_tokens (default 4096)
+    "FFNSKIP_MAX_MESSAGE_BYTES",  # gRPC message size limit, both directions (default 4 MiB)
+    "FFNSKIP_KEEPALIVE_S",  # keepalive ping period on gateway->decoder channels (default 20)
+    "FFNSKIP_TELEMETRY_FLUSH_S",  # how often this replica writes its counters to Redis (default 2)
+    "FFNSKIP_TELEMETRY_TTL_S",  # a replica's counters vanish this long after its last write (default 600)
+    "FFNSKIP_PROMPT_SAMPLE_RATE",  # share of prompts copied into a Redis stream, [0, 1] (default 0: off)
+    "FFNSKIP_PROMPT_SAMPLE_STREAM",  # that stream's key (default ffnskip:prompt-samples)
+    "FFNSKIP_PROMPT_SAMPLE_MAXLEN",  # approximate cap on its length (default 10000)
+    "FFNSKIP_DRAIN_TIMEOUT_S",  # on SIGTERM, time for in-flight calls to finish (default 30)
+    "FFNSKIP_LOG_LEVEL",  # debug, info, warning, error (default info)
+)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    gateway_id: str = ""
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    keys: KeyRing = field(default_factory=KeyRing, repr=False)
+    auth_disabled: bool = False
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    max_attempts: int = 3
+    attempt_timeout_s: float = 600.0
+    quarantine_s: float = 5.0
+    discovery_interval_s: float = 0.5
+    discovery_stale_s: float = 15.0
+    max_new_tokens: int = 4096
+    max_message_bytes: int = 4 * 1024 * 1024
+    keepalive_s: float = 20.0
+    telemetry_flush_s: float = 2.0
+    telemetry_ttl_s: float = 600.0
+    prompt_sample_rate: float = 0.0
+    prompt_sample_stream: str = "ffnskip:prompt-samples"
+    prompt_sample_maxlen: int = 10_000
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "FFNSKIP_GATEWAY_PORT", f"must be in [0, 65535], got {self.port}")
+        _check(0 <= self.metrics_port <= 65535, "FFNSKIP_METRICS_PORT", f"must be in [0, 65535], got {self.metrics_port}")
+        _check(not self.gateway_id or ":" not in self.gateway_id, "FFNSKIP_GATEWAY_ID", "must not contain ':'")
+        _check(self.auth_disabled or not self.keys.empty, "FFNSKIP_API_KEYS",
+               "no API or ops keys configured; set FFNSKIP_API_KEYS / FFNSKIP_OPS_KEYS "
+               "(or FFNSKIP_AUTH_DISABLED=true for local development)")
+        _check((self.tls_cert is None) == (self.tls_key is None), "FFNSKIP_TLS_CERT",
+               "TLS needs both FFNSKIP_TLS_CERT and FFNSKIP_TLS_KEY")
+        _check(1 <= self.max_attempts <= 10, "FFNSKIP_MAX_ATTEMPTS", f"must be in [1, 10], got {self.max_attempts}")
+        for name, value in (("FFNSKIP_ATTEMPT_TIMEOUT_S", self.attempt_timeout_s),
+                            ("FFNSKIP_DISCOVERY_INTERVAL_S", self.discovery_interval_s),
+                            ("FFNSKIP_DISCOVERY_STALE_S", self.discovery_stale_s),
+                            ("FFNSKIP_KEEPALIVE_S", self.keepalive_s),
+                            ("FFNSKIP_TELEMETRY_FLUSH_S", self.telemetry_flush_s),
+                            ("FFNSKIP_TELEMETRY_TTL_S", self.telemetry_ttl_s)):
+            _check(value > 0, name, f"must be > 0, got {value}")
+        _check(self.quarantine_s >= 0, "FFNSKIP_QUARANTINE_S", f"must be >= 0, got {self.quarantine_s}")
+        _check(self.drain_timeout_s >= 0, "FFNSKIP_DRAIN_TIMEOUT_S", f"must be >= 0, got {self.drain_timeout_s}")
+        _check(self.max_new_tokens >= 1, "FFNSKIP_MAX_NEW_TOKENS", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.max_message_bytes >= 1024, "FFNSKIP_MAX_MESSAGE_BYTES", f"must be >= 1024, got {self.max_message_bytes}")
+        _check(0.0 <= self.prompt_sample_rate <= 1.0, "FFNSKIP_PROMPT_SAMPLE_RATE",
+               f"must be in [0, 1], got {self.prompt_sample_rate}")
+        _check(self.prompt_sample_maxlen >= 1, "FFNSKIP_PROMPT_SAMPLE_MAXLEN", f"must be >= 1, got {self.prompt_sample_maxlen}")
+
+    @property
+    def replica_id(self) -> str:
+        return self.gateway_id or f"gateway-{socket.gethostname()}-{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "GatewaySettings":
+        """Every variable in ENV_VARS; absent or empty ones keep the defaults."""
+        def get(name: str) -> Optional[str]:
+            value = environ.get(name, "").strip()
+            return value or None
+
+        values: dict = {}
+        for name, attr, parse in _SCALARS:
+            raw = get(name)
+            if raw is not None:
+                values[attr] = parse(name, raw)
+        values["keys"] = KeyRing.from_strings(environ.get("FFNSKIP_API_KEYS", ""), environ.get("FFNSKIP_OPS_KEYS", ""))
+        values["redis"] = RedisSettings.from_env(environ)
+        return cls(**values)
+
+
+def _check(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise InvalidArgument(name, problem)
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, got {raw!r}") from None
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(name, f"must be true or false, got {raw!r}")
+
+
+_SCALARS = (
+    ("FFNSKIP_GATEWAY_HOST", "host", _str),
+    ("FFNSKIP_GATEWAY_PORT", "port", _int),
+    ("FFNSKIP_GATEWAY_ID", "gateway_id", _str),
+    ("FFNSKIP_METRICS_HOST", "metrics_host", _str),
+    ("FFNSKIP_METRICS_PORT", "metrics_port", _int),
+    ("FFNSKIP_AUTH_DISABLED", "auth_disabled", _bool),
+    ("FFNSKIP_TLS_CERT", "tls_cert", _str),
+    ("FFNSKIP_TLS_KEY", "tls_key", _str),
+    ("FFNSKIP_MAX_ATTEMPTS", "max_attempts", _int),
+    ("FFNSKIP_ATTEMPT_TIMEOUT_S", "attempt_timeout_s", _float),
+    ("FFNSKIP_QUARANTINE_S", "quarantine_s", _float),
+    ("FFNSKIP_DISCOVERY_INTERVAL_S", "discovery_interval_s", _float),
+    ("FFNSKIP_DISCOVERY_STALE_S", "discovery_stale_s", _float),
+    ("FFNSKIP_MAX_NEW_TOKENS", "max_new_tokens", _int),
+    ("FFNSKIP_MAX_MESSAGE_BYTES", "max_message_bytes", _int),
+    ("FFNSKIP_KEEPALIVE_S", "keepalive_s", _float),
+    ("FFNSKIP_TELEMETRY_FLUSH_S", "telemetry_flush_s", _float),
+    ("FFNSKIP_TELEMETRY_TTL_S", "telemetry_ttl_s", _float),
+    ("FFNSKIP_PROMPT_SAMPLE_RATE", "prompt_sample_rate", _float),
+    ("FFNSKIP_PROMPT_SAMPLE_STREAM", "prompt_sample_stream", _str),
+    ("FFNSKIP_PROMPT_SAMPLE_MAXLEN", "prompt_sample_maxlen", _int),
+    ("FFNSKIP_DRAIN_TIMEOUT_S", "drain_timeout_s", _float),
+    ("FFNSKIP_LOG_LEVEL", "log_level", _str),
+)

@@ -1,0 +1,125 @@
+"""A Python client for the gateway's public API (protos/ffnskip/v1/gateway.proto).
+
+    from ffnskip.client import GatewayClient, build_request
+
+    with GatewayClient("127.0.0.1:50051", api_key="...") as client:
+        reply = client.generate(build_request("smollm2-135m", chat="Why is the sky blue?"))
+        print(reply.text, reply.skip_stats.decode_skip_ratio, reply.served_by)
+        for message in client.stream(build_request("smollm2-135m", prompt="Once upon a time")):
+            if message.HasField("token"):
+                print(message.token.text, end="", flush=True)
+
+Errors arrive as grpc.RpcError with the standard codes (see gateway.proto).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def build_request(
+    model: str, prompt: Optional[str] = None, chat: Optional[str] = None,
+    messages: Sequence[tuple[str, str]] = (), max_new_tokens: int = 0, temperature: float = 0.0,
+    top_p: Optional[float] = None, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+    policy: str = "", threshold: Optional[float] = None, max_skip: Optional[int] = None,
+    warm_up: Optional[int] = None, request_id: str = "",
+) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest: `prompt` (plain text), or `chat` (one user turn), or `messages`
+    ((role, content) pairs). Unset optional fields keep the server's defaults."""
+    turns = [generation_pb2.ChatMessage(role=role, content=content) for role, content in messages]
+    if chat is not None:
+        turns.append(generation_pb2.ChatMessage(role="user", content=chat))
+    sampling = generation_pb2.SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_k=top_k, seed=seed, stop=list(stop))
+    if top_p is not None:
+        sampling.top_p = top_p
+    skip = generation_pb2.SkipOverrides(policy=policy)
+    for name, value in (("threshold", threshold), ("max_skip", max_skip), ("warm_up", warm_up)):
+        if value is not None:
+            setattr(skip, name, value)
+    return generation_pb2.GenerateRequest(model=model, prompt=prompt or "", messages=turns, sampling=sampling,
+                                          skip=skip, request_id=request_id)
+
+
+def auth_metadata(api_key: Optional[str]) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class GatewayClient:
+    """A synchronous client (thread-safe: one channel, many calls)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: Optional[str] = None, tls: bool = False,
+                 root_certificates: Optional[bytes] = None, timeout_s: Optional[float] = 300.0) -> None:
+        if tls or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.metadata = auth_metadata(api_key)
+        self.timeout_s = timeout_s
+
+    def generate(self, request: generation_pb2.GenerateRequest,
+                 timeout_s: Optional[float] = None) -> generation_pb2.GenerateResponse:
+        return self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+
+    def stream(self, request: generation_pb2.GenerateRequest,
+               timeout_s: Optional[float] = None) -> Iterator[generation_pb2.GenerateStreamResponse]:
+        """Token messages, then the summary. The returned iterator is also the call:
+        `.initial_metadata()` holds x-served-by, `.cancel()` stops the generation."""
+        return self.stub.GenerateStream(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+
+    def list_models(self, timeout_s: float = 10.0) -> gateway_pb2.ListModelsResponse:
+        return self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata)
+
+    def telemetry(self, model: str = "", timeout_s: float = 10.0) -> gateway_pb2.GetTelemetryResponse:
+        return self.stub.GetTelemetry(gateway_pb2.GetTelemetryRequest(model=model), timeout=timeout_s,
+                                      metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def served_by(call: object) -> str:
+    """The decoder pod named in a stream's initial metadata ("" when not yet known)."""
+    for key, value in call.initial_metadata() or ():  # type: ignore[attr-defined]
+        if key == "x-served-by":
+            return str(value)
+    return ""
+
+
+def telemetry_table(response: gateway_pb2.GetTelemetryResponse) -> str:
+    """GetTelemetry as a text table: one row per model total ("*") and per pod."""
+    header = ("model", "decoder", "reqs", "errors", "failover", "tokens", "skip", "dec.skip",
+              "ttft p50/p95 ms", "itl p50/p95 ms", "e2e p50/p95 s")
+    rows = [header]
+    for g in response.groups:
+        errors = ",".join(f"{code}={n}" for code, n in sorted(g.errors_by_code.items())) or "0"
+        rows.append((
+            g.model, g.decoder or "*", str(g.requests), errors, str(g.failovers), str(g.generated_tokens),
+            f"{g.skip_ratio:.3f}", f"{g.request_decode_skip_ratio.mean:.3f}",
+            f"{g.time_to_first_token_seconds.p50 * 1e3:.0f}/{g.time_to_first_token_seconds.p95 * 1e3:.0f}",
+            f"{g.inter_token_latency_seconds.p50 * 1e3:.1f}/{g.inter_token_latency_seconds.p95 * 1e3:.1f}",
+            f"{g.e2e_request_latency_seconds.p50:.2f}/{g.e2e_request_latency_seconds.p95:.2f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([f"gateway replicas reporting: {response.gateways}", *lines])

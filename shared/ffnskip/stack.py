@@ -1,0 +1,242 @@
+"""`ffnskip up`: the whole stack on loopback, for a newcomer's first command.
+
+A private redis-server (its data in --data-dir, so a profile survives between runs), the
+calibrator, N decoders and the gateway. If the model has no active profile, it is
+calibrated through the calibrator first (a job with activate_on_success, followed to the
+end), so the decoders start on it. Then one real request goes through the gateway and
+its answer is printed with the skip stats and latency; the stack keeps serving until
+Ctrl-C (or exits at once with --once), then stops everything in order: the gateway
+drains, the decoders drain, the calibrator, and Redis saves its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ffnskip.client import GatewayClient, build_request
+from ffnskip.errors import FfnSkipError, InvalidArgument
+from ffnskip.procs import Child, RedisChild, free_port
+
+START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
+DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+
+
+def register(commands) -> None:  # type: ignore[no-untyped-def]
+    up = commands.add_parser("up", help="start redis, the calibrator, decoders and the gateway on loopback; "
+                                        "serve a request; keep serving until Ctrl-C")
+    up.add_argument("--model", default="smollm2-135m", help="model spec (default: the embedded SmolLM2-135M)")
+    up.add_argument("--decoders", type=int, default=1, help="decoder processes (default 1)")
+    up.add_argument("--gateway-port", type=int, default=50051, help="gateway gRPC port on 127.0.0.1 (0 = any free)")
+    up.add_argument("--metrics-port", type=int, default=0, help="gateway /metrics port (default: any free)")
+    up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the first request's chat message")
+    up.add_argument("--max-new-tokens", type=int, default=64)
+    up.add_argument("--target-skip", type=float, help="target decode skip ratio of a needed calibration")
+    up.add_argument("--calibration-tokens", type=int, default=32,
+                    help="tokens per prompt of a needed calibration (default 32, a quick first profile; "
+                         "`ffnskip ops calibrate` recalibrates with more)")
+    up.add_argument("--data-dir", type=Path, help="redis data and logs (default $FFNSKIP_CACHE/stack)")
+    up.add_argument("--once", action="store_true", help="exit after the first request (tests, scripts)")
+    up.set_defaults(handler=run_up)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    if not 1 <= args.decoders <= 16:
+        raise InvalidArgument("decoders", f"must be in [1, 16], got {args.decoders}")
+    from ffnskip.engine.loading import cache_root
+
+    data_dir = (args.data_dir or cache_root() / "stack").expanduser().resolve()
+    stack = Stack(args, data_dir)
+    # While starting, SIGINT and SIGTERM raise KeyboardInterrupt (also when a shell started
+    # us in the background with SIGINT ignored), so a half-started stack is stopped cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        stack.start()
+        stack.first_request()
+        if not args.once:
+            return serve_until_stopped(stack)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the stack", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown is bounded; let it finish
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stack.shutdown()
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_until_stopped(stack: "Stack") -> int:
+    """Block until Ctrl-C, SIGTERM or a child's unexpected exit (SIGCHLD): events, not polling."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, lambda *_: stop.set())
+    print("\nserving; Ctrl-C stops the stack", flush=True)
+    stop.wait()
+    dead = stack.dead()
+    if dead:
+        print(f"error: {dead[0].name} exited unexpectedly; log {dead[0].log_path}:\n{dead[0].log_tail()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
+        self.args = args
+        self.model = args.model
+        self.log_dir = data_dir / "logs"
+        self.redis = RedisChild(data_dir / "redis", self.log_dir)
+        self.api_key = os.environ.get("FFNSKIP_API_KEYS", "").split(",")[0].strip() or "dev-" + secrets.token_urlsafe(24)
+        self.ops_key = os.environ.get("FFNSKIP_OPS_KEYS", "").split(",")[0].strip() or "ops-" + secrets.token_urlsafe(24)
+        self.calibrator: Optional[Child] = None
+        self.gateway: Optional[Child] = None
+        self.decoders: list[Child] = []
+        self.metrics_port = args.metrics_port or free_port()
+
+    def children(self) -> list[Child]:
+        return [c for c in (self.gateway, *self.decoders, self.calibrator, self.redis) if c is not None]
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children() if c.process is not None and not c.alive()]
+
+    def _env(self, **values: str) -> dict[str, str]:
+        return {"FFNSKIP_REDIS_URL": self.redis.url, "FFNSKIP_DEVICE": self.args.device, **values}
+
+    def start(self) -> None:
+        print(f"starting the stack for {self.model} (logs in {self.log_dir})", flush=True)
+        self.redis.start()
+        self.redis.wait_ready()
+        calibrated = self._active_profile() is not None
+        port = free_port()
+        self.calibrator = Child.service("calibrator", "services.calibrator.main", self._env(
+            FFNSKIP_CALIBRATOR_HOST="127.0.0.1", FFNSKIP_CALIBRATOR_PORT=str(port), FFNSKIP_MODELS=self.model),
+            port, self.log_dir).start()
+        self._start_gateway()
+        if calibrated:  # decoders load while the rest starts
+            self._start_decoders()
+        self.calibrator.wait_serving(START_TIMEOUT_S)
+        if not calibrated:
+            self._calibrate()
+            self._start_decoders()
+        assert self.gateway is not None
+        for child in [*self.decoders, self.gateway]:
+            child.wait_serving(START_TIMEOUT_S)
+        self.gateway.wait_serving(60.0, service=f"model:{self.model}")  # the gateway has found a decoder
+
+    def _start_gateway(self) -> None:
+        port = self.args.gateway_port or free_port()
+        self.gateway = Child.service("gateway", "services.gateway.main", self._env(
+            FFNSKIP_GATEWAY_HOST="127.0.0.1", FFNSKIP_GATEWAY_PORT=str(port), FFNSKIP_GATEWAY_ID="gateway-local",
+            FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(self.metrics_port),
+            FFNSKIP_API_KEYS=self.api_key, FFNSKIP_OPS_KEYS=self.ops_key), port, self.log_dir).start()
+
+    def _start_decoders(self) -> None:
+        for i in range(self.args.decoders):
+            port = free_port()
+            self.decoders.append(Child.service(f"decoder-{i}", "services.decoder.main", self._env(
+                FFNSKIP_DECODER_HOST="127.0.0.1", FFNSKIP_DECODER_PORT=str(port), FFNSKIP_DECODER_ID=f"decoder-{i}",
+                FFNSKIP_ADVERTISE_ADDRESS=f"127.0.0.1:{port}", FFNSKIP_MODEL=self.model, FFNSKIP_MODEL_NAME=self.model),
+                port, self.log_dir).start())
+
+    def _active_profile(self) -> Optional[int]:
+        from ffnskip.store.connection import RedisSettings, connect
+        from ffnskip.store.profiles import ProfileStore
+
+        client = connect(RedisSettings(url=self.redis.url))
+        try:
+            return ProfileStore(client).active_version(self.model)
+        finally:
+            client.close()
+
+    def _calibrate(self) -> None:
+        """Submit a job with activate_on_success and follow it with the ops CLI's own
+        progress bar (`ffnskip ops watch`); Ctrl-C cancels the job, so no worker picks
+        an abandoned job up later."""
+        import grpc
+
+        from ffnskip import cli
+        from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
+
+        assert self.calibrator is not None
+        print(f"{self.model} has no active skip profile: calibrating it (first run only; minutes on a CPU)", flush=True)
+        request = calibrator_pb2.SubmitCalibrationRequest(
+            model=self.model, activate_on_success=True, tokens_per_prompt=self.args.calibration_tokens)
+        if self.args.target_skip is not None:
+            request.target_skip_ratio = self.args.target_skip
+        with grpc.insecure_channel(self.calibrator.address) as channel:
+            stub = calibrator_pb2_grpc.CalibratorStub(channel)
+            try:
+                job_id = stub.SubmitCalibration(request, timeout=30).job_id
+            except grpc.RpcError as err:
+                raise FfnSkipError(f"calibration not submitted: {err.code().name}: {err.details()}") from None
+            code = cli.main(["ops", "watch", "--address", self.calibrator.address, job_id])
+            if code == 130:  # Ctrl-C while following the job
+                stub.CancelJob(calibrator_pb2.CancelJobRequest(job_id=job_id), timeout=10)
+                raise KeyboardInterrupt
+        if code != 0:
+            print("warning: calibration failed; the decoders serve without a profile (dense)", file=sys.stderr)
+
+    def first_request(self) -> None:
+        assert self.gateway is not None
+        request = build_request(self.model, chat=self.args.prompt, max_new_tokens=self.args.max_new_tokens)
+        print(f"\n> {self.args.prompt}\n", flush=True)
+        started = time.monotonic()
+        with GatewayClient(self.gateway.address, api_key=self.api_key, timeout_s=300.0) as client:
+            summary = None
+            for message in client.stream(request):
+                if message.HasField("token"):
+                    print(message.token.text, end="", flush=True)
+                else:
+                    summary = message.summary
+        if summary is None:
+            raise FfnSkipError("the gateway ended the stream without a summary")
+        print("\n")
+        print(describe(summary, time.monotonic() - started))
+        print(self.connection_help())
+
+    def connection_help(self) -> str:
+        assert self.gateway is not None
+        return "\n".join([
+            f"gateway     {self.gateway.address}   (metrics http://127.0.0.1:{self.metrics_port}/metrics)",
+            f"API key     {self.api_key}",
+            f"ops key     {self.ops_key}",
+            f"calibrator  {self.calibrator.address if self.calibrator else '-'}   redis {self.redis.url}",
+            f"try         ffnskip client stream --address {self.gateway.address} --api-key {self.api_key} "
+            f"--model {self.model} \"Tell me a joke\"",
+            f"            ffnskip client telemetry --address {self.gateway.address} --api-key {self.ops_key}",
+        ])
+
+    def shutdown(self) -> None:
+        """Gateway first (it drains its streams), then decoders and calibrator, Redis last."""
+        for group in ([self.gateway], [*self.decoders, self.calibrator], [self.redis]):
+            members = [c for c in group if c is not None]
+            for child in members:
+                child.signal(signal.SIGTERM)
+            for child in members:
+                child.wait(timeout_s=60.0)
+        print("stack stopped", flush=True)
+
+
+def describe(summary, client_s: float) -> str:  # type: ignore[no-untyped-def]
+    stats, latency = summary.skip_stats, summary.latency
+    profile = f"profile v{summary.profile_version}" if summary.profile_version else "no profile"
+    return "\n".join([
+        f"served by {summary.served_by} ({summary.policy}, {profile}), finish reason {summary.finish_reason}",
+        f"skip: {stats.skip_ratio:.1%} of FFN blocks ({stats.ffn_blocks_skipped}/{stats.ffn_blocks_total}), "
+        f"{stats.decode_skip_ratio:.1%} after warm-up; per layer {list(stats.per_layer_skips)}",
+        f"latency: first token {latency.ttft_ms:.0f} ms, total {latency.total_ms:.0f} ms, "
+        f"{latency.tokens_per_s:.1f} tokens/s ({stats.generated_tokens} tokens; {client_s:.2f} s at the client)",
+    ])

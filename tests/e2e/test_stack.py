@@ -1,0 +1,44 @@
+"""`ffnskip up` for real on a tiny random Llama: the first run calibrates the model through
+the calibrator and serves a request through the gateway; the second run finds the
+profile in its data directory and skips calibration. Both exit on their own (--once)
+after stopping every process they started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.tiny import save_tiny_model
+from tests.redis_server import free_port
+
+
+def up(data_dir, model_dir, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ffnskip.cli", "up", "--once", "--model", str(model_dir), "--device", "cpu",
+               "--data-dir", str(data_dir), "--gateway-port", str(free_port()), "--max-new-tokens", "8",
+               "--calibration-tokens", "8", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("stack-model"))
+
+
+def test_up_calibrates_serves_and_stops(tmp_path, model_dir):
+    first = up(tmp_path / "stack", model_dir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "no active skip profile: calibrating" in first.stdout
+    assert "served by decoder-0" in first.stdout and "profile v1" in first.stdout
+    assert "API key     dev-" in first.stdout and "stack stopped" in first.stdout
+    assert "skip:" in first.stdout and "latency: first token" in first.stdout
+
+    second = up(tmp_path / "stack", model_dir, "--decoders", "2")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "calibrating" not in second.stdout  # the profile survived in the stack's Redis data
+    assert "profile v1" in second.stdout
+    logs = tmp_path / "stack" / "logs"
+    assert (logs / "decoder-1.log").exists() and (logs / "gateway.log").exists()
