@@ -10,6 +10,7 @@ abandoned un-acked and another calibrator reclaims it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -61,7 +62,8 @@ class WorkerPool:
                 thread.join(timeout=0.5)
 
 
-async def serve(settings: CalibratorSettings) -> None:
+async def serve(settings: CalibratorSettings) -> bool:
+    """Serve until a signal and drain; returns True when a job was still running at the end."""
     client = connect(settings.redis)
     jobs, profiles = JobQueue(client), ProfileStore(client)
     server = Server([SERVICE_NAME])
@@ -76,6 +78,7 @@ async def serve(settings: CalibratorSettings) -> None:
     await server.drain(settings.drain_timeout_s, on_drain=pool.drain)
     pool.abandon.set()
     client.close()
+    return any(thread.is_alive() for thread in pool.threads)
 
 
 def main(environ: Optional[Mapping[str, str]] = None) -> int:
@@ -86,10 +89,16 @@ def main(environ: Optional[Mapping[str, str]] = None) -> int:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(settings))
+        abandoned = asyncio.run(serve(settings))
     except FfnSkipError as err:
         log.error("calibrator failed", error=err.message)
         return 1
+    if abandoned:
+        # A worker is still inside torch: normal interpreter teardown would abort the process
+        # under it. The job stays unacknowledged and another calibrator reclaims it.
+        log.warning("exiting with a calibration still running; it will be reclaimed by another worker")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

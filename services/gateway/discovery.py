@@ -14,6 +14,7 @@ import asyncio
 import time
 from typing import Callable, Optional, Protocol, Sequence
 
+from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
 from ffnskip.logging import get_logger
 from ffnskip.store.registry import DecoderRegistry
@@ -99,13 +100,8 @@ class RegistryDiscovery:
         self._task = asyncio.create_task(self._run(), name="registry-discovery")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _shape(endpoints: Sequence[Endpoint]) -> list[tuple[str, str, str, bool]]:

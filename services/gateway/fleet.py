@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import redis
 
+from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
 from ffnskip.logging import get_logger
 from ffnskip.store.connection import redis_errors
@@ -182,12 +183,7 @@ class Flusher:
         self._task = asyncio.create_task(self._run(), name="telemetry-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         try:
             await self.flush()  # the last numbers of this run
         except FfnSkipError:
