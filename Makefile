@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TOOLS := .venv-tools
 CHECKOV := checkov==3.3.30
 
-.PHONY: setup run test test-unit bench clean redis-server kubectl tools
+.PHONY: setup run test test-unit bench clean redis-server kubectl tools results
 
 setup: $(VENV)/.ready redis-server kubectl
 
@@ -61,6 +61,25 @@ test-unit: setup tools
 
 bench: setup
 	$(VENV)/bin/ffnskip bench
+
+# docs/RESULTS.md and docs/plots/*.png (issue 7): bench, factoid QA, agreement, warm-up ablation, report.
+# Sized for at most 35-50 minutes on a 2-core CPU (each eval step prints its own measured estimate first).
+# Per-item results are cached in build/eval/state.jsonl: an interrupted run resumes where it stopped.
+# aligned and the candidate rule adaptive_window run at 0.15 and 0.25 only, to stay inside the hour.
+# Warm-up 4 for the method comparison: factoid answers are ~8 tokens, so the serving default of 16
+# would end them before anything is skipped; the warm-up ablation shows 0 to 32.
+EVAL_METHODS := dense,random,non_adaptive,adaptive,layer_drop,aligned@0.15/0.25,adaptive_window@0.15/0.25
+EVAL_COMMON := --warm-up 4 --calibration-tokens 48 --out build/eval/state.jsonl --json
+results: setup
+	$(VENV)/bin/ffnskip prepare
+	mkdir -p build/eval docs/plots
+	$(VENV)/bin/ffnskip bench --json --batches 1 --new-tokens 64 --reps 2 > build/eval/bench.json
+	$(VENV)/bin/ffnskip eval qa --methods $(EVAL_METHODS) $(EVAL_COMMON) > build/eval/qa.json
+	$(VENV)/bin/ffnskip eval agreement --methods $(EVAL_METHODS) --limit 32 --max-new-tokens 48 $(EVAL_COMMON) > build/eval/agreement.json
+	$(VENV)/bin/ffnskip eval warmup --target 0.25 --warm-ups 0,4,8,16,32 --limit 32 --max-new-tokens 48 --qa-limit 48 \
+		$(EVAL_COMMON) > build/eval/warmup.json
+	$(VENV)/bin/ffnskip eval report --qa build/eval/qa.json --agreement build/eval/agreement.json \
+		--warmup build/eval/warmup.json --bench build/eval/bench.json --out docs/RESULTS.md --plots docs/plots
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info

@@ -100,6 +100,7 @@ def _int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from ffnskip import bench, generate, ops
     from ffnskip import client_cli  # client, load, up: the gateway's commands
+    from ffnskip import eval_cli  # eval qa | agreement | warmup | report
 
     parser = argparse.ArgumentParser(prog="ffnskip", description="Adaptive FFN-skip decoding (FFN-SkipLLM)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(commands)
     ops.register(commands)
     client_cli.register(commands)
+    eval_cli.register(commands)
     return parser
 
 
