@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TOOLS := .venv-tools
 CHECKOV := checkov==3.3.30
 
-.PHONY: setup run test test-unit bench clean redis-server kubectl tools results
+.PHONY: setup run test test-unit bench clean redis-server kubectl tools results batching
 
 setup: $(VENV)/.ready redis-server kubectl
 
@@ -80,6 +80,21 @@ results: setup
 		$(EVAL_COMMON) > build/eval/warmup.json
 	$(VENV)/bin/ffnskip eval report --qa build/eval/qa.json --agreement build/eval/agreement.json \
 		--warmup build/eval/warmup.json --bench build/eval/bench.json --out docs/RESULTS.md --plots docs/plots
+
+# docs/batching.md's measurements (issue 11): quality of per-row adaptive, aligned at two quorums and the
+# calibrated static set, decoded in batches of 8; then the bench runs exactly those settings at batch
+# 1-16; `eval batching` pairs them into tables and docs/plots/batching_tradeoff.png (about 30 min idle).
+BATCHING_METHODS := adaptive,aligned_q50,aligned_q75,static
+BATCHING_COMMON := --methods $(BATCHING_METHODS) --targets 0.15,0.25 --batch-size 8 --aligned-batch 8 --warm-up 4 \
+	--calibration-tokens 48 --out build/eval/state.jsonl --json
+batching: setup
+	mkdir -p build/eval docs/plots
+	$(VENV)/bin/ffnskip eval qa $(BATCHING_COMMON) > build/eval/batching_qa.json
+	$(VENV)/bin/ffnskip eval agreement --limit 32 --max-new-tokens 48 $(BATCHING_COMMON) > build/eval/batching_agreement.json
+	$(VENV)/bin/ffnskip bench --json --batches 1,2,4,8,16 --new-tokens 64 --reps 3 --from-eval build/eval/batching_qa.json \
+		--policies 'dense,*@*' > build/eval/batching_bench.json
+	$(VENV)/bin/ffnskip eval batching --bench build/eval/batching_bench.json --qa build/eval/batching_qa.json \
+		--agreement build/eval/batching_agreement.json --plots docs/plots > build/eval/batching.md
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info

@@ -19,6 +19,7 @@ MAX_IDEMPOTENCY_KEY = 200
 DEFAULT_DATASET = "calibration"
 DEFAULT_TARGET = 0.25
 DEFAULT_TOKENS = 128
+DEFAULT_POLICY = "adaptive"
 # The data sets a job may name, and the field of each row that is the prompt.
 DATASET_FIELDS = {"calibration": "text", "prompts": "prompt", "factoid_qa": "question"}
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -38,6 +39,7 @@ def job_request(message: pb.SubmitCalibrationRequest, settings: CalibratorSettin
     request: dict[str, Any] = {"model": message.model, "activate": message.activate_on_success}
     request["target_skip_ratio"] = message.target_skip_ratio if message.HasField("target_skip_ratio") else DEFAULT_TARGET
     request["tokens_per_prompt"] = message.tokens_per_prompt if message.HasField("tokens_per_prompt") else DEFAULT_TOKENS
+    request["policy"] = message.policy or DEFAULT_POLICY
     if message.WhichOneof("source") == "prompts":
         prompts = list(message.prompts.prompts)
         for index, prompt in enumerate(prompts):
@@ -71,7 +73,8 @@ def calibration_request(request: dict[str, Any], job_id: str = "", batch_size: O
     batching = {} if batch_size is None else {"batch_size": batch_size}
     return CalibrationRequest(
         prompts=tuple(prompts), target_skip_ratio=float(request["target_skip_ratio"]),
-        tokens_per_prompt=int(request["tokens_per_prompt"]), job_id=job_id, model_id=request["model"], **batching,
+        tokens_per_prompt=int(request["tokens_per_prompt"]), job_id=job_id, model_id=request["model"],
+        policy=request.get("policy", DEFAULT_POLICY), **batching,  # jobs queued before policies existed are adaptive
     )
 
 
@@ -94,6 +97,7 @@ def job_to_proto(record: dict[str, Any]) -> pb.Job:
         target_skip_ratio=float(request.get("target_skip_ratio") or 0.0),
         tokens_per_prompt=int(request.get("tokens_per_prompt") or 0),
         activate_on_success=bool(request.get("activate")), prompt_source=source,
+        policy=request.get("policy", DEFAULT_POLICY),
     )
     if record.get("eta_s") is not None:
         job.eta_s = record["eta_s"]

@@ -34,7 +34,8 @@ async def serve(settings: DecoderSettings) -> None:
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
-                              settings.profile_cache_dir, default=SkipParams(policy="dense"))
+                              settings.profile_cache_dir, default=SkipParams(policy="dense"),
+                              policy=settings.skip_policy, quorum=settings.aligned_quorum)
     profiles.start()
     engine_loop = EngineLoop(engine, settings.max_queue)
     engine_loop.start()

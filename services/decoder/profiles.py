@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,14 @@ from ffnskip.store.profiles import ProfileStore
 log = structlog.get_logger("decoder.profiles")
 
 
+def serving_params(params: SkipParams, policy: str, quorum: float) -> SkipParams:
+    """The decoder's configured serving policy over a profile's parameters: "aligned" makes an
+    adaptive profile decide per batch; anything else is served as calibrated. The quorum is the
+    decoder's (a profile has none), so a request that asks for aligned gets it too."""
+    params = replace(params, quorum=quorum)
+    return replace(params, policy="aligned") if policy == "aligned" and params.policy == "adaptive" else params
+
+
 @dataclass(frozen=True)
 class ActiveProfile:
     version: int  # 0 = no profile: the decoder's default parameters
@@ -33,12 +41,13 @@ class ActiveProfile:
 
 class ProfileWatcher:
     def __init__(self, store: ProfileStore, model_id: str, fingerprint: str, cache_dir: Path,
-                 default: SkipParams, resync_s: float = 30.0) -> None:
+                 default: SkipParams, resync_s: float = 30.0, policy: str = "profile", quorum: float = 0.5) -> None:
         self.store = store
         self.model_id = model_id
         self.fingerprint = fingerprint
         self.cache_file = cache_dir / f"{model_id.replace('/', '_')}.profile.json"
         self.resync_s = resync_s
+        self.policy, self.quorum = policy, quorum
         self._current = ActiveProfile(0, default)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,7 +91,7 @@ class ProfileWatcher:
                       profile_fingerprint=profile.fingerprint, model_fingerprint=self.fingerprint)
             return
         try:
-            params = profile.skip_params()
+            params = serving_params(profile.skip_params(), self.policy, self.quorum)
         except FfnSkipError as exc:
             log.error("profile parameters refused", version=profile.version, error=exc.message)
             return
@@ -90,7 +99,7 @@ class ProfileWatcher:
             changed = profile.version != self._current.version
             self._current = ActiveProfile(profile.version, params)
         if changed:
-            log.info("profile active", version=profile.version, source=source, threshold=params.threshold,
+            log.info("profile active", version=profile.version, source=source, policy=params.policy, threshold=params.threshold,
                      max_skip=params.max_skip, warm_up=params.warm_up, cold_start=params.cold_start, cold_end=params.cold_end)
         if source == "redis":
             self._write_disk_copy(profile)

@@ -19,9 +19,17 @@ ENV_VARS = (
     "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
     "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
     "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
-    "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_LOG_LEVEL",
+    "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_OVERRIDE_MIN_QUORUM",
+    "FFNSKIP_SKIP_POLICY", "FFNSKIP_ALIGNED_QUORUM", "FFNSKIP_LOG_LEVEL",
     "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT",
 ) + REDIS_ENV_VARS
+
+
+# "profile": serve the active profile's policy as calibrated; "aligned": decide an adaptive
+# profile's rule once per batch (docs/batching.md), so skipping still avoids weight reads
+# when requests are batched. Static profiles are batch-friendly already and stay static.
+SERVING_POLICIES = ("profile", "aligned")
+DEFAULT_SKIP_POLICY = "profile"
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class DecoderSettings:
     registry_ttl_s: float
     drain_timeout_s: float
     limits: OverrideLimits
+    skip_policy: str  # how an adaptive profile is served: SERVING_POLICIES
+    aligned_quorum: float
     log_level: str
     metrics_host: str
     metrics_port: int  # Prometheus /metrics; 0 = off (several local decoders would collide)
@@ -57,6 +67,12 @@ class DecoderSettings:
         unknown = [p for p in policies if p not in OVERRIDABLE_POLICIES]
         if unknown:
             raise InvalidArgument("FFNSKIP_ALLOWED_POLICIES", f"unknown policies {unknown}")
+        skip_policy = env.get("FFNSKIP_SKIP_POLICY", DEFAULT_SKIP_POLICY)
+        if skip_policy not in SERVING_POLICIES:
+            raise InvalidArgument("FFNSKIP_SKIP_POLICY", f"must be one of {', '.join(SERVING_POLICIES)}, got {skip_policy!r}")
+        quorum = _float(env, "FFNSKIP_ALIGNED_QUORUM", 0.5)
+        if not 0.0 < quorum <= 1.0:
+            raise InvalidArgument("FFNSKIP_ALIGNED_QUORUM", f"must be in (0, 1], got {quorum:g}")
         return cls(
             host=host, port=port,
             advertise_address=env.get("FFNSKIP_ADVERTISE_ADDRESS", f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"),
@@ -73,7 +89,9 @@ class DecoderSettings:
             limits=OverrideLimits(
                 policies=policies, min_threshold=_float(env, "FFNSKIP_OVERRIDE_MIN_THRESHOLD", 0.5),
                 max_skip=_int(env, "FFNSKIP_OVERRIDE_MAX_SKIP", 64), min_warm_up=_int(env, "FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
+                min_quorum=_float(env, "FFNSKIP_OVERRIDE_MIN_QUORUM", 0.25),
             ),
+            skip_policy=skip_policy, aligned_quorum=quorum,
             log_level=env.get("FFNSKIP_LOG_LEVEL", "info"),
             metrics_host=env.get("FFNSKIP_METRICS_HOST", "0.0.0.0"), metrics_port=_int(env, "FFNSKIP_METRICS_PORT", 0),
             redis=RedisSettings.from_env(env),

@@ -9,13 +9,14 @@ speedup uses the measured skip ratio over all generated tokens (BRIEF section 3)
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Sequence
 
 from ffnskip import cli
 from ffnskip.config import DENSE, SamplingParams, SkipParams
@@ -30,7 +31,60 @@ class BenchConfig:
     skip: Optional[SkipParams]  # None = plain transformers generate
 
 
-def default_configs(num_layers: int, batches: list[int]) -> list[BenchConfig]:
+ALIGNED_QUORUMS = (0.5, 0.75)
+
+
+def profile_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
+    """Rows for a calibrated profile file: `cal_static`, or `cal_adaptive` plus the same rule
+    decided per batch (`cal_aligned_qNN`), so per-row and batch-level skipping compare at
+    the calibrated threshold and k."""
+    from pathlib import Path
+
+    from ffnskip.errors import InvalidArgument
+    from ffnskip.profile import Profile
+
+    try:
+        profile = Profile.from_json(Path(path).read_text())
+    except OSError as err:
+        raise InvalidArgument("profile", f"cannot read {path}: {err.strerror}") from None
+    if profile.fingerprint != loaded.fingerprint:  # the same check the decoder makes
+        raise InvalidArgument("profile", f"{path} was calibrated for other weights (fingerprint {profile.fingerprint[:12]}...)")
+    params = profile.skip_params()
+    if params.policy != "adaptive":
+        return [(f"cal_{params.policy}", params)]
+    return [("cal_adaptive", params)] + [
+        (f"cal_aligned_q{round(100 * q)}", replace(params, policy="aligned", quorum=q)) for q in ALIGNED_QUORUMS]
+
+
+def eval_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
+    """Rows with exactly the parameters an `ffnskip eval qa|agreement --json` output measured
+    quality for, named `method@target` (e.g. aligned_q75@0.25), so speed and quality pair up."""
+    from dataclasses import fields
+
+    from ffnskip.errors import InvalidArgument
+
+    try:
+        report = json.loads(open(path).read())
+    except OSError as err:
+        raise InvalidArgument("from_eval", f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise InvalidArgument("from_eval", f"{path} is not JSON: {err}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        raise InvalidArgument("from_eval", f"{path} is not an `ffnskip eval qa|agreement --json` output")
+    if report.get("fingerprint") != loaded.fingerprint:
+        raise InvalidArgument("from_eval", f"{path} was measured on other weights")
+    known = {f.name for f in fields(SkipParams)}
+    rows = []
+    for row in report["rows"]:
+        params = row.get("params") or {}
+        if row.get("label") or row["method"] in ("dense", "layer_drop") or not known.issuperset(params):
+            continue  # dense is always a row; layer_drop changes the model, not the skip policy
+        params = {**params, "static_layers": tuple(params.get("static_layers", ()))}
+        rows.append((f"{row['method']}@{row['target_skip']:.2f}", SkipParams(**params)))
+    return rows
+
+
+def default_configs(num_layers: int, batches: list[int], extra: Sequence[tuple[str, SkipParams]] = ()) -> list[BenchConfig]:
     static = tuple(layer for layer in STATIC_8_OF_30 if layer < num_layers)
     adaptive = dict(policy="adaptive", cold_start=1, cold_end=num_layers - 1, threshold=0.97, warm_up=16)
     per_batch = [
@@ -43,6 +97,7 @@ def default_configs(num_layers: int, batches: list[int]) -> list[BenchConfig]:
         ("non_adaptive_p25", SkipParams(policy="non_adaptive", probability=0.25, cold_start=1, cold_end=num_layers - 1, warm_up=16)),
         ("aligned_k8_q50", SkipParams(**{**adaptive, "policy": "aligned"}, max_skip=8, quorum=0.5)),
         ("aligned_k8_q75", SkipParams(**{**adaptive, "policy": "aligned"}, max_skip=8, quorum=0.75)),
+        *extra,
     ]
     configs = []
     for batch in batches:
@@ -58,7 +113,13 @@ def register(commands) -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (with --target: at most, EOS ends earlier)")
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions; rows report the median")
-    parser.add_argument("--policies", help="comma-separated subset of row names (hf_generate, dense, static_8, ...)")
+    parser.add_argument("--policies", help="comma-separated row names or patterns (hf_generate, dense, static_8, 'aligned*', '*@*')")
+    parser.add_argument("--profile", action="append", default=[], metavar="PROFILE_JSON",
+                        help="add rows for a calibrated profile (`ffnskip calibrate --out`): cal_static, or "
+                             "cal_adaptive and cal_aligned_q50/q75; repeatable")
+    parser.add_argument("--from-eval", action="append", default=[], metavar="EVAL_JSON",
+                        help="add a row METHOD@TARGET for every setting of an `ffnskip eval qa|agreement --json` "
+                             "output, with exactly its parameters; repeatable")
     parser.add_argument("--profile-step", action="store_true", help="also profile one dense decode step and print where the time goes")
     parser.add_argument("--json", action="store_true")
     service = parser.add_argument_group("service benchmark (with --target)")
@@ -83,10 +144,13 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
-    configs = default_configs(loaded.num_layers, batches)
-    if args.policies:
-        wanted = set(args.policies.split(","))
-        configs = [c for c in configs if c.name in wanted or c.name == "dense"]
+    extra = [row for path in args.profile for row in profile_rows(path, loaded)]
+    extra += [row for path in args.from_eval for row in eval_rows(path, loaded)]
+    extra = list(dict(extra).items())  # a setting named twice (qa and agreement outputs) is one row
+    configs = default_configs(loaded.num_layers, batches, extra)
+    if args.policies:  # names or shell patterns: "dense,*@*" = dense and every --from-eval row
+        wanted = args.policies.split(",")
+        configs = [c for c in configs if c.name == "dense" or any(fnmatch.fnmatchcase(c.name, w) for w in wanted)]
     prompts = bench_prompts(loaded.tokenizer, max(batches))
     engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1)
     runner = BenchRunner(engine, prompts, args.new_tokens)
@@ -102,7 +166,11 @@ def run(args: argparse.Namespace) -> int:
     rows = summarise(configs, timings, ratios, engine, args.new_tokens)
     report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
-              "ffn_share": engine.weight_bytes.ffn_share, "rows": rows}
+              "ffn_share": engine.weight_bytes.ffn_share, "weight_bytes_per_step": engine.weight_bytes.total, "rows": rows}
+    bandwidth = read_bandwidth_gb_s(loaded.device)
+    if bandwidth is not None:  # the batch-1 ceiling: every weight byte read once per token
+        report["memory_read_gb_per_s"] = round(bandwidth, 1)
+        report["bandwidth_limit_tokens_per_s"] = round(bandwidth * 1e9 / engine.weight_bytes.total, 1)
     if args.profile_step:
         report["decode_step_profile"] = profile_decode_step(engine, prompts[0])
     if args.json:
@@ -111,6 +179,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_table(report)
     return 0
+
+
+def read_bandwidth_gb_s(device, megabytes: int = 256, reps: int = 7) -> Optional[float]:
+    """Sustained read bandwidth: the median time of summing a buffer much larger than the caches
+    (CPU only; on a GPU the decode step's own numbers say more)."""
+    import torch
+
+    if device.type != "cpu":
+        return None
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - started)
+    return buffer.numel() * 4 / statistics.median(times) / 1e9
 
 
 def bench_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -187,7 +272,10 @@ def summarise(configs, timings, ratios, engine, new_tokens: int) -> list[dict]:
             "realised_fraction": round(wb.realised_fraction(skip_ratio, dense, seconds), 3) if skip_ratio > 0 else None,
             # against the reads actually avoided: what a bandwidth-bound step can at best save
             "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense, seconds), 3) if avoided > 0 else None,
+            # weights read per second: (W - avoided x F) per step, new_tokens steps per run
+            "weights_gb_per_s": round((wb.total - avoided * wb.ffn) * new_tokens / seconds / 1e9, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "params": None if config.skip is None else {**asdict(config.skip), "static_layers": list(config.skip.static_layers)},
         })
     return rows
 
@@ -195,12 +283,16 @@ def summarise(configs, timings, ratios, engine, new_tokens: int) -> list[dict]:
 def print_table(report: dict) -> None:
     print(f"model {report['model']} on {report['device']} ({report['dtype']}, {report['threads']} threads), "
           f"{report['new_tokens']} new tokens, median of {report['reps']} interleaved reps, F/W = {report['ffn_share']:.3f}")
-    header = f"{'policy':<18}{'batch':>6}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'vs dense':>9}{'vs hf':>7}{'ideal':>7}{'realised':>9}"
+    if "memory_read_gb_per_s" in report:
+        print(f"memory read bandwidth {report['memory_read_gb_per_s']:.1f} GB/s: batch-1 limit "
+              f"{report['bandwidth_limit_tokens_per_s']:.1f} tokens/s at {report['weight_bytes_per_step'] / 1e6:.0f} MB per step")
+    header = (f"{'policy':<18}{'batch':>6}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}"
+              f"{'ideal':>7}{'realised':>9}")
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        print(f"{r['policy']:<18}{r['batch']:>6}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}"
+        print(f"{r['policy']:<18}{r['batch']:>6}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
               f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}")
     profile = report.get("decode_step_profile")
     if profile:

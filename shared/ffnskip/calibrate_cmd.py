@@ -17,6 +17,7 @@ def register(commands) -> None:
     cli.add_model_args(local)
     local.add_argument("--target-skip", type=float, default=0.25, help="target decode skip ratio in (0, 0.9]")
     local.add_argument("--tokens-per-prompt", type=int, default=128)
+    local.add_argument("--policy", default="adaptive", help="tune for adaptive or static (a fixed FFN set)")
     local.add_argument("--prompts-file", type=Path, help="default: the shipped calibration set")
     local.add_argument("--batch-size", type=int, help="prompts decoded together (default: the calibration's)")
     local.add_argument("--out", type=Path, required=True, help="output directory")
@@ -53,7 +54,7 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else datasets.texts("calibration", "text")
     batching = {} if args.batch_size is None else {"batch_size": args.batch_size}
     request = CalibrationRequest(prompts=tuple(prompts), target_skip_ratio=args.target_skip,
-                                 tokens_per_prompt=args.tokens_per_prompt, **batching)
+                                 tokens_per_prompt=args.tokens_per_prompt, policy=args.policy, **batching)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(phase: str, done: int, total: int) -> None:
@@ -68,8 +69,10 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _write_atomic(args.out / "profile.json", (json.dumps(profile.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
     _write_atomic(args.out / "similarity.png", outcome.plot_png)
+    rule = (f"static FFNs {list(profile.static_layers)}" if profile.policy == "static"
+            else f"threshold {profile.threshold:.4f}, max_skip {profile.max_skip}")
     print(f"{profile.model_id}: cold [0, {profile.cold_start}) and [{profile.cold_end}, {profile.num_layers}), "
-          f"threshold {profile.threshold:.4f}, max_skip {profile.max_skip}, warm_up {profile.warm_up}; "
+          f"{rule}, warm_up {profile.warm_up}; "
           f"decode_skip_ratio {profile.measured_decode_skip_ratio:.3f} (target {profile.target_skip_ratio:.2f}), "
           f"agreement {profile.measured_agreement:.3f}")
     print(f"wrote {args.out / 'profile.json'} and {args.out / 'similarity.png'}")

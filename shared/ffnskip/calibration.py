@@ -9,11 +9,15 @@ Steps (each deterministic for a given model and prompt set):
 3. Cold regions (`cold_regions`): the first and last layers are always cold; the cold
    run at each end extends while a layer's mean similarity stays below the band
    `median - COLD_MARGIN` of the per-layer means.
-4. Tuning (`tuning.py`): for candidate run lengths k, choose the threshold whose
-   predicted ratio (the adaptive rule replayed on the recorded similarities) meets
-   the target, then run each candidate for real on the held-out prompts against
-   dense, correct the threshold from the measured ratio, and keep the candidate
-   within tolerance of the target with the highest agreement with dense.
+4. Tuning (`tuning.py`), by the requested policy:
+   - adaptive: for candidate run lengths k, choose the threshold whose predicted
+     ratio (the rule replayed on the recorded similarities) meets the target, run
+     each candidate for real on the held-out prompts against dense, correct the
+     threshold from the measured ratio, and keep the candidate within tolerance of
+     the target with the highest agreement with dense;
+   - static: a few fixed FFN sets of the target's size chosen from the recorded
+     similarities, each run for real; the highest agreement with dense wins.
+   Then the warm-up, by real runs at 8, 16 and 32 tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Callable, Optional
 from ffnskip.errors import Cancelled, InvalidArgument
 
 MAX_PROMPTS = 512
+CALIBRATED_POLICIES = ("adaptive", "static")  # what a profile can be tuned for
 COLD_MARGIN = 0.03  # a layer this far below the median layer's mean similarity is cold
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 CancelFn = Callable[[], bool]
@@ -39,6 +44,7 @@ class CalibrationRequest:
     job_id: str = ""
     model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
     chat: bool = True  # send prompts through the chat template (the serving regime)
+    policy: str = "adaptive"  # one of CALIBRATED_POLICIES
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -53,6 +59,8 @@ class CalibrationRequest:
             raise InvalidArgument("target_skip_ratio", f"must be in (0, 0.9], got {self.target_skip_ratio}")
         if not (8 <= self.tokens_per_prompt <= 1024):
             raise InvalidArgument("tokens_per_prompt", f"must be in [8, 1024], got {self.tokens_per_prompt}")
+        if self.policy not in CALIBRATED_POLICIES:
+            raise InvalidArgument("policy", f"must be one of {', '.join(CALIBRATED_POLICIES)}, got {self.policy!r}")
         if not (1 <= self.batch_size <= 64):
             raise InvalidArgument("batch_size", f"must be in [1, 64], got {self.batch_size}")
 
@@ -99,20 +107,23 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
     similarity = runner.observe(measured, tracker)
     layers = layer_stats(similarity, loaded.num_layers)
     cold_start, cold_end = cold_regions([s.mean for s in layers])
-    choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker)
+    choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=request.policy)
+    static = request.policy == "static"
     profile = Profile(
         model_id=request.model_id or loaded.model_id, fingerprint=loaded.fingerprint, version=0,
         created_at=utc_now_iso(), job_id=request.job_id,
         calibration={"digest": digest(list(request.prompts)), "size": len(request.prompts),
                      "tokens_per_prompt": request.tokens_per_prompt},
         num_layers=loaded.num_layers, layers=layers, cold_start=cold_start, cold_end=cold_end,
-        policy="adaptive", threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
-        static_layers=[], target_skip_ratio=request.target_skip_ratio,
+        policy=request.policy, threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
+        static_layers=list(choice.static_layers), target_skip_ratio=request.target_skip_ratio,
         measured_skip_ratio=choice.skip_ratio, measured_decode_skip_ratio=choice.decode_skip_ratio,
         measured_agreement=choice.agreement,
     )
     title = f"{profile.model_id}: cos(h, h + ffn(h)) per layer, {len(measured)} prompts"
-    return CalibrationOutcome(profile=profile, plot_png=plot_layer_similarity(layers, cold_start, cold_end, title, threshold=choice.threshold))
+    plot = plot_layer_similarity(layers, cold_start, cold_end, title, threshold=None if static else choice.threshold,
+                                 skipped=choice.static_layers)
+    return CalibrationOutcome(profile=profile, plot_png=plot)
 
 
 def layer_stats(similarity: list[list[float]], num_layers: int):

@@ -29,7 +29,7 @@ def build_request(
     messages: Sequence[tuple[str, str]] = (), max_new_tokens: int = 0, temperature: float = 0.0,
     top_p: Optional[float] = None, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
     policy: str = "", threshold: Optional[float] = None, max_skip: Optional[int] = None,
-    warm_up: Optional[int] = None, request_id: str = "",
+    warm_up: Optional[int] = None, quorum: Optional[float] = None, request_id: str = "",
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest: `prompt` (plain text), or `chat` (one user turn), or `messages`
     ((role, content) pairs). Unset optional fields keep the server's defaults."""
@@ -41,7 +41,7 @@ def build_request(
     if top_p is not None:
         sampling.top_p = top_p
     skip = generation_pb2.SkipOverrides(policy=policy)
-    for name, value in (("threshold", threshold), ("max_skip", max_skip), ("warm_up", warm_up)):
+    for name, value in (("threshold", threshold), ("max_skip", max_skip), ("warm_up", warm_up), ("quorum", quorum)):
         if value is not None:
             setattr(skip, name, value)
     return generation_pb2.GenerateRequest(model=model, prompt=prompt or "", messages=turns, sampling=sampling,

@@ -69,10 +69,11 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[])
-    parser.add_argument("--policy", default="", help="adaptive, dense, random, non_adaptive, static")
+    parser.add_argument("--policy", default="", help="adaptive, aligned, dense, random, non_adaptive, static")
     parser.add_argument("--threshold", type=float)
     parser.add_argument("--max-skip", type=int, help="-1 = up to the end of the hot region")
     parser.add_argument("--warm-up", type=int)
+    parser.add_argument("--quorum", type=float, help="aligned: share of a batch's rows that must vote to skip")
     parser.add_argument("--timeout", type=float, default=300.0, help="the call's deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -104,7 +105,7 @@ def _request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         args.model, prompt=args.text if args.raw else None, chat=None if args.raw else args.text,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop, policy=args.policy, threshold=args.threshold, max_skip=args.max_skip,
-        warm_up=args.warm_up)
+        warm_up=args.warm_up, quorum=args.quorum)
 
 
 def _print_summary(summary, as_json: bool) -> None:  # type: ignore[no-untyped-def]

@@ -51,6 +51,13 @@ def register(commands) -> None:  # type: ignore[no-untyped-def]
     report.add_argument("--plots", type=Path, default=Path("docs/plots"))
     report.set_defaults(handler=_run_report)
 
+    batching = sub.add_parser("batching", help="skipping inside a batch: speed per batch size against quality (docs/batching.md)")
+    batching.add_argument("--bench", type=Path, required=True, help="`ffnskip bench --json --from-eval QA_JSON` output")
+    batching.add_argument("--qa", type=Path, required=True, help="`ffnskip eval qa --json` output with the same settings")
+    batching.add_argument("--agreement", type=Path, help="`ffnskip eval agreement --json` output with the same settings")
+    batching.add_argument("--plots", type=Path, default=Path("docs/plots"))
+    batching.set_defaults(handler=_run_batching)
+
 
 def _common(parser: argparse.ArgumentParser, data: str, max_new_tokens: int) -> None:
     cli.add_model_args(parser)
@@ -164,6 +171,13 @@ def _run_report(args: argparse.Namespace) -> int:
                                   commands=args.commands, out=args.out, plots_dir=args.plots, report_command=command)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _run_batching(args: argparse.Namespace) -> int:
+    from ffnskip.evaluation import batching
+
+    print(batching.write(args.bench, args.qa, args.agreement, args.plots), end="")
     return 0
 
 

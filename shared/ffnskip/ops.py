@@ -41,6 +41,7 @@ def register(commands) -> None:
     calibrate.add_argument("--model", required=True)
     calibrate.add_argument("--target-skip", type=float, help="target decode skip ratio in (0, 0.9] (default 0.25)")
     calibrate.add_argument("--tokens-per-prompt", type=int, help="tokens generated per prompt (default 128)")
+    calibrate.add_argument("--policy", default="", help="tune for adaptive (default) or static (a fixed FFN set; batch-friendly)")
     source = calibrate.add_mutually_exclusive_group()
     source.add_argument("--prompts-file", type=Path, help="prompts: JSONL (text/prompt/question field) or one per line")
     source.add_argument("--dataset", help="a data set the calibrator ships: calibration (default), prompts, factoid_qa")
@@ -96,7 +97,7 @@ def _submit(args: argparse.Namespace, stub) -> int:
     from ffnskip.v1 import calibrator_pb2 as pb
 
     request = pb.SubmitCalibrationRequest(model=args.model, activate_on_success=args.activate,
-                                          idempotency_key=args.idempotency_key or "")
+                                          idempotency_key=args.idempotency_key or "", policy=args.policy)
     if args.target_skip is not None:
         request.target_skip_ratio = args.target_skip
     if args.tokens_per_prompt is not None:

@@ -19,8 +19,10 @@ def plot_layer_similarity(
     cold_end: int,
     title: str,
     threshold: Optional[float] = None,
+    skipped: Sequence[int] = (),
 ) -> bytes:
-    """PNG bytes: mean cos(h, h + ffn(h)) per layer, a p05-p95 band, cold regions shaded."""
+    """PNG bytes: mean cos(h, h + ffn(h)) per layer, a p05-p95 band, cold regions shaded,
+    and a static profile's skipped FFNs marked."""
     if not layers:
         raise InvalidArgument("layers", "must not be empty")
     if not (0 <= cold_start < cold_end <= len(layers)):
@@ -37,6 +39,10 @@ def plot_layer_similarity(
     axes.fill_between(index, [s.p05 for s in layers], [s.p95 for s in layers], alpha=0.25, label="p05-p95")
     axes.plot(index, [s.mean for s in layers], marker="o", markersize=3, label="mean")
     _shade_cold_regions(axes, cold_start, cold_end, len(layers))
+    if skipped:
+        by_layer = {stats.layer: stats.mean for stats in layers}
+        axes.scatter(list(skipped), [by_layer[i] for i in skipped], marker="x", s=60, color="red", zorder=3,
+                     label="FFN always skipped (static)")
     if threshold is not None:
         axes.axhline(threshold, linestyle="--", linewidth=1, color="black", label=f"threshold {threshold:g}")
     axes.set_xlabel("layer")

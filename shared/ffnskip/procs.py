@@ -2,14 +2,15 @@
 its output in a log file, readiness awaited on an event with a deadline (Redis' own
 "Ready to accept connections" line, gRPC health Watch), never on a sleep.
 
-Children get SIGTERM if this process dies (PR_SET_PDEATHSIG on Linux), so a killed
-`ffnskip up` leaves no orphans; they run in their own session, so a Ctrl-C reaches
-only the parent, which then stops them in order.
+Children get SIGTERM if this process dies (PR_SET_PDEATHSIG, set by util-linux's
+`setpriv --pdeathsig` where it exists), so a killed `ffnskip up` leaves no orphans;
+they run in their own session, so a Ctrl-C reaches only the parent, which then stops
+them in order. No Python code runs between fork and exec (no preexec_fn): a fork
+that runs Python atfork handlers can deadlock against gRPC's threads in this process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -35,11 +36,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _dying_with_parent(command: list[str]) -> list[str]:
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command  # setpriv execs: same pid
 
 
 class Child:
@@ -63,8 +62,8 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         out = subprocess.PIPE if pipe else self._log
-        self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.process = subprocess.Popen(_dying_with_parent(self.command), cwd=REPO, env=self.env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def alive(self) -> bool:

@@ -1,9 +1,15 @@
-"""Tune (threshold, max_skip, warm_up) to a target decode skip ratio with real runs.
+"""Tune a profile's skip parameters to a target decode skip ratio with real runs.
 
-Prediction replays the adaptive rule on similarities recorded in observe mode: a
+adaptive: prediction replays the rule on similarities recorded in observe mode (a
 token fires at its first hot layer with cos >= threshold and skips the next k hot
-layers. The prediction only picks candidates; every number kept in the profile is
-measured by a real skip run on held-back prompts against dense.
+layers) to pick (threshold, max_skip) candidates.
+static: the candidates are fixed sets of round(target * L) hot-layer FFNs whose
+recorded change of the hidden state is smallest (by mean, by 5th percentile, or as
+one contiguous stretch); batch-friendly, since every row skips the same FFNs.
+
+Either way the prediction only picks candidates: every number kept in the profile
+is measured by a real skip run on held-back prompts against dense, and the warm-up
+is chosen by real runs too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Choice:
     skip_ratio: float
     decode_skip_ratio: float
     agreement: float
+    static_layers: tuple[int, ...] = ()  # the static policy's FFNs; empty for adaptive
 
 
 def predicted_ratio(similarity: list[list[float]], threshold: float, k: Optional[int], cold_start: int, cold_end: int) -> float:
@@ -64,43 +71,73 @@ def threshold_for(similarity, target: float, k: Optional[int], cold_start: int, 
     return round(low, 6)
 
 
+def static_layer_count(target: float, num_layers: int, cold_start: int, cold_end: int) -> int:
+    return min(cold_end - cold_start, max(1, int(target * num_layers + 0.5)))
+
+
+def static_candidates(similarity, target: float, cold_start: int, cold_end: int) -> list[tuple[int, ...]]:
+    """FFN sets of the target's size that change the hidden state least on the calibration set:
+    highest mean similarity, highest 5th percentile (rarely a large change), and the contiguous
+    stretch of highest mean. Duplicates removed, order kept."""
+    num_layers = len(similarity[0])
+    count = static_layer_count(target, num_layers, cold_start, cold_end)
+    hot = range(cold_start, cold_end)
+    columns = {layer: sorted(row[layer] for row in similarity) for layer in hot}
+    mean = {layer: sum(values) / len(values) for layer, values in columns.items()}
+    p05 = {layer: values[int(0.05 * (len(values) - 1) + 0.5)] for layer, values in columns.items()}
+    by_mean = tuple(sorted(sorted(hot, key=lambda i: (-mean[i], i))[:count]))
+    by_p05 = tuple(sorted(sorted(hot, key=lambda i: (-p05[i], i))[:count]))
+    start = max(range(cold_start, cold_end - count + 1), key=lambda a: (sum(mean[i] for i in range(a, a + count)), -a))
+    stretch = tuple(range(start, start + count))
+    return list(dict.fromkeys([by_mean, by_p05, stretch]))
+
+
 def candidate_run_lengths(target: float, num_layers: int, cold_start: int, cold_end: int) -> list[Optional[int]]:
     hot = cold_end - cold_start
     ks = sorted({min(hot - 1, max(1, math.ceil(target * num_layers / rate))) for rate in FIRE_RATES})
     return ks + [None]
 
 
-def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, target: float, tracker) -> Choice:
+def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, target: float, tracker,
+         policy: str = "adaptive") -> Choice:
     dense = runner.generate(held, SkipParams(policy="dense"), tracker, "dense reference").tokens
     num_layers = len(similarity[0])
 
-    def measure(threshold: float, k: Optional[int], warm_up: int) -> Choice:
-        params = SkipParams(policy="adaptive", cold_start=cold_start, cold_end=cold_end,
-                            threshold=threshold, max_skip=k, warm_up=warm_up)
-        run = runner.generate(held, params, tracker, f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}")
+    def measure(threshold: float, k: Optional[int], warm_up: int, layers: tuple[int, ...] = ()) -> Choice:
+        if policy == "static":
+            params = SkipParams(policy="static", cold_start=cold_start, cold_end=cold_end, static_layers=layers, warm_up=warm_up)
+            phase = f"tuning static {list(layers)} warm_up={warm_up}"
+        else:
+            params = SkipParams(policy="adaptive", cold_start=cold_start, cold_end=cold_end,
+                                threshold=threshold, max_skip=k, warm_up=warm_up)
+            phase = f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}"
+        run = runner.generate(held, params, tracker, phase)
         choice = Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
-                        token_agreement(run.tokens, dense))
-        log.info("tuning run", threshold=threshold, max_skip=k, warm_up=warm_up, target=target,
-                 predicted=round(predicted_ratio(similarity, threshold, k, cold_start, cold_end), 4),
-                 decode_skip_ratio=round(choice.decode_skip_ratio, 4), agreement=round(choice.agreement, 4))
+                        token_agreement(run.tokens, dense), layers)
+        log.info("tuning run", policy=policy, threshold=threshold, max_skip=k, static_layers=list(layers), warm_up=warm_up,
+                 target=target, decode_skip_ratio=round(choice.decode_skip_ratio, 4), agreement=round(choice.agreement, 4),
+                 predicted=None if policy == "static" else round(predicted_ratio(similarity, threshold, k, cold_start, cold_end), 4))
         return choice
 
     tried: list[Choice] = []
-    for k in candidate_run_lengths(target, num_layers, cold_start, cold_end):
-        threshold = threshold_for(similarity, target, k, cold_start, cold_end)
-        if threshold is None:
-            continue
-        choice = measure(threshold, k, BASE_WARM_UP)
-        tried.append(choice)
-        if abs(choice.decode_skip_ratio - target) > TOLERANCE:
-            tried.append(measure(_corrected(similarity, choice, target, cold_start, cold_end), k, BASE_WARM_UP))
-    if not tried:  # nothing can reach the target: skip as much as the hot region allows
-        tried.append(measure(1e-6, None, BASE_WARM_UP))
+    if policy == "static":
+        tried = [measure(1.0, None, BASE_WARM_UP, layers) for layers in static_candidates(similarity, target, cold_start, cold_end)]
+    else:
+        for k in candidate_run_lengths(target, num_layers, cold_start, cold_end):
+            threshold = threshold_for(similarity, target, k, cold_start, cold_end)
+            if threshold is None:
+                continue
+            choice = measure(threshold, k, BASE_WARM_UP)
+            tried.append(choice)
+            if abs(choice.decode_skip_ratio - target) > TOLERANCE:
+                tried.append(measure(_corrected(similarity, choice, target, cold_start, cold_end), k, BASE_WARM_UP))
+        if not tried:  # nothing can reach the target: skip as much as the hot region allows
+            tried.append(measure(1e-6, None, BASE_WARM_UP))
     best = _best(tried, target)
     by_warm_up = {BASE_WARM_UP: best}
     for warm_up in WARM_UPS:
         if warm_up not in by_warm_up:
-            by_warm_up[warm_up] = measure(best.threshold, best.max_skip, warm_up)
+            by_warm_up[warm_up] = measure(best.threshold, best.max_skip, warm_up, best.static_layers)
     top = max(c.agreement for c in by_warm_up.values() if abs(c.decode_skip_ratio - target) <= 0.03 or c is best)
     return min((c for c in by_warm_up.values() if c.agreement >= top - AGREEMENT_SLACK and abs(c.decode_skip_ratio - target) <= 0.03),
                key=lambda c: c.warm_up, default=best)

@@ -131,6 +131,7 @@ def test_registered_in_redis_for_the_gateway(stack):
         (request(8, skip=pb.SkipOverrides(threshold=0.1)), grpc.StatusCode.INVALID_ARGUMENT, "skip.threshold"),
         (request(8, skip=pb.SkipOverrides(max_skip=500)), grpc.StatusCode.INVALID_ARGUMENT, "skip.max_skip"),
         (request(8, skip=pb.SkipOverrides(policy="observe")), grpc.StatusCode.INVALID_ARGUMENT, "skip.policy"),
+        (request(8, skip=pb.SkipOverrides(policy="aligned", quorum=0.1)), grpc.StatusCode.INVALID_ARGUMENT, "skip.quorum"),
         (pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="robot", content="x")]),
          grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
         (pb.GenerateRequest(model=MODEL, prompt="word " * 1500), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
@@ -196,6 +197,23 @@ def test_profile_hot_swap_under_traffic(stack):
     assert list(before)[-1].summary.profile_version == v1
     after = stub.Generate(request(8), timeout=120)
     assert after.profile_version == v2 and after.policy == "adaptive"
+
+
+def test_configured_aligned_policy_serves_adaptive_profiles_per_batch(stack):
+    stub, redis_url = stack["stub"], stack["redis"].url
+    version = publish(redis_url, info(stub).fingerprint)
+    aligned = start_decoder(stack["tmp"], redis_url, "decoder-aligned", FFNSKIP_SKIP_POLICY="aligned", FFNSKIP_ALIGNED_QUORUM="1.0")
+    try:
+        with grpc.insecure_channel(aligned.address) as channel:
+            other = decoder_pb2_grpc.DecoderStub(channel)
+            wait_for(lambda: info(other).profile_version == version, what="the adaptive profile")
+            served = other.Generate(request(8), timeout=120)
+            assert served.profile_version == version and served.policy == "aligned"
+            # a request may still ask for per-row adaptive within the limits
+            assert other.Generate(request(8, skip=pb.SkipOverrides(policy="adaptive")), timeout=120).policy == "adaptive"
+    finally:
+        aligned.stop()
+    assert '"policy": "aligned"' in aligned.log()  # the profile line says how it is served
 
 
 def test_profile_for_other_weights_is_refused(stack):

@@ -13,6 +13,7 @@ import redis
 from ffnskip.profile import Profile
 from ffnskip.store import JobQueue, ProfileStore, RedisSettings, connect
 from ffnskip.v1 import calibrator_pb2 as pb
+from ffnskip.v1 import common_pb2
 from ffnskip.v1 import calibrator_pb2_grpc
 from tests.helpers.calibrator import PNG_MAGIC, start_calibrator
 from tests.helpers.profiles import build_profile
@@ -80,6 +81,19 @@ def test_submit_watch_to_completion_then_profile_is_active(service: dict) -> Non
     assert reply.summary.fingerprint == active.fingerprint
     assert [layer.layer for layer in reply.layers] == list(range(active.num_layers))
     assert stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30) == final
+
+
+def test_static_job_publishes_a_fixed_ffn_set(service: dict) -> None:
+    stub, store, model = service["stub"], service["store"], service["model"]
+    job_id = submit(stub, model, policy="static", target_skip_ratio=0.3)
+    final = watch(stub, job_id)[-1]
+    assert final.state == pb.JOB_STATE_SUCCEEDED and final.policy == "static", final
+    profile = store.get(model, final.profile_version)
+    assert profile.policy == "static" and profile.job_id == job_id
+    assert len(profile.static_layers) == 2  # round(0.3 x 6 layers)
+    assert all(profile.cold_start <= layer < profile.cold_end for layer in profile.static_layers)
+    summary = stub.GetProfile(pb.GetProfileRequest(model=model, version=final.profile_version), timeout=30).summary
+    assert summary.skip_params.policy == common_pb2.SKIP_POLICY_STATIC and list(summary.skip_params.static_layers) == list(profile.static_layers)
 
 
 def test_list_activate_and_rollback(service: dict) -> None:
@@ -155,6 +169,7 @@ BAD_SUBMISSIONS = [
     ("target too high", dict(target_skip_ratio=0.95), grpc.StatusCode.INVALID_ARGUMENT, "target_skip_ratio"),
     ("negative target", dict(target_skip_ratio=-0.1), grpc.StatusCode.INVALID_ARGUMENT, "target_skip_ratio"),
     ("too few tokens", dict(tokens_per_prompt=2), grpc.StatusCode.INVALID_ARGUMENT, "tokens_per_prompt"),
+    ("unknown policy", dict(policy="random"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
     ("unknown dataset", dict(dataset="/etc/passwd"), grpc.StatusCode.NOT_FOUND, "dataset"),
     ("bad idempotency key", dict(idempotency_key="has space"), grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key"),
 ]

@@ -8,7 +8,7 @@ import pytest
 from ffnskip.calibration import CalibrationRequest, calibrate, cold_regions
 from ffnskip.errors import Cancelled, InvalidArgument
 from ffnskip.profile import Profile
-from ffnskip.tuning import candidate_run_lengths, predicted_ratio, threshold_for
+from ffnskip.tuning import candidate_run_lengths, predicted_ratio, static_candidates, threshold_for
 
 
 def test_cold_regions_always_include_first_and_last_layer():
@@ -53,6 +53,24 @@ def test_candidate_run_lengths_can_reach_the_target():
     assert ks[-1] is None and all(k * 1.0 >= 0.25 * 30 for k in ks[:-1])
 
 
+def _rows(columns: dict[int, list[float]], tokens: int = 20) -> list[list[float]]:
+    """Similarity rows (tokens x 8 layers): layer -> its value per token (a constant when one value)."""
+    full = {0: [0.2], 7: [0.3], **columns}
+    return [[(full[layer] * tokens)[t] if len(full[layer]) > 1 else full[layer][0] for layer in range(8)] for t in range(tokens)]
+
+
+def test_static_candidates_rank_by_mean_by_low_percentile_and_as_a_stretch():
+    # layers 3 and 4 change the state least on average but not always (two big changes in 20
+    # tokens); 5 and 6 change it a little, every time
+    dips = [0.999] * 18 + [0.8] * 2
+    rows = _rows({1: [0.90], 2: [0.91], 3: dips, 4: dips, 5: [0.97], 6: [0.965]})
+    assert static_candidates(rows, 0.25, 1, 7) == [(3, 4), (5, 6)]  # round(0.25 x 8) = 2 FFNs; the stretch is (3, 4)
+    # a gap between the two best layers: the contiguous stretch is its own candidate
+    rows = _rows({1: [0.90], 2: [0.91], 3: [0.99], 4: [0.93], 5: [0.985], 6: [0.95]})
+    assert static_candidates(rows, 0.25, 1, 7) == [(3, 5), (5, 6)]
+    assert static_candidates(rows, 0.9, 1, 7) == [(1, 2, 3, 4, 5, 6)]  # never more than the hot region
+
+
 def test_request_validation():
     with pytest.raises(InvalidArgument, match="prompts"):
         CalibrationRequest(prompts=())
@@ -62,6 +80,8 @@ def test_request_validation():
         CalibrationRequest(prompts=("a", "b", "c"), target_skip_ratio=0.0)
     with pytest.raises(InvalidArgument, match="prompts"):
         CalibrationRequest(prompts=("a", " ", "c"))
+    with pytest.raises(InvalidArgument, match="policy"):
+        CalibrationRequest(prompts=("a", "b", "c"), policy="random")
 
 
 def test_calibrate_tiny_model_end_to_end(tiny_loaded):
@@ -76,6 +96,17 @@ def test_calibrate_tiny_model_end_to_end(tiny_loaded):
     assert outcome.plot_png.startswith(b"\x89PNG")
     assert phases[0][0] == "measuring similarity" and any(p[0] == "dense reference" for p in phases)
     assert [d for _, d, _ in phases] == sorted(d for _, d, _ in phases)  # progress only moves forward
+
+
+def test_calibrate_static_measures_its_fixed_set(tiny_loaded):
+    prompts = tuple(f"prompt number {i} about things" for i in range(9))
+    request = CalibrationRequest(prompts=prompts, tokens_per_prompt=24, target_skip_ratio=0.3, policy="static")
+    profile = Profile.from_json(calibrate(tiny_loaded, request).profile.to_json())
+    assert profile.policy == "static" and len(profile.static_layers) == 2  # round(0.3 x 6)
+    assert all(profile.cold_start <= layer < profile.cold_end for layer in profile.static_layers)
+    # every token after warm-up skips exactly the set: the measured ratio is what a real run gave
+    assert profile.measured_decode_skip_ratio == pytest.approx(2 / 6)
+    assert profile.skip_params().policy == "static" and profile.skip_params().static_layers == profile.static_layers
 
 
 def test_calibrate_can_be_cancelled(tiny_loaded):

@@ -12,7 +12,7 @@ from ffnskip.cli import main
 from ffnskip.engine import Engine
 from ffnskip.evaluation.data import load_qa_items
 from ffnskip.evaluation.layerdrop import block_influence, layers_to_drop, pruned_model
-from ffnskip.evaluation.methods import parse_methods, parse_targets, static_layers, window_candidates
+from ffnskip.evaluation.methods import parse_methods, parse_targets, window_candidates
 from ffnskip.evaluation.scoring import is_correct, mcnemar_exact, paired_counts, pooled_ratios, wilson_interval
 from ffnskip.evaluation.state import StateFile
 from ffnskip.config import SamplingParams, SkipParams
@@ -108,9 +108,8 @@ def test_methods_and_targets_are_validated():
         parse_targets("0.95")
 
 
-def test_static_and_window_choose_the_most_redundant_layers():
+def test_window_chooses_the_most_redundant_layers():
     means = [0.2, 0.90, 0.91, 0.99, 0.98, 0.97, 0.92, 0.3]
-    assert static_layers(means, 0.25, 8, 1, 7) == (3, 4)
     # a fire at the window's first layer skips the rest of it: those layers should be the most similar
     assert window_candidates(means, 0.25, 8, 1, 7, fire_rates=(1.0,)) == [(2, 5)]
 
@@ -262,3 +261,67 @@ def test_skip_params_of_every_method_are_valid(first_run):
     for row in report["rows"]:
         if row["method"] != "layer_drop":
             SkipParams(**{**row["params"], "static_layers": tuple(row["params"]["static_layers"])})
+
+
+# -- issue 11: the bench runs exactly the evaluated settings; `eval batching` pairs them ----------
+
+def test_bench_runs_the_evaluated_settings_and_batching_pairs_them(first_run, tiny_dir, tmp_path, capsys):
+    report, _ = first_run
+    qa_json = tmp_path / "qa.json"
+    qa_json.write_text(json.dumps(report))
+    bench = run_json(["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "1,2", "--new-tokens", "6",
+                      "--reps", "1", "--from-eval", str(qa_json), "--policies", "dense,random@0.30,adaptive@0.30", "--json"], capsys)
+    rows = {(r["policy"], r["batch"]): r for r in bench["rows"]}
+    assert set(rows) == {(p, b) for p in ("dense", "random@0.30", "adaptive@0.30") for b in (1, 2)}
+    evaluated = {f"{r['method']}@{r['target_skip']:.2f}": r["params"] for r in report["rows"]}
+    assert rows[("adaptive@0.30", 2)]["params"] == evaluated["adaptive@0.30"]
+    assert rows[("random@0.30", 1)]["params"] == evaluated["random@0.30"]
+
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps(bench))
+    assert main(["eval", "batching", "--bench", str(bench_json), "--qa", str(qa_json), "--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "| adaptive@0.30 | 2 |" in text and "| random@0.30 | 1 |" in text
+    assert (tmp_path / "plots" / "batching_tradeoff.png").read_bytes().startswith(b"\x89PNG")
+
+    bench["rows"].append({**bench["rows"][-1], "policy": "static@0.25"})  # speed without measured quality
+    bench_json.write_text(json.dumps(bench))
+    assert main(["eval", "batching", "--bench", str(bench_json), "--qa", str(qa_json), "--plots", str(tmp_path / "plots")]) == 2
+    assert "static@0.25" in capsys.readouterr().err
+
+
+def test_bench_profile_rows_and_foreign_profiles(tiny_dir, tiny_loaded, tmp_path, capsys):
+    from tests.helpers.profiles import build_profile
+
+    profile = build_profile(model_id="tiny", fingerprint=tiny_loaded.fingerprint, num_layers=tiny_loaded.num_layers,
+                            cold_start=1, cold_end=5, threshold=0.5, max_skip=2, warm_up=1)
+    path = tmp_path / "profile.json"
+    path.write_text(profile.to_json())
+    argv = ["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "2", "--new-tokens", "4", "--reps", "1",
+            "--profile", str(path), "--policies", "dense,cal_adaptive,cal_aligned_q50,cal_aligned_q75", "--json"]
+    rows = {r["policy"]: r for r in run_json(argv, capsys)["rows"]}
+    assert set(rows) == {"dense", "cal_adaptive", "cal_aligned_q50", "cal_aligned_q75"}
+    assert rows["cal_aligned_q75"]["params"]["policy"] == "aligned" and rows["cal_aligned_q75"]["params"]["quorum"] == 0.75
+    assert rows["cal_adaptive"]["params"]["threshold"] == 0.5
+
+    path.write_text(build_profile(model_id="tiny", fingerprint="ab" * 16, num_layers=tiny_loaded.num_layers).to_json())
+    assert main(argv) == 2
+    assert "other weights" in capsys.readouterr().err
+
+
+def test_bisect_aims_a_threshold_the_replay_cannot():
+    from ffnskip.evaluation.calibrate import _bisect
+    from ffnskip.tuning import Choice
+
+    def ratio(threshold: float) -> float:  # falls as the threshold rises, like real runs
+        return max(0.0, min(1.0, (0.99 - threshold) * 10))
+
+    runs: list[float] = []
+
+    def run(threshold: float) -> Choice:
+        runs.append(threshold)
+        return Choice(threshold, None, 4, ratio(threshold), ratio(threshold), 0.5)
+
+    tried = [run(0.9887), run(0.98)]  # 0.0113 and 0.1: both far below a 0.25 target
+    _bisect(run, tried, 0.25)
+    assert abs(ratio(runs[-1]) - 0.25) <= 0.02 and len(runs) <= 2 + 3  # 0.96 (too many), 0.97 (too few), 0.965

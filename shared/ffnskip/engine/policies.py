@@ -12,10 +12,17 @@ skip wishes are votes, and when at least a quorum of the aligned rows vote skip,
 the FFN is skipped for all of them (else it runs for all). Skipping then removes
 the layer's weight read itself, which per-row skipping almost never does in a
 batch. A row that is skipped without voting does not fire on that layer.
+The per-row bookkeeping (run counters, fired flags, votes) lives on the host as
+plain Python values: at decode batch sizes (1-16 rows) that is a few microseconds
+per layer, where the same logic as tensor ops cost dozens of small kernels per
+layer, a measurable share of a CPU decode step. The one tensor computation is the
+cosine check, and only for the rows that can still fire on this layer: a row that
+fired, or is skipped here, or is in a cold layer, costs nothing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
@@ -27,32 +34,31 @@ from ffnskip.config import SkipParams
 
 @dataclass(frozen=True)
 class RowPlan:
-    """A sequence's policy, precomputed as tensors once at admission."""
+    """A sequence's policy, precomputed once at admission."""
 
     params: SkipParams
-    hot: torch.Tensor  # [L] bool: cold_start <= layer < cold_end
-    static: torch.Tensor  # [L] bool: the fixed skip set of `static`
+    hot: tuple[bool, ...]  # per layer: cold_start <= layer < cold_end
+    static: tuple[bool, ...]  # per layer: in the fixed skip set of `static`
     run_length: int  # k; None (up to cold_end) becomes L
 
     @staticmethod
     def build(params: SkipParams, num_layers: int) -> "RowPlan":
-        layers = torch.arange(num_layers)
-        hot = (layers >= params.cold_start) & (layers < params.cold_end)
-        static = torch.zeros(num_layers, dtype=torch.bool)
-        if params.policy == "static":
-            static[list(params.static_layers)] = True
+        hot = tuple(params.cold_start <= layer < params.cold_end for layer in range(num_layers))
+        chosen = set(params.static_layers) if params.policy == "static" else set()
+        static = tuple(layer in chosen for layer in range(num_layers))
         run_length = num_layers if params.max_skip is None else params.max_skip
         return RowPlan(params=params, hot=hot, static=static, run_length=run_length)
 
-    def draw(self, generator: torch.Generator) -> torch.Tensor:
-        """This token's planned skips for the random baselines and `static`: [L] bool."""
+    def draw(self, generator: torch.Generator) -> Optional[Seq[bool]]:
+        """This token's planned skips per layer for `static` and the random baselines; None for
+        the rules that decide as they go."""
         policy = self.params.policy
         if policy == "static":
             return self.static
         if policy in ("random", "non_adaptive"):
-            planned = torch.rand(self.hot.shape[0], generator=generator) < self.params.probability
-            return planned & self.hot if policy == "non_adaptive" else planned
-        return torch.zeros_like(self.static)
+            planned = (torch.rand(len(self.hot), generator=generator) < self.params.probability).tolist()
+            return [p and h for p, h in zip(planned, self.hot)] if policy == "non_adaptive" else planned
+        return None
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Decision:
 
 
 RUN_ALL = Decision("all")
+RUN_NONE = Decision("none")
 
 
 class SkipController:
@@ -77,78 +84,93 @@ class SkipController:
     def begin_step(self, plans: Seq[RowPlan], active: Seq[bool], generators: Seq[torch.Generator],
                    record_similarity: bool = False) -> None:
         """`active[b]`: row b is past its warm-up, so this token may skip."""
-        batch = len(plans)
+        batch, layers = len(plans), self.num_layers
         kinds = [p.params.policy if on else "dense" for p, on in zip(plans, active)]
         self.batch = batch
         self.layers_run = 0  # layers whose FFN ran for at least one row (a weight read)
-        self.observing = record_similarity or any(k in ("observe", "adaptive", "aligned") for k in kinds)
-        self.trivial = all(k in ("dense", "observe") for k in kinds) and not self.observing
-        self.skipped = torch.zeros(batch, self.num_layers, dtype=torch.bool, device=self.device)
-        self.similarity = torch.full((batch, self.num_layers), float("nan"), device=self.device) if self.observing else None
+        self.recording = record_similarity
+        self.similarity = [[math.nan] * layers for _ in range(batch)] if record_similarity else None
+        self.skipped: list[list[int]] = [[] for _ in range(batch)]
+        self.trivial = all(k in ("dense", "observe") for k in kinds)
         if self.trivial:
             return
-        self.planned = torch.stack([p.draw(g) for p, g in zip(plans, generators)]).to(self.device)
-        self.planned &= torch.tensor(active, device=self.device)[:, None]
-        adaptive = torch.tensor([k in ("adaptive", "aligned") for k in kinds], device=self.device)
-        aligned = torch.tensor([k == "aligned" for k in kinds], device=self.device)
-        hot = torch.stack([p.hot for p in plans]).to(self.device)
-        self.adaptive_hot = hot & adaptive[:, None]
-        self.aligned_hot = hot & aligned[:, None]
-        self.any_adaptive = bool(adaptive.any())
-        self.any_aligned = bool(aligned.any())
-        self.quorum = min((p.params.quorum for p, k in zip(plans, kinds) if k == "aligned"), default=1.0)
-        self.threshold = torch.tensor([p.params.threshold for p in plans], device=self.device)
-        self.run_length = torch.tensor([p.run_length for p in plans], device=self.device)
-        self.remaining = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.fired = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self.plans = plans
+        self.planned = [p.draw(g) if k in ("static", "random", "non_adaptive") else None
+                        for p, k, g in zip(plans, kinds, generators)]
+        self.adaptive_rows = [b for b, k in enumerate(kinds) if k in ("adaptive", "aligned")]
+        self.aligned_rows = [b for b, k in enumerate(kinds) if k == "aligned"]
+        self.quorum = min((plans[b].params.quorum for b in self.aligned_rows), default=1.0)
+        self.remaining = [0] * batch
+        self.fired = [False] * batch
+        self.skip_now = [False] * batch
+        self.wished: list[int] = []
 
     def decide(self, layer: int) -> Decision:
-        """Which rows run this layer's FFN. The one host sync of the skip loop is here."""
+        """Which rows run this layer's FFN."""
         if self.trivial:
             self.layers_run += 1
             return RUN_ALL
-        wishes = self.adaptive_hot[:, layer] & (self.remaining > 0)
-        self.wished = wishes
-        skip = self.planned[:, layer] | wishes
-        if self.any_aligned:
-            skip = self._align(layer, wishes, skip)
-        self.skipped[:, layer] = skip
-        n_skip = int(skip.sum())
-        if n_skip < self.batch:
+        skip = [planned is not None and planned[layer] for planned in self.planned]
+        self.wished = [b for b in self.adaptive_rows if self.remaining[b] > 0 and self.plans[b].hot[layer]]
+        for b in self.wished:
+            skip[b] = True
+        if self.aligned_rows:
+            self._align(layer, skip)
+        self.skip_now = skip
+        run = [b for b in range(self.batch) if not skip[b]]
+        for b in range(self.batch):
+            if skip[b]:
+                self.skipped[b].append(layer)
+        if run:
             self.layers_run += 1
-        if n_skip == 0:
+        if len(run) == self.batch:
             return RUN_ALL
-        if n_skip == self.batch:
-            return Decision("none")
-        return Decision("some", (~skip).nonzero().squeeze(1))
+        if not run:
+            return RUN_NONE
+        return Decision("some", torch.tensor(run, device=self.device))
 
-    def _align(self, layer: int, wishes: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _align(self, layer: int, skip: list[bool]) -> None:
         """One decision for all aligned rows in this hot layer, from their votes."""
-        members = self.aligned_hot[:, layer]
-        voters = int(members.sum())
-        if voters == 0:
-            return skip
-        votes = int((wishes & members).sum())
-        together = votes >= self.quorum * voters
-        return (skip & ~members) | (members if together else torch.zeros_like(members))
+        members = [b for b in self.aligned_rows if self.plans[b].hot[layer]]
+        if not members:
+            return
+        votes = sum(1 for b in members if b in self.wished)
+        together = votes >= self.quorum * len(members)
+        for b in members:
+            skip[b] = together
 
     def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> None:
-        """h, out: [B, D] before and after the FFN (out == h where it was skipped)."""
-        if not self.observing:
+        """h, out: [B, 1, D] before and after the FFN (out == h where it was skipped)."""
+        if self.trivial:
+            if self.recording:
+                self._record(layer, list(range(self.batch)), self._cosine(h, out, None))
             return
-        similarity = F.cosine_similarity(h.float(), out.float(), dim=-1)
-        self.similarity[:, layer] = similarity
-        if self.trivial or not self.any_adaptive:
-            return
-        hot = self.adaptive_hot[:, layer]
-        skipped = self.skipped[:, layer]
-        self.remaining -= (hot & self.wished).long()  # a run of k is positional: outvoted wishes count too
-        fires = hot & ~skipped & ~self.fired & (similarity >= self.threshold)
-        self.remaining = torch.where(fires, self.run_length, self.remaining)
-        self.fired |= fires
+        for b in self.wished:  # a run of k is positional: outvoted wishes count too
+            self.remaining[b] -= 1
+        candidates = [b for b in self.adaptive_rows
+                      if self.plans[b].hot[layer] and not self.skip_now[b] and not self.fired[b]]
+        rows = list(range(self.batch)) if self.recording else candidates
+        if not rows:
+            return  # nobody can fire here: no similarity to compute
+        values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows)))
+        if self.recording:
+            self._record(layer, rows, [values[b] for b in rows])
+        for b in candidates:
+            if values[b] >= self.plans[b].params.threshold:
+                self.remaining[b] = self.plans[b].run_length
+                self.fired[b] = True
+
+    def _cosine(self, h: torch.Tensor, out: torch.Tensor, rows: Optional[list[int]]) -> list[float]:
+        h, out = h[:, -1], out[:, -1]
+        if rows is not None:
+            index = torch.tensor(rows, device=h.device)
+            h, out = h.index_select(0, index), out.index_select(0, index)
+        return F.cosine_similarity(h.float(), out.float(), dim=-1).tolist()
+
+    def _record(self, layer: int, rows: list[int], values: list[float]) -> None:
+        for b, value in zip(rows, values):
+            self.similarity[b][layer] = value
 
     def end_step(self) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-        """Per row: the layers whose FFN was skipped, and cos(h, out) per layer if observed."""
-        skipped = [[i for i, s in enumerate(row) if s] for row in self.skipped.tolist()] if not self.trivial else [[] for _ in range(self.batch)]
-        similarity = self.similarity.tolist() if self.similarity is not None else None
-        return skipped, similarity
+        """Per row: the layers whose FFN was skipped, and cos(h, out) per layer if recorded."""
+        return self.skipped, self.similarity

@@ -22,7 +22,7 @@ from ffnskip.config import SkipParams
 from ffnskip.evaluation.methods import window_candidates
 from ffnskip.evaluation.state import StateFile, digest_of
 from ffnskip.metrics import token_agreement
-from ffnskip.tuning import TOLERANCE, Choice, _best, _corrected, candidate_run_lengths, threshold_for
+from ffnskip.tuning import TOLERANCE, Choice, _best, _corrected, candidate_run_lengths, static_candidates, threshold_for
 
 Advance = Callable[[str], None]  # called once per generated chunk with the phase name
 
@@ -102,32 +102,38 @@ class Calibrator:
     def _tune(self, rule: str, target: float, warm_up: int, quorum: float) -> dict:
         obs = self.observation()
         similarity, cold_start, cold_end = obs["similarity"], obs["cold_start"], obs["cold_end"]
-        policy = "aligned" if rule == "aligned" else "adaptive"
-        if rule == "adaptive_window":
-            spans = [(a, b, None) for a, b in window_candidates(obs["means"], target, self.num_layers, cold_start, cold_end)]
-        else:
-            spans = [(cold_start, cold_end, k) for k in candidate_run_lengths(target, self.num_layers, cold_start, cold_end)]
+        policy = rule if rule in ("aligned", "static") else "adaptive"
         dense = self.dense_held()
         tried: list[tuple[Choice, SkipParams]] = []
 
-        def measure(a: int, b: int, threshold: float, k: Optional[int]) -> Choice:
+        def measure(a: int, b: int, threshold: float, k: Optional[int], layers: tuple[int, ...] = ()) -> Choice:
             params = SkipParams(policy=policy, cold_start=a, cold_end=b, threshold=threshold, max_skip=k,
-                                warm_up=warm_up, quorum=quorum)
+                                warm_up=warm_up, quorum=quorum, static_layers=layers)
             run = self.runner.generate(self.held, params, self.tracker, f"calibration: {rule} @ {target:.2f}")
             choice = Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
-                            token_agreement(run.tokens, dense))
+                            token_agreement(run.tokens, dense), layers)
             tried.append((choice, params))
             return choice
 
-        for a, b, k in spans:
-            threshold = threshold_for(similarity, target, k, a, b)
-            if threshold is None:
-                continue
-            first = measure(a, b, threshold, k)
-            if abs(first.decode_skip_ratio - target) > TOLERANCE:
-                measure(a, b, _corrected(similarity, first, target, a, b), k)
-        if not tried:  # no candidate reaches the target: skip as much as the hot region allows
-            measure(cold_start, cold_end, 1e-6, None)
+        if rule == "static":  # the calibrator's candidate FFN sets, each checked by a real run
+            for layers in static_candidates(similarity, target, cold_start, cold_end):
+                measure(cold_start, cold_end, 1.0, None, layers)
+        else:
+            if rule == "adaptive_window":
+                spans = [(a, b, None) for a, b in window_candidates(obs["means"], target, self.num_layers, cold_start, cold_end)]
+            else:
+                spans = [(cold_start, cold_end, k) for k in candidate_run_lengths(target, self.num_layers, cold_start, cold_end)]
+            for a, b, k in spans:
+                threshold = threshold_for(similarity, target, k, a, b)
+                if threshold is None:
+                    continue
+                here = [measure(a, b, threshold, k)]
+                if abs(here[0].decode_skip_ratio - target) > TOLERANCE:
+                    here.append(measure(a, b, _corrected(similarity, here[0], target, a, b), k))
+                if all(abs(c.decode_skip_ratio - target) > TOLERANCE for c in here):
+                    _bisect(lambda t: measure(a, b, t, k), here, target)
+            if not tried:  # no candidate reaches the target: skip as much as the hot region allows
+                measure(cold_start, cold_end, 1e-6, None)
         best = _best([c for c, _ in tried], target)
         params = next(p for c, p in tried if c is best)
         fields = asdict(params)
@@ -135,7 +141,8 @@ class Calibrator:
         return {"params": fields,
                 "held_out": {"decode_skip_ratio": round(best.decode_skip_ratio, 4), "agreement": round(best.agreement, 4)},
                 "tried": [{"cold_start": p.cold_start, "cold_end": p.cold_end, "threshold": c.threshold,
-                           "max_skip": c.max_skip, "decode_skip_ratio": c.decode_skip_ratio, "agreement": c.agreement}
+                           "max_skip": c.max_skip, "static_layers": list(c.static_layers),
+                           "decode_skip_ratio": c.decode_skip_ratio, "agreement": c.agreement}
                           for c, p in tried]}
 
     def summary(self) -> Optional[dict]:
@@ -164,3 +171,29 @@ class Calibrator:
         if importance and not self._has("block_influence"):
             todo += 1
         return todo + 4 * len(todo_tunings) * chunks(len(self.held))  # about four tuning runs each
+
+
+BISECT_RUNS = 6  # real runs spent on one candidate the replay cannot aim
+
+
+def _bisect(run: Callable[[float], Choice], tried: list[Choice], target: float) -> None:
+    """Bisect the threshold with real runs until the measured ratio is within tolerance: the
+    replay predicts per-row fires, which `aligned` at a high quorum turns into far fewer skips.
+    A higher threshold fires less, so the ratio falls as the threshold rises; until some run
+    skips enough, the threshold steps down from the lowest one tried (0.02, 0.04, ...)."""
+    above = [c.threshold for c in tried if c.decode_skip_ratio > target]
+    below = [c.threshold for c in tried if c.decode_skip_ratio < target]
+    low: Optional[float] = max(above) if above else None
+    high, step = min(below, default=1.0), 0.02
+    for _ in range(BISECT_RUNS):
+        if low is None:
+            middle, step = max(1e-6, high - step), step * 2
+        else:
+            middle = (low + high) / 2
+        choice = run(middle)
+        if abs(choice.decode_skip_ratio - target) <= TOLERANCE:
+            return
+        if choice.decode_skip_ratio > target:
+            low = middle
+        else:
+            high = middle

@@ -8,7 +8,7 @@
 | adaptive | the paper's rule, (threshold, k) tuned to the target with real runs |
 | aligned[_qNN] | adaptive with batch-level votes, quorum NN% (issue 11), run in batches of 8 |
 | adaptive_window | candidate better rule (issue 7 part 6): adaptive inside the calibrated most-redundant window |
-| static | the hot-region FFNs of highest calibrated similarity, always |
+| static | a fixed FFN set chosen by the calibrator's rule (tuning.static_candidates), checked by real runs |
 | layer_drop | ShortGPT: whole layers (attention too) of lowest Block Influence removed |
 
 Every FFN-skip method shares one warm-up so methods differ only in what they skip.
@@ -26,7 +26,7 @@ from ffnskip.evaluation.state import digest_of
 
 METHODS: tuple[str, ...] = ("dense", "random", "non_adaptive", "adaptive", "aligned", "adaptive_window",
                             "static", "layer_drop")
-TUNED = ("adaptive", "aligned", "adaptive_window")  # threshold and k found by real runs
+TUNED = ("adaptive", "aligned", "adaptive_window", "static")  # parameters chosen by real runs
 SEEDED = ("random", "non_adaptive")  # draws seeded per item from --seed
 _ALIGNED = re.compile(r"^aligned_q(\d{1,3})$")
 
@@ -138,8 +138,6 @@ def build_setting(method: str, target: float, calibrator, warm_up: int, batch_si
         skip = SkipParams(policy="random", probability=target, **common)
     elif kind == "non_adaptive":
         skip = SkipParams(policy="non_adaptive", probability=min(1.0, target * num_layers / (cold_end - cold_start)), **common)
-    elif kind == "static":
-        skip = SkipParams(policy="static", static_layers=static_layers(obs["means"], target, num_layers, cold_start, cold_end), **common)
     else:
         q = quorum_of(method, quorum)
         tuned = calibrator.tuned(kind, target, warm_up, q)
@@ -147,13 +145,6 @@ def build_setting(method: str, target: float, calibrator, warm_up: int, batch_si
         return Setting(method, target, skip, batch_size=aligned_batch if kind == "aligned" else batch_size,
                        calibration=tuned["held_out"])
     return Setting(method, target, skip, batch_size=batch_size)
-
-
-def static_layers(means: Sequence[float], target: float, num_layers: int, cold_start: int, cold_end: int) -> tuple[int, ...]:
-    """The round(target * L) hot layers whose FFN changes the hidden state least on average."""
-    count = min(cold_end - cold_start, round_half_up(target * num_layers))
-    hot = sorted(range(cold_start, cold_end), key=lambda i: (-means[i], i))
-    return tuple(sorted(hot[:count]))
 
 
 def window_candidates(means: Sequence[float], target: float, num_layers: int, cold_start: int,

@@ -15,8 +15,8 @@ from ffnskip.evaluation.compare import find, pct
 
 def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], bench: Optional[Path],
                  commands: Optional[Path], out: Path, plots_dir: Path, report_command: Optional[str] = None) -> list[Path]:
-    inputs = {"qa": _load(qa, "qa"), "agreement": _load(agreement, "agreement"), "warmup": _load(warmup, "warmup"),
-              "bench": _load(bench, "bench")}
+    inputs = {"qa": load_output(qa, "qa"), "agreement": load_output(agreement, "agreement"), "warmup": load_output(warmup, "warmup"),
+              "bench": load_output(bench, "bench")}
     if not inputs["qa"].get("rows"):
         raise InvalidArgument("qa", f"{qa} holds no rows (is it the output of `ffnskip eval qa --json`?)")
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], be
     return [out] + written
 
 
-def _load(path: Optional[Path], what: str) -> Optional[dict]:
+def load_output(path: Optional[Path], what: str) -> Optional[dict]:
     if path is None:
         return None
     try:

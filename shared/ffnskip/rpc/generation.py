@@ -26,6 +26,7 @@ class OverrideLimits:
     min_threshold: float = 0.5
     max_skip: int = 64  # the largest k a request may ask for
     min_warm_up: int = 0
+    min_quorum: float = 0.25  # a lower quorum skips for rows that did not ask to
 
 
 def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list[dict]]]:
@@ -74,6 +75,8 @@ def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimit
         raise InvalidArgument("skip.max_skip", f"must be in [-1, {limits.max_skip}] (-1 = up to cold_end), got {overrides.max_skip}")
     if overrides.HasField("warm_up") and overrides.warm_up < limits.min_warm_up:
         raise InvalidArgument("skip.warm_up", f"must be >= {limits.min_warm_up}, got {overrides.warm_up}")
+    if overrides.HasField("quorum") and not (limits.min_quorum <= overrides.quorum <= 1.0):
+        raise InvalidArgument("skip.quorum", f"must be in [{limits.min_quorum:g}, 1], got {overrides.quorum:g}")
     params = base
     try:
         if overrides.policy:
@@ -84,6 +87,8 @@ def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimit
             params = replace(params, max_skip=None if overrides.max_skip == -1 else overrides.max_skip)
         if overrides.HasField("warm_up"):
             params = replace(params, warm_up=overrides.warm_up)
+        if overrides.HasField("quorum"):
+            params = replace(params, quorum=float(overrides.quorum))
     except InvalidArgument as exc:
         raise InvalidArgument(f"skip.{exc.field}", exc.problem) from exc
     return params
@@ -95,7 +100,7 @@ def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096
         raise InvalidArgument("model", "must not be empty")
     prompt_of(request)
     sampling_of(request.sampling, 128, max_new_tokens_cap)
-    skip_of(request.skip, SkipParams(policy="dense"), OverrideLimits(min_threshold=1e-9, max_skip=1 << 20))
+    skip_of(request.skip, SkipParams(policy="dense"), OverrideLimits(min_threshold=1e-9, max_skip=1 << 20, min_quorum=1e-9))
 
 
 def stats_to_proto(stats) -> pb.SkipStats:

@@ -1,0 +1,31 @@
+"""DecoderSettings.from_env for the serving policy, and how it applies to a profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffnskip.config import SkipParams
+from ffnskip.errors import InvalidArgument
+from services.decoder.profiles import serving_params
+from services.decoder.settings import DecoderSettings
+
+
+def test_serving_policy_defaults_to_the_profile_and_is_validated():
+    settings = DecoderSettings.from_env({})
+    assert settings.skip_policy == "profile" and settings.aligned_quorum == 0.5
+    configured = DecoderSettings.from_env({"FFNSKIP_SKIP_POLICY": "aligned", "FFNSKIP_ALIGNED_QUORUM": "0.75"})
+    assert configured.skip_policy == "aligned" and configured.aligned_quorum == 0.75
+    with pytest.raises(InvalidArgument, match="FFNSKIP_SKIP_POLICY"):
+        DecoderSettings.from_env({"FFNSKIP_SKIP_POLICY": "random"})
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(InvalidArgument, match="FFNSKIP_ALIGNED_QUORUM"):
+            DecoderSettings.from_env({"FFNSKIP_ALIGNED_QUORUM": bad})
+
+
+def test_aligned_serving_applies_to_adaptive_profiles_only():
+    adaptive = SkipParams(policy="adaptive", cold_start=1, cold_end=29, threshold=0.98, max_skip=10, warm_up=16)
+    served = serving_params(adaptive, "aligned", 0.75)
+    assert (served.policy, served.quorum, served.threshold, served.max_skip) == ("aligned", 0.75, 0.98, 10)
+    assert serving_params(adaptive, "profile", 0.75).policy == "adaptive"
+    static = SkipParams(policy="static", static_layers=(3, 4), warm_up=16)
+    assert serving_params(static, "aligned", 0.75).policy == "static"  # batch-friendly already
