@@ -25,11 +25,12 @@ ENV_VARS = (
 ) + REDIS_ENV_VARS
 
 
-# "profile": serve the active profile's policy as calibrated; "aligned": decide an adaptive
-# profile's rule once per batch (docs/batching.md), so skipping still avoids weight reads
-# when requests are batched. Static profiles are batch-friendly already and stay static.
+# "aligned" (default): decide an adaptive profile's rule once per batch at the quorum, so
+# skipping still avoids weight reads when requests are batched; at quorum 0.5 the per-row
+# calibrated threshold and k carry over (docs/batching.md); one row alone is per-row adaptive.
+# "profile": serve the active profile's policy as calibrated. Static profiles stay static.
 SERVING_POLICIES = ("profile", "aligned")
-DEFAULT_SKIP_POLICY = "profile"
+DEFAULT_SKIP_POLICY = "aligned"
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def register(commands) -> None:
     parser = commands.add_parser("bench", help="tokens/s of dense vs skip policies, with the realised fraction of the ideal speedup")
     cli.add_model_args(parser)
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (with --target: at most, EOS ends earlier)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (EOS ignored, also through --target)")
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions; rows report the median")
     parser.add_argument("--policies", help="comma-separated row names or patterns (hf_generate, dense, static_8, 'aligned*', '*@*')")
     parser.add_argument("--profile", action="append", default=[], metavar="PROFILE_JSON",

@@ -87,7 +87,7 @@ def build_requests(model: str, count: int, max_new_tokens: int, policy: str):
     prompts = texts("prompts", "prompt")
     skip = pb.SkipOverrides(policy=policy) if policy else pb.SkipOverrides()
     return [pb.GenerateRequest(model=model, messages=[pb.ChatMessage(role="user", content=prompts[i % len(prompts)])],
-                               sampling=pb.SamplingOptions(max_new_tokens=max_new_tokens), skip=skip)
+                               sampling=pb.SamplingOptions(max_new_tokens=max_new_tokens, ignore_eos=True), skip=skip)
             for i in range(count)]
 
 
@@ -101,7 +101,7 @@ def engine_baseline(model: str, requests, device: str, dtype: str) -> float:
     tokens, started = 0, time.perf_counter()
     for request in requests:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        result = engine.generate([messages], SamplingParams(max_new_tokens=request.sampling.max_new_tokens))[0]
+        result = engine.generate([messages], SamplingParams(max_new_tokens=request.sampling.max_new_tokens, ignore_eos=True))[0]
         tokens += len(result.token_ids)
     return tokens / (time.perf_counter() - started)
 

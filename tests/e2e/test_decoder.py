@@ -196,24 +196,27 @@ def test_profile_hot_swap_under_traffic(stack):
     wait_for(lambda: info(stub).profile_version == v2, what="profile v2")
     assert list(before)[-1].summary.profile_version == v1
     after = stub.Generate(request(8), timeout=120)
-    assert after.profile_version == v2 and after.policy == "adaptive"
+    assert after.profile_version == v2 and after.policy == "aligned"  # the default serving policy
 
 
-def test_configured_aligned_policy_serves_adaptive_profiles_per_batch(stack):
+def test_serving_policy_is_configuration_and_requests_may_override_it(stack):
     stub, redis_url = stack["stub"], stack["redis"].url
     version = publish(redis_url, info(stub).fingerprint)
-    aligned = start_decoder(stack["tmp"], redis_url, "decoder-aligned", FFNSKIP_SKIP_POLICY="aligned", FFNSKIP_ALIGNED_QUORUM="1.0")
+    wait_for(lambda: info(stub).profile_version == version, what="the adaptive profile")
+    assert stub.Generate(request(8), timeout=120).policy == "aligned"  # the default: decided per batch
+    as_calibrated = start_decoder(stack["tmp"], redis_url, "decoder-profile", FFNSKIP_SKIP_POLICY="profile")
     try:
-        with grpc.insecure_channel(aligned.address) as channel:
+        with grpc.insecure_channel(as_calibrated.address) as channel:
             other = decoder_pb2_grpc.DecoderStub(channel)
             wait_for(lambda: info(other).profile_version == version, what="the adaptive profile")
             served = other.Generate(request(8), timeout=120)
-            assert served.profile_version == version and served.policy == "aligned"
-            # a request may still ask for per-row adaptive within the limits
-            assert other.Generate(request(8, skip=pb.SkipOverrides(policy="adaptive")), timeout=120).policy == "adaptive"
+            assert served.profile_version == version and served.policy == "adaptive"
+            # a request may still ask for another policy and quorum within the limits
+            overridden = other.Generate(request(8, skip=pb.SkipOverrides(policy="aligned", quorum=1.0)), timeout=120)
+            assert overridden.policy == "aligned"
     finally:
-        aligned.stop()
-    assert '"policy": "aligned"' in aligned.log()  # the profile line says how it is served
+        as_calibrated.stop()
+    assert '"policy": "adaptive"' in as_calibrated.log()  # the profile line says how it is served
 
 
 def test_profile_for_other_weights_is_refused(stack):
@@ -273,3 +276,15 @@ def test_sigterm_drains_in_flight_work(tmp_path):
             assert registry.get("decoder-drain") is None
         finally:
             decoder.stop()
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(stack):
+    """Benchmarks compare policies at equal work: the request runs past EOS to its limit."""
+    stub = stack["stub"]
+    short = [pb.ChatMessage(role="user", content="Answer with one word: is water wet?")]
+    natural = stub.Generate(pb.GenerateRequest(model=MODEL, messages=short, sampling=pb.SamplingOptions(max_new_tokens=48)),
+                            timeout=120)
+    assert natural.finish_reason == "eos" and natural.skip_stats.generated_tokens < 48
+    forced = stub.Generate(pb.GenerateRequest(model=MODEL, messages=short,
+                                              sampling=pb.SamplingOptions(max_new_tokens=48, ignore_eos=True)), timeout=120)
+    assert forced.finish_reason == "length" and forced.skip_stats.generated_tokens == 48

@@ -251,8 +251,8 @@ def test_killing_a_decoder_mid_traffic(fleet):
         assert not any(thread.is_alive() for thread in threads), "a client call hangs"
 
         for outcome in outcomes:
-            if outcome["code"] == grpc.StatusCode.OK:  # a success is always a whole response
-                assert outcome["summary"] is not None and outcome["summary"].served_by in ("d1", "d2")
+            if outcome["code"] == grpc.StatusCode.OK:  # a success is always a whole response (d3 may
+                assert outcome["summary"] is not None  # have finished one before it was killed)
                 assert outcome["summary"].skip_stats.generated_tokens == outcome["tokens"]
             else:  # an error only after tokens came from the killed pod, with an explicit status
                 assert (outcome["code"], outcome["pod"]) == (grpc.StatusCode.UNAVAILABLE, "d3"), outcome

@@ -10,11 +10,11 @@ from services.decoder.profiles import serving_params
 from services.decoder.settings import DecoderSettings
 
 
-def test_serving_policy_defaults_to_the_profile_and_is_validated():
+def test_serving_policy_defaults_to_aligned_and_is_validated():
     settings = DecoderSettings.from_env({})
-    assert settings.skip_policy == "profile" and settings.aligned_quorum == 0.5
-    configured = DecoderSettings.from_env({"FFNSKIP_SKIP_POLICY": "aligned", "FFNSKIP_ALIGNED_QUORUM": "0.75"})
-    assert configured.skip_policy == "aligned" and configured.aligned_quorum == 0.75
+    assert settings.skip_policy == "aligned" and settings.aligned_quorum == 0.5  # docs/batching.md
+    configured = DecoderSettings.from_env({"FFNSKIP_SKIP_POLICY": "profile", "FFNSKIP_ALIGNED_QUORUM": "0.75"})
+    assert configured.skip_policy == "profile" and configured.aligned_quorum == 0.75
     with pytest.raises(InvalidArgument, match="FFNSKIP_SKIP_POLICY"):
         DecoderSettings.from_env({"FFNSKIP_SKIP_POLICY": "random"})
     for bad in ("0", "1.5", "half"):

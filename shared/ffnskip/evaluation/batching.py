@@ -62,18 +62,20 @@ def tradeoff_plot(bench: dict, quality: dict[str, dict]) -> bytes:
     axes = figure.add_subplot(1, 1, 1)
     batches = sorted({r["batch"] for r in bench["rows"]})
     colours = {b: f"C{i}" for i, b in enumerate(batches)}
-    labelled: set[str] = set()
+    markers: dict[str, str] = {}
     for r in bench["rows"]:
         q = quality.get(r["policy"])
         if q is None or r["policy"] == "dense":
             continue
         method = r["policy"].split("@")[0]
-        marker = MARKERS.get(method.split("_q")[0] if method.startswith("aligned") else method, "o")
-        label = None if method in labelled else method
-        labelled.add(method)
-        axes.scatter(1 - q["agreement"], r["speedup_vs_dense"], marker=marker, s=50, color=colours[r["batch"]], label=label)
+        if method not in markers:  # one marker per policy (and per quorum): aligned_q50 "^", the next ">"...
+            base = MARKERS.get(method.split("_q")[0] if method.startswith("aligned") else method, "o")
+            markers[method] = base if base not in markers.values() else next(m for m in "><dph*" if m not in markers.values())
+        axes.scatter(1 - q["agreement"], r["speedup_vs_dense"], marker=markers[method], s=50, color=colours[r["batch"]])
         axes.annotate(f"{r['policy'].split('@')[1]} b{r['batch']}", (1 - q["agreement"], r["speedup_vs_dense"]),
                       fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for method, marker in markers.items():
+        axes.scatter([], [], marker=marker, color="black", label=method)
     for b in batches:
         axes.scatter([], [], color=colours[b], label=f"batch {b}")
     axes.axhline(1.0, color="grey", linewidth=1, linestyle="--")

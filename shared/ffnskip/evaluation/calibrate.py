@@ -24,6 +24,9 @@ from ffnskip.evaluation.state import StateFile, digest_of
 from ffnskip.metrics import token_agreement
 from ffnskip.tuning import TOLERANCE, Choice, _best, _corrected, candidate_run_lengths, static_candidates, threshold_for
 
+# Part of every cached tuning's digest: a change to how settings are tuned retunes them
+# (2: a candidate the replay cannot aim is bisected with real runs, `_bisect`).
+TUNING_VERSION = 2
 Advance = Callable[[str], None]  # called once per generated chunk with the phase name
 
 
@@ -71,7 +74,7 @@ class Calibrator:
 
     @staticmethod
     def _tuned_key(rule: str, target: float, warm_up: int, quorum: float) -> tuple[str, tuple]:
-        return f"tuned|{rule}|{target:.4f}|w{warm_up}|q{quorum:g}", (rule, target, warm_up, quorum)
+        return f"tuned|{rule}|{target:.4f}|w{warm_up}|q{quorum:g}", (rule, target, warm_up, quorum, TUNING_VERSION)
 
     def observation(self) -> dict:
         def compute() -> dict:

@@ -59,7 +59,7 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
         return SamplingParams(
             max_new_tokens=max_new, temperature=options.temperature,
             top_p=options.top_p if options.HasField("top_p") else 1.0, top_k=options.top_k,
-            seed=options.seed, stop=tuple(options.stop),
+            seed=options.seed, stop=tuple(options.stop), ignore_eos=options.ignore_eos,
         )
     except InvalidArgument as exc:
         raise InvalidArgument(f"sampling.{exc.field}", exc.problem) from exc
