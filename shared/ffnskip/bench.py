@@ -291,7 +291,7 @@ def print_table(report: dict) -> None:
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
         print(f"{r['policy']:<18}{r['batch']:>6}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
               f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}")
     profile = report.get("decode_step_profile")
