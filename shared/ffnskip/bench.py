@@ -60,17 +60,13 @@ def eval_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
     """Rows with exactly the parameters an `ffnskip eval qa|agreement --json` output measured
     quality for, named `method@target` (e.g. aligned_q75@0.25), so speed and quality pair up."""
     from dataclasses import fields
+    from pathlib import Path
 
     from ffnskip.errors import InvalidArgument
+    from ffnskip.evaluation.methods import setting_name
+    from ffnskip.evaluation.report import load_output
 
-    try:
-        report = json.loads(open(path).read())
-    except OSError as err:
-        raise InvalidArgument("from_eval", f"cannot read {path}: {err.strerror}") from None
-    except ValueError as err:
-        raise InvalidArgument("from_eval", f"{path} is not JSON: {err}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
-        raise InvalidArgument("from_eval", f"{path} is not an `ffnskip eval qa|agreement --json` output")
+    report = load_output(Path(path), "from_eval")
     if report.get("fingerprint") != loaded.fingerprint:
         raise InvalidArgument("from_eval", f"{path} was measured on other weights")
     known = {f.name for f in fields(SkipParams)}
@@ -80,7 +76,7 @@ def eval_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
         if row.get("label") or row["method"] in ("dense", "layer_drop") or not known.issuperset(params):
             continue  # dense is always a row; layer_drop changes the model, not the skip policy
         params = {**params, "static_layers": tuple(params.get("static_layers", ()))}
-        rows.append((f"{row['method']}@{row['target_skip']:.2f}", SkipParams(**params)))
+        rows.append((setting_name(row), SkipParams(**params)))
     return rows
 
 

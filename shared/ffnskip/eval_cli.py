@@ -116,27 +116,26 @@ def _emit(report, args: argparse.Namespace, table) -> int:  # type: ignore[no-un
 def _run_qa(args: argparse.Namespace) -> int:
     from ffnskip.evaluation import qa
     from ffnskip.evaluation.data import load_qa_items
-    from ffnskip.evaluation.methods import parse_methods, parse_targets
-    from ffnskip.evaluation.session import Session
 
-    items = load_qa_items(args.data, args.limit)
-    methods, targets = parse_methods(args.methods), parse_targets(args.targets)
-    session = Session(_options(args))
-    report = qa.run_qa(session, items, methods, targets, args.max_new_tokens, args.data, _argv(args))
-    return _emit(report, args, qa.print_table)
+    return _run_comparison(args, load_qa_items, qa.run_qa, qa.print_table)
 
 
 def _run_agreement(args: argparse.Namespace) -> int:
     from ffnskip.evaluation import agreement
     from ffnskip.evaluation.data import load_prompt_items
+
+    return _run_comparison(args, load_prompt_items, agreement.run_agreement, agreement.print_table)
+
+
+def _run_comparison(args: argparse.Namespace, load_items, run, table) -> int:  # type: ignore[no-untyped-def]
+    """Methods x targets on a data set: items (checked before the model loads), then the run."""
     from ffnskip.evaluation.methods import parse_methods, parse_targets
     from ffnskip.evaluation.session import Session
 
-    items = load_prompt_items(args.data, args.limit)
+    items = load_items(args.data, args.limit)
     methods, targets = parse_methods(args.methods), parse_targets(args.targets)
     session = Session(_options(args))
-    report = agreement.run_agreement(session, items, methods, targets, args.max_new_tokens, args.data, _argv(args))
-    return _emit(report, args, agreement.print_table)
+    return _emit(run(session, items, methods, targets, args.max_new_tokens, args.data, _argv(args)), args, table)
 
 
 def _run_warmup(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import structlog
 
@@ -157,3 +157,29 @@ def _best(tried: list[Choice], target: float) -> Choice:
     if close:
         return max(close, key=lambda c: (c.agreement, -abs(c.decode_skip_ratio - target)))
     return min(tried, key=lambda c: abs(c.decode_skip_ratio - target))
+
+
+BISECT_RUNS = 6  # real runs spent on one candidate the replay cannot aim
+
+
+def bisect_threshold(run: Callable[[float], Choice], tried: list[Choice], target: float) -> None:
+    """Bisect the threshold with real runs until the measured ratio is within tolerance: the
+    replay predicts per-row fires, which `aligned` at a high quorum turns into far fewer skips.
+    A higher threshold fires less, so the ratio falls as the threshold rises; until some run
+    skips enough, the threshold steps down from the lowest one tried (0.02, 0.04, ...)."""
+    above = [c.threshold for c in tried if c.decode_skip_ratio > target]
+    below = [c.threshold for c in tried if c.decode_skip_ratio < target]
+    low: Optional[float] = max(above) if above else None
+    high, step = min(below, default=1.0), 0.02
+    for _ in range(BISECT_RUNS):
+        if low is None:
+            middle, step = max(1e-6, high - step), step * 2
+        else:
+            middle = (low + high) / 2
+        choice = run(middle)
+        if abs(choice.decode_skip_ratio - target) <= TOLERANCE:
+            return
+        if choice.decode_skip_ratio > target:
+            low = middle
+        else:
+            high = middle

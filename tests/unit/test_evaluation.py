@@ -310,8 +310,7 @@ def test_bench_profile_rows_and_foreign_profiles(tiny_dir, tiny_loaded, tmp_path
 
 
 def test_bisect_aims_a_threshold_the_replay_cannot():
-    from ffnskip.evaluation.calibrate import _bisect
-    from ffnskip.tuning import Choice
+    from ffnskip.tuning import Choice, bisect_threshold
 
     def ratio(threshold: float) -> float:  # falls as the threshold rises, like real runs
         return max(0.0, min(1.0, (0.99 - threshold) * 10))
@@ -323,5 +322,5 @@ def test_bisect_aims_a_threshold_the_replay_cannot():
         return Choice(threshold, None, 4, ratio(threshold), ratio(threshold), 0.5)
 
     tried = [run(0.9887), run(0.98)]  # 0.0113 and 0.1: both far below a 0.25 target
-    _bisect(run, tried, 0.25)
+    bisect_threshold(run, tried, 0.25)
     assert abs(ratio(runs[-1]) - 0.25) <= 0.02 and len(runs) <= 2 + 3  # 0.96 (too many), 0.97 (too few), 0.965

@@ -7,179 +7,39 @@ with the code they deploy.
   (strict: unknown fields are errors).
 - checkov scans the rendered manifests and docker/*.Dockerfile; every finding must be listed,
   with its reason, in k8s/checkov-skips.yaml, and every entry there must still match a finding.
-- Agreement with the code: container ports, probe ports and Service ports equal each service's
-  default ports (services/<name>/settings.py); the environment each container gets is exactly
-  what its settings read (ENV_VARS), and parses with the service's own settings class; the probes
-  ask for the health names the server registers (ffnskip/rpc/server.py); the grace period covers
-  the drain; the recalibration jobs parse with the real `ffnskip` CLI and target the calibrator.
+- Structure: GPU placement of the decoders, autoscaling, network policies, locked-down pods.
+  Agreement with the code (ports, environment, probes, drain, jobs): test_k8s_agreement.py.
 
 Nothing is skipped: without kubectl, kubernetes-validate or checkov (all installed by
 `make setup`) the tests fail and say what is missing.
 """
 
+
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
 import json
-import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator
 
 import pytest
 import yaml
 
-from ffnskip.rpc.server import LIVENESS, READINESS
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "k8s"
-DOCKER = ROOT / "docker"
-SKIPS_FILE = K8S / "checkov-skips.yaml"
-KUBERNETES_VERSION = "1.32"  # the schema version every rendered resource must validate against
-NAMESPACE = "ffnskip"
-SERVICES = ("calibrator", "decoder", "gateway")
-OVERLAYS = ("dev", "gpu")
-OPTIONAL_COMPONENTS = ("managed-redis", "gateway-tls", "gateway-ingress")  # calibrator-gpu: in gpu
-VARIANTS = ("dev", "gpu", "gpu-all")
-GPU_VARIANTS = ("gpu", "gpu-all")
-SERVICE_PROBE_NAMES = {LIVENESS, READINESS}
-
-# Settings a container may leave at the service's default, and why. Everything else in a
-# service's ENV_VARS must be set by the manifests (a new setting fails here until it is wired).
-UNSET_ON_PURPOSE = {
-    "FFNSKIP_REDIS_DB": "the database number is part of FFNSKIP_REDIS_URL",
-    "FFNSKIP_TLS_CERT": "gateway TLS is optional: components/gateway-tls sets it",
-    "FFNSKIP_TLS_KEY": "gateway TLS is optional: components/gateway-tls sets it",
-}
-REQUIRED = {  # must be set in every variant, whatever the defaults say
-    "calibrator": {"FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_MODELS", "FFNSKIP_DRAIN_TIMEOUT_S"},
-    "decoder": {"FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_DECODER_HOST", "FFNSKIP_ADVERTISE_ADDRESS",
-                "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DRAIN_TIMEOUT_S"},
-    "gateway": {"FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS",
-                "FFNSKIP_DRAIN_TIMEOUT_S"},
-}
-FROM_SECRETS = {"FFNSKIP_REDIS_PASSWORD", "FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS"}  # never a ConfigMap value
-FAKE_FIELDS = {"status.podIP": "10.1.2.3", "metadata.name": "ffnskip-pod-abc12",
-               "metadata.labels['batch.kubernetes.io/job-name']": "ffnskip-recalibrate-abc12"}
-FAKE_SECRETS = {"url": "rediss://redis.test:6380/0"}  # by Secret key; anything else gets FAKE_SECRET
-FAKE_SECRET = "test-secret-value"
-
-
-# ---------------------------------------------------------------------------------- rendering
-
-def _kubectl() -> str:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not installed: `make setup` installs it (docs/ops.md, 'Tools'); "
-                    "these tests render k8s/overlays/* with `kubectl kustomize` and skip nothing")
-    return kubectl
-
-
-def _kustomize(directory: Path) -> list[dict]:
-    proc = subprocess.run([_kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
-
-
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """variant -> resources. "gpu-all" is the gpu overlay with every optional component."""
-    out = {name: _kustomize(K8S / "overlays" / name) for name in OVERLAYS}
-    everything = tmp_path_factory.mktemp("gpu-all")
-    up = Path(os.path.relpath(K8S, everything))
-    (everything / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": NAMESPACE,
-        "resources": [str(up / "overlays" / "gpu")],
-        "components": [str(up / "components" / c) for c in OPTIONAL_COMPONENTS],
-    }))
-    out["gpu-all"] = _kustomize(everything)
-    out["recalibrate-job"] = [doc for doc in yaml.safe_load_all((K8S / "jobs" / "recalibrate-job.yaml").read_text()) if doc]
-    return out
-
-
-def _find(docs: list[dict], kind: str, name: str) -> dict:
-    hits = [d for d in docs if d["kind"] == kind and d["metadata"].get("name") == name]
-    assert len(hits) == 1, f"expected one {kind} {name}, found {len(hits)}"
-    return hits[0]
-
-
-def _container(docs: list[dict], service: str) -> dict:
-    deployment = _find(docs, "Deployment", f"ffnskip-{service}")
-    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
-    assert service in containers, f"Deployment ffnskip-{service} has no container named {service}"
-    return containers[service]
-
-
-# ------------------------------------------------------------------------------ the services
-
-@functools.lru_cache(maxsize=None)
-def _settings_class(service: str) -> type:
-    module = importlib.import_module(f"services.{service}.settings")
-    classes = [obj for obj in vars(module).values()
-               if isinstance(obj, type) and obj.__module__ == module.__name__ and hasattr(obj, "from_env")]
-    assert len(classes) == 1, f"services.{service}.settings should define one settings class with from_env"
-    return classes[0]
-
-
-def _env_vars(service: str) -> set[str]:
-    return set(importlib.import_module(f"services.{service}.settings").ENV_VARS)
-
-
-def _default(service: str, attribute: str) -> Any:
-    """A setting's default: the dataclass field default, else from_env({})."""
-    cls = _settings_class(service)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if attribute in fields and fields[attribute].default is not dataclasses.MISSING:
-        return fields[attribute].default
-    return getattr(cls.from_env({}), attribute)
-
-
-def _configmap_data(docs: list[dict], name: str) -> dict[str, str]:
-    return dict(_find(docs, "ConfigMap", name).get("data", {}))
-
-
-def _container_env(docs: list[dict], container: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """(environment as the process would see it, with fake values for Secrets and the downward
-    API; name -> where it comes from: configmap, secret, field or value)."""
-    env: dict[str, str] = {}
-    source: dict[str, str] = {}
-    for ref in container.get("envFrom", []):
-        assert "secretRef" not in ref, "envFrom secretRef hides the variable names; use secretKeyRef per variable"
-        data = _configmap_data(docs, ref["configMapRef"]["name"])
-        for key, value in data.items():
-            env[key], source[key] = value, "configmap"
-    for item in container.get("env", []):
-        name = item["name"]
-        if "value" in item:
-            env[name] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"])
-            source[name] = "value"
-        elif "secretKeyRef" in item.get("valueFrom", {}):
-            key = item["valueFrom"]["secretKeyRef"]["key"]
-            env[name], source[name] = FAKE_SECRETS.get(key, FAKE_SECRET), "secret"
-        elif "fieldRef" in item.get("valueFrom", {}):
-            env[name], source[name] = FAKE_FIELDS[item["valueFrom"]["fieldRef"]["fieldPath"]], "field"
-        else:
-            pytest.fail(f"{container['name']}: env {name} has an unsupported source {item}")
-    return env, source
-
-
-def _service_env(docs: list[dict], service: str) -> tuple[dict[str, str], dict[str, str]]:
-    return _container_env(docs, _container(docs, service))
-
-
-def _settings(docs: list[dict], service: str) -> Any:
-    env, _ = _service_env(docs, service)
-    return _settings_class(service).from_env(env)
-
-
-def _grpc_port(container: dict) -> int:
-    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert "grpc" in ports, f"{container['name']}: no container port named grpc"
-    return ports["grpc"]
+from tests.helpers.k8s import (  # noqa: F401 (rendered is a fixture)
+    DOCKER,
+    GPU_VARIANTS,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    ROOT,
+    SERVICES,
+    SKIPS_FILE,
+    VARIANTS,
+    find_one,
+    rendered,
+    service_container,
+    service_settings,
+)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -276,107 +136,11 @@ def test_checkov_finds_nothing_unexplained(checkov_report):
     assert not stale, f"k8s/checkov-skips.yaml lists checks checkov no longer reports: {sorted(stale)}"
 
 
-# ------------------------------------------------------------------- agreement with the code
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("service", SERVICES)
-def test_ports_match_the_settings(rendered, variant, service):
-    docs = rendered[variant]
-    container = _container(docs, service)
-    port = _grpc_port(container)
-    assert port == _default(service, "port"), f"{service}: container port {port} != the settings' default"
-    assert _settings(docs, service).port == port, f"{service}: the configured port differs from the container port"
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    if hasattr(_settings(docs, service), "metrics_port"):  # (the decoder's default is 0 = off locally)
-        assert ports.get("metrics") == _settings(docs, service).metrics_port
-    if service != "decoder":  # decoders are reached by pod IP from the registry, not a Service
-        svc = _find(docs, "Service", f"ffnskip-{service}")
-        for entry in svc["spec"]["ports"]:
-            assert entry["targetPort"] in ports and entry["port"] == ports[entry["targetPort"]], entry
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("service", SERVICES)
-def test_environment_is_exactly_what_the_service_reads(rendered, variant, service):
-    docs = rendered[variant]
-    container = _container(docs, service)
-    env, source = _service_env(docs, service)
-    known = _env_vars(service)
-    helpers = {name for name in env if not name.startswith("FFNSKIP_")}
-    unknown = {name for name in env if name.startswith("FFNSKIP_")} - known
-    assert not unknown, f"{service} does not read {sorted(unknown)} (settings.ENV_VARS)"
-    literal_values = " ".join(item.get("value", "") for item in container.get("env", []))
-    for helper in helpers:  # e.g. POD_IP: only to build another value from the downward API
-        assert source[helper] == "field" and f"$({helper})" in literal_values, f"{service}: stray variable {helper}"
-    missing_required = REQUIRED[service] - set(env)
-    assert not missing_required, f"{service}: {sorted(missing_required)} must be set"
-    unset = known - set(env) - set(UNSET_ON_PURPOSE)
-    assert not unset, f"{service} reads {sorted(unset)} but the manifests do not set them (or list them in UNSET_ON_PURPOSE)"
-    for name in FROM_SECRETS & set(env):
-        assert source[name] == "secret", f"{service}: {name} must come from a Secret, not {source[name]}"
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("service", SERVICES)
-def test_configuration_parses_with_the_service_settings(rendered, variant, service):
-    settings = _settings(rendered[variant], service)  # raises on any value the service refuses
-    assert settings.host == "0.0.0.0", f"{service} must listen on all interfaces in a pod"
-    if service == "decoder":
-        assert settings.advertise_address == f"{FAKE_FIELDS['status.podIP']}:{settings.port}"
-        env = _container(rendered[variant], "decoder")["env"]
-        names = [item["name"] for item in env]
-        assert names.index("POD_IP") < names.index("FFNSKIP_ADVERTISE_ADDRESS"), "$(POD_IP) must be defined first"
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("service", SERVICES)
-def test_probes_ask_the_health_service(rendered, variant, service):
-    docs = rendered[variant]
-    container = _container(docs, service)
-    port = _grpc_port(container)
-    tls = bool(getattr(_settings(docs, service), "tls_cert", None))
-    expected = {"startupProbe": LIVENESS, "readinessProbe": READINESS, "livenessProbe": LIVENESS}
-    for probe_name, health_name in expected.items():
-        probe = container.get(probe_name)
-        assert probe, f"{service}: no {probe_name}"
-        if tls:  # the kubelet's gRPC probes cannot speak TLS
-            assert probe.get("tcpSocket", {}).get("port") == port, f"{service}: {probe_name} with TLS"
-            continue
-        grpc = probe.get("grpc")
-        assert grpc, f"{service}: {probe_name} must be a native gRPC probe"
-        assert isinstance(grpc["port"], int) and grpc["port"] == port
-        assert grpc.get("service") in SERVICE_PROBE_NAMES and grpc["service"] == health_name, grpc
-    if service == "decoder":  # model loading takes minutes before the server answers at all
-        startup = container["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("service", SERVICES)
-def test_grace_period_covers_the_drain(rendered, variant, service):
-    docs = rendered[variant]
-    pod = _find(docs, "Deployment", f"ffnskip-{service}")["spec"]["template"]["spec"]
-    pre_stop = _container(docs, service).get("lifecycle", {}).get("preStop", {})
-    sleep = int(pre_stop["exec"]["command"][-1]) if pre_stop.get("exec", {}).get("command", [""])[0] == "sleep" else 0
-    drain = _settings(docs, service).drain_timeout_s
-    assert pod["terminationGracePeriodSeconds"] >= sleep + drain + 30, f"{service}: drain {drain} s, preStop {sleep} s"
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_decoders_and_gateway_agree(rendered, variant):
-    docs = rendered[variant]
-    decoder, gateway = _settings(docs, "decoder"), _settings(docs, "gateway")
-    assert gateway.max_new_tokens <= decoder.max_new_tokens_cap, "the gateway would pass requests decoders refuse"
-    calibrator = _settings(docs, "calibrator")
-    assert decoder.model_name in calibrator.models, "profiles are stored under the calibrated model id"
-    assert decoder.model == decoder.model_name
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoder_gpu_placement(rendered, variant):
     docs = rendered[variant]
-    pod = _find(docs, "Deployment", "ffnskip-decoder")["spec"]["template"]["spec"]
-    container = _container(docs, "decoder")
+    pod = find_one(docs, "Deployment", "ffnskip-decoder")["spec"]["template"]["spec"]
+    container = service_container(docs, "decoder")
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
@@ -385,24 +149,24 @@ def test_decoder_gpu_placement(rendered, variant):
     if variant == "dev":
         text = yaml.safe_dump_all(docs)
         assert "nvidia" not in text, "the dev overlay must not ask for GPUs, GPU nodes or the NVIDIA runtime"
-        assert _settings(docs, "decoder").device == "cpu"
+        assert service_settings(docs, "decoder").device == "cpu"
         return
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["runtimeClassName"] == "nvidia"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert any(e["key"] == "nvidia.com/gpu.product" for t in terms for e in t["matchExpressions"])
-    assert _settings(docs, "decoder").device.startswith("cuda")
+    assert service_settings(docs, "decoder").device.startswith("cuda")
 
 
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
 def test_autoscaling(rendered, variant):
     docs = rendered[variant]
-    metrics = _find(docs, "HorizontalPodAutoscaler", "ffnskip-decoder")["spec"]["metrics"]
+    metrics = find_one(docs, "HorizontalPodAutoscaler", "ffnskip-decoder")["spec"]["metrics"]
     custom = [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"]
     assert custom == ["ffnskip_num_requests_waiting"], "queue depth, with prometheus-adapter's ':' -> '_'"
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics), "CPU fallback"
-    gateway = _find(docs, "HorizontalPodAutoscaler", "ffnskip-gateway")["spec"]
+    gateway = find_one(docs, "HorizontalPodAutoscaler", "ffnskip-gateway")["spec"]
     assert gateway["scaleTargetRef"]["name"] == "ffnskip-gateway"
 
 
@@ -450,49 +214,13 @@ def _allowed_sources(docs: list[dict], target: str, port: int) -> set[str]:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_network_policies(rendered, variant):
     docs = rendered[variant]
-    deny = _find(docs, "NetworkPolicy", "ffnskip-default-deny")["spec"]
+    deny = find_one(docs, "NetworkPolicy", "ffnskip-default-deny")["spec"]
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny
     assert _allowed_sources(docs, "ffnskip-decoder", 50052) == {"ffnskip-gateway"}, "only the gateway reaches decoders"
     assert _allowed_sources(docs, "ffnskip-calibrator", 50053) == {"ffnskip-recalibrate"}
     if variant != "gpu-all":
         assert _allowed_sources(docs, "ffnskip-redis", 6379) == {f"ffnskip-{s}" for s in SERVICES}, \
             "only the services reach Redis"
-
-
-def _job_pod(doc: dict) -> dict:
-    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
-    return spec
-
-
-@pytest.mark.parametrize("variant", [*VARIANTS, "recalibrate-job"])
-def test_recalibration_job_runs_the_cli_against_the_calibrator(rendered, variant, monkeypatch):
-    from ffnskip import cli
-
-    docs = rendered[variant]
-    job = next(d for d in docs if d["kind"] in ("CronJob", "Job") and d["metadata"].get("labels", {})
-               .get("app.kubernetes.io/component") == "recalibrate")
-    spec = _job_pod(job)
-    pod = spec["template"]["spec"]
-    assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] >= 1
-    fail_fast = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert any(r["onExitCodes"]["values"] == [1] and r["onExitCodes"]["operator"] == "In" for r in fail_fast), \
-        "a failed calibration (CLI exit 1) must fail the Job without retries"
-    (container,) = pod["containers"]
-    env, _ = _container_env(docs, container)
-    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in [*container["command"][1:], *container["args"]]]
-    assert container["command"][0] == "ffnskip"
-    monkeypatch.delenv("FFNSKIP_CALIBRATOR_ADDRESS", raising=False)
-    if "FFNSKIP_CALIBRATOR_ADDRESS" in env:
-        monkeypatch.setenv("FFNSKIP_CALIBRATOR_ADDRESS", env["FFNSKIP_CALIBRATOR_ADDRESS"])
-    args = cli.build_parser().parse_args(argv)
-    assert args.command == "ops" and args.handler.__name__ == "_submit", argv
-    assert args.wait and args.activate and args.idempotency_key == FAKE_FIELDS[
-        "metadata.labels['batch.kubernetes.io/job-name']"]
-    calibrator_port = _default("calibrator", "port")
-    assert args.address == f"ffnskip-calibrator:{calibrator_port}"
-    if variant != "recalibrate-job":
-        _find(docs, "Service", "ffnskip-calibrator")
-        assert args.model in _settings(docs, "calibrator").models
 
 
 def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ffnskip.errors import InvalidArgument
+from ffnskip.evaluation.methods import setting_name
 from ffnskip.evaluation.plots import MARKERS, _figure, _png
 from ffnskip.evaluation.report import load_output
 
@@ -23,12 +24,11 @@ def quality_by_name(qa: dict, agreement: Optional[dict]) -> dict[str, dict]:
     for row in qa["rows"]:
         if row.get("label"):
             continue
-        name = "dense" if row["method"] == "dense" else f"{row['method']}@{row['target_skip']:.2f}"
-        out[name] = {"decode_skip_ratio": row["decode_skip_ratio"], "accuracy": row["accuracy"], "ci95": row["ci95"],
+        out[setting_name(row)] = {"decode_skip_ratio": row["decode_skip_ratio"], "accuracy": row["accuracy"], "ci95": row["ci95"],
                      "n": row["n"], "agreement": row["agreement"], "exact_match": row["exact_match"],
                      "repeated_4gram": row["repeated_4gram"], "settings": row.get("settings", ""), "source": "qa"}
     for row in (agreement or {}).get("rows", []):
-        name = "dense" if row["method"] == "dense" else f"{row['method']}@{row['target_skip']:.2f}"
+        name = setting_name(row)
         if name in out and not row.get("label"):
             out[name].update(agreement=row["agreement"], exact_match=row["exact_match"],
                              repeated_4gram=row["repeated_4gram"], source="prompts")

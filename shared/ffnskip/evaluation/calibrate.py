@@ -22,10 +22,11 @@ from ffnskip.config import SkipParams
 from ffnskip.evaluation.methods import window_candidates
 from ffnskip.evaluation.state import StateFile, digest_of
 from ffnskip.metrics import token_agreement
-from ffnskip.tuning import TOLERANCE, Choice, _best, _corrected, candidate_run_lengths, static_candidates, threshold_for
+from ffnskip.tuning import (TOLERANCE, Choice, _best, _corrected, bisect_threshold, candidate_run_lengths,
+                            static_candidates, threshold_for)
 
 # Part of every cached tuning's digest: a change to how settings are tuned retunes them
-# (2: a candidate the replay cannot aim is bisected with real runs, `_bisect`).
+# (2: a candidate the replay cannot aim is bisected with real runs, tuning.bisect_threshold).
 TUNING_VERSION = 2
 Advance = Callable[[str], None]  # called once per generated chunk with the phase name
 
@@ -134,7 +135,7 @@ class Calibrator:
                 if abs(here[0].decode_skip_ratio - target) > TOLERANCE:
                     here.append(measure(a, b, _corrected(similarity, here[0], target, a, b), k))
                 if all(abs(c.decode_skip_ratio - target) > TOLERANCE for c in here):
-                    _bisect(lambda t: measure(a, b, t, k), here, target)
+                    bisect_threshold(lambda t: measure(a, b, t, k), here, target)
             if not tried:  # no candidate reaches the target: skip as much as the hot region allows
                 measure(cold_start, cold_end, 1e-6, None)
         best = _best([c for c, _ in tried], target)
@@ -175,28 +176,3 @@ class Calibrator:
             todo += 1
         return todo + 4 * len(todo_tunings) * chunks(len(self.held))  # about four tuning runs each
 
-
-BISECT_RUNS = 6  # real runs spent on one candidate the replay cannot aim
-
-
-def _bisect(run: Callable[[float], Choice], tried: list[Choice], target: float) -> None:
-    """Bisect the threshold with real runs until the measured ratio is within tolerance: the
-    replay predicts per-row fires, which `aligned` at a high quorum turns into far fewer skips.
-    A higher threshold fires less, so the ratio falls as the threshold rises; until some run
-    skips enough, the threshold steps down from the lowest one tried (0.02, 0.04, ...)."""
-    above = [c.threshold for c in tried if c.decode_skip_ratio > target]
-    below = [c.threshold for c in tried if c.decode_skip_ratio < target]
-    low: Optional[float] = max(above) if above else None
-    high, step = min(below, default=1.0), 0.02
-    for _ in range(BISECT_RUNS):
-        if low is None:
-            middle, step = max(1e-6, high - step), step * 2
-        else:
-            middle = (low + high) / 2
-        choice = run(middle)
-        if abs(choice.decode_skip_ratio - target) <= TOLERANCE:
-            return
-        if choice.decode_skip_ratio > target:
-            low = middle
-        else:
-            high = middle

@@ -164,6 +164,11 @@ def window_candidates(means: Sequence[float], target: float, num_layers: int, co
     return windows
 
 
+def setting_name(row: dict) -> str:
+    """`method@target` of an eval --json row ("dense" alone): how bench rows and quality rows pair up."""
+    return "dense" if row["method"] == "dense" else f"{row['method']}@{row['target_skip']:.2f}"
+
+
 def round_half_up(value: float) -> int:
     return int(value + 0.5)
 
