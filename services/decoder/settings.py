@@ -16,7 +16,7 @@ REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_
 ENV_VARS = (
     "FFNSKIP_DECODER_HOST", "FFNSKIP_DECODER_PORT", "FFNSKIP_ADVERTISE_ADDRESS", "FFNSKIP_DECODER_ID",
     "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_CACHE",
-    "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
+    "FFNSKIP_COMPILE", "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
     "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
     "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
     "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_OVERRIDE_MIN_QUORUM",
@@ -43,6 +43,7 @@ class DecoderSettings:
     model_name: str  # the id clients ask for and profiles are stored under
     device: str
     dtype: str
+    compile: bool  # compile the decode segments for every batch bucket before serving (minutes)
     max_batch: int
     max_queue: int
     max_seq_len: int
@@ -80,6 +81,7 @@ class DecoderSettings:
             decoder_id=env.get("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
             model=model, model_name=env.get("FFNSKIP_MODEL_NAME", model),
             device=env.get("FFNSKIP_DEVICE", "auto"), dtype=env.get("FFNSKIP_DTYPE", "auto"),
+            compile=_flag(env, "FFNSKIP_COMPILE", False),
             max_batch=_int(env, "FFNSKIP_MAX_BATCH", 16), max_queue=_int(env, "FFNSKIP_MAX_QUEUE", 64),
             max_seq_len=_int(env, "FFNSKIP_MAX_SEQ_LEN", 2048),
             max_new_tokens_cap=_int(env, "FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),
@@ -97,6 +99,15 @@ class DecoderSettings:
             metrics_host=env.get("FFNSKIP_METRICS_HOST", "0.0.0.0"), metrics_port=_int(env, "FFNSKIP_METRICS_PORT", 0),
             redis=RedisSettings.from_env(env),
         )
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    if value.lower() not in ("0", "1", "true", "false"):
+        raise InvalidArgument(name, f"must be 0, 1, true or false, got {value!r}")
+    return value.lower() in ("1", "true")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

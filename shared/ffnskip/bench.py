@@ -29,6 +29,11 @@ class BenchConfig:
     name: str
     batch: int
     skip: Optional[SkipParams]  # None = plain transformers generate
+    dtype: str = "float32"
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return self.name, self.batch, self.dtype
 
 
 ALIGNED_QUORUMS = (0.5, 0.75)
@@ -116,6 +121,15 @@ def register(commands) -> None:
     parser.add_argument("--from-eval", action="append", default=[], metavar="EVAL_JSON",
                         help="add a row METHOD@TARGET for every setting of an `ffnskip eval qa|agreement --json` "
                              "output, with exactly its parameters; repeatable")
+    parser.add_argument("--dtypes", help="comma-separated precisions, each a set of rows (e.g. float32,bfloat16); "
+                                         "default: --dtype. Rows other than float32 report their dense greedy "
+                                         "tokens' agreement with float32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the engine's decode segments (TorchInductor, once per process; the compile "
+                             "time is reported, not timed)")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                        help="llama.cpp rows (llamacpp_f32/_bf16, batch 1) on GGUF files written from the same weights; "
+                             "default: when llama-cpp-python is installed (pip install '.[peer]')")
     parser.add_argument("--profile-step", action="store_true", help="also profile one dense decode step and print where the time goes")
     parser.add_argument("--json", action="store_true")
     service = parser.add_argument_group("service benchmark (with --target)")
@@ -135,46 +149,86 @@ def run(args: argparse.Namespace) -> int:
 
         return service_bench.run(args)
     import torch  # here, not at import: every CLI command imports this module
-    from ffnskip.engine import Engine, load_model
     from ffnskip.engine.profile_step import profile_decode_step
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
+    runners = {}
+    for requested in (args.dtypes or args.dtype).split(","):
+        runner = _runner(args, requested, batches)
+        runners[runner.dtype] = runner  # keyed by the resolved precision ("auto" is float32 on a CPU)
+    first = next(iter(runners.values()))
+    loaded = first.engine.loaded
     extra = [row for path in args.profile for row in profile_rows(path, loaded)]
     extra += [row for path in args.from_eval for row in eval_rows(path, loaded)]
     extra = list(dict(extra).items())  # a setting named twice (qa and agreement outputs) is one row
-    configs = default_configs(loaded.num_layers, batches, extra)
+    configs = [replace(c, dtype=dtype) for dtype in runners for c in default_configs(loaded.num_layers, batches, extra)]
     if args.policies:  # names or shell patterns: "dense,*@*" = dense and every --from-eval row
         wanted = args.policies.split(",")
         configs = [c for c in configs if c.name == "dense" or any(fnmatch.fnmatchcase(c.name, w) for w in wanted)]
-    prompts = bench_prompts(loaded.tokenizer, max(batches))
-    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1)
-    runner = BenchRunner(engine, prompts, args.new_tokens)
-    timings: dict[tuple[str, int], list[float]] = {}
-    ratios: dict[tuple[str, int], tuple[float, float]] = {}
+    if 1 in batches:
+        configs += [BenchConfig(peer_row_name(dtype), 1, None, dtype) for dtype, r in runners.items() if r.peer]
+    timings: dict[tuple[str, int, str], list[float]] = {}
+    ratios: dict[tuple[str, int, str], tuple[float, float, float]] = {}
     for rep in range(args.reps):
         for config in configs:
-            seconds, skip_ratio, decode_ratio, avoided = runner.run(config)
-            timings.setdefault((config.name, config.batch), []).append(seconds)
-            ratios[(config.name, config.batch)] = (skip_ratio, decode_ratio, avoided)
-            print(f"rep {rep + 1}/{args.reps} {config.name} b{config.batch}: {config.batch * args.new_tokens / seconds:.1f} tok/s",
-                  file=sys.stderr, flush=True)
-    rows = summarise(configs, timings, ratios, engine, args.new_tokens)
-    report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+            seconds, skip_ratio, decode_ratio, avoided = runners[config.dtype].run(config)
+            timings.setdefault(config.key, []).append(seconds)
+            ratios[config.key] = (skip_ratio, decode_ratio, avoided)
+            print(f"rep {rep + 1}/{args.reps} {config.name} b{config.batch} {config.dtype}: "
+                  f"{config.batch * args.new_tokens / seconds:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = summarise(configs, timings, ratios, runners, args.new_tokens)
+    report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": ",".join(runners),
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
-              "ffn_share": engine.weight_bytes.ffn_share, "weight_bytes_per_step": engine.weight_bytes.total, "rows": rows}
+              "compiled": args.compile, "compile_seconds": {d: round(r.compile_seconds, 1) for d, r in runners.items()},
+              "ffn_share": first.engine.weight_bytes.ffn_share, "weight_bytes_per_step": first.engine.weight_bytes.total,
+              "rows": rows}
     bandwidth = read_bandwidth_gb_s(loaded.device)
     if bandwidth is not None:  # the batch-1 ceiling: every weight byte read once per token
         report["memory_read_gb_per_s"] = round(bandwidth, 1)
-        report["bandwidth_limit_tokens_per_s"] = round(bandwidth * 1e9 / engine.weight_bytes.total, 1)
+        report["bandwidth_limit_tokens_per_s"] = round(bandwidth * 1e9 / first.engine.weight_bytes.total, 1)
     if args.profile_step:
-        report["decode_step_profile"] = profile_decode_step(engine, prompts[0])
+        report["decode_step_profile"] = profile_decode_step(first.engine, first.prompts[0])
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
         print_table(report)
     return 0
+
+
+def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchRunner":
+    from ffnskip import peer
+    from ffnskip.engine import Engine, load_model
+    from ffnskip.engine.loading import cache_root
+    from ffnskip.errors import InvalidArgument
+
+    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    prompts = bench_prompts(loaded.tokenizer, max(batches))
+    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1,
+                    compile=args.compile)
+    runner = BenchRunner(engine, prompts, args.new_tokens)
+    runner.compile_seconds = engine.warm_up(batches)
+    if args.peer or (args.peer is None and dtype in PEER_PRECISIONS and 1 in batches and peer.peer_available()):
+        if dtype not in PEER_PRECISIONS:
+            raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {dtype}")
+        if not peer.peer_available():
+            raise InvalidArgument("peer", "llama-cpp-python is not installed: pip install '.[peer]'")
+        try:
+            path = peer.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, cache_root() / "gguf", PEER_PRECISIONS[dtype])
+            runner.peer = peer.LlamaCppPeer(path, n_ctx=engine.max_seq_len)
+        except ValueError as err:  # a model llama.cpp cannot load: without rows when they were not asked for
+            if args.peer:
+                raise InvalidArgument("peer", str(err)) from None
+            print(f"no llama.cpp rows: {err}", file=sys.stderr)
+    return runner
+
+
+PEER_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def peer_row_name(dtype: str) -> str:
+    return f"llamacpp_{PEER_PRECISIONS[dtype]}"
 
 
 def read_bandwidth_gb_s(device, megabytes: int = 256, reps: int = 7) -> Optional[float]:
@@ -208,11 +262,19 @@ class BenchRunner:
         self.prompts = prompts
         self.new_tokens = new_tokens
         self.sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        self.dtype = str(engine.model.dtype).removeprefix("torch.")
+        self.compile_seconds = 0.0
+        self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens
+        self.peer = None  # a LlamaCppPeer on the same weights, when its rows are wanted
+        self.peer_tokens: list[int] = []
 
     def run(self, config: BenchConfig) -> tuple[float, float, float, float]:
         """Seconds for the batch, the pooled skip ratio and decode skip ratio, and the share
         of decode-step FFN weight reads avoided (a layer counts only when no row ran it)."""
         prompts = self.prompts[:config.batch]
+        if config.name.startswith("llamacpp"):
+            self.peer_tokens, seconds = self.peer.greedy(prompts[0], self.new_tokens)
+            return seconds, 0.0, 0.0, 0.0
         if config.skip is None:
             return self._hf_generate(prompts), 0.0, 0.0, 0.0
         engine = self.engine
@@ -222,6 +284,8 @@ class BenchRunner:
         while engine.has_work:
             engine.step()
         seconds = time.perf_counter() - started
+        if config.name == "dense":
+            self.dense_tokens[config.batch] = [list(s.generated) for s in seqs]
         stats = [engine.result(s).skip_stats for s in seqs]
         pooled = stats[0]
         for more in stats[1:]:
@@ -245,35 +309,68 @@ class BenchRunner:
         return time.perf_counter() - started
 
 
-def summarise(configs, timings, ratios, engine, new_tokens: int) -> list[dict]:
+def summarise(configs, timings, ratios, runners, new_tokens: int) -> list[dict]:
     rows = []
     for config in configs:
-        key = (config.name, config.batch)
+        key = config.key
         seconds = statistics.median(timings[key])
-        dense = statistics.median(timings[("dense", config.batch)])
-        hf = timings.get(("hf_generate", config.batch))
+        dense_times = timings[("dense", config.batch, config.dtype)]
+        dense = statistics.median(dense_times)
+        hf = timings.get(("hf_generate", config.batch, config.dtype))
+        peer = timings.get(("llamacpp_f32", config.batch, "float32"))
         skip_ratio, decode_ratio, avoided = ratios[key]
-        wb = engine.weight_bytes
+        wb = runners[config.dtype].engine.weight_bytes
+        # each rep ran dense and this row back to back: the realised fraction is the median
+        # over those pairs, which cancels drift that a ratio of two medians keeps
+        pairs = [wb.realised_fraction(skip_ratio, d, t) for d, t in zip(dense_times, timings[key])] if skip_ratio > 0 else []
         rows.append({
             "policy": config.name,
             "batch": config.batch,
+            "dtype": config.dtype,
             "skip_ratio": round(skip_ratio, 4),
             "decode_skip_ratio": round(decode_ratio, 4),
             "tokens_per_s": round(config.batch * new_tokens / seconds, 2),
             "spread_tokens_per_s": [round(config.batch * new_tokens / t, 2) for t in timings[key]],
+            "step_ms": round(1000 * seconds / new_tokens, 2),
             "avoided_ffn_read_share": round(avoided, 4),
             "speedup_vs_dense": round(dense / seconds, 4),
             "vs_hf_generate": round(statistics.median(hf) / seconds, 4) if hf else None,
+            "vs_llamacpp_f32": round(statistics.median(peer) / seconds, 4) if peer else None,
             "ideal_speedup": round(wb.ideal_speedup(skip_ratio), 4),
-            "realised_fraction": round(wb.realised_fraction(skip_ratio, dense, seconds), 3) if skip_ratio > 0 else None,
+            "realised_fraction": round(statistics.median(pairs), 3) if pairs else None,
+            "realised_fraction_pairs": [round(p, 3) for p in pairs],
             # against the reads actually avoided: what a bandwidth-bound step can at best save
             "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense, seconds), 3) if avoided > 0 else None,
             # weights read per second: (W - avoided x F) per step, new_tokens steps per run
             "weights_gb_per_s": round((wb.total - avoided * wb.ffn) * new_tokens / seconds / 1e9, 2),
+            "agreement_with_float32": _agreement(runners, config),
+            "tokens_equal_engine_dense": _peer_equal(runners[config.dtype], config),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "params": None if config.skip is None else {**asdict(config.skip), "static_layers": list(config.skip.static_layers)},
         })
     return rows
+
+
+def _peer_equal(runner: "BenchRunner", config: BenchConfig) -> Optional[bool]:
+    """llama.cpp rows: its greedy tokens equal the engine's dense tokens at the same precision."""
+    if not config.name.startswith("llamacpp") or 1 not in runner.dense_tokens:
+        return None
+    return runner.peer_tokens == runner.dense_tokens[1][0]
+
+
+def _agreement(runners, config: BenchConfig) -> Optional[float]:
+    """Share of positions where this precision's dense greedy tokens equal float32's (dense rows)."""
+    if config.name != "dense" or config.dtype == "float32" or "float32" not in runners:
+        return None
+    ours, reference = runners[config.dtype].dense_tokens.get(config.batch), runners["float32"].dense_tokens.get(config.batch)
+    if not ours or not reference:
+        return None
+    pairs = [(a, b) for mine, theirs in zip(ours, reference) for a, b in zip(mine, theirs)]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 4)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}..{max(values):.2f}" if values else "-"
 
 
 def print_table(report: dict) -> None:
@@ -282,14 +379,21 @@ def print_table(report: dict) -> None:
     if "memory_read_gb_per_s" in report:
         print(f"memory read bandwidth {report['memory_read_gb_per_s']:.1f} GB/s: batch-1 limit "
               f"{report['bandwidth_limit_tokens_per_s']:.1f} tokens/s at {report['weight_bytes_per_step'] / 1e6:.0f} MB per step")
-    header = (f"{'policy':<18}{'batch':>6}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}"
-              f"{'ideal':>7}{'realised':>9}")
+    if report.get("compiled"):
+        print("decode segments compiled: " + ", ".join(f"{d} {s:.0f} s" for d, s in report["compile_seconds"].items()))
+    header = (f"{'policy':<18}{'batch':>6}{'dtype':>10}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}{'vs llcpp':>9}"
+              f"{'ideal':>7}{'realised':>9}{'spread':>13}{'agree':>7}")
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
         fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
-        print(f"{r['policy']:<18}{r['batch']:>6}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
-              f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}")
+        print(f"{r['policy']:<18}{r['batch']:>6}{r['dtype']:>10}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
+              f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{fmt(r['vs_llamacpp_f32'], '>9.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}"
+              f"{_spread(r['realised_fraction_pairs']):>13}{fmt(r['agreement_with_float32'], '>7.3f')}")
+    for r in report["rows"]:
+        if r["tokens_equal_engine_dense"] is not None:
+            print(f"{r['policy']}: greedy tokens {'equal' if r['tokens_equal_engine_dense'] else 'DIFFER FROM'} "
+                  f"the engine's dense tokens in {r['dtype']}")
     profile = report.get("decode_step_profile")
     if profile:
         print(f"\none dense decode step (batch 1): {profile['step_ms']:.2f} ms")

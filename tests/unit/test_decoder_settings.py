@@ -29,3 +29,11 @@ def test_aligned_serving_applies_to_adaptive_profiles_only():
     assert serving_params(adaptive, "profile", 0.75).policy == "adaptive"
     static = SkipParams(policy="static", static_layers=(3, 4), warm_up=16)
     assert serving_params(static, "aligned", 0.75).policy == "static"  # batch-friendly already
+
+
+def test_compile_is_off_by_default_and_validated():
+    assert DecoderSettings.from_env({}).compile is False  # compiling every bucket takes minutes
+    assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "1"}).compile is True
+    assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "false"}).compile is False
+    with pytest.raises(InvalidArgument, match="FFNSKIP_COMPILE"):
+        DecoderSettings.from_env({"FFNSKIP_COMPILE": "yes please"})

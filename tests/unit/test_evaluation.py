@@ -270,7 +270,8 @@ def test_bench_runs_the_evaluated_settings_and_batching_pairs_them(first_run, ti
     qa_json = tmp_path / "qa.json"
     qa_json.write_text(json.dumps(report))
     bench = run_json(["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "1,2", "--new-tokens", "6",
-                      "--reps", "1", "--from-eval", str(qa_json), "--policies", "dense,random@0.30,adaptive@0.30", "--json"], capsys)
+                      "--reps", "1", "--from-eval", str(qa_json), "--policies", "dense,random@0.30,adaptive@0.30",
+                      "--no-compile", "--no-peer", "--json"], capsys)
     rows = {(r["policy"], r["batch"]): r for r in bench["rows"]}
     assert set(rows) == {(p, b) for p in ("dense", "random@0.30", "adaptive@0.30") for b in (1, 2)}
     evaluated = {f"{r['method']}@{r['target_skip']:.2f}": r["params"] for r in report["rows"]}

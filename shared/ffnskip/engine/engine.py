@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence as Seq
 import torch
 
 from ffnskip.config import DENSE, SamplingParams, SkipParams
+from ffnskip.engine.compiled import CompiledSegments
 from ffnskip.engine.loading import LoadedModel
 from ffnskip.engine.model import SkipModel
 from ffnskip.engine.policies import RowPlan, SkipController
@@ -68,10 +69,13 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
+                 compile: bool = False) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = SkipModel(loaded.model)
+        if compile:  # decode segments compiled on first use per batch bucket (compiled.py)
+            self.model.segments = CompiledSegments(self.model.layers, self.model.head, max_batch)
         self.num_layers = self.model.num_layers
         self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
         self.cache = self.model.new_cache(max_batch, self.max_seq_len)
@@ -83,6 +87,14 @@ class Engine:
         # decode-step counters: layer-steps, and those whose FFN weights were read by any row
         self.decode_layer_steps = 0
         self.decode_ffn_reads = 0
+
+    def warm_up(self, batch_sizes: Seq[int]) -> float:
+        """Compile the decode segments for these batch sizes now instead of on first use;
+        returns the seconds it took (0 for an eager engine)."""
+        segments = self.model.segments
+        if not isinstance(segments, CompiledSegments):
+            return 0.0
+        return segments.warm_up(sorted({segments.bucket(b) for b in batch_sizes}))
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -55,9 +55,8 @@ class KVCache:
         self.keys[layer, row, :, :length] = k
         self.values[layer, row, :, :length] = v
 
-    def write_decode(self, layer: int, batch: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [B, kv_heads, 1, head_dim] written at each row's own position."""
-        rows = torch.arange(batch, device=k.device)
+    def write_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, kv_heads, 1, head_dim] written into rows[b] at positions[b]."""
         self.keys[layer, rows, :, positions] = k[:, :, 0]
         self.values[layer, rows, :, positions] = v[:, :, 0]
 

@@ -6,93 +6,50 @@ q/k/v and gate/up are fused into one matmul each; the HF modules keep working
 because their weights become views into the fused tensors (no extra memory).
 The HF model's norms and rotary embedding are reused as they are, so variants
 (Llama 3 rope scaling, Qwen2 biases) need no code here.
+
+A decode step runs as segments cut at the skip points (see segments.py): the
+first layer's q/k/v, then per layer the attention over the cache (eager: its
+length grows every step) and one block segment, "o_proj + [FFN] + the next
+layer's q/k/v" (the LM head after the last layer). A skipped FFN is a segment
+without the FFN, so it reads none of its weights. Segments run eagerly or
+compiled (compiled.py) with the same code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.policies import SkipController
+from ffnskip.engine.segments import EagerSegments, Segments
 
 
-@dataclass
-class FusedLayer:
-    input_norm: torch.nn.Module
-    post_norm: torch.nn.Module
-    qkv_weight: torch.Tensor
-    qkv_bias: Optional[torch.Tensor]
-    o_proj: torch.nn.Module
-    gate_up_weight: torch.Tensor
-    down_proj: torch.nn.Module
-    act: torch.nn.Module
+class FusedLayer(nn.Module):
+    """One decoder layer with fused q/k/v and gate/up weights (views shared with the HF modules)."""
 
-    @staticmethod
-    def from_hf(layer: torch.nn.Module) -> "FusedLayer":
+    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        qkv_bias = None
-        if attn.q_proj.bias is not None:
-            qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
-        return FusedLayer(
-            input_norm=layer.input_layernorm,
-            post_norm=layer.post_attention_layernorm,
-            qkv_weight=qkv_weight,
-            qkv_bias=qkv_bias,
-            o_proj=attn.o_proj,
-            gate_up_weight=_fuse([mlp.gate_proj, mlp.up_proj]),
-            down_proj=mlp.down_proj,
-            act=mlp.act_fn,
-        )
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
+        self.o_proj = attn.o_proj
+        self.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.act = mlp.act_fn
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
 
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
-
-
-def _fuse(linears: list[torch.nn.Linear], name: str = "weight") -> torch.Tensor:
-    """Concatenate the parameters and make each module's parameter a view into the result."""
-    fused = torch.cat([getattr(m, name).data for m in linears], dim=0)
-    offset = 0
-    for module in linears:
-        rows = getattr(module, name).shape[0]
-        getattr(module, name).data = fused[offset:offset + rows]
-        offset += rows
-    return fused
-
-
-class SkipModel:
-    """Prefill one sequence into a cache row; decode a batch of rows under a skip policy."""
-
-    def __init__(self, hf_model: torch.nn.Module) -> None:
-        config = hf_model.config
-        inner = hf_model.model
-        self.config = config
-        self.embed = inner.embed_tokens
-        self.final_norm = inner.norm
-        self.lm_head = hf_model.lm_head
-        self.rotary = inner.rotary_emb
-        self.layers = [FusedLayer.from_hf(layer) for layer in inner.layers]
-        self.num_layers = len(self.layers)
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        weight = self.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
-
-    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
-
-    def _qkv(self, layer: FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
         batch, length, _ = x.shape
-        qkv = F.linear(layer.input_norm(x), layer.qkv_weight, layer.qkv_bias)
+        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -100,11 +57,63 @@ class SkipModel:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def _attend(self, layer: FusedLayer, x: torch.Tensor, q, keys, values, mask, causal: bool) -> torch.Tensor:
-        batch, length, _ = x.shape
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _fuse(linears: list[nn.Linear], name: str = "weight") -> nn.Parameter:
+    """Concatenate the parameters and make each module's parameter a view into the result."""
+    fused = nn.Parameter(torch.cat([getattr(m, name).data for m in linears], dim=0), requires_grad=False)
+    offset = 0
+    for module in linears:
+        rows = getattr(module, name).shape[0]
+        getattr(module, name).data = fused.data[offset:offset + rows]
+        offset += rows
+    return fused
+
+
+class Head(nn.Module):
+    """The final norm and the LM head."""
+
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.final_norm, self.lm_head = final_norm, lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(x[:, -1]))
+
+
+class SkipModel:
+    """Prefill one sequence into a cache row; decode a batch of rows under a skip policy."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        config = hf_model.config
+        inner = hf_model.model
+        self.config = config
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.head = Head(inner.norm, hf_model.lm_head)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.layers = [FusedLayer(layer, self.num_heads, self.num_kv_heads, self.head_dim) for layer in inner.layers]
+        self.num_layers = len(self.layers)
+        weight = hf_model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.segments: Segments = EagerSegments(self.layers, self.head)
+
+    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
+
+    def _attention(self, q, keys, values, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """-> [B, T, H * hd], ready for o_proj."""
+        batch, _, length, _ = q.shape
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
-        return x + layer.o_proj(attn.transpose(1, 2).reshape(batch, length, self.q_size))
+        return attn.transpose(1, 2).reshape(batch, length, self.q_size)
 
     @torch.inference_mode()
     def prefill(self, cache: KVCache, row: int, input_ids: torch.Tensor) -> torch.Tensor:
@@ -113,42 +122,50 @@ class SkipModel:
         positions = torch.arange(input_ids.shape[0], device=self.device)[None]
         cos, sin = self.rotary(x, positions)
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = layer.qkv(x, cos, sin)
             cache.write_prefill(index, row, k[0], v[0])
-            h = self._attend(layer, x, q, k, v, None, causal=True)
+            h = x + layer.o_proj(self._attention(q, k, v, None, causal=True))
             x = h + layer.mlp(h)
         cache.lengths[row] = input_ids.shape[0]
-        return self.lm_head(self.final_norm(x[:, -1]))[0]
+        return self.head(x)[0]
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], positions: list[int],
                controller: SkipController) -> torch.Tensor:
-        """One decode step for rows [0, B): each row's last token at its position; logits [B, V]."""
-        batch, host_positions = len(tokens), positions
-        span = max(positions) + 1
-        x = self.embed(torch.tensor(tokens, device=self.device)[:, None])
-        positions = torch.tensor(positions, device=self.device)
-        cos, sin = self.rotary(x, positions[:, None])
-        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            cache.write_decode(index, batch, positions, k, v)
-            keys, values = cache.view(index, batch, span)
-            h = self._attend(layer, x, q, keys, values, mask, causal=False)
-            x = self._ffn(index, layer, h, controller)
-        cache.lengths[:batch] = [p + 1 for p in host_positions]
-        return self.lm_head(self.final_norm(x[:, -1]))
+        """One decode step for rows [0, B): each row's last token at its position; logits [B, V].
 
-    def _ffn(self, index: int, layer: FusedLayer, h: torch.Tensor, controller: SkipController) -> torch.Tensor:
-        """The skip point: the FFN runs on all rows, none, or a gathered subset."""
-        decision = controller.decide(index)
-        if decision.kind == "all":
-            out = h + layer.mlp(h)
-        elif decision.kind == "none":
-            out = h
-        else:
-            rows = decision.rows
-            part = h.index_select(0, rows)
-            out = h.index_copy(0, rows, part + layer.mlp(part))
-        controller.observe(index, h, out)
-        return out
+        Compiled segments run on a fixed batch bucket P >= B: the padding rows read
+        cache rows [B, P) at position 0 and are never written back."""
+        batch, host_positions = len(tokens), positions
+        padded = self.segments.bucket(batch)
+        if padded > cache.max_batch:
+            raise ValueError(f"batch bucket {padded} exceeds the cache's {cache.max_batch} rows")
+        pad = [0] * (padded - batch)
+        span = max(positions) + 1
+        x = self.embed(torch.tensor(tokens + pad, device=self.device)[:, None])
+        positions = torch.tensor(positions + pad, device=self.device)
+        cos, sin = self.rotary(x, positions[:, None])
+        visible = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
+        # an additive mask made once per step (SDPA would convert a boolean one in every layer)
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]
+        rows, row_positions = torch.arange(batch, device=self.device), positions[:batch]
+        with self.segments.running(padded):
+            following = self._layers(cache, controller, batch, padded, span, x, cos, sin, mask, rows, row_positions)
+        cache.lengths[:batch] = [p + 1 for p in host_positions]
+        return following[:batch]
+
+    def _layers(self, cache, controller, batch, padded, span, x, cos, sin, mask, rows, row_positions) -> torch.Tensor:
+        q, k, v = self.segments.first_qkv()(x, cos, sin)
+        for index in range(self.num_layers):
+            cache.write_decode(index, rows, row_positions, k[:batch], v[:batch])
+            keys, values = cache.view(index, padded, span)
+            attn = self._attention(q, keys, values, mask, causal=False)
+            decision = controller.decide(index)
+            run_ffn = decision.kind != "none"
+            row_mask = self.segments.row_mask(padded, decision.rows)
+            h, x, similarity, following = self.segments.block(index, run_ffn)(x, attn, row_mask, cos, sin)
+            controller.observe(index, h[:batch], x[:batch], None if similarity is None else similarity[:batch])
+            if index + 1 < self.num_layers:
+                q, k, v = following
+        return following

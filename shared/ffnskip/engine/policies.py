@@ -66,7 +66,7 @@ class Decision:
     """What one layer's FFN does for the batch: all rows, no rows, or `rows`."""
 
     kind: str  # "all" | "none" | "some"
-    rows: Optional[torch.Tensor] = None  # long indices of rows that run the FFN
+    rows: Optional[tuple[int, ...]] = None  # the rows that run the FFN, for "some"
 
 
 RUN_ALL = Decision("all")
@@ -127,7 +127,7 @@ class SkipController:
             return RUN_ALL
         if not run:
             return RUN_NONE
-        return Decision("some", torch.tensor(run, device=self.device))
+        return Decision("some", tuple(run))
 
     def _align(self, layer: int, skip: list[bool]) -> None:
         """One decision for all aligned rows in this hot layer, from their votes."""
@@ -139,11 +139,13 @@ class SkipController:
         for b in members:
             skip[b] = together
 
-    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> None:
-        """h, out: [B, 1, D] before and after the FFN (out == h where it was skipped)."""
+    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor,
+                similarity: Optional[torch.Tensor] = None) -> None:
+        """h, out: [B, 1, D] before and after the FFN (out == h where it was skipped);
+        `similarity`: cos(h, out) per row when the FFN segment computed it already."""
         if self.trivial:
             if self.recording:
-                self._record(layer, list(range(self.batch)), self._cosine(h, out, None))
+                self._record(layer, list(range(self.batch)), self._cosine(h, out, None, similarity))
             return
         for b in self.wished:  # a run of k is positional: outvoted wishes count too
             self.remaining[b] -= 1
@@ -152,7 +154,7 @@ class SkipController:
         rows = list(range(self.batch)) if self.recording else candidates
         if not rows:
             return  # nobody can fire here: no similarity to compute
-        values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows)))
+        values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows, similarity)))
         if self.recording:
             self._record(layer, rows, [values[b] for b in rows])
         for b in candidates:
@@ -160,7 +162,11 @@ class SkipController:
                 self.remaining[b] = self.plans[b].run_length
                 self.fired[b] = True
 
-    def _cosine(self, h: torch.Tensor, out: torch.Tensor, rows: Optional[list[int]]) -> list[float]:
+    def _cosine(self, h: torch.Tensor, out: torch.Tensor, rows: Optional[list[int]],
+                similarity: Optional[torch.Tensor]) -> list[float]:
+        if similarity is not None:
+            values = similarity.tolist()
+            return values if rows is None else [values[b] for b in rows]
         h, out = h[:, -1], out[:, -1]
         if rows is not None:
             index = torch.tensor(rows, device=h.device)

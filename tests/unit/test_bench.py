@@ -1,0 +1,32 @@
+"""`ffnskip bench` in one process: precisions side by side, realised fraction per interleaved pair."""
+
+from __future__ import annotations
+
+import json
+
+from ffnskip.cli import main
+
+
+def test_precisions_are_rows_side_by_side_with_their_agreement(tiny_dir, capsys):
+    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--dtypes", "float32,bfloat16", "--batches", "1",
+                 "--new-tokens", "20", "--reps", "3", "--policies", "dense,static_8", "--no-compile", "--no-peer",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {(r["policy"], r["dtype"]): r for r in report["rows"]}
+    assert set(rows) == {(p, d) for p in ("dense", "static_8") for d in ("float32", "bfloat16")}
+    assert report["compiled"] is False
+    # bf16's dense greedy tokens are compared with fp32's; fp32 is the reference itself
+    assert 0.0 <= rows[("dense", "bfloat16")]["agreement_with_float32"] <= 1.0
+    assert rows[("dense", "float32")]["agreement_with_float32"] is None
+    static = rows[("static_8", "float32")]
+    assert static["skip_ratio"] > 0  # layer 4 of 6 skipped after the 16-token warm-up
+    assert len(static["realised_fraction_pairs"]) == 3  # one per interleaved dense/static pair
+    assert sorted(static["realised_fraction_pairs"])[1] == static["realised_fraction"]  # the median
+    assert rows[("dense", "float32")]["realised_fraction_pairs"] == []  # no skip, no fraction
+
+
+def test_asking_for_peer_rows_in_an_unsupported_precision_is_a_clear_error(tiny_dir, capsys):
+    code = main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--dtypes", "float16", "--batches", "1",
+                 "--new-tokens", "4", "--reps", "1", "--no-compile", "--peer"])
+    assert code == 2
+    assert "peer" in capsys.readouterr().err
