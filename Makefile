@@ -30,9 +30,12 @@ $(VENV)/.ready: pyproject.toml Makefile $(wildcard protos/ffnskip/v1/*.proto)
 	$(PY) -m ffnskip.rpc.codegen
 	touch $@
 
-# TorchInductor builds the compiled decode segments (ffnskip bench --compile) with a C++ compiler
+# TorchInductor builds the compiled decode segments (ffnskip bench --compile) with a C++ compiler,
+# and its kernels' Python bindings with the interpreter's headers
 cxx:
 	@command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
+	@test -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-dev; }
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }

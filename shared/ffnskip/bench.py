@@ -359,14 +359,23 @@ def _peer_equal(runner: "BenchRunner", config: BenchConfig) -> Optional[bool]:
 
 
 def _agreement(runners, config: BenchConfig) -> Optional[float]:
-    """Share of positions where this precision's dense greedy tokens equal float32's (dense rows)."""
+    """Dense rows of other precisions: the share of greedy tokens generated before the first
+    difference from float32's, averaged over the batch's sequences (once a token differs, the
+    texts go their own ways and later positions say nothing)."""
     if config.name != "dense" or config.dtype == "float32" or "float32" not in runners:
         return None
     ours, reference = runners[config.dtype].dense_tokens.get(config.batch), runners["float32"].dense_tokens.get(config.batch)
     if not ours or not reference:
         return None
-    pairs = [(a, b) for mine, theirs in zip(ours, reference) for a, b in zip(mine, theirs)]
-    return round(sum(a == b for a, b in pairs) / len(pairs), 4)
+    shares = [_common_prefix(mine, theirs) / len(theirs) for mine, theirs in zip(ours, reference)]
+    return round(sum(shares) / len(shares), 4)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
 
 
 def _spread(values: list[float]) -> str:

@@ -156,16 +156,17 @@ class SkipModel:
         return following[:batch]
 
     def _layers(self, cache, controller, batch, padded, span, x, cos, sin, mask, rows, row_positions) -> torch.Tensor:
+        real = (lambda t: t) if padded == batch else (lambda t: t[:batch])  # the rows that are not padding
         q, k, v = self.segments.first_qkv()(x, cos, sin)
         for index in range(self.num_layers):
-            cache.write_decode(index, rows, row_positions, k[:batch], v[:batch])
+            cache.write_decode(index, rows, row_positions, real(k), real(v))
             keys, values = cache.view(index, padded, span)
             attn = self._attention(q, keys, values, mask, causal=False)
             decision = controller.decide(index)
             run_ffn = decision.kind != "none"
             row_mask = self.segments.row_mask(padded, decision.rows)
             h, x, similarity, following = self.segments.block(index, run_ffn)(x, attn, row_mask, cos, sin)
-            controller.observe(index, h[:batch], x[:batch], None if similarity is None else similarity[:batch])
+            controller.observe(index, real(h), real(x), None if similarity is None else real(similarity))
             if index + 1 < self.num_layers:
                 q, k, v = following
         return following
