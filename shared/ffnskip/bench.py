@@ -407,4 +407,4 @@ def print_table(report: dict) -> None:
     if profile:
         print(f"\none dense decode step (batch 1): {profile['step_ms']:.2f} ms")
         for part, ms in profile["parts_ms"].items():
-            print(f"  {part:<28}{ms:>8.2f} ms  {100 * ms / profile['step_ms']:>5.1f}%")
+            print(f"  {part:<44}{ms:>8.2f} ms  {100 * ms / profile['step_ms']:>5.1f}%")
