@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from ffnskip import cli
+from ffnskip.bench_report import print_table, summarise
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 
 STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
@@ -307,104 +307,3 @@ class BenchRunner:
             model.generate(ids, attention_mask=mask, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
                            do_sample=False, pad_token_id=pad)
         return time.perf_counter() - started
-
-
-def summarise(configs, timings, ratios, runners, new_tokens: int) -> list[dict]:
-    rows = []
-    for config in configs:
-        key = config.key
-        seconds = statistics.median(timings[key])
-        dense_times = timings[("dense", config.batch, config.dtype)]
-        dense = statistics.median(dense_times)
-        hf = timings.get(("hf_generate", config.batch, config.dtype))
-        peer = timings.get(("llamacpp_f32", config.batch, "float32"))
-        skip_ratio, decode_ratio, avoided = ratios[key]
-        wb = runners[config.dtype].engine.weight_bytes
-        # each rep ran dense and this row back to back: the realised fraction is the median
-        # over those pairs, which cancels drift that a ratio of two medians keeps
-        pairs = [wb.realised_fraction(skip_ratio, d, t) for d, t in zip(dense_times, timings[key])] if skip_ratio > 0 else []
-        rows.append({
-            "policy": config.name,
-            "batch": config.batch,
-            "dtype": config.dtype,
-            "skip_ratio": round(skip_ratio, 4),
-            "decode_skip_ratio": round(decode_ratio, 4),
-            "tokens_per_s": round(config.batch * new_tokens / seconds, 2),
-            "spread_tokens_per_s": [round(config.batch * new_tokens / t, 2) for t in timings[key]],
-            "step_ms": round(1000 * seconds / new_tokens, 2),
-            "avoided_ffn_read_share": round(avoided, 4),
-            "speedup_vs_dense": round(dense / seconds, 4),
-            "vs_hf_generate": round(statistics.median(hf) / seconds, 4) if hf else None,
-            "vs_llamacpp_f32": round(statistics.median(peer) / seconds, 4) if peer else None,
-            "ideal_speedup": round(wb.ideal_speedup(skip_ratio), 4),
-            "realised_fraction": round(statistics.median(pairs), 3) if pairs else None,
-            "realised_fraction_pairs": [round(p, 3) for p in pairs],
-            # against the reads actually avoided: what a bandwidth-bound step can at best save
-            "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense, seconds), 3) if avoided > 0 else None,
-            # weights read per second: (W - avoided x F) per step, new_tokens steps per run
-            "weights_gb_per_s": round((wb.total - avoided * wb.ffn) * new_tokens / seconds / 1e9, 2),
-            "agreement_with_float32": _agreement(runners, config),
-            "tokens_equal_engine_dense": _peer_equal(runners[config.dtype], config),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "params": None if config.skip is None else {**asdict(config.skip), "static_layers": list(config.skip.static_layers)},
-        })
-    return rows
-
-
-def _peer_equal(runner: "BenchRunner", config: BenchConfig) -> Optional[bool]:
-    """llama.cpp rows: its greedy tokens equal the engine's dense tokens at the same precision."""
-    if not config.name.startswith("llamacpp") or 1 not in runner.dense_tokens:
-        return None
-    return runner.peer_tokens == runner.dense_tokens[1][0]
-
-
-def _agreement(runners, config: BenchConfig) -> Optional[float]:
-    """Dense rows of other precisions: the share of greedy tokens generated before the first
-    difference from float32's, averaged over the batch's sequences (once a token differs, the
-    texts go their own ways and later positions say nothing)."""
-    if config.name != "dense" or config.dtype == "float32" or "float32" not in runners:
-        return None
-    ours, reference = runners[config.dtype].dense_tokens.get(config.batch), runners["float32"].dense_tokens.get(config.batch)
-    if not ours or not reference:
-        return None
-    shares = [_common_prefix(mine, theirs) / len(theirs) for mine, theirs in zip(ours, reference)]
-    return round(sum(shares) / len(shares), 4)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    for index, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return index
-    return min(len(a), len(b))
-
-
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.2f}..{max(values):.2f}" if values else "-"
-
-
-def print_table(report: dict) -> None:
-    print(f"model {report['model']} on {report['device']} ({report['dtype']}, {report['threads']} threads), "
-          f"{report['new_tokens']} new tokens, median of {report['reps']} interleaved reps, F/W = {report['ffn_share']:.3f}")
-    if "memory_read_gb_per_s" in report:
-        print(f"memory read bandwidth {report['memory_read_gb_per_s']:.1f} GB/s: batch-1 limit "
-              f"{report['bandwidth_limit_tokens_per_s']:.1f} tokens/s at {report['weight_bytes_per_step'] / 1e6:.0f} MB per step")
-    if report.get("compiled"):
-        print("decode segments compiled: " + ", ".join(f"{d} {s:.0f} s" for d, s in report["compile_seconds"].items()))
-    header = (f"{'policy':<18}{'batch':>6}{'dtype':>10}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}{'vs llcpp':>9}"
-              f"{'ideal':>7}{'realised':>9}{'spread':>13}{'agree':>7}")
-    print(header)
-    print("-" * len(header))
-    for r in report["rows"]:
-        fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
-        print(f"{r['policy']:<18}{r['batch']:>6}{r['dtype']:>10}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
-              f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{fmt(r['vs_llamacpp_f32'], '>9.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}"
-              f"{_spread(r['realised_fraction_pairs']):>13}{fmt(r['agreement_with_float32'], '>7.3f')}")
-    for r in report["rows"]:
-        if r["tokens_equal_engine_dense"] is not None:
-            print(f"{r['policy']}: greedy tokens {'equal' if r['tokens_equal_engine_dense'] else 'DIFFER FROM'} "
-                  f"the engine's dense tokens in {r['dtype']}")
-    profile = report.get("decode_step_profile")
-    if profile:
-        print(f"\none dense decode step (batch 1): {profile['step_ms']:.2f} ms")
-        for part, ms in profile["parts_ms"].items():
-            print(f"  {part:<44}{ms:>8.2f} ms  {100 * ms / profile['step_ms']:>5.1f}%")

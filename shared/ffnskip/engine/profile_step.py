@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ffnskip.config import DENSE, SamplingParams

@@ -1,0 +1,190 @@
+"""How gpu_bench.py runs a decode step: eagerly, as one CUDA graph with conditional IF nodes
+for the adaptive FFNs, or as graph segments with a host read per conditional layer."""
+
+from __future__ import annotations
+
+
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpu_model import Decoder
+
+
+# --------------------------------------------------------------------------- branches
+
+
+class HostBranch:
+    """Runs the body when the predicate is true, read on the host (a sync on CUDA);
+    `force` runs every body without reading (warm-up before capture)."""
+
+    def __init__(self, force: bool = False) -> None:
+        self.force = force
+
+    def cond(self, pred: torch.Tensor, body: Callable[[], None]) -> None:
+        if self.force or bool(pred):
+            body()
+
+
+class IfNodeBranch:
+    """Captures the body into a CUDA-graph IF node of `graph`, predicated on the device."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph") -> None:
+        self.graph = graph
+        self.keep: list[torch.Tensor] = []  # predicates stay allocated for the graph's lifetime
+        self.nodes = 0
+
+    def cond(self, pred: torch.Tensor, body: Callable[[], None]) -> None:
+        self.keep.append(pred)
+        self.graph.begin_capture_to_if_node(pred)
+        try:
+            body()
+        finally:
+            self.graph.end_capture_to_conditional_node()
+        self.nodes += 1
+
+
+class SegmentedBranch:
+    """Captures a step as a chain of graphs cut at every conditional body (the fallback).
+    Replay reads each predicate on the host: one sync per conditional layer."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.items: list[tuple] = []  # ("plain", graph) | ("cond", pred, graph)
+        self.keep: list[torch.Tensor] = []
+        self.current: Optional[torch.cuda.CUDAGraph] = None
+
+    def _begin(self) -> None:
+        self.current = torch.cuda.CUDAGraph()
+        self.current.capture_begin(pool=self.pool)
+
+    def _end(self) -> None:
+        self.current.capture_end()
+        self.items.append(("plain", self.current))
+        self.current = None
+
+    def cond(self, pred: torch.Tensor, body: Callable[[], None]) -> None:
+        self.keep.append(pred)
+        self._end()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        body()
+        graph.capture_end()
+        self.items.append(("cond", pred, graph))
+        self._begin()
+
+    def capture(self, step: Callable[["SegmentedBranch"], None]) -> None:
+        self._begin()
+        step(self)
+        self._end()
+
+    def replay(self, read: bool = True) -> None:
+        for item in self.items:
+            if item[0] == "plain":
+                item[1].replay()
+            elif not read or bool(item[1]):
+                item[2].replay()
+
+    @property
+    def conditional_segments(self) -> int:
+        return sum(1 for item in self.items if item[0] == "cond")
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class EagerRunner:
+    def __init__(self, dec: Decoder, pattern: str) -> None:
+        self.dec, self.pattern = dec, pattern
+
+    def step(self) -> None:
+        self.dec.step(self.pattern, HostBranch())
+
+
+class GraphRunner:
+    def __init__(self, graph, branch: IfNodeBranch) -> None:
+        self.graph, self.branch = graph, branch
+
+    def step(self) -> None:
+        self.graph.replay()
+
+
+class SegmentedRunner:
+    def __init__(self, branch: SegmentedBranch) -> None:
+        self.branch = branch
+        self.read = True  # False: replay every FFN graph without reading (sync-cost baseline)
+
+    def step(self) -> None:
+        self.branch.replay(read=self.read)
+
+
+def build_runner(dec: Decoder, pattern: str, mechanism: str, warmup_steps: int = 2):
+    if mechanism == "eager":
+        return EagerRunner(dec, pattern)
+    saved = (dec.pos.clone(), dec.tok.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up runs every body: all kernels and cuBLAS handles initialised
+        for _ in range(warmup_steps):
+            dec.step(pattern, HostBranch(force=True))
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if mechanism == "conditional":
+        graph = torch.cuda.CUDAGraph()
+        branch = IfNodeBranch(graph)
+        with torch.cuda.graph(graph):
+            dec.step(pattern, branch)
+        runner = GraphRunner(graph, branch)
+    elif mechanism == "segmented":
+        branch = SegmentedBranch(torch.cuda.graph_pool_handle())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            branch.capture(lambda br: dec.step(pattern, br))
+        torch.cuda.current_stream().wait_stream(stream)
+        runner = SegmentedRunner(branch)
+    else:
+        raise ValueError(f"unknown mechanism {mechanism!r}")
+    torch.cuda.synchronize()
+    dec.pos.copy_(saved[0])
+    dec.tok.copy_(saved[1])
+    dec.zero_stats()
+    return runner
+
+
+def probe_conditional_nodes(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Capture a matmul inside a CUDA-graph IF node and check it with the predicate false and true."""
+    try:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(1)
+        x = torch.randn(8, 256, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(256, 256, device=device, dtype=dtype, generator=gen)
+        out = torch.zeros(8, 256, device=device, dtype=dtype)
+        pred = torch.zeros((), dtype=torch.bool, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up of the exact body outside capture
+            out.copy_(F.linear(x, w) + 1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph.begin_capture_to_if_node(pred)
+            out.copy_(F.linear(x, w) + 1)
+            graph.end_capture_to_conditional_node()
+        out.zero_()
+        pred.fill_(False)
+        graph.replay()
+        torch.cuda.synchronize()
+        if out.abs().max().item() != 0:
+            return False, "IF node body ran with a false predicate"
+        pred.fill_(True)
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = F.linear(x, w) + 1
+        if not torch.allclose(out.float(), expect.float(), rtol=2e-2, atol=2e-2):
+            return False, "IF node body gave a wrong result with a true predicate"
+        return True, "conditional IF nodes captured and replayed correctly (probe)"
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+        return False, f"conditional nodes unavailable: {type(exc).__name__}: {exc}"
