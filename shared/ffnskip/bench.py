@@ -125,8 +125,8 @@ def register(commands) -> None:
                                          "default: --dtype. Rows other than float32 report their dense greedy "
                                          "tokens' agreement with float32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the engine's decode segments (TorchInductor, once per process; the compile "
-                             "time is reported, not timed)")
+                        help="run the engine's decode segments as AOTInductor packages (compiled once per model and "
+                             "precision into $FFNSKIP_CACHE/compiled, loaded after; the time is reported, not timed)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                         help="llama.cpp rows (llamacpp_f32/_bf16, batch 1) on GGUF files written from the same weights; "
                              "default: when llama-cpp-python is installed (pip install '.[peer]')")
@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     rows = summarise(configs, timings, ratios, runners, args.new_tokens)
     report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": ",".join(runners),
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
-              "compiled": args.compile, "compile_seconds": {d: round(r.compile_seconds, 1) for d, r in runners.items()},
+              "compiled": args.compile, "warm_up_seconds": {d: round(r.warm_up_seconds, 1) for d, r in runners.items()},
+              "packages_compiled": {d: r.packages_compiled for d, r in runners.items()},
               "ffn_share": first.engine.weight_bytes.ffn_share, "weight_bytes_per_step": first.engine.weight_bytes.total,
               "rows": rows}
     bandwidth = read_bandwidth_gb_s(loaded.device)
@@ -208,7 +209,8 @@ def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchR
     engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1,
                     compile=args.compile)
     runner = BenchRunner(engine, prompts, args.new_tokens)
-    runner.compile_seconds = engine.warm_up(batches)
+    runner.warm_up_seconds = engine.warm_up(batches)
+    runner.packages_compiled = getattr(engine.model.segments, "compiled", 0)
     if args.peer or (args.peer is None and dtype in PEER_PRECISIONS and 1 in batches and peer.peer_available()):
         if dtype not in PEER_PRECISIONS:
             raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {dtype}")
@@ -263,7 +265,8 @@ class BenchRunner:
         self.new_tokens = new_tokens
         self.sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         self.dtype = str(engine.model.dtype).removeprefix("torch.")
-        self.compile_seconds = 0.0
+        self.warm_up_seconds = 0.0  # loading (and compiling what is not on disk) the decode segments
+        self.packages_compiled = 0
         self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens
         self.peer = None  # a LlamaCppPeer on the same weights, when its rows are wanted
         self.peer_tokens: list[int] = []

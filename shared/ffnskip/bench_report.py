@@ -89,7 +89,8 @@ def print_table(report: dict) -> None:
         print(f"memory read bandwidth {report['memory_read_gb_per_s']:.1f} GB/s: batch-1 limit "
               f"{report['bandwidth_limit_tokens_per_s']:.1f} tokens/s at {report['weight_bytes_per_step'] / 1e6:.0f} MB per step")
     if report.get("compiled"):
-        print("decode segments compiled: " + ", ".join(f"{d} {s:.0f} s" for d, s in report["compile_seconds"].items()))
+        print("decode segments ready: " + ", ".join(
+            f"{d} {s:.0f} s ({report['packages_compiled'][d]} packages compiled)" for d, s in report["warm_up_seconds"].items()))
     header = (f"{'policy':<18}{'batch':>6}{'dtype':>10}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}{'vs llcpp':>9}"
               f"{'ideal':>7}{'realised':>9}{'spread':>13}{'agree':>7}")
     print(header)
@@ -108,3 +109,7 @@ def print_table(report: dict) -> None:
         print(f"\none dense decode step (batch 1): {profile['step_ms']:.2f} ms")
         for part, ms in profile["parts_ms"].items():
             print(f"  {part:<44}{ms:>8.2f} ms  {100 * ms / profile['step_ms']:>5.1f}%")
+        print("  by segment call (a second pass, without the profiler):")
+        for kind, timing in profile["segments_ms"].items():
+            per_call = f"  {timing['us_per_call']:>6.0f} us x {timing['calls_per_step']:.0f}" if "us_per_call" in timing else ""
+            print(f"    {kind:<42}{timing['ms_per_step']:>8.2f} ms{per_call}")

@@ -30,3 +30,16 @@ def test_asking_for_peer_rows_in_an_unsupported_precision_is_a_clear_error(tiny_
                  "--new-tokens", "4", "--reps", "1", "--no-compile", "--peer"])
     assert code == 2
     assert "peer" in capsys.readouterr().err
+
+
+def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_engine):
+    from ffnskip.engine.profile_step import profile_decode_step
+
+    ids = tiny_engine.tokenizer("profile me")["input_ids"]
+    profile = profile_decode_step(tiny_engine, ids, steps=3)
+    segments = profile["segments_ms"]
+    assert segments["block with its FFN"]["calls_per_step"] == tiny_engine.num_layers - 1
+    assert segments["last block (with the LM head)"]["calls_per_step"] == 1
+    assert segments["first q/k/v"]["calls_per_step"] == 1
+    assert "block" not in vars(tiny_engine.model.segments)  # the timing wrappers are gone
+    assert not tiny_engine.has_work

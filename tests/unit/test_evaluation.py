@@ -298,7 +298,7 @@ def test_bench_profile_rows_and_foreign_profiles(tiny_dir, tiny_loaded, tmp_path
                             cold_start=1, cold_end=5, threshold=0.5, max_skip=2, warm_up=1)
     path = tmp_path / "profile.json"
     path.write_text(profile.to_json())
-    argv = ["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "2", "--new-tokens", "4", "--reps", "1",
+    argv = ["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "2", "--new-tokens", "4", "--reps", "1", "--no-compile",
             "--profile", str(path), "--policies", "dense,cal_adaptive,cal_aligned_q50,cal_aligned_q75", "--json"]
     rows = {r["policy"]: r for r in run_json(argv, capsys)["rows"]}
     assert set(rows) == {"dense", "cal_adaptive", "cal_aligned_q50", "cal_aligned_q75"}

@@ -16,7 +16,7 @@ import torch
 
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine.compiled import CompiledSegments
-from ffnskip.engine.loading import LoadedModel
+from ffnskip.engine.loading import LoadedModel, cache_root
 from ffnskip.engine.model import SkipModel
 from ffnskip.engine.policies import RowPlan, SkipController
 from ffnskip.engine.prompts import encode_prompt, eos_ids
@@ -74,8 +74,9 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = SkipModel(loaded.model)
-        if compile:  # decode segments compiled on first use per batch bucket (compiled.py)
-            self.model.segments = CompiledSegments(self.model.layers, self.model.head, max_batch)
+        if compile:  # decode segments compiled (or loaded from disk) per batch bucket (compiled.py)
+            self.model.segments = CompiledSegments(self.model.layers, self.model.head, max_batch,
+                                                   cache_root() / "compiled", loaded.fingerprint)
         self.num_layers = self.model.num_layers
         self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
         self.cache = self.model.new_cache(max_batch, self.max_seq_len)
@@ -89,8 +90,8 @@ class Engine:
         self.decode_ffn_reads = 0
 
     def warm_up(self, batch_sizes: Seq[int]) -> float:
-        """Compile the decode segments for these batch sizes now instead of on first use;
-        returns the seconds it took (0 for an eager engine)."""
+        """Load the decode segments for these batch sizes now (compiling those not on disk)
+        instead of on first use; returns the seconds it took (0 for an eager engine)."""
         segments = self.model.segments
         if not isinstance(segments, CompiledSegments):
             return 0.0

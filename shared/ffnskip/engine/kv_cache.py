@@ -2,7 +2,9 @@
 
 Rows in use are kept as a contiguous prefix [0, n) so that a decode step works on
 views (cache[:n]) with no gather; when a sequence leaves, the last row moves into
-its hole (only the filled positions are copied).
+its hole (only the filled positions are copied). Every row has one position past
+max_seq_len, the scratch position: padding rows of a batch bucket write there, so
+a step may write every row of its bucket without touching a sequence's keys.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, max_seq_len: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (num_layers, max_batch, num_kv_heads, max_seq_len, head_dim)
+        shape = (num_layers, max_batch, num_kv_heads, max_seq_len + 1, head_dim)
         # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN
         # garbage from reused memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
+        self.scratch_position = max_seq_len  # never attended: a span is at most max_seq_len
         self.lengths = [0] * max_batch  # host-side filled length of each row
         self.in_use = 0
 
@@ -55,10 +58,6 @@ class KVCache:
         self.keys[layer, row, :, :length] = k
         self.values[layer, row, :, :length] = v
 
-    def write_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [B, kv_heads, 1, head_dim] written into rows[b] at positions[b]."""
-        self.keys[layer, rows, :, positions] = k[:, :, 0]
-        self.values[layer, rows, :, positions] = v[:, :, 0]
-
-    def view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length]
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values [max_batch, kv_heads, max_seq_len + 1, head_dim]."""
+        return self.keys[index], self.values[index]

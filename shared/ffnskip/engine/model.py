@@ -8,9 +8,8 @@ The HF model's norms and rotary embedding are reused as they are, so variants
 (Llama 3 rope scaling, Qwen2 biases) need no code here.
 
 A decode step runs as segments cut at the skip points (see segments.py): the
-first layer's q/k/v, then per layer the attention over the cache (eager: its
-length grows every step) and one block segment, "o_proj + [FFN] + the next
-layer's q/k/v" (the LM head after the last layer). A skipped FFN is a segment
+first layer's q/k/v, then per layer one block segment, "cache write + attention
++ o_proj + [FFN] + the next layer's q/k/v" (the LM head after the last layer). A skipped FFN is a segment
 without the FFN, so it reads none of its weights. Segments run eagerly or
 compiled (compiled.py) with the same code.
 """
@@ -55,7 +54,17 @@ class FusedLayer(nn.Module):
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        # v is a view into the fused output (rows qkv-wide apart); a compiled segment reads its
+        # inputs with the strides it was exported with, so hand on a dense tensor.
+        return q, k, v.contiguous()
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """q [B, H, T, hd] over keys/values [B, KV, S, hd] -> [B, T, H * hd], ready for o_proj."""
+        batch, _, length, _ = q.shape
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
+        return attn.transpose(1, 2).reshape(batch, length, self.q_size)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
@@ -108,13 +117,6 @@ class SkipModel:
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
 
-    def _attention(self, q, keys, values, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
-        """-> [B, T, H * hd], ready for o_proj."""
-        batch, _, length, _ = q.shape
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=self.num_kv_heads != self.num_heads)
-        return attn.transpose(1, 2).reshape(batch, length, self.q_size)
-
     @torch.inference_mode()
     def prefill(self, cache: KVCache, row: int, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the full model over one prompt into cache row `row`; return last logits [V]."""
@@ -124,7 +126,7 @@ class SkipModel:
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write_prefill(index, row, k[0], v[0])
-            h = x + layer.o_proj(self._attention(q, k, v, None, causal=True))
+            h = x + layer.o_proj(layer.attention(q, k, v, None, causal=True))
             x = h + layer.mlp(h)
         cache.lengths[row] = input_ids.shape[0]
         return self.head(x)[0]
@@ -134,38 +136,37 @@ class SkipModel:
                controller: SkipController) -> torch.Tensor:
         """One decode step for rows [0, B): each row's last token at its position; logits [B, V].
 
-        Compiled segments run on a fixed batch bucket P >= B: the padding rows read
-        cache rows [B, P) at position 0 and are never written back."""
+        Compiled segments run on a fixed batch bucket P >= B: the padding rows attend to
+        position 0 of cache rows [B, P) and write their keys to the scratch position."""
         batch, host_positions = len(tokens), positions
         padded = self.segments.bucket(batch)
         if padded > cache.max_batch:
             raise ValueError(f"batch bucket {padded} exceeds the cache's {cache.max_batch} rows")
-        pad = [0] * (padded - batch)
+        pad = padded - batch
         span = max(positions) + 1
-        x = self.embed(torch.tensor(tokens + pad, device=self.device)[:, None])
-        positions = torch.tensor(positions + pad, device=self.device)
+        x = self.embed(torch.tensor(tokens + [0] * pad, device=self.device)[:, None])
+        positions = torch.tensor(positions + [0] * pad, device=self.device)
+        write_positions = torch.tensor(host_positions + [cache.scratch_position] * pad, device=self.device)
         cos, sin = self.rotary(x, positions[:, None])
         visible = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
         # an additive mask made once per step (SDPA would convert a boolean one in every layer)
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
         mask = mask[:, None, None, :]
-        rows, row_positions = torch.arange(batch, device=self.device), positions[:batch]
         with self.segments.running(padded):
-            following = self._layers(cache, controller, batch, padded, span, x, cos, sin, mask, rows, row_positions)
+            following = self._layers(cache, controller, batch, padded, x, cos, sin, mask, write_positions)
         cache.lengths[:batch] = [p + 1 for p in host_positions]
         return following[:batch]
 
-    def _layers(self, cache, controller, batch, padded, span, x, cos, sin, mask, rows, row_positions) -> torch.Tensor:
+    def _layers(self, cache, controller, batch, padded, x, cos, sin, mask, write_positions) -> torch.Tensor:
         real = (lambda t: t) if padded == batch else (lambda t: t[:batch])  # the rows that are not padding
         q, k, v = self.segments.first_qkv()(x, cos, sin)
         for index in range(self.num_layers):
-            cache.write_decode(index, rows, row_positions, real(k), real(v))
-            keys, values = cache.view(index, padded, span)
-            attn = self._attention(q, keys, values, mask, causal=False)
+            keys, values = cache.layer(index)
             decision = controller.decide(index)
             run_ffn = decision.kind != "none"
             row_mask = self.segments.row_mask(padded, decision.rows)
-            h, x, similarity, following = self.segments.block(index, run_ffn)(x, attn, row_mask, cos, sin)
+            h, x, similarity, following = self.segments.block(index, run_ffn)(
+                x, q, k, v, keys, values, write_positions, mask, row_mask, cos, sin)
             controller.observe(index, real(h), real(x), None if similarity is None else real(similarity))
             if index + 1 < self.num_layers:
                 q, k, v = following

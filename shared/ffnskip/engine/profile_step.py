@@ -2,19 +2,24 @@
 
 torch.profiler records every op with its input shapes; matmuls are assigned to a
 role by the weight they multiply (FFN gate/up and down, attention q/k/v and o,
-the LM head). In a compiled engine a segment is one call: its time is reported
-as the graph's run and the wrapping around it. Profiled on a warm engine, median
-over a few steps.
+the LM head). A compiled engine's segments run inside AOTInductor packages, which
+the profiler does not see: their time is the step's wall time less every op it
+recorded, and a second pass times each segment call by kind (`segments_ms`).
+Profiled on a warm engine, median over a few steps.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from torch.profiler import ProfilerActivity, profile
 
 from ffnskip.config import DENSE, SamplingParams
 
+UNSEEN = "compiled segments, Python (not seen by the profiler)"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"}
 
 
@@ -26,40 +31,69 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
         (engine.model.q_size + 2 * engine.model.kv_size, hidden): "attention qkv matmul",
         (hidden, engine.model.q_size): "attention o matmul", (config.vocab_size, hidden): "lm_head matmul",
     }
-    seq = engine.add(prompt_ids=prompt_ids, sampling=SamplingParams(max_new_tokens=steps + 4, ignore_eos=True), skip=DENSE)
+    seq = engine.add(prompt_ids=prompt_ids, sampling=SamplingParams(max_new_tokens=2 * steps + 4, ignore_eos=True), skip=DENSE)
     engine.step()  # prefill
     engine.step()  # one warm decode step
     totals: dict[str, list[float]] = {}
     step_ms = []
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            started = time.perf_counter()
             engine.step()
+            wall_ms = (time.perf_counter() - started) * 1000.0
         parts: dict[str, float] = {}
         for event in prof.events():
             if event.cpu_parent is not None and event.cpu_parent.name not in ("ProfilerStep*",):
                 continue  # count top-level ops only, so nothing is counted twice
-            for part, us in _attribute(event, roles):
-                parts[part] = parts.get(part, 0.0) + us / 1000.0
+            part = _classify(event, roles)
+            parts[part] = parts.get(part, 0.0) + event.cpu_time_total / 1000.0
+        parts[UNSEEN] = max(wall_ms - sum(parts.values()), 0.0)
         for part, ms in parts.items():
             totals.setdefault(part, []).append(ms)
-        step_ms.append(sum(parts.values()))
+        step_ms.append(wall_ms)
+    calls: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with _timed_segments(engine.model, calls):
+        for _ in range(steps):
+            engine.step()
+    wall_ms = (time.perf_counter() - started) * 1000.0 / steps
     engine.cancel(seq.request_id)
     while engine.has_work:
         engine.step()
     medians = {part: statistics.median(values) for part, values in totals.items()}
+    segments = {kind: {"ms_per_step": sum(seconds) * 1000.0 / steps, "us_per_call": statistics.median(seconds) * 1e6,
+                       "calls_per_step": len(seconds) / steps} for kind, seconds in calls.items()}
+    segments["outside the segments"] = {"ms_per_step": wall_ms - sum(s["ms_per_step"] for s in segments.values())}
     return {"step_ms": statistics.median(step_ms),
-            "parts_ms": dict(sorted(medians.items(), key=lambda kv: -kv[1]))}
+            "parts_ms": dict(sorted(medians.items(), key=lambda kv: -kv[1])),
+            "segments_ms": segments}
 
 
-def _attribute(event, roles: dict) -> list[tuple[str, float]]:
-    """A top-level event's time by part; a compiled segment's call splits into the graph's own
-    run (its matmuls and fused ops are one C++ call, invisible to the profiler) and the
-    Python/Dynamo wrapping around it."""
-    if event.name.startswith("Torch-Compiled Region"):
-        graph = sum(child.cpu_time_total for child in event.cpu_children if "CompiledFxGraph" in child.name)
-        return [("compiled segments (matmuls + fused ops)", graph),
-                ("compiled-call overhead (dynamo, wrappers)", event.cpu_time_total - graph)]
-    return [(_classify(event, roles), event.cpu_time_total)]
+@contextmanager
+def _timed_segments(model, calls: dict[str, list[float]]) -> Iterator[None]:
+    """Time every segment call by kind while inside (the segments object is restored after)."""
+    segments = model.segments
+    block, first_qkv = segments.block, segments.first_qkv
+
+    def timed(kind: str, run: Callable) -> Callable:
+        def call(*args):
+            started = time.perf_counter()
+            result = run(*args)
+            calls.setdefault(kind, []).append(time.perf_counter() - started)
+            return result
+        return call
+
+    def kind_of(index: int, run_ffn: bool) -> str:
+        if index + 1 == model.num_layers:
+            return "last block (with the LM head)"
+        return "block with its FFN" if run_ffn else "block, FFN skipped"
+
+    segments.block = lambda index, run_ffn: timed(kind_of(index, run_ffn), block(index, run_ffn))
+    segments.first_qkv = lambda: timed("first q/k/v", first_qkv())
+    try:
+        yield
+    finally:
+        del segments.block, segments.first_qkv  # the instance attributes shadowed the methods
 
 
 def _classify(event, roles: dict) -> str:

@@ -1,6 +1,7 @@
 """The pieces of a decode step between skip points, run eagerly.
 
-`block(layer, run_ffn)` is layer i's attention output projection, its FFN when
+`block(layer, run_ffn)` is layer i's whole step after its q/k/v: write k and v
+into the cache, attend over the cache, the output projection, the FFN when
 `run_ffn` (only on the rows of `row_mask`; the others keep h), the cosine
 between h and the result when the segment computes it, and then layer i+1's
 q/k/v, or the LM head's logits after the last layer. Cutting there keeps the
@@ -19,9 +20,17 @@ from torch import nn
 
 
 def block_step(layer: nn.Module, following: nn.Module, is_last: bool, run_ffn: bool, with_similarity: bool,
-               x: torch.Tensor, attn: torch.Tensor, row_mask: Optional[torch.Tensor],
-               cos: torch.Tensor, sin: torch.Tensor):
-    """-> (h, out, similarity [B] or None, next layer's (q, k, v) or logits [B, V])."""
+               x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, write_positions: torch.Tensor, mask: torch.Tensor,
+               row_mask: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+    """One layer of a decode step over batch rows [0, P) of this layer's cache `keys`/`values`
+    [rows, kv_heads, positions, head_dim]; `mask` [P, 1, 1, span] is additive and its width is
+    the span attended. -> (h, out, similarity [P] or None, next layer's (q, k, v) or logits)."""
+    padded, span = q.shape[0], mask.shape[-1]
+    rows = torch.arange(padded, device=q.device)
+    keys[rows, :, write_positions] = k[:, :, 0]
+    values[rows, :, write_positions] = v[:, :, 0]
+    attn = layer.attention(q, keys[:padded, :, :span], values[:padded, :, :span], mask, causal=False)
     h = x + layer.o_proj(attn)
     out, similarity = h, None
     if run_ffn:
@@ -68,6 +77,6 @@ class EagerSegments:
         last = index + 1 == len(self.layers)
         following = self.head if last else self.layers[index + 1]
 
-        def run(x, attn, row_mask, cos, sin):
-            return block_step(self.layers[index], following, last, run_ffn, False, x, attn, row_mask, cos, sin)
+        def run(*args):
+            return block_step(self.layers[index], following, last, run_ffn, False, *args)
         return run
