@@ -38,8 +38,8 @@ def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_en
     ids = tiny_engine.tokenizer("profile me")["input_ids"]
     profile = profile_decode_step(tiny_engine, ids, steps=3)
     segments = profile["segments_ms"]
-    assert segments["block with its FFN"]["calls_per_step"] == tiny_engine.num_layers - 1
-    assert segments["last block (with the LM head)"]["calls_per_step"] == 1
-    assert segments["first q/k/v"]["calls_per_step"] == 1
-    assert "block" not in vars(tiny_engine.model.segments)  # the timing wrappers are gone
+    assert segments["attention (q/k/v, cache write, attention, o_proj)"]["calls_per_step"] == tiny_engine.num_layers
+    assert segments["ffn"]["calls_per_step"] == tiny_engine.num_layers  # dense
+    assert segments["lm head"]["calls_per_step"] == 1
+    assert not {"attention", "ffn", "head"} & set(vars(tiny_engine.model.segments))  # the timing wrappers are gone
     assert not tiny_engine.has_work

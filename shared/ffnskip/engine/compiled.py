@@ -7,11 +7,14 @@ Why this shape (measured on SmolLM2-135M, 2 CPU threads, docs/performance.md):
   at M=1 the micro-GEMM read fp32 weights about twice as fast as MKL's GEMV.
 - AOTInductor, not `torch.compile`: a package is called through its C++ runner with a
   plain list of tensors (about 5 us), where a Dynamo-compiled segment went through
-  frame evaluation and AOTAutograd's wrappers (50-100 us, 31 calls per step); and a
+  frame evaluation and AOTAutograd's wrappers (50-100 us per call); and a
   package is a file, so a process loads in seconds what took minutes to compile.
+- Two packages per layer, "attention" and "ffn", so that no weight is in two packages
+  of a bucket and a skipped FFN is a call not made.
 - Static shapes except the attention span and the cache's size: each batch bucket
-  (1, 2, 4, ... up to the cache's rows) is its own package; a batch runs padded to
-  the next bucket.
+  (1, 2, 4, ... up to the cache's rows) is its own set of packages; a batch runs padded
+  to the next bucket. (One package with a dynamic batch was tried once, on a busy
+  machine: its batch-1 call took 3.8 ms against 0.2 ms at batch 2.)
 
 Packages live under $FFNSKIP_CACHE/compiled/<key>/, the key hashing everything a
 package depends on: the model's fingerprint, dtype, torch version, the CPU's capability
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence as Seq
@@ -32,11 +36,11 @@ from torch import nn
 from torch.export import Dim
 
 from ffnskip.engine import model as model_module, segments as segments_module
-from ffnskip.engine.segments import block_step
+from ffnskip.engine.segments import attention_step, ffn_step
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and model.py is hashed as it is.
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
@@ -60,23 +64,22 @@ def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, auto
     return digest.hexdigest()[:20]
 
 
-class _Block(nn.Module):
-    def __init__(self, layer: nn.Module, following: nn.Module, is_last: bool, run_ffn: bool) -> None:
-        super().__init__()
-        self.layer, self.following, self.is_last, self.run_ffn = layer, following, is_last, run_ffn
-
-    def forward(self, x, q, k, v, keys, values, write_positions, mask, row_mask, cos, sin):
-        return block_step(self.layer, self.following, self.is_last, self.run_ffn, True,
-                          x, q, k, v, keys, values, write_positions, mask, row_mask, cos, sin)
-
-
-class _FirstQkv(nn.Module):
+class _Attention(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
-    def forward(self, x, cos, sin):
-        return self.layer.qkv(x, cos, sin)
+    def forward(self, x, keys, values, write_positions, mask, cos, sin):
+        return attention_step(self.layer, x, keys, values, write_positions, mask, cos, sin)
+
+
+class _Ffn(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h, row_mask):
+        return ffn_step(self.layer, True, h, row_mask)
 
 
 class CompiledSegments:
@@ -84,7 +87,7 @@ class CompiledSegments:
 
     def __init__(self, layers: list[nn.Module], head: nn.Module, max_batch: int, cache_dir: Path,
                  fingerprint: str) -> None:
-        self.layers, self.head = layers, head
+        self.layers, self._head = layers, head
         self.buckets = batch_buckets(max_batch)
         weight = head.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -120,20 +123,24 @@ class CompiledSegments:
         self._padded = padded
         yield
 
-    def first_qkv(self) -> Callable:
-        return self._runner(self._padded, "first")
+    def attention(self, index: int) -> Callable:
+        return self._runner(self._padded, f"attention_{index}")
 
-    def block(self, index: int, run_ffn: bool) -> Callable:
-        return self._runner(self._padded, _block_name(index, run_ffn))
+    def ffn(self, index: int) -> Callable:
+        return self._runner(self._padded, f"ffn_{index}")
+
+    def head(self) -> Callable:
+        return self._runner(self._padded, "head")
+
+    def package_names(self) -> list[str]:
+        return [f"{kind}_{index}" for index in range(len(self.layers)) for kind in ("attention", "ffn")] + ["head"]
 
     def warm_up(self, buckets: Seq[int]) -> float:
         """Load (compiling where missing) every segment of these buckets; returns seconds."""
         started = time.perf_counter()
         for size in buckets:
-            self._runner(size, "first")
-            for index in range(len(self.layers)):
-                for run_ffn in (True, False):
-                    self._runner(size, _block_name(index, run_ffn))
+            for name in self.package_names():
+                self._runner(size, name)
             self.warm_buckets.add(size)
         return time.perf_counter() - started
 
@@ -150,61 +157,43 @@ class CompiledSegments:
             self._compile(padded, name, path)
             self.compile_seconds += time.perf_counter() - started
             self.compiled += 1
-        loader = torch._inductor.aoti_load_package(str(path)).loader
-        if name == "first":
-            return lambda x, cos, sin: tuple(loader.boxed_run([x, cos, sin]))
-        return _block_runner(loader, is_last=name.startswith(f"block_{len(self.layers) - 1}_"))
+        run = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+        if name.startswith("ffn_"):
+            return lambda h, row_mask: tuple(run([h, row_mask]))  # (out, similarity)
+        return lambda *args: run(list(args))[0]  # h, or the logits
 
     def _compile(self, padded: int, name: str, path: Path) -> None:
         module, args, dynamic = self._traceable(padded, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # another process may compile it too
-        with torch.no_grad():
-            program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(partial),
-                inductor_configs={**COMPILE_OPTIONS, "max_autotune": self.autotune})
-        os.replace(partial, path)
+        # unique per writer: decoders on other nodes may compile the same package into a shared volume
+        partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.pt2")
+        try:
+            with torch.no_grad():
+                program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(partial),
+                    inductor_configs={**COMPILE_OPTIONS, "max_autotune": self.autotune})
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)  # only left when the compile failed
 
     def _traceable(self, padded: int, name: str) -> tuple[nn.Module, tuple, Optional[tuple]]:
         """The module of a segment, example inputs of bucket `padded`, and their dynamic dims."""
         first = self.layers[0]
         like = dict(dtype=self.dtype, device=self.device)
         x = torch.zeros(padded, 1, first.o_proj.weight.shape[0], **like)
+        if name == "head":
+            return self._head, (x,), None
+        kind, index = name.split("_")
+        layer = self.layers[int(index)]
+        if kind == "ffn":
+            return _Ffn(layer), (x, self._all_rows[padded].clone()), None
         cos = torch.ones(padded, 1, first.head_dim, **like)
-        sin = torch.zeros_like(cos)
-        if name == "first":
-            return _FirstQkv(first), (x, cos, sin), None
-        index, run_ffn = _parse_block_name(name)
-        last = index + 1 == len(self.layers)
-        q = torch.zeros(padded, first.num_heads, 1, first.head_dim, **like)
-        k = torch.zeros(padded, first.num_kv_heads, 1, first.head_dim, **like)
         cache_rows, positions, span = padded + 1, 8, 4  # example sizes only: these three are dynamic
         keys = torch.zeros(cache_rows, first.num_kv_heads, positions, first.head_dim, **like)
         write_positions = torch.zeros(padded, dtype=torch.long, device=self.device)
         mask = torch.zeros(padded, 1, 1, span, **like)
-        args = (x, q, k, torch.zeros_like(k), keys, torch.zeros_like(keys), write_positions, mask,
-                self._all_rows[padded].clone(), cos, sin)
+        args = (x, keys, torch.zeros_like(keys), write_positions, mask, cos, torch.zeros_like(cos))
         cache = {0: Dim(f"cache_rows_{padded}", min=padded), 2: Dim("cache_positions", min=3)}
-        dynamic = (None, None, None, None, cache, cache, None, {3: Dim("span", min=2)}, None, None, None)
-        following = self.head if last else self.layers[index + 1]
-        return _Block(self.layers[index], following, last, run_ffn), args, dynamic
-
-
-def _block_name(index: int, run_ffn: bool) -> str:
-    return f"block_{index}_{'ffn' if run_ffn else 'skip'}"
-
-
-def _parse_block_name(name: str) -> tuple[int, bool]:
-    _, index, kind = name.split("_")
-    return int(index), kind == "ffn"
-
-
-def _block_runner(loader, is_last: bool) -> Callable:
-    """Rebuild block_step's (h, out, similarity, following) from the package's flat outputs
-    (a skipped FFN has no similarity output: None is not a tensor)."""
-    def run(*args):
-        flat = loader.boxed_run(list(args))
-        similarity = flat[2] if len(flat) in (4, 6) else None
-        return flat[0], flat[1], similarity, flat[-1] if is_last else tuple(flat[-3:])
-    return run
+        dynamic = (None, cache, cache, None, {3: Dim("span", min=2)}, None, None)
+        return _Attention(layer), args, dynamic

@@ -7,11 +7,11 @@ because their weights become views into the fused tensors (no extra memory).
 The HF model's norms and rotary embedding are reused as they are, so variants
 (Llama 3 rope scaling, Qwen2 biases) need no code here.
 
-A decode step runs as segments cut at the skip points (see segments.py): the
-first layer's q/k/v, then per layer one block segment, "cache write + attention
-+ o_proj + [FFN] + the next layer's q/k/v" (the LM head after the last layer). A skipped FFN is a segment
-without the FFN, so it reads none of its weights. Segments run eagerly or
-compiled (compiled.py) with the same code.
+A decode step runs as segments cut at the skip point (see segments.py): per
+layer "q/k/v + cache write + attention + o_proj", then the decision, then "FFN"
+unless it is skipped; the LM head after the last layer. A skipped FFN is a call
+not made, so none of its weights is read. Segments run eagerly or compiled
+(compiled.py) with the same code.
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ class FusedLayer(nn.Module):
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # v is a view into the fused output (rows qkv-wide apart); a compiled segment reads its
-        # inputs with the strides it was exported with, so hand on a dense tensor.
-        return q, k, v.contiguous()
+        return q, k, v
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
@@ -153,21 +151,19 @@ class SkipModel:
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
         mask = mask[:, None, None, :]
         with self.segments.running(padded):
-            following = self._layers(cache, controller, batch, padded, x, cos, sin, mask, write_positions)
+            logits = self._layers(cache, controller, batch, padded, x, cos, sin, mask, write_positions)
         cache.lengths[:batch] = [p + 1 for p in host_positions]
-        return following[:batch]
+        return logits[:batch]
 
     def _layers(self, cache, controller, batch, padded, x, cos, sin, mask, write_positions) -> torch.Tensor:
         real = (lambda t: t) if padded == batch else (lambda t: t[:batch])  # the rows that are not padding
-        q, k, v = self.segments.first_qkv()(x, cos, sin)
+        segments = self.segments
         for index in range(self.num_layers):
             keys, values = cache.layer(index)
+            h = segments.attention(index)(x, keys, values, write_positions, mask, cos, sin)
             decision = controller.decide(index)
-            run_ffn = decision.kind != "none"
-            row_mask = self.segments.row_mask(padded, decision.rows)
-            h, x, similarity, following = self.segments.block(index, run_ffn)(
-                x, q, k, v, keys, values, write_positions, mask, row_mask, cos, sin)
+            x, similarity = h, None
+            if decision.kind != "none":
+                x, similarity = segments.ffn(index)(h, segments.row_mask(padded, decision.rows))
             controller.observe(index, real(h), real(x), None if similarity is None else real(similarity))
-            if index + 1 < self.num_layers:
-                q, k, v = following
-        return following
+        return segments.head()(x)

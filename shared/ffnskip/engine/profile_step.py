@@ -73,7 +73,7 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
 def _timed_segments(model, calls: dict[str, list[float]]) -> Iterator[None]:
     """Time every segment call by kind while inside (the segments object is restored after)."""
     segments = model.segments
-    block, first_qkv = segments.block, segments.first_qkv
+    attention, ffn, head = segments.attention, segments.ffn, segments.head
 
     def timed(kind: str, run: Callable) -> Callable:
         def call(*args):
@@ -83,17 +83,13 @@ def _timed_segments(model, calls: dict[str, list[float]]) -> Iterator[None]:
             return result
         return call
 
-    def kind_of(index: int, run_ffn: bool) -> str:
-        if index + 1 == model.num_layers:
-            return "last block (with the LM head)"
-        return "block with its FFN" if run_ffn else "block, FFN skipped"
-
-    segments.block = lambda index, run_ffn: timed(kind_of(index, run_ffn), block(index, run_ffn))
-    segments.first_qkv = lambda: timed("first q/k/v", first_qkv())
+    segments.attention = lambda index: timed("attention (q/k/v, cache write, attention, o_proj)", attention(index))
+    segments.ffn = lambda index: timed("ffn", ffn(index))
+    segments.head = lambda: timed("lm head", head())
     try:
         yield
     finally:
-        del segments.block, segments.first_qkv  # the instance attributes shadowed the methods
+        del segments.attention, segments.ffn, segments.head  # the instance attributes shadowed the methods
 
 
 def _classify(event, roles: dict) -> str:

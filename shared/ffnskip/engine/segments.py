@@ -1,12 +1,13 @@
 """The pieces of a decode step between skip points, run eagerly.
 
-`block(layer, run_ffn)` is layer i's whole step after its q/k/v: write k and v
-into the cache, attend over the cache, the output projection, the FFN when
-`run_ffn` (only on the rows of `row_mask`; the others keep h), the cosine
-between h and the result when the segment computes it, and then layer i+1's
-q/k/v, or the LM head's logits after the last layer. Cutting there keeps the
-decision free (a skipped FFN is a segment without it) while giving a compiler
-one large piece per layer. compiled.py provides the same interface compiled.
+Per layer a decode step is two segments with the skip decision between them:
+`attention(i)` is layer i's q/k/v, the write of k and v into the cache, the
+attention over the cache and the output projection with its residual (-> h);
+`ffn(i)` is the FFN on the rows of `row_mask` (the others keep h) and, when the
+segment computes it, the cosine between h and the result (-> out). A skipped FFN
+is a segment not called, so it costs nothing, and no weight is in two segments.
+`head()` is the final norm and the LM head. compiled.py provides the same
+interface compiled.
 """
 
 from __future__ import annotations
@@ -19,35 +20,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def block_step(layer: nn.Module, following: nn.Module, is_last: bool, run_ffn: bool, with_similarity: bool,
-               x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               keys: torch.Tensor, values: torch.Tensor, write_positions: torch.Tensor, mask: torch.Tensor,
-               row_mask: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
-    """One layer of a decode step over batch rows [0, P) of this layer's cache `keys`/`values`
-    [rows, kv_heads, positions, head_dim]; `mask` [P, 1, 1, span] is additive and its width is
-    the span attended. -> (h, out, similarity [P] or None, next layer's (q, k, v) or logits)."""
-    padded, span = q.shape[0], mask.shape[-1]
-    rows = torch.arange(padded, device=q.device)
+def attention_step(layer: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   write_positions: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [P, 1, D] over batch rows [0, P) of this layer's cache `keys`/`values` [rows, kv_heads,
+    positions, head_dim]; `mask` [P, 1, 1, span] is additive and its width is the span attended.
+    Row b writes its k and v at write_positions[b]. -> h = x + o_proj(attention)."""
+    padded, span = x.shape[0], mask.shape[-1]
+    q, k, v = layer.qkv(x, cos, sin)
+    rows = torch.arange(padded, device=x.device)
     keys[rows, :, write_positions] = k[:, :, 0]
     values[rows, :, write_positions] = v[:, :, 0]
     attn = layer.attention(q, keys[:padded, :, :span], values[:padded, :, :span], mask, causal=False)
-    h = x + layer.o_proj(attn)
-    out, similarity = h, None
-    if run_ffn:
-        out = h + layer.mlp(h)
-        if row_mask is not None:
-            out = torch.where(row_mask, out, h)
-        if with_similarity:
-            similarity = F.cosine_similarity(h[:, -1].float(), out[:, -1].float(), dim=-1)
-    following_out = following(out) if is_last else following.qkv(out, cos, sin)
-    return h, out, similarity, following_out
+    return x + layer.o_proj(attn)
+
+
+def ffn_step(layer: nn.Module, with_similarity: bool, h: torch.Tensor, row_mask: Optional[torch.Tensor]):
+    """-> (out = h + FFN(h) on the rows of row_mask, h elsewhere; cos(h, out) [P] or None)."""
+    out = h + layer.mlp(h)
+    if row_mask is not None:
+        out = torch.where(row_mask, out, h)
+    similarity = F.cosine_similarity(h[:, -1].float(), out[:, -1].float(), dim=-1) if with_similarity else None
+    return out, similarity
 
 
 class Segments(Protocol):
     def bucket(self, batch: int) -> int: ...
     def row_mask(self, padded: int, rows: Optional[Seq[int]]) -> Optional[torch.Tensor]: ...
-    def first_qkv(self) -> Callable: ...
-    def block(self, index: int, run_ffn: bool) -> Callable: ...
+    def attention(self, index: int) -> Callable: ...
+    def ffn(self, index: int) -> Callable: ...
+    def head(self) -> Callable: ...
     def running(self, padded: int) -> ContextManager: ...
 
 
@@ -55,7 +56,7 @@ class EagerSegments:
     """Exact batch sizes, the FFN only where a row runs it, the cosine left to the controller."""
 
     def __init__(self, layers: list[nn.Module], head: nn.Module) -> None:
-        self.layers, self.head = layers, head
+        self.layers, self._head = layers, head
 
     def bucket(self, batch: int) -> int:
         return batch
@@ -65,18 +66,18 @@ class EagerSegments:
             return None
         mask = torch.zeros(padded, dtype=torch.bool)
         mask[list(rows)] = True
-        return mask.to(self.head.lm_head.weight.device)[:, None, None]
-
-    def first_qkv(self) -> Callable:
-        return self.layers[0].qkv
+        return mask.to(self._head.lm_head.weight.device)[:, None, None]
 
     def running(self, padded: int) -> ContextManager:
         return nullcontext()
 
-    def block(self, index: int, run_ffn: bool) -> Callable:
-        last = index + 1 == len(self.layers)
-        following = self.head if last else self.layers[index + 1]
+    def attention(self, index: int) -> Callable:
+        layer = self.layers[index]
+        return lambda *args: attention_step(layer, *args)
 
-        def run(*args):
-            return block_step(self.layers[index], following, last, run_ffn, False, *args)
-        return run
+    def ffn(self, index: int) -> Callable:
+        layer = self.layers[index]
+        return lambda h, row_mask: ffn_step(layer, False, h, row_mask)
+
+    def head(self) -> Callable:
+        return self._head
