@@ -67,7 +67,10 @@ class EngineLoop:
         with self._wake:
             if self._draining:
                 raise Unavailable("decoder is draining: it finishes in-flight requests and accepts no new ones")
-            if self.waiting >= self.max_queue:
+            # Requests ahead of this one take the free rows first; only those left over queue. (The
+            # engine thread admits in batches, so a burst arriving at an idle decoder sits in the
+            # inbox for a moment: counting it against the queue alone refused requests that had a row.)
+            if self.waiting - self.engine.cache.free_rows >= self.max_queue:
                 raise ResourceExhausted(f"decoder queue is full ({self.max_queue} waiting)", retry_after_s=1.0)
             self._inbox.append(submission)
             self.idle.clear()

@@ -33,7 +33,9 @@ async def serve(settings: DecoderSettings) -> None:
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
     if settings.compile:  # before the server starts: no request waits on a compile
-        log.info("decode segments compiled", seconds=round(engine.warm_up(range(1, settings.max_batch + 1)), 1))
+        batch_sizes = range(1, settings.max_batch + 1)
+        log.info("loading compiled decode segments", to_compile=engine.packages_to_compile(batch_sizes))
+        log.info("decode segments ready", seconds=round(engine.warm_up(batch_sizes), 1))
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
                               settings.profile_cache_dir, default=SkipParams(policy="dense"),

@@ -6,6 +6,8 @@ A 3-layer tiny model keeps the packages few (each costs a C++ build of a few sec
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -51,7 +53,9 @@ def package_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compiled_engine(tiny_loaded) -> Engine:
     engine = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
-    assert engine.warm_up([1, 3]) > 0  # buckets 1 and 4
+    compiled = []
+    assert engine.warm_up([1, 3], on_compiled=lambda: compiled.append(1)) > 0  # buckets 1 and 4
+    assert len(compiled) == engine.model.segments.compiled
     return engine
 
 
@@ -65,7 +69,9 @@ def test_warm_up_compiles_every_segment_of_the_buckets(compiled_engine, package_
 
 def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, tiny_loaded):
     again = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
-    again.warm_up([1, 3])
+    assert again.packages_to_compile([1, 3]) == 0
+    assert again.packages_to_compile([2]) == 2 * again.num_layers + 1  # bucket 2 was never compiled
+    again.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
     assert again.model.segments.compiled == 0
     ours = again.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
     theirs = compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
@@ -152,3 +158,15 @@ def test_compiled_bfloat16_logits_are_as_close_to_float32_as_eager_bfloat16(tiny
     exact = _first_decode_logits(Engine(tiny_loaded, max_batch=1, max_seq_len=64), PROMPTS[0])
     assert (ours - exact).abs().max().item() <= 1.5 * (eager - exact).abs().max().item()
     assert ours.argmax() == exact.argmax()
+
+
+def test_bench_compiles_only_the_missing_packages_with_a_progress_bar(compiled_engine, tiny_dir, capsys):
+    from ffnskip.cli import main
+
+    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--dtypes", "float32", "--batches", "1,2",
+                 "--new-tokens", "4", "--reps", "1", "--policies", "dense", "--no-peer", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["compiled"] is True
+    assert report["packages_compiled"] == {"float32": 2 * compiled_engine.num_layers + 1}  # bucket 2; bucket 1 was on disk
+    assert "compiling float32 decode packages" in captured.err

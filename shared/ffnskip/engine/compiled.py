@@ -135,12 +135,20 @@ class CompiledSegments:
     def package_names(self) -> list[str]:
         return [f"{kind}_{index}" for index in range(len(self.layers)) for kind in ("attention", "ffn")] + ["head"]
 
-    def warm_up(self, buckets: Seq[int]) -> float:
-        """Load (compiling where missing) every segment of these buckets; returns seconds."""
+    def missing(self, buckets: Seq[int]) -> int:
+        """How many packages of these buckets are not on disk yet (each takes seconds to compile)."""
+        return sum(not self._path(size, name).exists() for size in buckets for name in self.package_names())
+
+    def warm_up(self, buckets: Seq[int], on_compiled: Optional[Callable[[], None]] = None) -> float:
+        """Load (compiling where missing, calling `on_compiled` after each) every segment of these
+        buckets; returns seconds."""
         started = time.perf_counter()
         for size in buckets:
             for name in self.package_names():
+                compiled = self.compiled
                 self._runner(size, name)
+                if on_compiled is not None and self.compiled > compiled:
+                    on_compiled()
             self.warm_buckets.add(size)
         return time.perf_counter() - started
 
@@ -150,8 +158,11 @@ class CompiledSegments:
             self._runners[key] = self._load(padded, name)
         return self._runners[key]
 
+    def _path(self, padded: int, name: str) -> Path:
+        return self.directory / f"b{padded}" / f"{name}.pt2"
+
     def _load(self, padded: int, name: str) -> Callable:
-        path = self.directory / f"b{padded}" / f"{name}.pt2"
+        path = self._path(padded, name)
         if not path.exists():
             started = time.perf_counter()
             self._compile(padded, name, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence as Seq
+from typing import Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
@@ -89,13 +89,22 @@ class Engine:
         self.decode_layer_steps = 0
         self.decode_ffn_reads = 0
 
-    def warm_up(self, batch_sizes: Seq[int]) -> float:
-        """Load the decode segments for these batch sizes now (compiling those not on disk)
-        instead of on first use; returns the seconds it took (0 for an eager engine)."""
+    def warm_up(self, batch_sizes: Seq[int], on_compiled: Optional[Callable[[], None]] = None) -> float:
+        """Load the decode segments for these batch sizes now (compiling those not on disk,
+        calling `on_compiled` after each) instead of on first use; returns the seconds it took
+        (0 for an eager engine)."""
         segments = self.model.segments
         if not isinstance(segments, CompiledSegments):
             return 0.0
-        return segments.warm_up(sorted({segments.bucket(b) for b in batch_sizes}))
+        return segments.warm_up(self._buckets(batch_sizes), on_compiled)
+
+    def packages_to_compile(self, batch_sizes: Seq[int]) -> int:
+        """Compiled segments of these batch sizes not on disk yet (0 for an eager engine)."""
+        segments = self.model.segments
+        return segments.missing(self._buckets(batch_sizes)) if isinstance(segments, CompiledSegments) else 0
+
+    def _buckets(self, batch_sizes: Seq[int]) -> list[int]:
+        return sorted({self.model.segments.bucket(b) for b in batch_sizes})
 
     # -- requests ---------------------------------------------------------------------------
 
