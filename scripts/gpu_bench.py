@@ -87,20 +87,17 @@ import re
 import statistics
 import sys
 import time
-
 from dataclasses import asdict
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also when imported by path
 from gpu_graphs import (EagerRunner, HostBranch, SegmentedRunner, build_runner,  # noqa: E402,F401 (HostBranch: tests)
                         probe_conditional_nodes)
 from gpu_model import (CONFIGS, PATTERNS, Decoder, ModelConfig, SkipPlan, Weights,  # noqa: E402
                        default_plan, init_weights)
-
-# --------------------------------------------------------------------------- bench
 
 
 def sync(device: torch.device) -> None:

@@ -13,7 +13,6 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import structlog
 

@@ -197,16 +197,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warm_up(engine, batches: list[int], dtype: str) -> float:
-    """Load the compiled decode segments, with a progress bar when some must be compiled first."""
+def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
+    """Load the compiled decode segments, with a progress bar when some must be compiled first;
+    -> (seconds, packages compiled)."""
     missing = engine.packages_to_compile(batches)
     if not missing:
-        return engine.warm_up(batches)
+        return engine.warm_up(batches), 0
     from tqdm import tqdm
 
     with tqdm(total=missing, desc=f"compiling {dtype} decode packages (once; --no-compile skips)", unit="package",
               file=sys.stderr, dynamic_ncols=True) as bar:
-        return engine.warm_up(batches, on_compiled=bar.update)
+        return engine.warm_up(batches, on_compiled=bar.update), bar.n
 
 
 def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchRunner":
@@ -221,8 +222,7 @@ def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchR
     engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1,
                     compile=args.compile)
     runner = BenchRunner(engine, prompts, args.new_tokens)
-    runner.warm_up_seconds = _warm_up(engine, batches, dtype)
-    runner.packages_compiled = getattr(engine.model.segments, "compiled", 0)
+    runner.warm_up_seconds, runner.packages_compiled = _warm_up(engine, batches, dtype)
     if args.peer or (args.peer is None and dtype in PEER_PRECISIONS and 1 in batches and peer.peer_available()):
         if dtype not in PEER_PRECISIONS:
             raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {dtype}")

@@ -101,7 +101,6 @@ class CompiledSegments:
         self._runners: dict[tuple[int, str], Callable] = {}
         self._padded = self.buckets[0]
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
-        self.compile_seconds = 0.0  # spent compiling packages that were not on disk
         self.compiled = 0  # packages compiled by this process (the others were loaded)
 
     def bucket(self, batch: int) -> int:
@@ -164,9 +163,7 @@ class CompiledSegments:
     def _load(self, padded: int, name: str) -> Callable:
         path = self._path(padded, name)
         if not path.exists():
-            started = time.perf_counter()
             self._compile(padded, name, path)
-            self.compile_seconds += time.perf_counter() - started
             self.compiled += 1
         run = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
         if name.startswith("ffn_"):

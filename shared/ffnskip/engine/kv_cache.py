@@ -20,6 +20,8 @@ class KVCache:
         # garbage from reused memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # per-layer views made once: a decode step asks for every layer's (indexing costs us each)
+        self._layers = [(self.keys[i], self.values[i]) for i in range(num_layers)]
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.scratch_position = max_seq_len  # never attended: a span is at most max_seq_len
@@ -60,4 +62,4 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s keys and values [max_batch, kv_heads, max_seq_len + 1, head_dim]."""
-        return self.keys[index], self.values[index]
+        return self._layers[index]
