@@ -1,9 +1,18 @@
 """`ffnskip bench`: dense vs skip policies on one model, interleaved, in one process.
 
-Each repetition runs every configuration once (so drift and noise hit all rows
-alike); a row reports the median over repetitions. Exactly `--new-tokens` tokens
-are generated per sequence (EOS ignored). The realised fraction of the ideal
-speedup uses the measured skip ratio over all generated tokens (BRIEF section 3).
+Each repetition runs every configuration once; a row reports the median over
+repetitions. The engine's rows of one precision and batch size run side by side,
+each on its own engine over one shared model, stepped in turn, so a swing of the
+machine's bandwidth hits dense and skip alike; transformers and llama.cpp rows
+run alone between them. Exactly `--new-tokens` tokens are generated per sequence
+(EOS ignored). Every run is timed twice: the whole request (prefill included;
+tokens/s and the comparisons with transformers and llama.cpp use it) and its
+decode steps alone.
+The realised fraction of the ideal speedup (BRIEF section 3) is measured on the
+decode steps, whose time the ideal speedup models (every weight read once per
+step; the prefill is no step and no policy skips in it), with r = skipped FFN
+blocks / (L x decode steps); the same on whole requests, with r over all
+generated tokens, is reported next to it.
 """
 
 from __future__ import annotations
@@ -22,6 +31,17 @@ from ffnskip.bench_report import print_table, summarise
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 
 STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One timed run of a row."""
+
+    seconds: float  # the whole request, prefill included
+    decode_seconds: Optional[float]  # from the first generated token to the last (None: not measurable)
+    skip_ratio: float = 0.0  # skipped FFN blocks / (L x generated tokens), pooled over the batch
+    decode_skip_ratio: float = 0.0  # the same over tokens after warm-up
+    avoided: float = 0.0  # share of decode-step FFN weight reads avoided (no row ran the layer)
 
 
 @dataclass(frozen=True)
@@ -151,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
     import torch  # here, not at import: every CLI command imports this module
     from ffnskip.engine.profile_step import profile_decode_step
 
+    from ffnskip.errors import InvalidArgument
+
+    if args.new_tokens < 2:
+        raise InvalidArgument("new_tokens", "must be at least 2: a run is timed over its decode steps")
     batches = [int(b) for b in args.batches.split(",")]
     runners = {}
     for requested in (args.dtypes or args.dtype).split(","):
@@ -167,16 +191,14 @@ def run(args: argparse.Namespace) -> int:
         configs = [c for c in configs if c.name == "dense" or any(fnmatch.fnmatchcase(c.name, w) for w in wanted)]
     if 1 in batches:
         configs += [BenchConfig(peer_row_name(dtype), 1, None, dtype) for dtype, r in runners.items() if r.peer]
-    timings: dict[tuple[str, int, str], list[float]] = {}
-    ratios: dict[tuple[str, int, str], tuple[float, float, float]] = {}
+    results: dict[tuple[str, int, str], list[RunResult]] = {}
     for rep in range(args.reps):
-        for config in configs:
-            seconds, skip_ratio, decode_ratio, avoided = runners[config.dtype].run(config)
-            timings.setdefault(config.key, []).append(seconds)
-            ratios[config.key] = (skip_ratio, decode_ratio, avoided)
-            print(f"rep {rep + 1}/{args.reps} {config.name} b{config.batch} {config.dtype}: "
-                  f"{config.batch * args.new_tokens / seconds:.1f} tok/s", file=sys.stderr, flush=True)
-    rows = summarise(configs, timings, ratios, runners, args.new_tokens)
+        for group in run_groups(configs):
+            for config, result in zip(group, runners[group[0].dtype].run(group)):
+                results.setdefault(config.key, []).append(result)
+                print(f"rep {rep + 1}/{args.reps} {config.name} b{config.batch} {config.dtype}: "
+                      f"{config.batch * args.new_tokens / result.seconds:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = summarise(configs, results, runners, args.new_tokens)
     report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": ",".join(runners),
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
               "compiled": args.compile, "warm_up_seconds": {d: round(r.warm_up_seconds, 1) for d, r in runners.items()},
@@ -195,6 +217,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_table(report)
     return 0
+
+
+def run_groups(configs: list[BenchConfig]) -> list[list[BenchConfig]]:
+    """Engine rows of one precision and batch size run side by side; other rows alone. In order
+    of each group's first row."""
+    groups: dict[tuple, list[BenchConfig]] = {}
+    for config in configs:
+        key = (config.dtype, config.batch) if config.skip is not None else config.key
+        groups.setdefault(key, []).append(config)
+    return list(groups.values())
 
 
 def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
@@ -282,32 +314,62 @@ class BenchRunner:
         self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens
         self.peer = None  # a LlamaCppPeer on the same weights, when its rows are wanted
         self.peer_tokens: list[int] = []
+        self.engines: dict = {}  # row name -> its engine (side_by_side)
 
-    def run(self, config: BenchConfig) -> tuple[float, float, float, float]:
-        """Seconds for the batch, the pooled skip ratio and decode skip ratio, and the share
-        of decode-step FFN weight reads avoided (a layer counts only when no row ran it)."""
-        prompts = self.prompts[:config.batch]
-        if config.name.startswith("llamacpp"):
-            self.peer_tokens, seconds = self.peer.greedy(prompts[0], self.new_tokens)
-            return seconds, 0.0, 0.0, 0.0
-        if config.skip is None:
-            return self._hf_generate(prompts), 0.0, 0.0, 0.0
-        engine = self.engine
-        steps_before, reads_before = engine.decode_layer_steps, engine.decode_ffn_reads
-        started = time.perf_counter()
-        seqs = [engine.add(prompt_ids=ids, sampling=self.sampling, skip=config.skip) for ids in prompts]
-        while engine.has_work:
+    def run(self, group: list[BenchConfig]) -> list[RunResult]:
+        """One run of each row of `group`: a llama.cpp or transformers row alone, or engine rows
+        of one batch size side by side (`side_by_side`)."""
+        prompts = self.prompts[:group[0].batch]
+        if group[0].name.startswith("llamacpp"):
+            self.peer_tokens, seconds, decode_seconds = self.peer.greedy(prompts[0], self.new_tokens)
+            return [RunResult(seconds, decode_seconds)]
+        if group[0].skip is None:
+            return [RunResult(self._hf_generate(prompts), None)]
+        return self.side_by_side(group, prompts)
+
+    def side_by_side(self, group: list[BenchConfig], prompts: list[list[int]]) -> list[RunResult]:
+        """Each row on its own engine (all sharing one model and its compiled segments), stepped
+        in turn: every row's decode step is timed next to every other row's, so the machine's
+        bandwidth swings of a few seconds (10-30% here) hit dense and skip rows alike. Each
+        engine's first step prefills its batch; who steps first rotates."""
+        engines = [self._engine(config.name) for config in group]
+        seqs = [[e.add(prompt_ids=ids, sampling=self.sampling, skip=c.skip) for ids in prompts] for e, c in zip(engines, group)]
+        counters = [(e.decode_layer_steps, e.decode_ffn_reads) for e in engines]
+        prefill, decode = [0.0] * len(group), [0.0] * len(group)
+        for i, engine in enumerate(engines):
+            started = time.perf_counter()
             engine.step()
-        seconds = time.perf_counter() - started
-        if config.name == "dense":
-            self.dense_tokens[config.batch] = [list(s.generated) for s in seqs]
-        stats = [engine.result(s).skip_stats for s in seqs]
-        pooled = stats[0]
-        for more in stats[1:]:
-            pooled = pooled.merged(more)
-        layer_steps = engine.decode_layer_steps - steps_before
-        avoided = 1.0 - (engine.decode_ffn_reads - reads_before) / layer_steps if layer_steps else 0.0
-        return seconds, pooled.skip_ratio, pooled.decode_skip_ratio, avoided
+            prefill[i] = time.perf_counter() - started
+        order = list(range(len(group)))
+        while any(e.has_work for e in engines):
+            for i in order:
+                if engines[i].has_work:
+                    started = time.perf_counter()
+                    engines[i].step()
+                    decode[i] += time.perf_counter() - started
+            order = order[1:] + order[:1]
+        results = []
+        for config, engine, batch_seqs, (steps_before, reads_before), p, d in zip(group, engines, seqs, counters, prefill, decode):
+            if config.name == "dense":
+                self.dense_tokens[config.batch] = [list(s.generated) for s in batch_seqs]
+            stats = [engine.result(s).skip_stats for s in batch_seqs]
+            pooled = stats[0]
+            for more in stats[1:]:
+                pooled = pooled.merged(more)
+            layer_steps = engine.decode_layer_steps - steps_before
+            avoided = 1.0 - (engine.decode_ffn_reads - reads_before) / layer_steps if layer_steps else 0.0
+            results.append(RunResult(p + d, d, pooled.skip_ratio, pooled.decode_skip_ratio, avoided))
+        return results
+
+    def _engine(self, row: str):
+        """The engine of a row: the first row gets the runner's own, the others share its model."""
+        if row not in self.engines:
+            from ffnskip.engine import Engine
+
+            first = self.engine
+            self.engines[row] = first if not self.engines else Engine(
+                first.loaded, max_batch=first.cache.max_batch, max_seq_len=first.max_seq_len, model=first.model)
+        return self.engines[row]
 
     def _hf_generate(self, prompts: list[list[int]]) -> float:
         import torch

@@ -9,40 +9,55 @@ from dataclasses import asdict
 from typing import Optional
 
 
-def summarise(configs, timings, ratios, runners, new_tokens: int) -> list[dict]:
+def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
+    """One row per config from its runs (`bench.RunResult`, one per rep)."""
     rows = []
     for config in configs:
-        key = config.key
-        seconds = statistics.median(timings[key])
-        dense_times = timings[("dense", config.batch, config.dtype)]
-        dense = statistics.median(dense_times)
-        hf = timings.get(("hf_generate", config.batch, config.dtype))
-        peer = timings.get(("llamacpp_f32", config.batch, "float32"))
-        skip_ratio, decode_ratio, avoided = ratios[key]
+        runs = results[config.key]
+        dense_runs = results[("dense", config.batch, config.dtype)]
+        seconds = statistics.median(r.seconds for r in runs)
+        hf = results.get(("hf_generate", config.batch, config.dtype))
+        peer = results.get(("llamacpp_f32", config.batch, "float32"))
+        last = runs[-1]  # every rep skips the same way (greedy, seeded): the ratios are the last run's
+        skip_ratio, avoided = last.skip_ratio, last.avoided
+        steps = new_tokens - 1  # decode steps: the first token comes from the prefill
+        decode = [r.decode_seconds for r in runs]
+        step_seconds = statistics.median(decode) / steps if None not in decode else seconds / new_tokens
+        dense_step_seconds = statistics.median(r.decode_seconds for r in dense_runs) / steps
         wb = runners[config.dtype].engine.weight_bytes
-        # each rep ran dense and this row back to back: the realised fraction is the median
-        # over those pairs, which cancels drift that a ratio of two medians keeps
-        pairs = [wb.realised_fraction(skip_ratio, d, t) for d, t in zip(dense_times, timings[key])] if skip_ratio > 0 else []
+        # each rep ran dense and this row back to back: the realised fraction is the median over
+        # those pairs, which cancels drift that a ratio of two medians keeps. On decode steps, r
+        # counts the skipped blocks per decode step (the prefill's token never skips).
+        step_ratio = skip_ratio * new_tokens / steps
+        pairs = [wb.realised_fraction(step_ratio, d.decode_seconds, r.decode_seconds)
+                 for d, r in zip(dense_runs, runs)] if skip_ratio > 0 else []
+        request_pairs = [wb.realised_fraction(skip_ratio, d.seconds, r.seconds)
+                         for d, r in zip(dense_runs, runs)] if skip_ratio > 0 else []
         rows.append({
             "policy": config.name,
             "batch": config.batch,
             "dtype": config.dtype,
             "skip_ratio": round(skip_ratio, 4),
-            "decode_skip_ratio": round(decode_ratio, 4),
+            "decode_skip_ratio": round(last.decode_skip_ratio, 4),
             "tokens_per_s": round(config.batch * new_tokens / seconds, 2),
-            "spread_tokens_per_s": [round(config.batch * new_tokens / t, 2) for t in timings[key]],
-            "step_ms": round(1000 * seconds / new_tokens, 2),
+            "spread_tokens_per_s": [round(config.batch * new_tokens / r.seconds, 2) for r in runs],
+            "step_ms": round(1000 * step_seconds, 2),  # a decode step (hf_generate: request / tokens)
+            "prefill_share": round(1 - statistics.median(decode) / seconds, 4) if None not in decode else None,
             "avoided_ffn_read_share": round(avoided, 4),
-            "speedup_vs_dense": round(dense / seconds, 4),
-            "vs_hf_generate": round(statistics.median(hf) / seconds, 4) if hf else None,
-            "vs_llamacpp_f32": round(statistics.median(peer) / seconds, 4) if peer else None,
-            "ideal_speedup": round(wb.ideal_speedup(skip_ratio), 4),
+            # speedup, ideal and realised are of a decode step (hf_generate: of its requests)
+            "speedup_vs_dense": round(dense_step_seconds / step_seconds, 4),
+            "request_speedup_vs_dense": round(statistics.median(r.seconds for r in dense_runs) / seconds, 4),
+            "vs_hf_generate": round(statistics.median(r.seconds for r in hf) / seconds, 4) if hf else None,
+            "vs_llamacpp_f32": round(statistics.median(r.seconds for r in peer) / seconds, 4) if peer else None,
+            "ideal_speedup": round(wb.ideal_speedup(step_ratio), 4),
             "realised_fraction": round(statistics.median(pairs), 3) if pairs else None,
             "realised_fraction_pairs": [round(p, 3) for p in pairs],
+            "realised_fraction_request": round(statistics.median(request_pairs), 3) if request_pairs else None,
+            "realised_fraction_request_pairs": [round(p, 3) for p in request_pairs],
             # against the reads actually avoided: what a bandwidth-bound step can at best save
-            "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense, seconds), 3) if avoided > 0 else None,
-            # weights read per second: (W - avoided x F) per step, new_tokens steps per run
-            "weights_gb_per_s": round((wb.total - avoided * wb.ffn) * new_tokens / seconds / 1e9, 2),
+            "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense_step_seconds, step_seconds), 3) if avoided > 0 else None,
+            # weights read per second in a decode step: W - avoided x F per step
+            "weights_gb_per_s": round((wb.total - avoided * wb.ffn) / step_seconds / 1e9, 2),
             "agreement_with_float32": _agreement(runners, config),
             "tokens_equal_engine_dense": _peer_equal(runners[config.dtype], config),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -91,15 +106,19 @@ def print_table(report: dict) -> None:
     if report.get("compiled"):
         print("decode segments ready: " + ", ".join(
             f"{d} {s:.0f} s ({report['packages_compiled'][d]} packages compiled)" for d, s in report["warm_up_seconds"].items()))
-    header = (f"{'policy':<18}{'batch':>6}{'dtype':>10}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'GB/s':>7}{'vs dense':>9}{'vs hf':>7}{'vs llcpp':>9}"
-              f"{'ideal':>7}{'realised':>9}{'spread':>13}{'agree':>7}")
+    print("tok/s, vs hf, vs llcpp: whole requests; step ms, GB/s, vs dense, ideal, realised: decode steps; "
+          "realised req.: whole requests")
+    header = (f"{'policy':<18}{'batch':>6}{'dtype':>10}{'skip':>8}{'dec.skip':>9}{'avoided':>8}{'tok/s':>9}{'vs hf':>7}{'vs llcpp':>9}"
+              f"{'step ms':>8}{'GB/s':>7}{'vs dense':>9}{'ideal':>7}{'realised':>9}{'spread':>13}{'realised req.':>14}{'agree':>7}")
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
         fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
-        print(f"{r['policy']:<18}{r['batch']:>6}{r['dtype']:>10}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}{r['tokens_per_s']:>9.1f}{r['weights_gb_per_s']:>7.1f}"
-              f"{r['speedup_vs_dense']:>9.3f}{fmt(r['vs_hf_generate'], '>7.3f')}{fmt(r['vs_llamacpp_f32'], '>9.3f')}{r['ideal_speedup']:>7.3f}{fmt(r['realised_fraction'], '>9.2f')}"
-              f"{_spread(r['realised_fraction_pairs']):>13}{fmt(r['agreement_with_float32'], '>7.3f')}")
+        print(f"{r['policy']:<18}{r['batch']:>6}{r['dtype']:>10}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}"
+              f"{r['tokens_per_s']:>9.1f}{fmt(r['vs_hf_generate'], '>7.3f')}{fmt(r['vs_llamacpp_f32'], '>9.3f')}"
+              f"{r['step_ms']:>8.2f}{r['weights_gb_per_s']:>7.1f}{r['speedup_vs_dense']:>9.3f}{r['ideal_speedup']:>7.3f}"
+              f"{fmt(r['realised_fraction'], '>9.2f')}{_spread(r['realised_fraction_pairs']):>13}{fmt(r['realised_fraction_request'], '>14.2f')}"
+              f"{fmt(r['agreement_with_float32'], '>7.3f')}")
     for r in report["rows"]:
         if r["tokens_equal_engine_dense"] is not None:
             print(f"{r['policy']}: greedy tokens {'equal' if r['tokens_equal_engine_dense'] else 'DIFFER FROM'} "

@@ -242,9 +242,10 @@ class LlamaCppPeer:
         pointer = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def greedy(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float]:
-        """Exactly `new_tokens` argmax tokens after `prompt_ids` (EOS does not stop it) and the
-        wall seconds of the whole call, prefill included, like our bench measures."""
+    def greedy(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+        """Exactly `new_tokens` argmax tokens after `prompt_ids` (EOS does not stop it), the
+        wall seconds of the whole call (prefill included) and of its decode steps (from the
+        first token to the last), as our bench measures them."""
         if new_tokens < 1 or not prompt_ids:
             raise ValueError("greedy needs a non-empty prompt and new_tokens >= 1")
         if len(prompt_ids) + new_tokens > self.n_ctx:
@@ -260,10 +261,13 @@ class LlamaCppPeer:
             # our own argmax over the last logits: no sampler, penalties or EOS handling
             token = int(np.argmax(self._last_logits()))
             out.append(token)
+            if len(out) == 1:
+                first_token_at = time.perf_counter()
             if len(out) == new_tokens:
                 break  # the last token is only sampled, never fed back (as in HF generate)
             llm.eval([token])
-        return out, time.perf_counter() - started
+        finished = time.perf_counter()
+        return out, finished - started, finished - first_token_at
 
     def close(self) -> None:
         close = getattr(self._llm, "close", None)

@@ -23,6 +23,11 @@ def test_precisions_are_rows_side_by_side_with_their_agreement(tiny_dir, capsys)
     assert len(static["realised_fraction_pairs"]) == 3  # one per interleaved dense/static pair
     assert sorted(static["realised_fraction_pairs"])[1] == static["realised_fraction"]  # the median
     assert rows[("dense", "float32")]["realised_fraction_pairs"] == []  # no skip, no fraction
+    # decode steps are timed apart from the prefill: a step is shorter than a request's time per token
+    dense = rows[("dense", "float32")]
+    assert 0 < dense["prefill_share"] < 1
+    assert dense["step_ms"] < 1000 * 20 / dense["tokens_per_s"]
+    assert len(static["realised_fraction_request_pairs"]) == 3
 
 
 def test_asking_for_peer_rows_in_an_unsupported_precision_is_a_clear_error(tiny_dir, capsys):
@@ -30,6 +35,13 @@ def test_asking_for_peer_rows_in_an_unsupported_precision_is_a_clear_error(tiny_
                  "--new-tokens", "4", "--reps", "1", "--no-compile", "--peer"])
     assert code == 2
     assert "peer" in capsys.readouterr().err
+
+
+def test_a_run_without_decode_steps_is_a_clear_error(tiny_dir, capsys):
+    code = main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--batches", "1", "--new-tokens", "1",
+                 "--reps", "1", "--no-compile", "--no-peer"])
+    assert code == 2
+    assert "new_tokens" in capsys.readouterr().err
 
 
 def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_engine):
@@ -43,3 +55,28 @@ def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_en
     assert segments["lm head"]["calls_per_step"] == 1
     assert not {"attention", "ffn", "head"} & set(vars(tiny_engine.model.segments))  # the timing wrappers are gone
     assert not tiny_engine.has_work
+
+
+def test_engine_rows_step_side_by_side_on_one_shared_model(tiny_loaded):
+    from ffnskip.bench import BenchConfig, BenchRunner, run_groups
+    from ffnskip.config import DENSE, SamplingParams, SkipParams
+    from ffnskip.engine import Engine
+
+    prompts = [tiny_loaded.tokenizer(text)["input_ids"] for text in ("side by side", "two rows")]
+    static = SkipParams(policy="static", static_layers=(2, 3), warm_up=2)
+    configs = [BenchConfig("hf_generate", 2, None), BenchConfig("dense", 2, DENSE), BenchConfig("static", 2, static),
+               BenchConfig("dense", 2, DENSE, "bfloat16")]
+    groups = run_groups(configs)
+    assert [[c.key for c in g] for g in groups] == [
+        [("hf_generate", 2, "float32")], [("dense", 2, "float32"), ("static", 2, "float32")], [("dense", 2, "bfloat16")]]
+    runner = BenchRunner(Engine(tiny_loaded, max_batch=2, max_seq_len=64), prompts, new_tokens=12)
+    dense, skipping = runner.run(groups[1])
+    assert runner.engines["dense"] is runner.engine
+    assert runner.engines["static"].model is runner.engine.model  # shared weights, its own cache
+    assert runner.engines["static"].cache is not runner.engine.cache
+    # stepping in turn changes nothing in what each row generates
+    alone = Engine(tiny_loaded, max_batch=2, max_seq_len=64).generate(
+        ["side by side", "two rows"], SamplingParams(max_new_tokens=12, ignore_eos=True), DENSE)
+    assert runner.dense_tokens[2] == [r.token_ids for r in alone]
+    assert dense.skip_ratio == 0 and skipping.skip_ratio == 2 * 10 / (6 * 12)  # layers 2, 3 after 2 warm-up tokens
+    assert all(0 < r.decode_seconds < r.seconds for r in (dense, skipping))

@@ -238,11 +238,11 @@ def test_greedy_feeds_prompt_ignores_eos_and_counts_exactly(monkeypatch):
     p = peer.LlamaCppPeer(Path("m.gguf"), n_ctx=64)
     llm = FakeLlama.instances[0]
     assert llm.kwargs["n_threads"] == torch.get_num_threads() and llm.kwargs["n_ctx"] == 64
-    tokens, seconds = p.greedy([5, 7], 4)
+    tokens, seconds, decode_seconds = p.greedy([5, 7], 4)
     assert tokens == [10, 7, 12, 2]  # 2 is EOS: the run ends by count only
     assert llm.fed == [[5, 7], [10], [7], [12]]  # whole prompt first; the last token is not fed back
-    assert seconds > 0
-    tokens, _ = p.greedy([5, 7], 6)  # a second call starts from scratch, not after the first
+    assert 0 < decode_seconds < seconds  # the decode steps are a part of the call
+    tokens, _, _ = p.greedy([5, 7], 6)  # a second call starts from scratch, not after the first
     assert tokens == [10, 7, 12, 2, 12, 4]
     assert llm.fed[4] == [5, 7]
     with pytest.raises(ValueError):

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from ffnskip.engine import model as model_module, segments as segments_module
+from ffnskip.engine import layers as layers_module, segments as segments_module
 from ffnskip.engine.segments import attention_step, ffn_step
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
-# example shapes, the options); the source of segments.py and model.py is hashed as it is.
+# example shapes, the options); the source of segments.py and layers.py is hashed as it is.
 PACKAGE_FORMAT = 2
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
@@ -59,7 +59,7 @@ def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, auto
     target = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
     for part in (fingerprint, str(dtype), torch.__version__, target, str(autotune), str(PACKAGE_FORMAT)):
         digest.update(part.encode() + b"\0")
-    for module in (segments_module, model_module):  # the code traced into a package
+    for module in (segments_module, layers_module):  # the code traced into a package
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:20]
 

@@ -70,11 +70,13 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
-                 compile: bool = False) -> None:
+                 compile: bool = False, model: Optional[SkipModel] = None) -> None:
+        """`model`: another engine's model, to share its weights and (compiled) segments; this
+        engine keeps its own cache and batch, and `compile` is the other engine's choice."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.model = SkipModel(loaded.model)
-        if compile:  # decode segments compiled (or loaded from disk) per batch bucket (compiled.py)
+        self.model = model if model is not None else SkipModel(loaded.model)
+        if compile and model is None:  # decode segments compiled (or loaded from disk) per batch bucket (compiled.py)
             self.model.segments = CompiledSegments(self.model.layers, self.model.head, max_batch,
                                                    cache_root() / "compiled", loaded.fingerprint)
         self.num_layers = self.model.num_layers

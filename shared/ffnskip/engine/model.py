@@ -1,94 +1,23 @@
-"""A minimal Llama-family forward over the loaded HF weights, with the skip hook.
+"""A Llama-family forward over the loaded HF weights, with the skip hook.
 
-The block is two residual lines, `h = x + attn(norm(x))` and
-`out = h + mlp(norm(h))`; the skip decision sits between them and nowhere else.
-q/k/v and gate/up are fused into one matmul each; the HF modules keep working
-because their weights become views into the fused tensors (no extra memory).
-The HF model's norms and rotary embedding are reused as they are, so variants
-(Llama 3 rope scaling, Qwen2 biases) need no code here.
-
-A decode step runs as segments cut at the skip point (see segments.py): per
-layer "q/k/v + cache write + attention + o_proj", then the decision, then "FFN"
-unless it is skipped; the LM head after the last layer. A skipped FFN is a call
-not made, so none of its weights is read. Segments run eagerly or compiled
-(compiled.py) with the same code.
+SkipModel prefills one prompt into a cache row and decodes a batch of rows. A
+decode step runs as segments cut at the skip point (segments.py, over the layers
+of layers.py): per layer "q/k/v + cache write + attention + o_proj", then the
+decision, then "FFN" unless it is skipped; the LM head after the last layer. A
+skipped FFN is a call not made, so none of its weights is read. Segments run
+eagerly or compiled (compiled.py) with the same code; this module's own code
+(the loop, the step's inputs) is never traced, so changing it recompiles nothing.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ffnskip.engine.kv_cache import KVCache
+from ffnskip.engine.layers import FusedLayer, Head
 from ffnskip.engine.policies import SkipController
 from ffnskip.engine.segments import EagerSegments, Segments
-
-
-class FusedLayer(nn.Module):
-    """One decoder layer with fused q/k/v and gate/up weights (views shared with the HF modules)."""
-
-    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm = layer.input_layernorm
-        self.post_norm = layer.post_attention_layernorm
-        self.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
-        self.o_proj = attn.o_proj
-        self.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down_proj = mlp.down_proj
-        self.act = mlp.act_fn
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
-        batch, length, _ = x.shape
-        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
-
-    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
-        """q [B, H, T, hd] over keys/values [B, KV, S, hd] -> [B, T, H * hd], ready for o_proj."""
-        batch, _, length, _ = q.shape
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=self.num_kv_heads != self.num_heads)
-        return attn.transpose(1, 2).reshape(batch, length, self.q_size)
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
-
-
-def _fuse(linears: list[nn.Linear], name: str = "weight") -> nn.Parameter:
-    """Concatenate the parameters and make each module's parameter a view into the result."""
-    fused = nn.Parameter(torch.cat([getattr(m, name).data for m in linears], dim=0), requires_grad=False)
-    offset = 0
-    for module in linears:
-        rows = getattr(module, name).shape[0]
-        getattr(module, name).data = fused.data[offset:offset + rows]
-        offset += rows
-    return fused
-
-
-class Head(nn.Module):
-    """The final norm and the LM head."""
-
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
-        super().__init__()
-        self.final_norm, self.lm_head = final_norm, lm_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(x[:, -1]))
 
 
 class SkipModel:
@@ -99,7 +28,7 @@ class SkipModel:
         inner = hf_model.model
         self.config = config
         self.embed = inner.embed_tokens
-        self.rotary = inner.rotary_emb
+        self.rotary = RotaryTable(inner.rotary_emb)
         self.head = Head(inner.norm, hf_model.lm_head)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -111,6 +40,7 @@ class SkipModel:
         weight = hf_model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.segments: Segments = EagerSegments(self.layers, self.head)
+        self._positions = torch.arange(256, device=self.device)
 
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
@@ -119,8 +49,7 @@ class SkipModel:
     def prefill(self, cache: KVCache, row: int, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the full model over one prompt into cache row `row`; return last logits [V]."""
         x = self.embed(input_ids[None])
-        positions = torch.arange(input_ids.shape[0], device=self.device)[None]
-        cos, sin = self.rotary(x, positions)
+        cos, sin = self.rotary(x, torch.arange(input_ids.shape[0], device=self.device)[None])
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write_prefill(index, row, k[0], v[0])
@@ -142,18 +71,25 @@ class SkipModel:
             raise ValueError(f"batch bucket {padded} exceeds the cache's {cache.max_batch} rows")
         pad = padded - batch
         span = max(positions) + 1
-        x = self.embed(torch.tensor(tokens + [0] * pad, device=self.device)[:, None])
-        positions = torch.tensor(positions + [0] * pad, device=self.device)
-        write_positions = torch.tensor(host_positions + [cache.scratch_position] * pad, device=self.device)
+        # one host-to-device copy for the step's integer inputs
+        inputs = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
+                               host_positions + [cache.scratch_position] * pad], device=self.device)
+        x = self.embed(inputs[0, :, None])
+        positions, write_positions = inputs[1], inputs[2]
         cos, sin = self.rotary(x, positions[:, None])
-        visible = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
         # an additive mask made once per step (SDPA would convert a boolean one in every layer)
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        mask = torch.where(self._arange(span) <= positions[:, None], 0.0, float("-inf")).to(x.dtype)
         mask = mask[:, None, None, :]
         with self.segments.running(padded):
             logits = self._layers(cache, controller, batch, padded, x, cos, sin, mask, write_positions)
         cache.lengths[:batch] = [p + 1 for p in host_positions]
         return logits[:batch]
+
+    def _arange(self, size: int) -> torch.Tensor:
+        """0..size-1, from a tensor kept between steps."""
+        if self._positions.shape[0] < size:
+            self._positions = torch.arange(max(size, 2 * self._positions.shape[0]), device=self.device)
+        return self._positions[:size]
 
     def _layers(self, cache, controller, batch, padded, x, cos, sin, mask, write_positions) -> torch.Tensor:
         real = (lambda t: t) if padded == batch else (lambda t: t[:batch])  # the rows that are not padding
@@ -167,3 +103,27 @@ class SkipModel:
                 x, similarity = segments.ffn(index)(h, segments.row_mask(padded, decision.rows))
             controller.observe(index, real(h), real(x), None if similarity is None else real(similarity))
         return segments.head()(x)
+
+
+class RotaryTable:
+    """The rotary module's cos and sin for every position, computed once and looked up per step
+    (the module costs about 0.15 ms a call on a CPU, and a position's angles do not depend on
+    the others, so the values are the module's own). Rope types whose frequencies depend on
+    the sequence's length (dynamic, longrope) call the module every time instead."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        self.rotary = rotary
+        rope_type = getattr(rotary, "rope_type", "default")
+        self.per_call = "dynamic" in rope_type or "longrope" in rope_type
+        self.cos = self.sin = None
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, head_dim] in x's dtype."""
+        if self.per_call:
+            return self.rotary(x, positions)
+        needed = int(positions.max()) + 1
+        if self.cos is None or needed > self.cos.shape[0] or self.cos.dtype != x.dtype:
+            size = max(needed, 256 if self.cos is None else 2 * self.cos.shape[0])
+            cos, sin = self.rotary(x, torch.arange(size, device=x.device)[None])
+            self.cos, self.sin = cos[0], sin[0]
+        return self.cos[positions], self.sin[positions]

@@ -1,0 +1,82 @@
+"""The modules traced into a decode step: a decoder layer with fused weights, and the head.
+
+The block is two residual lines, `h = x + attn(norm(x))` and
+`out = h + mlp(norm(h))`; the skip decision sits between them and nowhere else.
+q/k/v and gate/up are fused into one matmul each; the HF modules keep working
+because their weights become views into the fused tensors (no extra memory).
+The HF model's norms are reused as they are, so variants (Llama 3 rope scaling,
+Qwen2 biases) need no code here. Compiled packages hash this file's source
+(compiled.py): what changes here is recompiled.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class FusedLayer(nn.Module):
+    """One decoder layer with fused q/k/v and gate/up weights (views shared with the HF modules)."""
+
+    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
+        self.o_proj = attn.o_proj
+        self.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.act = mlp.act_fn
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
+        batch, length, _ = x.shape
+        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """q [B, H, T, hd] over keys/values [B, KV, S, hd] -> [B, T, H * hd], ready for o_proj."""
+        batch, _, length, _ = q.shape
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
+        return attn.transpose(1, 2).reshape(batch, length, self.q_size)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _fuse(linears: list[nn.Linear], name: str = "weight") -> nn.Parameter:
+    """Concatenate the parameters and make each module's parameter a view into the result."""
+    fused = nn.Parameter(torch.cat([getattr(m, name).data for m in linears], dim=0), requires_grad=False)
+    offset = 0
+    for module in linears:
+        rows = getattr(module, name).shape[0]
+        getattr(module, name).data = fused.data[offset:offset + rows]
+        offset += rows
+    return fused
+
+
+class Head(nn.Module):
+    """The final norm and the LM head."""
+
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.final_norm, self.lm_head = final_norm, lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(x[:, -1]))
