@@ -162,3 +162,26 @@ def test_per_row_adaptive_in_a_batch_still_reads_the_weights(planted_loaded):
     voter, bystander, reads = run_pair(planted_loaded, adaptive(), adaptive(max_skip=0))
     assert voter[1:] == [[3, 4]] * 7 and bystander[1:] == [[]] * 7
     assert reads == 7 * 8  # row 1 needs every FFN, so every layer's weights are read
+
+
+def test_planned_decisions_are_reused_only_while_the_plans_are_the_same():
+    from ffnskip.engine.policies import RowPlan, SkipController
+
+    controller = SkipController(6, torch.device("cpu"))
+    first_plan = RowPlan.build(SkipParams(policy="static", static_layers=(1, 2)).resolved(6), 6)
+    other_plan = RowPlan.build(SkipParams(policy="static", static_layers=(3,)).resolved(6), 6)
+
+    def step(plans):
+        controller.begin_step(plans, [True] * len(plans), [torch.Generator() for _ in plans])
+        kinds = [controller.decide(layer).kind for layer in range(6)]
+        skipped, _ = controller.end_step()
+        return kinds, skipped, controller.layers_run
+
+    first = step([first_plan])
+    assert first == (["all", "none", "none", "all", "all", "all"], [[1, 2]], 4)
+    again = step([first_plan])
+    assert again == first
+    assert again[1][0] is not first[1][0]  # every step hands out its own lists
+    assert step([other_plan]) == (["all", "all", "all", "none", "all", "all"], [[3]], 5)
+    assert step([first_plan, other_plan]) == (["all", "some", "some", "some", "all", "all"], [[1, 2], [3]], 6)
+    assert step([first_plan]) == first

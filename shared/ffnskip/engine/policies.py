@@ -80,6 +80,10 @@ class SkipController:
         self.num_layers = num_layers
         self.device = device
         self.trivial = True
+        self._fixed_key: Optional[tuple] = None  # the planned skips whose decisions are in _fixed_steps
+        self._fixed_steps: tuple = ()
+        self._hot_key: Optional[tuple] = None
+        self._hot_rows: list[tuple[int, ...]] = []
 
     def begin_step(self, plans: Seq[RowPlan], active: Seq[bool], generators: Seq[torch.Generator],
                    record_similarity: bool = False) -> None:
@@ -102,16 +106,44 @@ class SkipController:
         self.quorum = min((plans[b].params.quorum for b in self.aligned_rows), default=1.0)
         self.remaining = [0] * batch
         self.fired = [False] * batch
-        self.skip_now = [False] * batch
+        self.no_skips = [False] * batch
+        self.skip_now = self.no_skips
         self.wished: list[int] = []
+        self.planning = any(p is not None for p in self.planned)
+        hot = tuple(plans[b].hot for b in self.adaptive_rows)
+        if hot != self._hot_key:  # per layer, the adaptive rows that are hot there
+            self._hot_key = hot
+            self._hot_rows = [tuple(b for b in self.adaptive_rows if plans[b].hot[layer]) for layer in range(layers)]
+        self.hot_rows = self._hot_rows
+        self.fixed: Optional[list[Decision]] = None
+        if not self.adaptive_rows and not record_similarity:
+            # Nothing decides as it goes: every layer's decision is made now, and the per-layer
+            # calls become a lookup; the same plans as the last step (static rows) reuse its
+            # decisions. The Python a skip row pays over a dense one is time its skips do not save.
+            key = tuple(None if p is None else tuple(p) for p in self.planned)
+            if key != self._fixed_key:
+                self.fixed = [self._decide(layer) for layer in range(layers)]
+                self._fixed_key, self._fixed_steps = key, (self.fixed, self.skipped, self.layers_run)
+            self.fixed, skipped, self.layers_run = self._fixed_steps
+            self.skipped = [list(rows) for rows in skipped]  # the step's own lists: sequences keep them
 
     def decide(self, layer: int) -> Decision:
         """Which rows run this layer's FFN."""
         if self.trivial:
             self.layers_run += 1
             return RUN_ALL
+        if self.fixed is not None:
+            return self.fixed[layer]
+        return self._decide(layer)
+
+    def _decide(self, layer: int) -> Decision:
+        remaining = self.remaining
+        self.wished = [b for b in self.hot_rows[layer] if remaining[b] > 0]
+        if not (self.wished or self.planning or self.aligned_rows):  # the common layer: every row runs
+            self.skip_now = self.no_skips
+            self.layers_run += 1
+            return RUN_ALL
         skip = [planned is not None and planned[layer] for planned in self.planned]
-        self.wished = [b for b in self.adaptive_rows if self.remaining[b] > 0 and self.plans[b].hot[layer]]
         for b in self.wished:
             skip[b] = True
         if self.aligned_rows:
@@ -147,10 +179,12 @@ class SkipController:
             if self.recording:
                 self._record(layer, list(range(self.batch)), self._cosine(h, out, None, similarity))
             return
+        if self.fixed is not None:
+            return  # no row decides from similarities, and none are recorded
         for b in self.wished:  # a run of k is positional: outvoted wishes count too
             self.remaining[b] -= 1
-        candidates = [b for b in self.adaptive_rows
-                      if self.plans[b].hot[layer] and not self.skip_now[b] and not self.fired[b]]
+        skip_now, fired = self.skip_now, self.fired
+        candidates = [b for b in self.hot_rows[layer] if not skip_now[b] and not fired[b]]
         rows = list(range(self.batch)) if self.recording else candidates
         if not rows:
             return  # nobody can fire here: no similarity to compute
