@@ -110,6 +110,9 @@ class SkipController:
         self.skip_now = self.no_skips
         self.wished: list[int] = []
         self.planning = any(p is not None for p in self.planned)
+        # rows still to fire or in their run of k; at 0 every later layer runs for every row
+        self.unsettled = len(self.adaptive_rows)
+        self.settled = False
         hot = tuple(plans[b].hot for b in self.adaptive_rows)
         if hot != self._hot_key:  # per layer, the adaptive rows that are hot there
             self._hot_key = hot
@@ -134,6 +137,9 @@ class SkipController:
             return RUN_ALL
         if self.fixed is not None:
             return self.fixed[layer]
+        if self.settled:
+            self.layers_run += 1
+            return RUN_ALL
         return self._decide(layer)
 
     def _decide(self, layer: int) -> Decision:
@@ -179,22 +185,32 @@ class SkipController:
             if self.recording:
                 self._record(layer, list(range(self.batch)), self._cosine(h, out, None, similarity))
             return
-        if self.fixed is not None:
-            return  # no row decides from similarities, and none are recorded
+        if self.fixed is not None or self.settled:
+            return  # no row decides from similarities (any more), and none are recorded
         for b in self.wished:  # a run of k is positional: outvoted wishes count too
             self.remaining[b] -= 1
+            if self.remaining[b] == 0:  # only a row that fired has a run
+                self.unsettled -= 1
         skip_now, fired = self.skip_now, self.fired
         candidates = [b for b in self.hot_rows[layer] if not skip_now[b] and not fired[b]]
         rows = list(range(self.batch)) if self.recording else candidates
-        if not rows:
-            return  # nobody can fire here: no similarity to compute
-        values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows, similarity)))
-        if self.recording:
-            self._record(layer, rows, [values[b] for b in rows])
-        for b in candidates:
-            if values[b] >= self.plans[b].params.threshold:
-                self.remaining[b] = self.plans[b].run_length
-                self.fired[b] = True
+        if rows:  # else nobody can fire here: no similarity to compute
+            values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows, similarity)))
+            if self.recording:
+                self._record(layer, rows, [values[b] for b in rows])
+            for b in candidates:
+                if values[b] >= self.plans[b].params.threshold:
+                    self.remaining[b] = self.plans[b].run_length
+                    self.fired[b] = True
+                    if self.remaining[b] == 0:
+                        self.unsettled -= 1
+        self._settle()
+
+    def _settle(self) -> None:
+        """Once every adaptive row has fired and finished its run (and nothing else decides per
+        layer), the rest of the step runs every FFN without asking."""
+        if self.unsettled == 0 and not (self.planning or self.aligned_rows or self.recording):
+            self.settled = True
 
     def _cosine(self, h: torch.Tensor, out: torch.Tensor, rows: Optional[list[int]],
                 similarity: Optional[torch.Tensor]) -> list[float]:
