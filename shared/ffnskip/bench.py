@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import json
 import statistics
 import sys
@@ -170,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
         return service_bench.run(args)
     import torch  # here, not at import: every CLI command imports this module
     from ffnskip.engine.profile_step import profile_decode_step
-
     from ffnskip.errors import InvalidArgument
 
     if args.new_tokens < 2:
@@ -332,6 +332,8 @@ class BenchRunner:
         in turn: every row's decode step is timed next to every other row's, so the machine's
         bandwidth swings of a few seconds (10-30% here) hit dense and skip rows alike. Each
         engine's first step prefills its batch; who steps first rotates."""
+        from ffnskip.engine.stats import SkipStats
+
         engines = [self._engine(config.name) for config in group]
         seqs = [[e.add(prompt_ids=ids, sampling=self.sampling, skip=c.skip) for ids in prompts] for e, c in zip(engines, group)]
         counters = [(e.decode_layer_steps, e.decode_ffn_reads) for e in engines]
@@ -352,10 +354,7 @@ class BenchRunner:
         for config, engine, batch_seqs, (steps_before, reads_before), p, d in zip(group, engines, seqs, counters, prefill, decode):
             if config.name == "dense":
                 self.dense_tokens[config.batch] = [list(s.generated) for s in batch_seqs]
-            stats = [engine.result(s).skip_stats for s in batch_seqs]
-            pooled = stats[0]
-            for more in stats[1:]:
-                pooled = pooled.merged(more)
+            pooled = functools.reduce(SkipStats.merged, [engine.result(s).skip_stats for s in batch_seqs])
             layer_steps = engine.decode_layer_steps - steps_before
             avoided = 1.0 - (engine.decode_ffn_reads - reads_before) / layer_steps if layer_steps else 0.0
             results.append(RunResult(p + d, d, pooled.skip_ratio, pooled.decode_skip_ratio, avoided))

@@ -22,10 +22,11 @@ def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
         skip_ratio, avoided = last.skip_ratio, last.avoided
         steps = new_tokens - 1  # decode steps: the first token comes from the prefill
         decode = [r.decode_seconds for r in runs]
-        step_seconds = statistics.median(decode) / steps if None not in decode else seconds / new_tokens
+        timed_steps = None not in decode  # hf_generate's decode steps cannot be timed apart
+        step_seconds = statistics.median(decode) / steps if timed_steps else seconds / new_tokens
         dense_step_seconds = statistics.median(r.decode_seconds for r in dense_runs) / steps
         wb = runners[config.dtype].engine.weight_bytes
-        # each rep ran dense and this row back to back: the realised fraction is the median over
+        # each rep ran dense and this row side by side: the realised fraction is the median over
         # those pairs, which cancels drift that a ratio of two medians keeps. On decode steps, r
         # counts the skipped blocks per decode step (the prefill's token never skips).
         step_ratio = skip_ratio * new_tokens / steps
@@ -42,7 +43,7 @@ def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
             "tokens_per_s": round(config.batch * new_tokens / seconds, 2),
             "spread_tokens_per_s": [round(config.batch * new_tokens / r.seconds, 2) for r in runs],
             "step_ms": round(1000 * step_seconds, 2),  # a decode step (hf_generate: request / tokens)
-            "prefill_share": round(1 - statistics.median(decode) / seconds, 4) if None not in decode else None,
+            "prefill_share": round(1 - statistics.median(decode) / seconds, 4) if timed_steps else None,
             "avoided_ffn_read_share": round(avoided, 4),
             # speedup, ideal and realised are of a decode step (hf_generate: of its requests)
             "speedup_vs_dense": round(dense_step_seconds / step_seconds, 4),

@@ -99,6 +99,9 @@ class CompiledSegments:
         with torch.inference_mode():  # like every decode input
             self._all_rows = {b: torch.ones(b, 1, 1, dtype=torch.bool, device=self.device) for b in self.buckets}
         self._runners: dict[tuple[int, str], Callable] = {}
+        # package names per layer, made once: the decode loop asks for two per layer and step
+        self._attention_names = [f"attention_{index}" for index in range(len(layers))]
+        self._ffn_names = [f"ffn_{index}" for index in range(len(layers))]
         self._padded = self.buckets[0]
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
         self.compiled = 0  # packages compiled by this process (the others were loaded)
@@ -123,16 +126,16 @@ class CompiledSegments:
         yield
 
     def attention(self, index: int) -> Callable:
-        return self._runner(self._padded, f"attention_{index}")
+        return self._runner(self._padded, self._attention_names[index])
 
     def ffn(self, index: int) -> Callable:
-        return self._runner(self._padded, f"ffn_{index}")
+        return self._runner(self._padded, self._ffn_names[index])
 
     def head(self) -> Callable:
         return self._runner(self._padded, "head")
 
     def package_names(self) -> list[str]:
-        return [f"{kind}_{index}" for index in range(len(self.layers)) for kind in ("attention", "ffn")] + ["head"]
+        return [name for pair in zip(self._attention_names, self._ffn_names) for name in pair] + ["head"]
 
     def missing(self, buckets: Seq[int]) -> int:
         """How many packages of these buckets are not on disk yet (each takes seconds to compile)."""

@@ -11,6 +11,8 @@ eagerly or compiled (compiled.py) with the same code; this module's own code
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -49,7 +51,8 @@ class SkipModel:
     def prefill(self, cache: KVCache, row: int, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the full model over one prompt into cache row `row`; return last logits [V]."""
         x = self.embed(input_ids[None])
-        cos, sin = self.rotary(x, torch.arange(input_ids.shape[0], device=self.device)[None])
+        length = input_ids.shape[0]
+        cos, sin = self.rotary(x, torch.arange(length, device=self.device)[None], end=length)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write_prefill(index, row, k[0], v[0])
@@ -76,7 +79,7 @@ class SkipModel:
                                host_positions + [cache.scratch_position] * pad], device=self.device)
         x = self.embed(inputs[0, :, None])
         positions, write_positions = inputs[1], inputs[2]
-        cos, sin = self.rotary(x, positions[:, None])
+        cos, sin = self.rotary(x, positions[:, None], end=span)
         # an additive mask made once per step (SDPA would convert a boolean one in every layer)
         mask = torch.where(self._arange(span) <= positions[:, None], 0.0, float("-inf")).to(x.dtype)
         mask = mask[:, None, None, :]
@@ -117,11 +120,13 @@ class RotaryTable:
         self.per_call = "dynamic" in rope_type or "longrope" in rope_type
         self.cos = self.sin = None
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, head_dim] in x's dtype."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor,
+                 end: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, head_dim] in x's dtype. `end`: one past the largest
+        position, when the caller knows it (saves a reduction and a read-back per step)."""
         if self.per_call:
             return self.rotary(x, positions)
-        needed = int(positions.max()) + 1
+        needed = end if end is not None else int(positions.max()) + 1
         if self.cos is None or needed > self.cos.shape[0] or self.cos.dtype != x.dtype:
             size = max(needed, 256 if self.cos is None else 2 * self.cos.shape[0])
             cos, sin = self.rotary(x, torch.arange(size, device=x.device)[None])

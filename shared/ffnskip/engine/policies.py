@@ -117,7 +117,6 @@ class SkipController:
         if hot != self._hot_key:  # per layer, the adaptive rows that are hot there
             self._hot_key = hot
             self._hot_rows = [tuple(b for b in self.adaptive_rows if plans[b].hot[layer]) for layer in range(layers)]
-        self.hot_rows = self._hot_rows
         self.fixed: Optional[list[Decision]] = None
         if not self.adaptive_rows and not record_similarity:
             # Nothing decides as it goes: every layer's decision is made now, and the per-layer
@@ -144,7 +143,7 @@ class SkipController:
 
     def _decide(self, layer: int) -> Decision:
         remaining = self.remaining
-        self.wished = [b for b in self.hot_rows[layer] if remaining[b] > 0]
+        self.wished = [b for b in self._hot_rows[layer] if remaining[b] > 0]
         if not (self.wished or self.planning or self.aligned_rows):  # the common layer: every row runs
             self.skip_now = self.no_skips
             self.layers_run += 1
@@ -192,7 +191,7 @@ class SkipController:
             if self.remaining[b] == 0:  # only a row that fired has a run
                 self.unsettled -= 1
         skip_now, fired = self.skip_now, self.fired
-        candidates = [b for b in self.hot_rows[layer] if not skip_now[b] and not fired[b]]
+        candidates = [b for b in self._hot_rows[layer] if not skip_now[b] and not fired[b]]
         rows = list(range(self.batch)) if self.recording else candidates
         if rows:  # else nobody can fire here: no similarity to compute
             values = dict(zip(rows, self._cosine(h, out, None if len(rows) == self.batch else rows, similarity)))
