@@ -109,6 +109,9 @@ def decoders_listed(client: GatewayClient) -> dict:
 def test_two_decoders_share_the_load(fleet):
     with fleet.client() as client, ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: client.generate(request()), range(8)))
+        # the burst's load reaches the gateway with the decoders' heartbeats: idle means reported idle
+        wait_for(lambda: [d.load for d in decoders_listed(client).values()] == [0.0, 0.0], 30,
+                 "both decoders to report no load after the burst")
         sequential = [client.generate(request()).served_by for _ in range(4)]
     assert {r.served_by for r in replies} == {"d1", "d2"}
     assert set(sequential) == {"d1", "d2"}  # an idle fleet is not one pod plus a spare
