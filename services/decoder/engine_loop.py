@@ -4,6 +4,10 @@ tokens come back on per-request asyncio queues.
 Only this thread touches the engine. Admission control happens in `submit` (the
 queue bound), validation that needs the tokenizer happens in the thread (engine.add)
 and comes back to the caller as the request's first item.
+
+A request's identity is its Submission object and the engine's sequence id: never the
+client's request id, which is only a label (two callers may send the same one, and
+neither may receive or cancel the other's tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import structlog
 
 from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine import Engine, GenerationResult, TokenEvent
+from ffnskip.engine.sequence import Sequence
 from ffnskip.errors import FfnSkipError, ResourceExhausted, Unavailable
 
 log = structlog.get_logger("decoder.engine_loop")
@@ -27,7 +32,7 @@ Item = Union[TokenEvent, GenerationResult, FfnSkipError]
 
 @dataclass
 class Submission:
-    request_id: str
+    request_id: str  # the caller's label, for logs and the response; not unique
     prompt: Optional[str]
     messages: Optional[list[dict]]
     sampling: SamplingParams
@@ -38,10 +43,13 @@ class Submission:
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     received_at: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
-    seq: object = None
+    seq: Optional[Sequence] = None  # set by the engine thread when admitted
 
     def deliver(self, item: Item) -> None:
-        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+            pass
 
 
 class EngineLoop:
@@ -49,14 +57,15 @@ class EngineLoop:
         self.engine = engine
         self.max_queue = max_queue
         self._inbox: deque[Submission] = deque()
-        self._cancels: deque[tuple[str, str]] = deque()
-        self._active: dict[str, Submission] = {}
+        self._cancels: deque[tuple[Submission, str]] = deque()
+        self._active: dict[int, Submission] = {}  # by the engine's sequence id
         self._wake = threading.Condition()
         self._stopping = False
         self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.idle = threading.Event()  # set while no request is queued or running (drain waits on it)
         self.idle.set()
+        self._progress_at = time.monotonic()  # the engine thread's last pass through its loop
 
     # -- called from the asyncio side -------------------------------------------------------
 
@@ -73,12 +82,14 @@ class EngineLoop:
             if self.waiting - self.engine.cache.free_rows >= self.max_queue:
                 raise ResourceExhausted(f"decoder queue is full ({self.max_queue} waiting)", retry_after_s=1.0)
             self._inbox.append(submission)
+            if self.idle.is_set():  # work starts now, not when the thread last went idle
+                self._progress_at = time.monotonic()
             self.idle.clear()
             self._wake.notify()
 
-    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+    def cancel(self, submission: Submission, reason: str = "cancelled") -> None:
         with self._wake:
-            self._cancels.append((request_id, reason))
+            self._cancels.append((submission, reason))
             self._wake.notify()
 
     def drain(self) -> None:
@@ -103,6 +114,13 @@ class EngineLoop:
     def in_flight(self) -> int:
         return len(self._active) + len(self._inbox)
 
+    def stalled_s(self) -> float:
+        """Seconds the engine thread has had work without finishing a pass (0 when idle):
+        a step that never returns, a deadlock, a dead thread."""
+        if self.idle.is_set() and self._thread.is_alive():
+            return 0.0
+        return time.monotonic() - self._progress_at
+
     # -- the engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -110,22 +128,23 @@ class EngineLoop:
             with self._wake:
                 while not (self._stopping or self._inbox or self._cancels or self.engine.has_work):
                     self._wake.wait()
+                self._progress_at = time.monotonic()
                 if self._stopping:
                     break
                 inbox, self._inbox = list(self._inbox), deque()
                 cancels, self._cancels = list(self._cancels), deque()
             for submission in inbox:
                 self._admit(submission)
-            for request_id, reason in cancels:
-                self._cancel(request_id, reason)
+            for submission, reason in cancels:
+                self._cancel(submission, reason)
             self._expire_deadlines()
             if self.engine.has_work:
                 self._step()
             with self._wake:
                 if not self._active and not self._inbox:
                     self.idle.set()
-        for request_id in list(self._active):
-            self._cancel(request_id, "cancelled")
+        for submission in list(self._active.values()):
+            self._cancel(submission, "cancelled")
 
     def _admit(self, submission: Submission) -> None:
         try:
@@ -135,19 +154,19 @@ class EngineLoop:
         except FfnSkipError as exc:
             submission.deliver(exc)
             return
-        self._active[submission.request_id] = submission
+        self._active[submission.seq.seq_id] = submission
 
     def _step(self) -> None:
         try:
             events = self.engine.step()
         except Exception as exc:  # a bug in a step must fail its requests, not hang them
             log.exception("engine step failed")
-            for request_id in list(self._active):
-                self._active.pop(request_id).deliver(Unavailable(f"decoder engine failed: {type(exc).__name__}"))
-                self.engine.cancel(request_id, "error")
+            for submission in list(self._active.values()):
+                self._active.pop(submission.seq.seq_id).deliver(Unavailable(f"decoder engine failed: {type(exc).__name__}"))
+                self.engine.cancel(submission.seq, "error")
             return
         for event in events:
-            submission = self._active.get(event.request_id)
+            submission = self._active.get(event.seq_id)
             if submission is None:
                 continue
             if event.index == 1:
@@ -156,19 +175,19 @@ class EngineLoop:
             if event.finished:
                 self._finish(submission)
 
-    def _cancel(self, request_id: str, reason: str) -> None:
-        submission = self._active.get(request_id)
-        if submission is None:
-            return
-        self.engine.cancel(request_id, reason)
+    def _cancel(self, submission: Submission, reason: str) -> None:
+        if submission.seq is None or submission.seq.seq_id not in self._active:
+            return  # refused at admission, or already finished
+        self.engine.cancel(submission.seq, reason)
         self._finish(submission)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        for request_id, submission in list(self._active.items()):
+        for submission in list(self._active.values()):
             if submission.deadline is not None and now >= submission.deadline:
-                self._cancel(request_id, "deadline")
+                self._cancel(submission, "deadline")
 
     def _finish(self, submission: Submission) -> None:
-        self._active.pop(submission.request_id, None)
+        assert submission.seq is not None
+        self._active.pop(submission.seq.seq_id, None)
         submission.deliver(self.engine.result(submission.seq))

@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 
+from ffnskip.aio import cancel_and_wait
 from ffnskip.config import SkipParams
 from ffnskip.engine import Engine, load_model
 from ffnskip.errors import FfnSkipError
@@ -62,9 +63,11 @@ async def serve(settings: DecoderSettings) -> None:
 
     registration = Registration(DecoderRegistry(redis_client), registry_info, settings.registry_ttl_s)
     registration.start()
+    watchdog = asyncio.create_task(watch_engine(server, engine_loop, settings.stuck_after_s), name="engine-watchdog")
     await server.set_ready(True)
     log.info("decoder serving", address=address, decoder_id=settings.decoder_id)
     await server.wait_for_signal()
+    await cancel_and_wait(watchdog)
 
     # Drain: stop taking work (readiness off, registry says draining), finish what runs, leave.
     servicer.draining = True
@@ -75,6 +78,19 @@ async def serve(settings: DecoderSettings) -> None:
     profiles.stop()
     engine_loop.stop()
     log.info("decoder stopped")
+
+
+async def watch_engine(server: Server, engine_loop: EngineLoop, stuck_after_s: float) -> None:
+    """Liveness follows the engine thread: stuck with work for `stuck_after_s`, the pod says
+    NOT_SERVING (and stops registering as healthy load) so Kubernetes restarts it."""
+    while True:
+        await asyncio.sleep(min(1.0, stuck_after_s / 4))  # the check's period
+        stalled = engine_loop.stalled_s()
+        if stalled > stuck_after_s:
+            log.error("engine loop stuck; liveness NOT_SERVING", stalled_s=round(stalled, 1), limit_s=stuck_after_s)
+            await server.set_live(False)
+            await server.set_ready(False)
+            return
 
 
 def main() -> int:

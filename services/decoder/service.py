@@ -8,7 +8,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from ffnskip.engine import GenerationResult, TokenEvent
 from ffnskip.errors import Cancelled, DeadlineExceeded, FfnSkipError, NotFound
-from ffnskip.rpc.generation import prompt_of, sampling_of, skip_of, stats_to_proto
+from ffnskip.rpc.generation import prompt_of, sampling_of, shown, skip_of, stats_to_proto
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.engine_loop import EngineLoop, Submission
 from services.decoder.profiles import ProfileWatcher
@@ -25,7 +25,7 @@ class DecoderService:
 
     def submission(self, request: pb.GenerateRequest, request_id: str, time_remaining: Optional[float], aio_loop) -> Submission:
         if request.model != self.settings.model_name:
-            raise NotFound(f"model: this decoder serves {self.settings.model_name!r}, not {request.model!r}")
+            raise NotFound(f"model: this decoder serves {self.settings.model_name!r}, not {shown(request.model)}")
         prompt, messages = prompt_of(request)
         sampling = sampling_of(request.sampling, self.settings.default_max_new_tokens, self.settings.max_new_tokens_cap)
         active = self.profiles.current  # snapshot: a swap never changes this request
@@ -57,7 +57,7 @@ class DecoderService:
                 yield item
         finally:
             if not finished:
-                self.loop.cancel(submission.request_id)
+                self.loop.cancel(submission)
 
     def response(self, submission: Submission, result: GenerationResult) -> pb.GenerateResponse:
         total_s = time.perf_counter() - submission.received_at

@@ -18,7 +18,7 @@ ENV_VARS = (
     "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_CACHE",
     "FFNSKIP_COMPILE", "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
     "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
-    "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
+    "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_STUCK_AFTER_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
     "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_OVERRIDE_MIN_QUORUM",
     "FFNSKIP_SKIP_POLICY", "FFNSKIP_ALIGNED_QUORUM", "FFNSKIP_LOG_LEVEL",
     "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT",
@@ -52,6 +52,7 @@ class DecoderSettings:
     profile_cache_dir: Path
     registry_ttl_s: float
     drain_timeout_s: float
+    stuck_after_s: float  # an engine loop with work and no progress this long is stuck: liveness fails
     limits: OverrideLimits
     skip_policy: str  # how an adaptive profile is served: SERVING_POLICIES
     aligned_quorum: float
@@ -89,6 +90,7 @@ class DecoderSettings:
             profile_cache_dir=Path(env.get("FFNSKIP_PROFILE_CACHE_DIR", str(Path.home() / ".cache" / "ffnskip" / "profiles"))),
             registry_ttl_s=_float(env, "FFNSKIP_REGISTRY_TTL_S", 10.0),
             drain_timeout_s=_float(env, "FFNSKIP_DRAIN_TIMEOUT_S", 30.0),
+            stuck_after_s=_positive(env, "FFNSKIP_STUCK_AFTER_S", 60.0),
             limits=OverrideLimits(
                 policies=policies, min_threshold=_float(env, "FFNSKIP_OVERRIDE_MIN_THRESHOLD", 0.5),
                 max_skip=_int(env, "FFNSKIP_OVERRIDE_MAX_SKIP", 64), min_warm_up=_int(env, "FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
@@ -122,3 +124,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(env.get(name, default))
     except ValueError as exc:
         raise InvalidArgument(name, f"must be a number, got {env[name]!r}") from exc
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise InvalidArgument(name, f"must be > 0, got {value:g}")
+    return value

@@ -6,6 +6,8 @@ never waits on Redis. Each endpoint is valid until `expires_at`: a decoder that 
 heart-beating vanishes from the registry (its key's TTL) and so from the next snapshot;
 while Redis itself is unreachable the last snapshot stays usable for `stale_s`, then
 expires, so an outage degrades to UNAVAILABLE instead of routing on old news forever.
+`current()` says whether the snapshot is today's news: only then may the gateway say
+that no decoder serves a model (NOT_FOUND) rather than that it cannot know (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = get_logger("ffnskip.gateway.discovery")
 class Discovery(Protocol):
     def endpoints(self) -> Sequence[Endpoint]: ...
 
+    def current(self) -> bool: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -39,6 +43,9 @@ class StaticDiscovery:
 
     def endpoints(self) -> Sequence[Endpoint]:
         return list(self._endpoints)
+
+    def current(self) -> bool:
+        return True
 
     async def start(self) -> None:
         return None
@@ -67,6 +74,10 @@ class RegistryDiscovery:
 
     def endpoints(self) -> Sequence[Endpoint]:
         return self._snapshot
+
+    def current(self) -> bool:
+        """True when the last refresh reached the registry."""
+        return not (self._first or self._failing)
 
     async def refresh(self) -> None:
         try:

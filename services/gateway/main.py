@@ -25,7 +25,7 @@ from services.gateway.discovery import RegistryDiscovery
 from services.gateway.fleet import FleetTelemetry, Flusher
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.routing import Endpoint
-from services.gateway.proxy import ChannelPool, Proxy, Router, code_of
+from services.gateway.proxy import ChannelPool, Proxy, Router, Timeouts, code_of
 from services.gateway.servicer import GatewayServicer, method_roles
 from services.gateway.settings import GatewaySettings
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
@@ -91,8 +91,8 @@ async def build(settings: GatewaySettings) -> Gateway:
 
     discovery = RegistryDiscovery(DecoderRegistry(redis_client), settings.discovery_interval_s,
                                   settings.discovery_stale_s, on_change=on_change)
-    proxy = Proxy(Router(discovery, settings.quarantine_s), pool, telemetry, settings.max_attempts,
-                  settings.attempt_timeout_s)
+    timeouts = Timeouts(settings.attempt_timeout_s, settings.first_token_timeout_s, settings.stall_timeout_s)
+    proxy = Proxy(Router(discovery, settings.quarantine_s), pool, telemetry, settings.max_attempts, timeouts)
     sampler = PromptSampler(redis_client, settings.prompt_sample_rate, settings.prompt_sample_stream,
                             settings.prompt_sample_maxlen)
     servicer = GatewayServicer(proxy, sampler, settings.max_new_tokens, fleet, flusher)

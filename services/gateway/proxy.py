@@ -1,12 +1,16 @@
 """Forwarding a generation to a decoder pod, with failover.
 
 One request = at most `max_attempts` attempts, each on a different pod chosen by the
-routing policy, each with its own deadline inside the client's. An attempt that fails
-with UNAVAILABLE before any token was passed on is retried elsewhere (its pod is
-quarantined for a few seconds so the next requests avoid it without each paying a
-failed attempt); any other failure, or any failure after the first token, ends the
-call with an explicit status: a client never sees duplicated tokens or a truncated
-success.
+routing policy, each with its own deadline inside the client's. Before any token was
+passed on, an attempt is retried elsewhere when its pod
+- fails with UNAVAILABLE, or sends nothing within the first-token timeout (the pod is
+  quarantined for a few seconds, so the next requests avoid it without each paying a
+  failed attempt), or
+- is full (RESOURCE_EXHAUSTED): another pod may have room; only when every pod tried is
+  full does the client see RESOURCE_EXHAUSTED, with the shortest retry-after.
+Any other failure, or any failure after the first token (a pod silent for longer than
+the stall timeout included), ends the call with an explicit status: a client never sees
+duplicated tokens or a truncated success.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import asyncio
 import contextlib
 import itertools
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional
 
 import grpc
 
 from ffnskip import errors
 from ffnskip.logging import get_logger
-from ffnskip.rpc.status import STATUS_TABLE
+from ffnskip.rpc.status import RETRY_AFTER_HEADER, STATUS_TABLE
 from ffnskip.v1 import decoder_pb2_grpc, generation_pb2
 from services.gateway.discovery import Discovery
 from services.gateway.routing import Endpoint, pick
@@ -38,6 +43,28 @@ class UpstreamError(Exception):
         self.code = code
         self.message = message
         self.trailers = trailers
+
+
+@dataclass(frozen=True)
+class Retry:
+    """An attempt that failed before any token was passed on, in a way another pod may not."""
+
+    code: grpc.StatusCode
+    details: str
+    retry_after_s: int = 0  # RESOURCE_EXHAUSTED: the pod's own hint
+
+    @property
+    def pod_suspect(self) -> bool:
+        return self.code != grpc.StatusCode.RESOURCE_EXHAUSTED  # a full pod is healthy
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the gateway waits on a pod: per attempt, for the first message, between messages."""
+
+    attempt_s: float = 600.0
+    first_token_s: float = 30.0
+    stall_s: float = 10.0
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
@@ -116,7 +143,10 @@ class Router:
         endpoints = self.discovery.endpoints()
         if not self.serves(model):
             served = sorted({e.model_id for e in self.live()})
-            raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served) or 'none'}")
+            if not served or not self.discovery.current():  # it cannot know: clients should retry
+                raise errors.Unavailable(f"no decoder of model {model!r} is known right now "
+                                         f"({'decoder registry unreachable' if not self.discovery.current() else 'none registered'}); retry")
+            raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
         suspect = {d for d, until in self._quarantined.items() if until > now}
         rotation = next(self._rotation)
         chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation)
@@ -145,12 +175,12 @@ Commit = Callable[[str], Awaitable[None]]
 
 class Proxy:
     def __init__(self, router: Router, pool: ChannelPool, telemetry: Telemetry, max_attempts: int,
-                 attempt_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeouts: Timeouts = Timeouts(), clock: Callable[[], float] = time.monotonic) -> None:
         self.router = router
         self.pool = pool
         self.telemetry = telemetry
         self.max_attempts = max_attempts
-        self.attempt_timeout_s = attempt_timeout_s
+        self.timeouts = timeouts
         self._clock = clock
 
     async def stream(
@@ -164,48 +194,50 @@ class Proxy:
         label_model = model if self.router.serves(model) else NO_MODEL  # no unbounded labels from client input
         decoder = NO_DECODER
         tried: set[str] = set()
+        failures: list[Retry] = []
         try:
             for attempt in range(1, self.max_attempts + 1):
-                endpoint = self._choose(model, tried)
+                endpoint = self._choose(model, tried, failures)
                 decoder = endpoint.decoder_id
                 tried.add(decoder)
-                last_error: Optional[grpc.aio.AioRpcError] = None
+                retry: Optional[Retry] = None
                 attempt_messages = self._attempt(request, endpoint, started, time_remaining, on_commit)
                 async with contextlib.aclosing(attempt_messages):  # its cleanup runs now, not at GC
                     async for message in attempt_messages:
-                        if isinstance(message, grpc.aio.AioRpcError):
-                            last_error = message  # the attempt's last item: it has cleaned up after it
+                        if isinstance(message, Retry):
+                            retry = message  # the attempt's last item: it has cleaned up after it
                         else:
                             yield message
-                if last_error is None:
+                if retry is None:
                     return
-                self.router.quarantine(decoder)
+                failures.append(retry)
+                if retry.pod_suspect:
+                    self.router.quarantine(decoder)
                 if attempt == self.max_attempts:
-                    raise errors.Unavailable(f"no decoder of model {model!r} answered in {attempt} attempts "
-                                             f"(last, {decoder}: {last_error.details()}); retry")
+                    raise _gave_up(model, failures, decoder)
                 self.telemetry.failover(model, decoder)
-                log.warning("decoder unavailable before the first token; failing over", decoder=decoder,
-                            attempt=attempt, error=last_error.details())
+                log.warning("decoder failed before the first token; trying another", decoder=decoder,
+                            attempt=attempt, code=retry.code.name, error=retry.details)
                 decoder = NO_DECODER
         except BaseException as exc:
             self.telemetry.error(label_model, decoder, code_of(exc).name)
             raise
 
-    def _choose(self, model: str, tried: set[str]) -> Endpoint:
+    def _choose(self, model: str, tried: set[str], failures: list[Retry]) -> Endpoint:
         try:
             return self.router.choose(model, tried)
         except errors.Unavailable:
-            if tried:
-                raise errors.Unavailable(f"every decoder of model {model!r} tried ({len(tried)}) was unavailable; retry") from None
+            if failures:
+                raise _gave_up(model, failures, None) from None
             raise
 
     async def _attempt(self, request, endpoint: Endpoint, started: float,  # type: ignore[no-untyped-def]
                        time_remaining: Callable[[], Optional[float]], on_commit: Optional[Commit]):
-        """Yields the decoder's messages; yields the AioRpcError itself when the attempt may
-        be retried (UNAVAILABLE before any token was passed on); raises otherwise."""
+        """Yields the decoder's messages; yields a Retry as its last item when the attempt
+        failed before any message was passed on in a way another pod may not; raises otherwise."""
         decoder, model = endpoint.decoder_id, request.model
         remaining = time_remaining()
-        timeout = self.attempt_timeout_s if remaining is None else min(self.attempt_timeout_s, remaining)
+        timeout = self.timeouts.attempt_s if remaining is None else min(self.timeouts.attempt_s, remaining)
         if timeout <= 0:
             raise errors.DeadlineExceeded("the call's deadline passed before a decoder could take it")
         passed = 0  # messages passed on to the client
@@ -215,7 +247,20 @@ class Proxy:
             self.telemetry.started(model, decoder)
             last = started
             try:
-                async for message in call:
+                while True:
+                    silence_s = self.timeouts.first_token_s if passed == 0 else self.timeouts.stall_s
+                    try:
+                        message = await asyncio.wait_for(call.read(), silence_s)
+                    except asyncio.TimeoutError:
+                        self.router.quarantine(decoder)
+                        if passed == 0:
+                            yield Retry(grpc.StatusCode.UNAVAILABLE, f"no first token within {silence_s:g} s")
+                            return
+                        raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                            f"decoder {decoder} stalled: no token for {silence_s:g} s after {passed} "
+                                            f"tokens, the response is incomplete; retry") from None
+                    if message is grpc.aio.EOF:
+                        break
                     now = self._clock()
                     if passed == 0 and on_commit is not None:
                         await on_commit(decoder)
@@ -232,8 +277,8 @@ class Proxy:
                 raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                     f"decoder {decoder} ended the stream without a summary after {passed} messages; retry")
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and passed == 0:
-                    yield err
+                if passed == 0 and err.code() in _RETRYABLE:
+                    yield Retry(err.code(), err.details() or err.code().name, _retry_after(err))
                     return
                 raise _upstream(err, decoder, passed) from None
             finally:
@@ -249,8 +294,30 @@ class Proxy:
             stats.skip_ratio, stats.decode_skip_ratio)
 
 
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _retry_after(err: grpc.aio.AioRpcError) -> int:
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_HEADER and str(value).isdigit():
+            return int(value)
+    return 1
+
+
+def _gave_up(model: str, failures: list[Retry], decoder: Optional[str]) -> Exception:
+    """The status after every attempt failed before its first token: RESOURCE_EXHAUSTED
+    (with the shortest retry-after) when every pod tried was full, else UNAVAILABLE."""
+    if all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
+        after = min(f.retry_after_s for f in failures)
+        return UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"every decoder of model {model!r} tried ({len(failures)}) is full; retry after {after} s",
+                             ((RETRY_AFTER_HEADER, str(after)),))
+    last = f"last, {decoder}: {failures[-1].details}" if decoder else f"last: {failures[-1].details}"
+    return errors.Unavailable(f"no decoder of model {model!r} answered in {len(failures)} attempts ({last}); retry")
+
+
 def _upstream(err: grpc.aio.AioRpcError, decoder: str, tokens: int) -> UpstreamError:
-    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == "retry-after")
+    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_HEADER)
     details = err.details() or err.code().name
     if tokens:
         details = f"decoder {decoder} failed after {tokens} tokens, the response is incomplete: {details}"

@@ -32,9 +32,11 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_REDIS_DB",
     "FFNSKIP_MAX_ATTEMPTS",  # decoders tried per request before UNAVAILABLE (default 3)
     "FFNSKIP_ATTEMPT_TIMEOUT_S",  # one attempt's deadline, within the client's (default 600)
-    "FFNSKIP_QUARANTINE_S",  # a decoder that failed with UNAVAILABLE gets no new requests this long (default 5)
+    "FFNSKIP_FIRST_TOKEN_TIMEOUT_S",  # a decoder silent this long before the first token: try another (default 30)
+    "FFNSKIP_STALL_TIMEOUT_S",  # silent this long between tokens: UNAVAILABLE "incomplete" (default 10)
+    "FFNSKIP_QUARANTINE_S",  # a decoder that failed or stalled gets no new requests this long (default 5)
     "FFNSKIP_DISCOVERY_INTERVAL_S",  # registry refresh period (default 0.5)
-    "FFNSKIP_DISCOVERY_STALE_S",  # during a Redis outage, route to last-known decoders this long (default 15)
+    "FFNSKIP_DISCOVERY_STALE_S",  # during a Redis outage, route to last-known decoders this long (default 60)
     "FFNSKIP_MAX_NEW_TOKENS",  # cap on sampling.max_new_tokens (default 4096)
     "FFNSKIP_MAX_MESSAGE_BYTES",  # gRPC message size limit, both directions (default 4 MiB)
     "FFNSKIP_KEEPALIVE_S",  # keepalive ping period on gateway->decoder channels (default 20)
@@ -62,9 +64,11 @@ class GatewaySettings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     max_attempts: int = 3
     attempt_timeout_s: float = 600.0
+    first_token_timeout_s: float = 30.0
+    stall_timeout_s: float = 10.0
     quarantine_s: float = 5.0
     discovery_interval_s: float = 0.5
-    discovery_stale_s: float = 15.0
+    discovery_stale_s: float = 60.0
     max_new_tokens: int = 4096
     max_message_bytes: int = 4 * 1024 * 1024
     keepalive_s: float = 20.0
@@ -87,6 +91,8 @@ class GatewaySettings:
                "TLS needs both FFNSKIP_TLS_CERT and FFNSKIP_TLS_KEY")
         _check(1 <= self.max_attempts <= 10, "FFNSKIP_MAX_ATTEMPTS", f"must be in [1, 10], got {self.max_attempts}")
         for name, value in (("FFNSKIP_ATTEMPT_TIMEOUT_S", self.attempt_timeout_s),
+                            ("FFNSKIP_FIRST_TOKEN_TIMEOUT_S", self.first_token_timeout_s),
+                            ("FFNSKIP_STALL_TIMEOUT_S", self.stall_timeout_s),
                             ("FFNSKIP_DISCOVERY_INTERVAL_S", self.discovery_interval_s),
                             ("FFNSKIP_DISCOVERY_STALE_S", self.discovery_stale_s),
                             ("FFNSKIP_KEEPALIVE_S", self.keepalive_s),
@@ -165,6 +171,8 @@ _SCALARS = (
     ("FFNSKIP_TLS_KEY", "tls_key", _str),
     ("FFNSKIP_MAX_ATTEMPTS", "max_attempts", _int),
     ("FFNSKIP_ATTEMPT_TIMEOUT_S", "attempt_timeout_s", _float),
+    ("FFNSKIP_FIRST_TOKEN_TIMEOUT_S", "first_token_timeout_s", _float),
+    ("FFNSKIP_STALL_TIMEOUT_S", "stall_timeout_s", _float),
     ("FFNSKIP_QUARANTINE_S", "quarantine_s", _float),
     ("FFNSKIP_DISCOVERY_INTERVAL_S", "discovery_interval_s", _float),
     ("FFNSKIP_DISCOVERY_STALE_S", "discovery_stale_s", _float),

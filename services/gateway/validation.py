@@ -13,13 +13,10 @@ from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.generation import validate_request
 from ffnskip.v1 import generation_pb2
 
-MAX_STOP_STRINGS = 16
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # logged and echoed: no spaces or control characters
 
 
 def validate(request: generation_pb2.GenerateRequest, max_new_tokens_cap: int) -> None:
     validate_request(request, max_new_tokens_cap)
-    if len(request.sampling.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(request.sampling.stop)}")
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise InvalidArgument("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : / + = -")

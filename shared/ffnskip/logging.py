@@ -5,11 +5,16 @@ plain stdlib loggers (grpc, redis, transformers) then write one JSON object per 
 stderr, and every line logged while an RPC runs carries its `request_id` (taken from the
 client's `x-request-id` metadata or generated), including lines from threads the RPC
 handed work to with asyncio.to_thread (which copies the context).
+
+User data stays out of the logs: tracebacks are rendered without frame locals (a local
+can be a whole GenerateRequest, prompt included), and no code logs a prompt or a
+generated text; `fingerprint` gives a size and a hash for debugging instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import sys
@@ -53,7 +58,9 @@ def configure_logging(level: str = "info", stream=None) -> None:
         foreign_pre_chain=_shared_processors(),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks,
+            # tracebacks as data, but without frame locals: they would carry prompts
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False, use_rich=False)),
             structlog.processors.JSONRenderer(),
         ],
     )
@@ -66,6 +73,12 @@ def configure_logging(level: str = "info", stream=None) -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+def fingerprint(text: str) -> str:
+    """What a log line may say about user text: its size and a short hash, never the text."""
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{len(text)} chars, sha256 {digest}"
 
 
 def new_request_id() -> str:
@@ -82,7 +95,11 @@ def request_id_from_metadata(metadata) -> str:
 
 @contextlib.contextmanager
 def bound_request_id(request_id: str) -> Iterator[str]:
-    """Bind `request_id` for this context (an RPC's task) and its log lines."""
+    """Bind `request_id` for this context (an RPC's task) and its log lines.
+
+    Enter and leave it in one context: never across a `yield` of an async generator,
+    whose finalisation may run in another task's context (resetting the binding there
+    raises ValueError)."""
     token = request_id_var.set(request_id)
     try:
         with structlog.contextvars.bound_contextvars(request_id=request_id):

@@ -4,9 +4,11 @@ A private redis-server (its data in --data-dir, so a profile survives between ru
 calibrator, N decoders and the gateway. If the model has no active profile, it is
 calibrated through the calibrator first (a job with activate_on_success, followed to the
 end), so the decoders start on it. Then one real request goes through the gateway and
-its answer is printed with the skip stats and latency; the stack keeps serving until
-Ctrl-C (or exits at once with --once), then stops everything in order: the gateway
-drains, the decoders drain, the calibrator, and Redis saves its data.
+its answer is printed with the skip stats and latency, and the stack keeps serving
+(or exits at once with --once). While it serves, a child that exits (a crash, a kill)
+is restarted with exponential backoff, on its own port with its own id; only SIGINT
+(Ctrl-C) or SIGTERM stops the stack, in order: the gateway drains, the decoders
+drain, the calibrator, and Redis last (its data is in an append-only file).
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import argparse
 import os
 import secrets
 import signal
+import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from ffnskip.client import GatewayClient, build_request
 from ffnskip.errors import FfnSkipError, InvalidArgument
-from ffnskip.procs import Child, RedisChild, free_port
+from ffnskip.procs import Child, RedisChild, Supervisor, free_port
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -31,7 +33,8 @@ DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 
 def register(commands) -> None:  # type: ignore[no-untyped-def]
     up = commands.add_parser("up", help="start redis, the calibrator, decoders and the gateway on loopback; "
-                                        "serve a request; keep serving until Ctrl-C")
+                                        "serve a request; keep serving (restarting children that exit) "
+                                        "until Ctrl-C")
     up.add_argument("--model", default="smollm2-135m", help="model spec (default: the embedded SmolLM2-135M)")
     up.add_argument("--decoders", type=int, default=1, help="decoder processes (default 1)")
     up.add_argument("--gateway-port", type=int, default=50051, help="gateway gRPC port on 127.0.0.1 (0 = any free)")
@@ -69,7 +72,6 @@ def run_up(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown is bounded; let it finish
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stack.shutdown()
     return 0
@@ -80,17 +82,50 @@ def _interrupt(*_: object) -> None:
 
 
 def serve_until_stopped(stack: "Stack") -> int:
-    """Block until Ctrl-C, SIGTERM or a child's unexpected exit (SIGCHLD): events, not polling."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(sig, lambda *_: stop.set())
-    print("\nserving; Ctrl-C stops the stack", flush=True)
-    stop.wait()
-    dead = stack.dead()
-    if dead:
-        print(f"error: {dead[0].name} exited unexpectedly; log {dead[0].log_path}:\n{dead[0].log_tail()}", file=sys.stderr)
-        return 1
+    """Serve, restarting children that exit, until SIGINT or SIGTERM (then 0)."""
+    stack.supervise()
+    with StopSignals(signal.SIGINT, signal.SIGTERM) as stop_signals:  # before "serving": none is missed
+        print(f"\n{stack.process_table()}\n\nserving; Ctrl-C stops the stack", flush=True)
+        received = stop_signals.wait()
+    print(f"\n{signal.Signals(received).name}: stopping the stack", flush=True)
     return 0
+
+
+class StopSignals:
+    """Catches `signals` from entry on; wait() blocks until one arrives and returns it.
+
+    Python runs signal handlers in the main thread only, and a signal the kernel hands
+    to another thread (gRPC's, the supervisor's) does not wake a main thread blocked on
+    a lock. The interpreter's wakeup fd does: its C-level handler writes each signal's
+    number there, whichever thread took the signal, so that number is the event."""
+
+    def __init__(self, *signals: int) -> None:
+        self.signals = signals
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous_fd = -1
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        # The fd first, so no signal is lost: one that comes before the handlers are swapped
+        # meets the old handler (KeyboardInterrupt: stopped as during the start).
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        # a Python handler, even one that does nothing, is what makes the C handler write the fd
+        self._previous = {sig: signal.signal(sig, lambda *_: None) for sig in self.signals}
+        return self
+
+    def wait(self) -> int:
+        while True:
+            for number in self._reader.recv(64):
+                if number in self.signals:
+                    return number
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._reader.close()
+        self._writer.close()
 
 
 class Stack:
@@ -105,12 +140,19 @@ class Stack:
         self.gateway: Optional[Child] = None
         self.decoders: list[Child] = []
         self.metrics_port = args.metrics_port or free_port()
+        self.supervisor: Optional[Supervisor] = None
 
     def children(self) -> list[Child]:
         return [c for c in (self.gateway, *self.decoders, self.calibrator, self.redis) if c is not None]
 
-    def dead(self) -> list[Child]:
-        return [c for c in self.children() if c.process is not None and not c.alive()]
+    def supervise(self) -> None:
+        """From now on a child that exits is restarted (with backoff) until shutdown()."""
+        self.supervisor = Supervisor(self.children()).start()
+
+    def process_table(self) -> str:
+        """One line per child: name, pid, address (what to kill to see a restart)."""
+        rows = [f"  {c.name:<12} pid {c.pid:<8} {c.address}" for c in self.children()]
+        return "\n".join(["processes (one that exits is restarted, with backoff):", *rows])
 
     def _env(self, **values: str) -> dict[str, str]:
         return {"FFNSKIP_REDIS_URL": self.redis.url, "FFNSKIP_DEVICE": self.args.device, **values}
@@ -220,13 +262,18 @@ class Stack:
         ])
 
     def shutdown(self) -> None:
-        """Gateway first (it drains its streams), then decoders and calibrator, Redis last."""
+        """Gateway first (it drains its streams), then decoders and calibrator, Redis last;
+        the supervision ends first, so nothing stopped here is restarted."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for group in ([self.gateway], [*self.decoders, self.calibrator], [self.redis]):
             members = [c for c in group if c is not None]
             for child in members:
                 child.signal(signal.SIGTERM)
             for child in members:
                 child.wait(timeout_s=60.0)
+        if self.supervisor is not None:
+            self.supervisor.join(timeout_s=10.0)
         print("stack stopped", flush=True)
 
 

@@ -4,7 +4,6 @@ SmolLM2 model on loopback, gRPC over sockets."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -15,6 +14,7 @@ from ffnskip.store.profiles import ProfileStore
 from ffnskip.store.registry import DecoderRegistry
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
+from tests.helpers.polling import wait_for
 from tests.helpers.profiles import build_profile
 from tests.helpers.services import ServiceProcess, free_port
 from tests.redis_server import running_redis
@@ -60,17 +60,6 @@ def request(max_new_tokens: int = 24, **kwargs) -> pb.GenerateRequest:
 
 def info(stub) -> decoder_pb2.InfoResponse:
     return stub.Info(decoder_pb2.InfoRequest(), timeout=10)
-
-
-def wait_for(condition, timeout_s: float = 30.0, what: str = "condition"):
-    """Poll an observable state (never a fixed sleep) until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def publish(redis_url: str, fingerprint: str, **fields) -> int:

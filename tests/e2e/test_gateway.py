@@ -7,103 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable
 
 import grpc
 import pytest
 
 from ffnskip import cli
-from ffnskip.client import GatewayClient, build_request, served_by
+from ffnskip.client import served_by
 from ffnskip.load import run_load
-from ffnskip.procs import Child, free_port
-from tests.helpers.tiny import save_tiny_model
-from tests.redis_server import running_redis
-
-MODEL = "tiny"
-API_KEY, OPS_KEY = "test-api-key", "test-ops-key"
-LONG_PROMPT = "Count slowly to one hundred."  # greedy on the tiny model: no EOS within 200 tokens
-
-
-class Fleet:
-    def __init__(self, tmp: Path, redis_url: str, model_dir: Path) -> None:
-        self.tmp, self.redis_url, self.model_dir = tmp, redis_url, model_dir
-        self.decoders: dict[str, Child] = {}
-        self.gateways: dict[str, Child] = {}
-        self.metrics_ports: dict[str, int] = {}
-
-    def decoder(self, name: str, **extra: str) -> Child:
-        port = free_port()
-        env = {"FFNSKIP_MODEL": str(self.model_dir), "FFNSKIP_MODEL_NAME": MODEL, "FFNSKIP_REDIS_URL": self.redis_url,
-               "FFNSKIP_DECODER_HOST": "127.0.0.1", "FFNSKIP_DECODER_PORT": str(port), "FFNSKIP_DECODER_ID": name,
-               "FFNSKIP_DEVICE": "cpu", "FFNSKIP_MAX_BATCH": "4", "FFNSKIP_MAX_QUEUE": "64", "FFNSKIP_MAX_SEQ_LEN": "256",
-               "FFNSKIP_MAX_NEW_TOKENS_CAP": "200", "FFNSKIP_REGISTRY_TTL_S": "2", "FFNSKIP_DRAIN_TIMEOUT_S": "10",
-               "FFNSKIP_PROFILE_CACHE_DIR": str(self.tmp / "profiles"), **extra}
-        child = self.decoders[name] = Child.service(name, "services.decoder.main", env, port, self.tmp).start()
-        return child
-
-    def gateway(self, name: str, port: int = 0) -> Child:
-        port = port or free_port()
-        metrics = self.metrics_ports.setdefault(name, free_port())
-        env = {"FFNSKIP_REDIS_URL": self.redis_url, "FFNSKIP_GATEWAY_HOST": "127.0.0.1", "FFNSKIP_GATEWAY_PORT": str(port),
-               "FFNSKIP_GATEWAY_ID": name, "FFNSKIP_METRICS_HOST": "127.0.0.1", "FFNSKIP_METRICS_PORT": str(metrics),
-               "FFNSKIP_API_KEYS": API_KEY, "FFNSKIP_OPS_KEYS": OPS_KEY, "FFNSKIP_DISCOVERY_INTERVAL_S": "0.2",
-               "FFNSKIP_TELEMETRY_FLUSH_S": "0.5", "FFNSKIP_MAX_NEW_TOKENS": "256", "FFNSKIP_DRAIN_TIMEOUT_S": "10"}
-        child = self.gateways[name] = Child.service(name, "services.gateway.main", env, port, self.tmp).start()
-        return child
-
-    def ready(self, *children: Child, timeout_s: float = 180.0) -> None:
-        for child in children:
-            child.wait_serving(timeout_s)
-        for child in children:
-            if child in self.gateways.values():
-                child.wait_serving(30.0, service=f"model:{MODEL}")  # it has found a decoder of the model
-
-    def client(self, key: str = API_KEY, gateway: str = "gw-a") -> GatewayClient:
-        return GatewayClient(self.gateways[gateway].address, api_key=key, timeout_s=60.0)
-
-    def stop(self) -> None:
-        for child in [*self.gateways.values(), *self.decoders.values()]:
-            child.signal()
-        for child in [*self.gateways.values(), *self.decoders.values()]:
-            child.wait(timeout_s=30.0)
+from tests.helpers.fleet import (API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet,
+                                 wait_for)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gateway")
-    model_dir = save_tiny_model(tmp / "tiny")
-    with running_redis() as redis_server:
-        fleet = Fleet(tmp, redis_server.url, model_dir)
-        try:
-            d1, d2, gw = fleet.decoder("d1"), fleet.decoder("d2"), fleet.gateway("gw-a")  # all load at once
-            fleet.ready(d1, d2, gw)
-            yield fleet
-        finally:
-            fleet.stop()
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
-    """Poll an observable state until it holds, within a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)  # polling cadence, bounded by the deadline
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def request(max_new_tokens: int = 6, prompt: str = "hello there", **kwargs) -> object:
-    return build_request(MODEL, chat=prompt, max_new_tokens=max_new_tokens, **kwargs)
-
-
-def decoders_listed(client: GatewayClient) -> dict:
-    models = {m.model: m for m in client.list_models().models}
-    return {d.decoder_id: d for d in models[MODEL].decoders} if MODEL in models else {}
+    with two_decoder_fleet(tmp_path_factory.mktemp("gateway")) as (fleet, _):
+        yield fleet
 
 
 def test_two_decoders_share_the_load(fleet):
@@ -145,6 +65,13 @@ def test_auth_accepted_and_refused(fleet):
     (lambda r: setattr(r.skip, "threshold", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "skip.threshold"),
     (lambda r: setattr(r.skip, "max_skip", -7), grpc.StatusCode.INVALID_ARGUMENT, "skip.max_skip"),
     (lambda r: setattr(r.skip, "warm_up", -1), grpc.StatusCode.INVALID_ARGUMENT, "skip.warm_up"),
+    # bounds on hostile input: refused by size, named, never echoed whole
+    (lambda r: setattr(r, "model", "m" * 10_000), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (lambda r: r.messages.extend([r.messages[0]] * 300), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    (lambda r: [r.messages.add(role="user", content="x" * 60_000) for _ in range(4)], grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[4].content"),
+    (lambda r: r.sampling.stop.append("s" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[0]"),
+    (lambda r: setattr(r.messages[0], "role", "r" * 10_000), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
 ])
 def test_bad_input_at_the_gateway(fleet, change, code, field):
     bad = request()
@@ -155,6 +82,7 @@ def test_bad_input_at_the_gateway(fleet, change, code, field):
                 call(bad)
             assert err.value.code() == code
             assert err.value.details().startswith(f"{field}:"), err.value.details()
+            assert len(err.value.details()) < 300  # no unbounded echo of the input
 
 
 def test_200_requests_at_concurrency_16(fleet):

@@ -15,12 +15,20 @@ from tests.helpers.tiny import save_tiny_model
 from tests.redis_server import free_port
 
 
+def up_command(data_dir, model_dir, *extra: str) -> list[str]:
+    """`ffnskip up` on `model_dir` on the CPU, with a short first request and calibration."""
+    return [sys.executable, "-m", "ffnskip.cli", "up", "--model", str(model_dir), "--device", "cpu",
+            "--data-dir", str(data_dir), "--max-new-tokens", "8", "--calibration-tokens", "8", *extra]
+
+
+def up_env(**extra: str) -> dict[str, str]:
+    """This environment without the key variables (so `up` makes and prints its own), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS")}, **extra}
+
+
 def up(data_dir, model_dir, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "ffnskip.cli", "up", "--once", "--model", str(model_dir), "--device", "cpu",
-               "--data-dir", str(data_dir), "--gateway-port", str(free_port()), "--max-new-tokens", "8",
-               "--calibration-tokens", "8", *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS")}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    command = up_command(data_dir, model_dir, "--once", "--gateway-port", str(free_port()), *extra)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=up_env())
 
 
 @pytest.fixture(scope="module")

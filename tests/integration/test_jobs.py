@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, TypeVar
 
 import pytest
 import redis
 
 from ffnskip.errors import FailedPrecondition, NotFound, Unavailable
 from ffnskip.store import ClaimedJob, JobQueue, ProfileStore, RedisSettings, connect
+from tests.helpers.polling import wait_for
 from tests.helpers.profiles import build_profile
 from tests.redis_server import RedisServer, running_redis
 
 MODEL = "tiny-llama"
 LONG_IDLE_MS = 60_000  # "never reclaim" for tests that do not want reclaiming
 pytestmark = pytest.mark.timeout(60)
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], Optional[T]], timeout_s: float = 10.0) -> T:
-    """Poll `probe` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout_s}s")
 
 
 @pytest.fixture

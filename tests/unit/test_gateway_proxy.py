@@ -17,7 +17,7 @@ from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.discovery import StaticDiscovery
 from services.gateway.fleet import quantile, summarise
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.proxy import ChannelPool, Proxy, Router
+from services.gateway.proxy import ChannelPool, Proxy, Router, Timeouts
 from services.gateway.routing import Endpoint
 from services.gateway.servicer import GatewayServicer
 from services.gateway.telemetry import Telemetry
@@ -49,6 +49,12 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
             yield pb.GenerateStreamResponse(token=pb.TokenChunk(index=i + 1, token_id=i, text="x", skipped_layers=[1]))
             if self.mode == "dies_after_token":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "socket closed")
+            if self.mode == "stalls_after_token":  # a frozen pod: the connection stays up, nothing comes
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    self.cancelled.set()
+                    raise
         stats = pb.SkipStats(skip_ratio=0.25, decode_skip_ratio=0.5, ffn_blocks_total=4 * self.tokens,
                              ffn_blocks_skipped=self.tokens, per_layer_skips=[0, self.tokens, 0, 0],
                              generated_tokens=self.tokens)
@@ -58,7 +64,8 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
 
 
 @contextlib.asynccontextmanager
-async def gateway(*fakes: FakeDecoder, max_attempts: int = 3) -> AsyncIterator[tuple]:
+async def gateway(*fakes: FakeDecoder, max_attempts: int = 3,
+                  timeouts: Timeouts = Timeouts(attempt_s=30)) -> AsyncIterator[tuple]:
     servers, endpoints = [], []
     for fake in fakes:
         server = grpc.aio.server()
@@ -70,7 +77,7 @@ async def gateway(*fakes: FakeDecoder, max_attempts: int = 3) -> AsyncIterator[t
     telemetry = Telemetry()
     router = Router(StaticDiscovery(endpoints), quarantine_s=60)
     pool = ChannelPool(4 << 20, keepalive_s=20)
-    proxy = Proxy(router, pool, telemetry, max_attempts=max_attempts, attempt_timeout_s=30)
+    proxy = Proxy(router, pool, telemetry, max_attempts=max_attempts, timeouts=timeouts)
     front = Server(["ffnskip.v1.Gateway"])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(proxy, PromptSampler(None, 0, "s", 1), 256), front.grpc)
     port = await front.start("127.0.0.1:0")
@@ -161,6 +168,61 @@ def test_decoder_errors_pass_through_with_their_code_and_trailers():
                 await call
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert ("retry-after", "2") in tuple(err.value.trailing_metadata())
+
+    asyncio.run(scenario())
+
+
+def test_a_full_decoder_is_skipped_for_one_with_room():
+    async def scenario() -> None:
+        full, spare = FakeDecoder("a", "exhausted"), FakeDecoder("b", "ok")
+        async with gateway(full, spare) as (stub, telemetry, router):
+            router.in_flight["b"] = 1  # make "a" the first choice
+            reply = await stub.Generate(request())
+            assert reply.served_by == "b" and full.calls == 1
+            router.in_flight.pop("b")
+            reply = await stub.Generate(request())  # a full pod is not quarantined: it is tried again
+            assert full.calls == 2 and reply.served_by == "b"
+
+    asyncio.run(scenario())
+
+
+def test_every_decoder_full_is_resource_exhausted_with_the_shortest_retry_after():
+    async def scenario() -> None:
+        async with gateway(FakeDecoder("a", "exhausted"), FakeDecoder("b", "exhausted")) as (stub, telemetry, router):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(request())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details()
+            assert ("retry-after", "2") in tuple(err.value.trailing_metadata())
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_decoder_is_left_for_another_within_the_first_token_timeout():
+    async def scenario() -> None:
+        frozen, spare = FakeDecoder("a", "hang"), FakeDecoder("b", "ok")
+        async with gateway(frozen, spare, timeouts=Timeouts(attempt_s=30, first_token_s=0.5, stall_s=0.5)) as (
+                stub, telemetry, router):
+            router.in_flight["b"] = 1  # make "a" the first choice
+            reply = await stub.Generate(request(), timeout=10)
+            assert reply.served_by == "b" and frozen.calls == 1
+            await asyncio.wait_for(frozen.cancelled.wait(), timeout=5)  # its attempt was cancelled
+            router.in_flight.pop("b")
+            assert (await stub.Generate(request(), timeout=10)).served_by == "b"  # "a" is quarantined
+            assert frozen.calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_decoder_stalled_mid_stream_ends_the_call_as_incomplete():
+    async def scenario() -> None:
+        stalling = FakeDecoder("a", "stalls_after_token")
+        async with gateway(stalling, timeouts=Timeouts(attempt_s=30, first_token_s=5, stall_s=0.5)) as (
+                stub, telemetry, router):
+            messages, code, details = await drain(stub.GenerateStream(request(), timeout=20))
+            assert [m.WhichOneof("kind") for m in messages] == ["token"]
+            assert code == grpc.StatusCode.UNAVAILABLE and "stalled" in details and "incomplete" in details
+            await asyncio.wait_for(stalling.cancelled.wait(), timeout=5)
+            assert router.in_flight == {}
 
     asyncio.run(scenario())
 

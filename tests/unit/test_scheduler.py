@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine
-from ffnskip.errors import NotFound
 
 PROMPTS = ["one", "two two", "three three three", "four", "five five"]
 
@@ -51,9 +48,9 @@ def test_cancel_stops_a_running_sequence_within_one_step(tiny_loaded):
     engine.step()
     engine.step()
     produced = len(victim.generated)
-    engine.cancel("victim")
+    engine.cancel(victim)
     events = engine.step()
-    assert all(e.request_id != "victim" for e in events)
+    assert all(e.seq_id != victim.seq_id for e in events)
     assert len(victim.generated) == produced and victim.finish_reason == "cancelled"
     assert victim.row is None and engine.cache.in_use == 1
     while engine.has_work:
@@ -61,16 +58,32 @@ def test_cancel_stops_a_running_sequence_within_one_step(tiny_loaded):
     assert other.generated == alone(engine, PROMPTS[1], sampling)
 
 
-def test_cancel_waiting_and_unknown(tiny_loaded):
+def test_cancel_waiting_and_finished(tiny_loaded):
     engine = Engine(tiny_loaded, max_batch=1, max_seq_len=64)
-    engine.add(prompt="a", sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))
-    queued = engine.add(prompt="b", sampling=SamplingParams(max_new_tokens=3, ignore_eos=True), request_id="queued")
-    engine.cancel("queued")
+    first = engine.add(prompt="a", sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))
+    queued = engine.add(prompt="b", sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.cancel(queued)
     while engine.has_work:
         engine.step()
     assert queued.generated == [] and queued.finish_reason == "cancelled"
-    with pytest.raises(NotFound):
-        engine.cancel("nobody")
+    engine.cancel(first)  # already finished: it keeps its own reason
+    assert first.finish_reason == "length"
+
+
+def test_sequences_sharing_a_request_id_stay_apart(tiny_loaded):
+    """The request id is the caller's label: two sequences with the same one get their own
+    tokens, and cancelling one leaves the other running."""
+    engine = Engine(tiny_loaded, max_batch=3, max_seq_len=64)
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    twins = [engine.add(prompt=p, sampling=sampling, request_id="same") for p in PROMPTS[:3]]
+    assert len({s.seq_id for s in twins}) == 3
+    engine.step()
+    engine.cancel(twins[0])
+    while engine.has_work:
+        engine.step()
+    assert twins[0].finish_reason == "cancelled"
+    for seq, prompt in zip(twins[1:], PROMPTS[1:3]):
+        assert seq.finish_reason == "length" and seq.generated == alone(engine, prompt, sampling)
 
 
 def test_stream_pieces_concatenate_to_the_text(tiny_engine):

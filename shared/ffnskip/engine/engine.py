@@ -23,11 +23,12 @@ from ffnskip.engine.prompts import encode_prompt, eos_ids
 from ffnskip.engine.sampling import sample
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence
 from ffnskip.engine.stats import SkipStats, weight_bytes
-from ffnskip.errors import InvalidArgument, NotFound
+from ffnskip.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
 class TokenEvent:
+    seq_id: int  # the sequence's own id (Sequence.seq_id): request ids are labels and may repeat
     request_id: str
     index: int  # 1-based position among the generated tokens
     token_id: int
@@ -141,13 +142,10 @@ class Engine:
                 f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's sequence length {self.max_seq_len}",
             )
 
-    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
-        """Stop a sequence; it leaves the batch at the next step."""
-        for seq in list(self.waiting) + self.running:
-            if seq.request_id == request_id:
-                seq.cancel(reason)
-                return
-        raise NotFound(f"request {request_id!r} is not queued or running")
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop a sequence (one `add` returned); it leaves the batch at the next step.
+        A sequence that has already finished keeps its own finish reason."""
+        seq.cancel(reason)
 
     @property
     def has_work(self) -> bool:
@@ -195,7 +193,7 @@ class Engine:
 
     def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity) -> TokenEvent:
         piece = seq.append(token, skipped, similarity)
-        return TokenEvent(seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason)
+        return TokenEvent(seq.seq_id, seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason)
 
     def _drop_cancelled_waiting(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.finished)
@@ -236,7 +234,7 @@ class Engine:
         seq = self.add(**_prompt_kwargs(prompt), sampling=sampling, skip=skip)
         while not seq.finished:
             for event in self.step():
-                if event.request_id == seq.request_id:
+                if event.seq_id == seq.seq_id:
                     yield event
 
 

@@ -57,7 +57,7 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
         for _ in range(steps):
             engine.step()
     wall_ms = (time.perf_counter() - started) * 1000.0 / steps
-    engine.cancel(seq.request_id)
+    engine.cancel(seq)
     while engine.has_work:
         engine.step()
     medians = {part: statistics.median(values) for part, values in totals.items()}

@@ -44,7 +44,8 @@ class Sequence:
     plan: RowPlan
     detokenizer: IncrementalDetokenizer
     eos_ids: frozenset[int]
-    request_id: str = ""
+    request_id: str = ""  # a label for logs and results; the caller's, so not necessarily unique
+    seq_id: int = field(default_factory=lambda: next(_ids), init=False)  # the identity: the engine's own, unique
     generated: list[int] = field(default_factory=list)
     skip_records: list[list[int]] = field(default_factory=list)
     similarity: list[Optional[list[float]]] = field(default_factory=list)
@@ -59,7 +60,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if not self.request_id:
-            self.request_id = f"req-{next(_ids)}"
+            self.request_id = f"req-{self.seq_id}"
         self.sample_generator = torch.Generator().manual_seed(self.sampling.seed)
         self.skip_generator = torch.Generator().manual_seed(self.skip.seed)
 

@@ -15,7 +15,18 @@ from ffnskip.errors import InvalidArgument
 from ffnskip.v1 import generation_pb2 as pb
 
 OVERRIDABLE_POLICIES = ("adaptive", "aligned", "dense", "random", "non_adaptive", "static")
-MAX_PROMPT_CHARS = 200_000
+# Bounds on client input: what a request may hold, and what an error may echo of it.
+MAX_PROMPT_CHARS = 200_000  # the prompt, or all chat messages' contents together
+MAX_MESSAGES = 256
+MAX_MODEL_CHARS = 256
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+ECHO_CHARS = 64  # of a client's value quoted back in an error message
+
+
+def shown(value: str) -> str:
+    """A client's value as an error message may quote it: repr'd and cut to ECHO_CHARS."""
+    return repr(value) if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -34,12 +45,17 @@ def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list
     if request.prompt and request.messages:
         raise InvalidArgument("prompt", "give either prompt or messages, not both")
     if request.messages:
-        messages = []
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}")
+        messages, chars = [], 0
         for i, m in enumerate(request.messages):
             if m.role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.role!r}")
+                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {shown(m.role)}")
             if not m.content.strip():
                 raise InvalidArgument(f"messages[{i}].content", "must not be empty")
+            chars += len(m.content)
+            if chars > MAX_PROMPT_CHARS:
+                raise InvalidArgument(f"messages[{i}].content", f"the messages together exceed {MAX_PROMPT_CHARS} characters")
             messages.append({"role": m.role, "content": m.content})
         return None, messages
     if not request.prompt.strip():
@@ -55,6 +71,11 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
         raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {options.max_new_tokens}")
     if max_new > max_new_tokens_cap:
         raise InvalidArgument("sampling.max_new_tokens", f"must be <= {max_new_tokens_cap}, got {max_new}")
+    if len(options.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(options.stop)}")
+    for i, stop in enumerate(options.stop):
+        if len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"sampling.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(stop)}")
     try:
         return SamplingParams(
             max_new_tokens=max_new, temperature=options.temperature,
@@ -68,7 +89,7 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
 def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimits) -> SkipParams:
     """The profile's parameters with the request's overrides, inside the configured limits."""
     if overrides.policy and overrides.policy not in limits.policies:
-        raise InvalidArgument("skip.policy", f"must be one of {', '.join(limits.policies)}, got {overrides.policy!r}")
+        raise InvalidArgument("skip.policy", f"must be one of {', '.join(limits.policies)}, got {shown(overrides.policy)}")
     if overrides.HasField("threshold") and not (limits.min_threshold <= overrides.threshold <= 1.0):
         raise InvalidArgument("skip.threshold", f"must be in [{limits.min_threshold}, 1], got {overrides.threshold:g}")
     if overrides.HasField("max_skip") and not (-1 <= overrides.max_skip <= limits.max_skip):
@@ -98,6 +119,8 @@ def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096
     """The checks that need no model (the gateway runs these before routing)."""
     if not request.model:
         raise InvalidArgument("model", "must not be empty")
+    if len(request.model) > MAX_MODEL_CHARS:
+        raise InvalidArgument("model", f"at most {MAX_MODEL_CHARS} characters, got {len(request.model)}")
     prompt_of(request)
     sampling_of(request.sampling, 128, max_new_tokens_cap)
     skip_of(request.skip, SkipParams(policy="dense"), OverrideLimits(min_threshold=1e-9, max_skip=1 << 20, min_quorum=1e-9))

@@ -8,7 +8,8 @@
     await server.drain(grace_s=20)          # readiness NOT_SERVING, finish in-flight, stop
 
 Health (grpc.health.v1) answers for "" (the whole server), "liveness" and "readiness"
-(the names the Kubernetes probes ask for): liveness is SERVING while the process runs;
+(the names the Kubernetes probes ask for): liveness is SERVING while the process runs
+and its service says it works (set_live);
 readiness and "" are SERVING only between set_ready(True) and the start of a drain.
 """
 
@@ -80,6 +81,10 @@ class Server:
         self.port = port
         log.info("grpc server listening", address=address, port=port)
         return port
+
+    async def set_live(self, live: bool) -> None:
+        """Liveness NOT_SERVING tells the orchestrator to restart this process (a stuck worker)."""
+        await self.health.set(LIVENESS, SERVING if live else NOT_SERVING)
 
     async def set_ready(self, ready: bool) -> None:
         status = SERVING if ready else NOT_SERVING

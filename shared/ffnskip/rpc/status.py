@@ -117,15 +117,32 @@ class _Wrapper:
         return handle
 
     def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """Streaming handlers. The request id is bound around each step of the handler, not
+        across its yields: when a client goes away, gRPC finalises this generator from
+        another task, and a binding held across the yield would be reset in a context
+        that never set it."""
+
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with bound_request_id(self.request_id):
-                started = time.perf_counter()
-                context.set_trailing_metadata((("x-request-id", self.request_id),))
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except Exception as exc:
-                    await self._abort(context, exc, started)
+            started = time.perf_counter()
+            context.set_trailing_metadata((("x-request-id", self.request_id),))
+            request_id = self.request_id
+            items = behavior(request, context)
+            try:
+                while True:
+                    with bound_request_id(request_id):
+                        try:
+                            item = await items.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except Exception as exc:
+                            await self._abort(context, exc, started)
+                        finally:
+                            request_id = request_id_var.get() or request_id  # the handler may relabel itself
+                    yield item
+            finally:
+                with bound_request_id(request_id):
+                    await items.aclose()  # the handler's own cleanup, in this context
+            with bound_request_id(request_id):
                 self._access(context, started, None)
 
         return handle
