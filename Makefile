@@ -60,6 +60,7 @@ run: setup
 	$(VENV)/bin/ffnskip up
 
 test: setup tools
+	$(VENV)/bin/ruff check shared services tests scripts
 	$(VENV)/bin/ffnskip prepare
 	$(PY) -m pytest tests -q -p no:cacheprovider
 

@@ -67,7 +67,7 @@ avoided; equals skip_ratio at batch 1.
 ideal_speedup: W / (W - batch_skip_ratio * F), W = weight bytes read per decode step (all
 layers, final norm, LM head; the embedding table is gathered, not read), F = FFN weight
 bytes of all layers (gate/up, down, post-attention norm). KV-cache reads are not in W.
-ideal_speedup_token: the same with skip_ratio (the BRIEF's formula as written).
+ideal_speedup_token: the same with skip_ratio (the formula as written in README, "Numbers").
 realised_fraction: (speedup - 1) / (ideal_speedup - 1); null where the ideal is 1.
 check_us_per_layer (adaptive row): (step time of the adaptive graph with threshold 2, so
 every FFN runs but the cosine, the decision kernels and the IF nodes all execute, minus the

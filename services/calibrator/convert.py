@@ -7,7 +7,7 @@ import re
 from typing import Any, Optional
 
 from ffnskip import datasets
-from ffnskip.calibration import CalibrationRequest
+from ffnskip.calibration.calibrate import CalibrationRequest
 from ffnskip.errors import InvalidArgument, NotFound
 from ffnskip.profile import Profile
 from ffnskip.rpc.convert import skip_params_to_proto

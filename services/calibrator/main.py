@@ -18,8 +18,8 @@ import threading
 import uuid
 from typing import Mapping, Optional
 
-from ffnskip.errors import FfnSkipError
-from ffnskip.logging import configure_logging, get_logger
+from ffnskip.logs import get_logger
+from ffnskip.rpc.process import run_service
 from ffnskip.rpc.server import Server
 from ffnskip.store import JobQueue, ProfileStore, connect
 from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
@@ -62,8 +62,8 @@ class WorkerPool:
                 thread.join(timeout=0.5)
 
 
-async def serve(settings: CalibratorSettings) -> bool:
-    """Serve until a signal and drain; returns True when a job was still running at the end."""
+async def serve(settings: CalibratorSettings) -> None:
+    """Serve until a signal and drain."""
     client = connect(settings.redis)
     jobs, profiles = JobQueue(client), ProfileStore(client)
     server = Server([SERVICE_NAME])
@@ -78,28 +78,16 @@ async def serve(settings: CalibratorSettings) -> bool:
     await server.drain(settings.drain_timeout_s, on_drain=pool.drain)
     pool.abandon.set()
     client.close()
-    return any(thread.is_alive() for thread in pool.threads)
-
-
-def main(environ: Optional[Mapping[str, str]] = None) -> int:
-    try:
-        settings = CalibratorSettings.from_env(os.environ if environ is None else environ)
-        configure_logging(settings.log_level)
-    except FfnSkipError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        return 2
-    try:
-        abandoned = asyncio.run(serve(settings))
-    except FfnSkipError as err:
-        log.error("calibrator failed", error=err.message)
-        return 1
-    if abandoned:
+    if any(thread.is_alive() for thread in pool.threads):
         # A worker is still inside torch: normal interpreter teardown would abort the process
         # under it. The job stays unacknowledged and another calibrator reclaims it.
         log.warning("exiting with a calibration still running; it will be reclaimed by another worker")
         logging.shutdown()
         os._exit(0)
-    return 0
+
+
+def main(environ: Optional[Mapping[str, str]] = None) -> int:
+    return run_service("calibrator", CalibratorSettings.from_env, serve, environ)
 
 
 if __name__ == "__main__":

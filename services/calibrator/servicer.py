@@ -10,7 +10,7 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from ffnskip.errors import FailedPrecondition, InvalidArgument, NotFound
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
 from ffnskip.profile import Profile
 from ffnskip.rpc.convert import layer_to_proto
 from ffnskip.store import JobQueue, ProfileStore

@@ -14,7 +14,7 @@ Variables (all optional):
                                          taken over by another worker (default 60000); workers heartbeat
                                          every third of it
     FFNSKIP_CALIBRATOR_BATCH_SIZE        prompts decoded together while calibrating (default: the
-                                         calibration's own, ffnskip.calibration.CalibrationRequest)
+                                         calibration's own, ffnskip.calibration.calibrate.CalibrationRequest)
     FFNSKIP_DRAIN_TIMEOUT_S              on SIGTERM, how long in-flight RPCs and jobs may finish (default 20)
     FFNSKIP_LOG_LEVEL                    debug | info | warning | error (default info)
     FFNSKIP_REDIS_URL, FFNSKIP_REDIS_PASSWORD, FFNSKIP_REDIS_TLS, FFNSKIP_REDIS_DB

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ffnskip.calibration import calibrate
+from ffnskip.calibration.calibrate import calibrate
 from ffnskip.errors import Cancelled, FailedPrecondition, FfnSkipError, NotFound, Unavailable
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
 from ffnskip.store import ClaimedJob, JobQueue, ProfileStore
 from services.calibrator import convert
 from services.calibrator.settings import CalibratorSettings
@@ -154,8 +154,9 @@ class Worker:
                     self._record(claimed, lambda: self._jobs.mark_cancelled(claimed), "cancelled")
                 return
             except FfnSkipError as err:
-                log.warning("job failed", job_id=job_id, error=err.message)
-                self._record(claimed, lambda: self._jobs.fail(claimed, err.message), "failed")
+                error = err.message
+                log.warning("job failed", job_id=job_id, error=error)
+                self._record(claimed, lambda: self._jobs.fail(claimed, error), "failed")
                 return
             except Exception as err:  # a bug: keep the worker alive, the job keeps the error
                 log.exception("job crashed", job_id=job_id)

@@ -96,6 +96,11 @@ class EngineLoop:
         with self._wake:
             self._draining = True
 
+    @property
+    def draining(self) -> bool:
+        """Set by drain(): no new request is accepted (the one flag the decoder reports)."""
+        return self._draining
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import SkipParams
 from ffnskip.engine import Engine, load_model
-from ffnskip.errors import FfnSkipError
-from ffnskip.logging import configure_logging, get_logger
+from ffnskip.logs import get_logger
+from ffnskip.rpc.process import run_service
 from ffnskip.rpc.server import Server
 from ffnskip.store.connection import connect
 from ffnskip.store.profiles import ProfileStore
@@ -59,7 +58,7 @@ async def serve(settings: DecoderSettings) -> None:
     def registry_info() -> dict:
         return {"id": settings.decoder_id, "address": address, "model_id": settings.model_name,
                 "capacity": settings.max_batch, "load": engine_loop.running + engine_loop.waiting,
-                "profile_version": profiles.current.version, "draining": servicer.draining}
+                "profile_version": profiles.current.version, "draining": engine_loop.draining}
 
     registration = Registration(DecoderRegistry(redis_client), registry_info, settings.registry_ttl_s)
     registration.start()
@@ -70,7 +69,6 @@ async def serve(settings: DecoderSettings) -> None:
     await cancel_and_wait(watchdog)
 
     # Drain: stop taking work (readiness off, registry says draining), finish what runs, leave.
-    servicer.draining = True
     engine_loop.drain()
     registration.beat_once()
     await server.drain(settings.drain_timeout_s, on_drain=lambda: asyncio.to_thread(engine_loop.idle.wait))
@@ -94,15 +92,7 @@ async def watch_engine(server: Server, engine_loop: EngineLoop, stuck_after_s: f
 
 
 def main() -> int:
-    try:
-        settings = DecoderSettings.from_env(os.environ)
-        configure_logging(settings.log_level)
-        asyncio.run(serve(settings))
-    except FfnSkipError as exc:
-        log.error("decoder failed to start", error=exc.message)
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("decoder", DecoderSettings.from_env, serve)
 
 
 if __name__ == "__main__":

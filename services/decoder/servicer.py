@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import grpc
 
-from ffnskip.logging import new_request_id, request_id_var
+from ffnskip.logs import new_request_id, request_id_var
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.service import DecoderService
@@ -18,7 +18,6 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def __init__(self, service: DecoderService, info: dict) -> None:
         self.service = service
         self.info = info  # static facts: fingerprint, device, dtype, num_layers
-        self.draining = False
 
     def _submission(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or request_id_var.get() or new_request_id()
@@ -48,5 +47,5 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             decoder_id=settings.decoder_id, model_id=settings.model_name, fingerprint=self.info["fingerprint"],
             profile_version=active.version, device=self.info["device"], dtype=self.info["dtype"],
             max_batch=settings.max_batch, max_queue=settings.max_queue, running=loop.running, waiting=loop.waiting,
-            num_layers=self.info["num_layers"], draining=self.draining, default_skip_json=json.dumps(params),
+            num_layers=self.info["num_layers"], draining=loop.draining, default_skip_json=json.dumps(params),
         )

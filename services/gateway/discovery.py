@@ -18,7 +18,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
 from ffnskip.store.registry import DecoderRegistry
 from services.gateway.routing import Endpoint
 

@@ -19,7 +19,7 @@ import redis
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
 from ffnskip.store.connection import redis_errors
 from ffnskip.v1 import gateway_pb2
 from services.gateway.telemetry import HISTOGRAMS, INF, parse_field

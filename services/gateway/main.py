@@ -4,7 +4,6 @@ variables in settings.ENV_VARS; nothing else reads the environment)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ import redis
 from prometheus_client import start_http_server
 
 from ffnskip.errors import FfnSkipError, InvalidArgument
-from ffnskip.logging import configure_logging, get_logger
+from ffnskip.logs import get_logger
+from ffnskip.rpc.process import run_service
 from ffnskip.rpc.server import NOT_SERVING, SERVING, Server
 from ffnskip.store.connection import connect
 from ffnskip.store.registry import DecoderRegistry
@@ -128,18 +128,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = GatewaySettings.from_env(os.environ)
-        configure_logging(settings.log_level)
-    except FfnSkipError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(settings))
-    except FfnSkipError as exc:
-        log.error("gateway failed", error=exc.message)
-        return 1
-    return 0
+    return run_service("gateway", GatewaySettings.from_env, serve)
 
 
 if __name__ == "__main__":

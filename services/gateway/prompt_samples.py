@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import redis
 
 from ffnskip.errors import FfnSkipError
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
 from ffnskip.store.connection import redis_errors
 from ffnskip.v1 import generation_pb2
 

@@ -25,7 +25,8 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional
 import grpc
 
 from ffnskip import errors
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
+from ffnskip.rpc.channels import message_limits
 from ffnskip.rpc.status import RETRY_AFTER_HEADER, STATUS_TABLE
 from ffnskip.v1 import decoder_pb2_grpc, generation_pb2
 from services.gateway.discovery import Discovery
@@ -87,8 +88,7 @@ class ChannelPool:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 0),  # ping only while calls run: idle pods are not pestered
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            *message_limits(max_message_bytes),
             ("grpc.enable_retries", 0),  # retries are ours, with the first-token rule
             ("grpc.initial_reconnect_backoff_ms", 200),  # a restarted pod is found again quickly
             ("grpc.max_reconnect_backoff_ms", 5_000),

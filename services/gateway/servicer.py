@@ -11,7 +11,7 @@ import grpc
 import structlog
 
 from ffnskip.errors import FfnSkipError
-from ffnskip.logging import new_request_id, request_id_var
+from ffnskip.logs import new_request_id, request_id_var
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from services.gateway.fleet import FleetTelemetry, Flusher, summarise
 from services.gateway.prompt_samples import PromptSampler

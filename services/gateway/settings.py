@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from ffnskip.errors import InvalidArgument
+from ffnskip.rpc.channels import PUBLIC_MAX_MESSAGE_BYTES
 from ffnskip.store.connection import RedisSettings
 from services.gateway.auth import KeyRing
 
@@ -70,7 +71,7 @@ class GatewaySettings:
     discovery_interval_s: float = 0.5
     discovery_stale_s: float = 60.0
     max_new_tokens: int = 4096
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = PUBLIC_MAX_MESSAGE_BYTES
     keepalive_s: float = 20.0
     telemetry_flush_s: float = 2.0
     telemetry_ttl_s: float = 600.0

@@ -18,10 +18,10 @@ from typing import Iterator, Optional, Sequence
 
 import grpc
 
+from ffnskip.rpc.channels import PUBLIC_MAX_MESSAGE_BYTES, message_limits
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def build_request(
@@ -52,9 +52,8 @@ def auth_metadata(api_key: Optional[str]) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+def channel_options(max_message_bytes: int = PUBLIC_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return message_limits(max_message_bytes)
 
 
 class GatewayClient:
@@ -123,3 +122,16 @@ def telemetry_table(response: gateway_pb2.GetTelemetryResponse) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([f"gateway replicas reporting: {response.gateways}", *lines])
+
+
+def describe(summary: generation_pb2.GenerateResponse, client_s: float) -> str:
+    """A response summary for people: pod, policy and profile, skip stats, latency."""
+    stats, latency = summary.skip_stats, summary.latency
+    profile = f"profile v{summary.profile_version}" if summary.profile_version else "no profile"
+    return "\n".join([
+        f"served by {summary.served_by} ({summary.policy}, {profile}), finish reason {summary.finish_reason}",
+        f"skip: {stats.skip_ratio:.1%} of FFN blocks ({stats.ffn_blocks_skipped}/{stats.ffn_blocks_total}), "
+        f"{stats.decode_skip_ratio:.1%} after warm-up; per layer {list(stats.per_layer_skips)}",
+        f"latency: first token {latency.ttft_ms:.0f} ms, total {latency.total_ms:.0f} ms, "
+        f"{latency.tokens_per_s:.1f} tokens/s ({stats.generated_tokens} tokens; {client_s:.2f} s at the client)",
+    ])

@@ -18,7 +18,7 @@ POLICIES: tuple[str, ...] = ("dense", "adaptive", "aligned", "random", "non_adap
 
 @dataclass(frozen=True)
 class SkipParams:
-    """What the skip loop does (BRIEF section 2).
+    """What the skip loop does (the policies are tabled in the README).
 
     cold_end = None means "the last layer stays cold" (L - 1, where cosine similarity is
     low in every model measured), resolved against the model by `resolved(num_layers)`;

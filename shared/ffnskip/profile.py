@@ -130,7 +130,7 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class Profile:
-    """One calibrated, versioned profile of one model (see BRIEF sections 2 and 3)."""
+    """One calibrated, versioned profile of one model (README: "Profile schema")."""
 
     model_id: str
     fingerprint: str

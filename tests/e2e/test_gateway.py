@@ -15,7 +15,7 @@ import pytest
 
 from ffnskip import cli
 from ffnskip.client import served_by
-from ffnskip.load import run_load
+from ffnskip.bench.load import run_load
 from tests.helpers.fleet import (API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet,
                                  wait_for)
 

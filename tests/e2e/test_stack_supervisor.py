@@ -22,7 +22,7 @@ from transformers import AutoConfig
 
 from ffnskip.client import GatewayClient, build_request
 from ffnskip.engine.loading import model_fingerprint
-from ffnskip.procs import RedisChild
+from ffnskip.stack.procs import RedisChild
 from ffnskip.store.profiles import ProfileStore
 from tests.e2e.test_stack import up_command, up_env
 from tests.helpers.polling import process_state, wait_for

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ffnskip.client import GatewayClient, build_request
-from ffnskip.procs import Child, free_port
+from ffnskip.stack.procs import Child, free_port
 from tests.helpers.polling import wait_for  # noqa: F401 - the fleet tests' waiting, from one place
 from tests.helpers.tiny import save_tiny_model
 from tests.redis_server import RedisServer, running_redis

@@ -45,7 +45,7 @@ def test_a_run_without_decode_steps_is_a_clear_error(tiny_dir, capsys):
 
 
 def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_engine):
-    from ffnskip.engine.profile_step import profile_decode_step
+    from ffnskip.bench.step_profile import profile_decode_step
 
     ids = tiny_engine.tokenizer("profile me")["input_ids"]
     profile = profile_decode_step(tiny_engine, ids, steps=3)
@@ -58,7 +58,7 @@ def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_en
 
 
 def test_engine_rows_step_side_by_side_on_one_shared_model(tiny_loaded):
-    from ffnskip.bench import BenchConfig, BenchRunner, run_groups
+    from ffnskip.bench.engine import BenchConfig, BenchRunner, run_groups
     from ffnskip.config import DENSE, SamplingParams, SkipParams
     from ffnskip.engine import Engine
 

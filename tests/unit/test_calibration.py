@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from ffnskip.calibration import CalibrationRequest, calibrate, cold_regions
+from ffnskip.calibration.calibrate import CalibrationRequest, calibrate, cold_regions
 from ffnskip.errors import Cancelled, InvalidArgument
 from ffnskip.profile import Profile
-from ffnskip.tuning import candidate_run_lengths, predicted_ratio, static_candidates, threshold_for
+from ffnskip.calibration.tuning import candidate_run_lengths, predicted_ratio, static_candidates, threshold_for
 
 
 def test_cold_regions_always_include_first_and_last_layer():

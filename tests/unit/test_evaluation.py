@@ -263,7 +263,7 @@ def test_skip_params_of_every_method_are_valid(first_run):
             SkipParams(**{**row["params"], "static_layers": tuple(row["params"]["static_layers"])})
 
 
-# -- issue 11: the bench runs exactly the evaluated settings; `eval batching` pairs them ----------
+# -- batching: the bench runs exactly the evaluated settings; `eval batching` pairs them ----------
 
 def test_bench_runs_the_evaluated_settings_and_batching_pairs_them(first_run, tiny_dir, tmp_path, capsys):
     report, _ = first_run
@@ -311,7 +311,7 @@ def test_bench_profile_rows_and_foreign_profiles(tiny_dir, tiny_loaded, tmp_path
 
 
 def test_bisect_aims_a_threshold_the_replay_cannot():
-    from ffnskip.tuning import Choice, bisect_threshold
+    from ffnskip.calibration.tuning import Choice, bisect_threshold
 
     def ratio(threshold: float) -> float:  # falls as the threshold rises, like real runs
         return max(0.0, min(1.0, (0.99 - threshold) * 10))

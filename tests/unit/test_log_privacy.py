@@ -12,7 +12,7 @@ import logging
 import grpc
 import pytest
 
-from ffnskip.logging import configure_logging, fingerprint, get_logger
+from ffnskip.logs import configure_logging, fingerprint, get_logger
 from ffnskip.rpc.server import Server
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ffnskip import peer
+from ffnskip.bench import peer
 from tests.helpers.tiny import SPECIALS, byte_tokenizer, tiny_config
 
 LAYER_TENSORS = {

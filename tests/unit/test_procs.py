@@ -1,4 +1,4 @@
-"""ffnskip.procs with real processes: children of a killed parent do not outlive it; the
+"""ffnskip.stack.procs with real processes: children of a killed parent do not outlive it; the
 Supervisor restarts a child that exits (with backoff and a count), leaves a stopped or
 continued child alone and ends on request; RedisChild's data survives a SIGKILL of
 redis-server (append-only file) and an RDB-only data directory is switched to the AOF
@@ -18,13 +18,13 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from ffnskip.procs import Backoff, Child, RedisChild, Supervisor
+from ffnskip.stack.procs import Backoff, Child, RedisChild, Supervisor
 from tests.helpers.polling import process_state, wait_for
 
 PARENT = """
 import sys
 from pathlib import Path
-from ffnskip.procs import Child
+from ffnskip.stack.procs import Child
 child = Child("sleeper", ["sleep", "300"], Path(sys.argv[1]) / "sleeper.log").start()
 print(child.process.pid, flush=True)
 sys.stdin.read()  # until killed

@@ -10,7 +10,7 @@ import pytest
 from tests.helpers.profiles import build_profile
 from ffnskip.config import SkipParams
 from ffnskip.errors import InvalidArgument
-from ffnskip.plots import plot_layer_similarity
+from ffnskip.calibration.plots import plot_layer_similarity
 from ffnskip.profile import LayerStats, Profile
 
 

@@ -4,7 +4,7 @@ Every sequence carries its own SkipParams, so one batch can mix policies. At the
 start of a step the controller stacks the rows' plans; between the attention and
 the FFN of each layer the model asks `decide(layer)`, and after the FFN it reports
 back through `observe(layer, h, out)`, which is where the adaptive rule
-(BRIEF section 2) fires: cos(h, out) >= threshold on a hot layer skips the FFN of
+fires: cos(h, out) >= threshold on a hot layer skips the FFN of
 the next k hot layers, once per token.
 
 `aligned` rows follow the same rule but decide together: at each hot layer their

@@ -1,4 +1,4 @@
-"""Skip statistics and the ideal-speedup arithmetic of BRIEF section 3.
+"""Skip statistics and the ideal-speedup arithmetic (README, "Numbers").
 
 A generated token's forward is the one that produced it: token 1 comes from the
 prefill (never skips), token t > 1 from the decode step that consumed token t-1.

@@ -1,4 +1,4 @@
-"""Evaluation of FFN skipping against the paper's tables (issue 7).
+"""Evaluation of FFN skipping against the paper's tables (FFN-SkipLLM, Jaiswal et al. 2024).
 
 - `ffnskip eval qa`: factoid QA accuracy per method and target skip ratio (Tables 2-3 shape);
 - `ffnskip eval agreement`: agreement with dense and token collapse on open prompts;

@@ -1,4 +1,4 @@
-"""`ffnskip eval batching`: skipping inside a batch (issue 11) from the outputs of
+"""`ffnskip eval batching`: skipping inside a batch (docs/batching.md) from the outputs of
 `ffnskip bench --json --batches ... --from-eval QA_JSON` and `ffnskip eval qa|agreement --json`.
 
 Speed and quality pair up by setting name (`method@target`): the bench ran exactly the

@@ -4,8 +4,8 @@
    per decoded token) gives the layer statistics and the cold regions (calibration.py);
 2. per (rule, target), tuning.threshold_for picks a threshold for each candidate k from the
    replayed rule, a real run on the held-out third measures it against dense, a mis-hit is
-   corrected once (tuning._corrected), and the candidate closest to the target with the
-   highest agreement wins (tuning._best) - the calibrator's own steps, without its warm-up
+   corrected once (tuning.corrected_threshold), and the candidate closest to the target with the
+   highest agreement wins (tuning.best_choice) - the calibrator's own steps, without its warm-up
    search: the warm-up is fixed here for all methods and studied by `ffnskip eval warmup`;
 3. ShortGPT's Block Influence per layer, for layer_drop, over the same prompts.
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from ffnskip.calibration import CalibrationRequest, cold_regions, layer_stats
+from ffnskip.calibration.calibrate import CalibrationRequest, cold_regions, layer_stats
 from ffnskip.config import SkipParams
 from ffnskip.evaluation.methods import window_candidates
 from ffnskip.evaluation.state import StateFile, digest_of
-from ffnskip.metrics import token_agreement
-from ffnskip.tuning import (TOLERANCE, Choice, _best, _corrected, bisect_threshold, candidate_run_lengths,
-                            static_candidates, threshold_for)
+from ffnskip.calibration.scores import token_agreement
+from ffnskip.calibration.tuning import (TOLERANCE, Choice, best_choice, bisect_threshold, candidate_run_lengths,
+                                        corrected_threshold, static_candidates, threshold_for)
 
 # Part of every cached tuning's digest: a change to how settings are tuned retunes them
 # (2: a candidate the replay cannot aim is bisected with real runs, tuning.bisect_threshold).
@@ -57,7 +57,7 @@ class Calibrator:
     @property
     def runner(self):  # built on first use: a cached calibration needs no engine
         if self._runner is None:
-            from ffnskip.calibration_runs import CalibrationRunner
+            from ffnskip.calibration.runs import CalibrationRunner
 
             self._runner = CalibrationRunner(self.loaded, self.request)
         return self._runner
@@ -133,12 +133,12 @@ class Calibrator:
                     continue
                 here = [measure(a, b, threshold, k)]
                 if abs(here[0].decode_skip_ratio - target) > TOLERANCE:
-                    here.append(measure(a, b, _corrected(similarity, here[0], target, a, b), k))
+                    here.append(measure(a, b, corrected_threshold(similarity, here[0], target, a, b), k))
                 if all(abs(c.decode_skip_ratio - target) > TOLERANCE for c in here):
                     bisect_threshold(lambda t: measure(a, b, t, k), here, target)
             if not tried:  # no candidate reaches the target: skip as much as the hot region allows
                 measure(cold_start, cold_end, 1e-6, None)
-        best = _best([c for c, _ in tried], target)
+        best = best_choice([c for c, _ in tried], target)
         params = next(p for c, p in tried if c is best)
         fields = asdict(params)
         fields["static_layers"] = list(fields["static_layers"])

@@ -3,11 +3,11 @@
 | method | what runs |
 |---|---|
 | dense | nothing skipped |
-| random | every FFN with probability p = target (BRIEF section 2) |
+| random | every FFN with probability p = target |
 | non_adaptive | hot-region FFNs with probability p = target * L / hot layers |
 | adaptive | the paper's rule, (threshold, k) tuned to the target with real runs |
-| aligned[_qNN] | adaptive with batch-level votes, quorum NN% (issue 11), run in batches of 8 |
-| adaptive_window | candidate better rule (issue 7 part 6): adaptive inside the calibrated most-redundant window |
+| aligned[_qNN] | adaptive with batch-level votes, quorum NN%, run in batches of 8 |
+| adaptive_window | candidate better rule: adaptive inside the calibrated most-redundant window |
 | static | a fixed FFN set chosen by the calibrator's rule (tuning.static_candidates), checked by real runs |
 | layer_drop | ShortGPT: whole layers (attention too) of lowest Block Influence removed |
 

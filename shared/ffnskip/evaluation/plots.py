@@ -1,4 +1,4 @@
-"""The evaluation's figures (PNG bytes, matplotlib Agg without pyplot, like ffnskip.plots):
+"""The evaluation's figures (PNG bytes, matplotlib Agg without pyplot, like ffnskip.calibration.plots):
 accuracy and agreement against the measured skip ratio per method, the warm-up ablation,
 and tokens/s against the skip ratio with the ideal line from `ffnskip bench --json`."""
 
@@ -104,7 +104,7 @@ def warmup_plot(warmup: dict) -> bytes:
 
 def speed_vs_skip(bench: dict) -> bytes:
     """Measured tokens/s per bench row against its skip ratio, with the ideal
-    dense / (1 - r F/W) line per batch size (BRIEF section 3)."""
+    dense / (1 - r F/W) line per batch size (the ideal speedup of README "Numbers")."""
     figure = _figure()
     axes = figure.add_subplot(1, 1, 1)
     share = bench["ffn_share"]
@@ -129,7 +129,7 @@ def speed_vs_skip(bench: dict) -> bytes:
 
 
 def layer_similarity(calibration: dict, threshold: Optional[float], model: str) -> bytes:
-    from ffnskip.plots import plot_layer_similarity
+    from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.profile import LayerStats
 
     layers = [LayerStats(**layer) for layer in calibration["layers"]]

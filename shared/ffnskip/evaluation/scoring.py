@@ -1,4 +1,4 @@
-"""Scoring and statistics (BRIEF section 3): alias accuracy, Wilson 95% intervals,
+"""Scoring and statistics: alias accuracy, Wilson 95% intervals,
 paired comparisons with an exact McNemar test, pooled skip ratios and agreement."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ffnskip.metrics import exact_match_rate, repeated_ngram_share, token_agreement
+from ffnskip.calibration.scores import exact_match_rate, repeated_ngram_share, token_agreement
 
 Z95 = 1.959964
 

@@ -24,12 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ffnskip.errors import Unavailable
-from ffnskip.logging import get_logger
+from ffnskip.logs import get_logger
+from ffnskip.rpc.channels import MAX_MESSAGE_BYTES, message_limits
 from ffnskip.rpc.status import StatusInterceptor
 
 log = get_logger("ffnskip.rpc.server")
 
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a full prompt set (512 x 8000 chars) or a profile + plot fits
 LIVENESS, READINESS = "liveness", "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,8 +37,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        *message_limits(max_message_bytes),
         # Accept client keepalive pings every 10 s, with or without calls in flight
         # (gateway -> decoder channels ping that often to spot dead peers).
         ("grpc.keepalive_permit_without_calls", 1),
@@ -108,15 +107,19 @@ class Server:
         await self._signal.wait()
 
     async def drain(self, grace_s: float, on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
-        """Readiness NOT_SERVING (liveness stays SERVING), run `on_drain` (e.g. stop taking
-        work) while in-flight RPCs finish, then stop; RPCs still running after grace_s end
-        with CANCELLED."""
+        """Readiness NOT_SERVING (liveness stays SERVING), then stop within `grace_s`.
+
+        With `on_drain` (e.g. wait until the work in flight is done), the server keeps
+        answering while it runs, so a request that arrives meanwhile reaches its handler and
+        gets the service's own answer (a decoder's UNAVAILABLE "draining", which a gateway
+        retries elsewhere) instead of a bare CANCELLED from a stopped server. RPCs still
+        running when the grace period is over end with CANCELLED."""
+        deadline = asyncio.get_running_loop().time() + grace_s
         await self.set_ready(False)
-        stop = asyncio.ensure_future(self.grpc.stop(grace_s))
         if on_drain is not None:
             try:
                 await asyncio.wait_for(on_drain(), timeout=grace_s)
             except asyncio.TimeoutError:
                 log.warning("drain: work still running after the grace period", grace_s=grace_s)
-        await stop
+        await self.grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         log.info("grpc server stopped")

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 
 from ffnskip import errors
-from ffnskip.logging import bound_request_id, get_logger, request_id_from_metadata, request_id_var
+from ffnskip.logs import bound_request_id, get_logger, request_id_from_metadata, request_id_var
 
 log = get_logger("ffnskip.rpc")
 

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ffnskip.client import GatewayClient, build_request
+from ffnskip.cli.ops import follow_job
+from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.errors import FfnSkipError, InvalidArgument
-from ffnskip.procs import Child, RedisChild, Supervisor, free_port
+from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -205,11 +206,9 @@ class Stack:
 
     def _calibrate(self) -> None:
         """Submit a job with activate_on_success and follow it with the ops CLI's own
-        progress bar (`ffnskip ops watch`); Ctrl-C cancels the job, so no worker picks
-        an abandoned job up later."""
+        progress bar (as `ffnskip ops watch` does); Ctrl-C cancels the job, so no worker
+        picks an abandoned job up later."""
         import grpc
-
-        from ffnskip import cli
         from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
         assert self.calibrator is not None
@@ -224,10 +223,11 @@ class Stack:
                 job_id = stub.SubmitCalibration(request, timeout=30).job_id
             except grpc.RpcError as err:
                 raise FfnSkipError(f"calibration not submitted: {err.code().name}: {err.details()}") from None
-            code = cli.main(["ops", "watch", "--address", self.calibrator.address, job_id])
-            if code == 130:  # Ctrl-C while following the job
+            try:
+                code = follow_job(stub, job_id)
+            except KeyboardInterrupt:  # Ctrl-C while following the job
                 stub.CancelJob(calibrator_pb2.CancelJobRequest(job_id=job_id), timeout=10)
-                raise KeyboardInterrupt
+                raise
         if code != 0:
             print("warning: calibration failed; the decoders serve without a profile (dense)", file=sys.stderr)
 
@@ -275,15 +275,3 @@ class Stack:
         if self.supervisor is not None:
             self.supervisor.join(timeout_s=10.0)
         print("stack stopped", flush=True)
-
-
-def describe(summary, client_s: float) -> str:  # type: ignore[no-untyped-def]
-    stats, latency = summary.skip_stats, summary.latency
-    profile = f"profile v{summary.profile_version}" if summary.profile_version else "no profile"
-    return "\n".join([
-        f"served by {summary.served_by} ({summary.policy}, {profile}), finish reason {summary.finish_reason}",
-        f"skip: {stats.skip_ratio:.1%} of FFN blocks ({stats.ffn_blocks_skipped}/{stats.ffn_blocks_total}), "
-        f"{stats.decode_skip_ratio:.1%} after warm-up; per layer {list(stats.per_layer_skips)}",
-        f"latency: first token {latency.ttft_ms:.0f} ms, total {latency.total_ms:.0f} ms, "
-        f"{latency.tokens_per_s:.1f} tokens/s ({stats.generated_tokens} tokens; {client_s:.2f} s at the client)",
-    ])

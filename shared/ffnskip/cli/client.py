@@ -22,8 +22,7 @@ import os
 import sys
 from typing import Callable
 
-from ffnskip import stack
-from ffnskip.client import DEFAULT_ADDRESS
+from ffnskip.client import DEFAULT_ADDRESS, describe
 
 
 def register(commands) -> None:  # type: ignore[no-untyped-def]
@@ -56,7 +55,6 @@ def register(commands) -> None:  # type: ignore[no-untyped-def]
     load.add_argument("--max-new-tokens", type=int, default=32)
     load.add_argument("--json", action="store_true")
     load.set_defaults(handler=_rpc(_load))
-    stack.register(commands)
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +112,7 @@ def _print_summary(summary, as_json: bool) -> None:  # type: ignore[no-untyped-d
     if as_json:
         print(json.dumps(MessageToDict(summary, preserving_proto_field_name=True), indent=2))
     else:
-        print(stack.describe(summary, summary.latency.total_ms / 1e3))
+        print(describe(summary, summary.latency.total_ms / 1e3))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -168,7 +166,7 @@ def _telemetry(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from ffnskip.load import run_load
+    from ffnskip.bench.load import run_load
 
     report = asyncio.run(run_load(args.address, args.model, api_key=args.api_key, count=args.count,
                                   concurrency=args.concurrency, duration_s=args.duration,

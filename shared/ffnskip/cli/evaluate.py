@@ -1,4 +1,4 @@
-"""`ffnskip eval qa|agreement|warmup|report`: the evaluation of issue 7 (ffnskip.evaluation).
+"""`ffnskip eval qa|agreement|warmup|report`: the evaluation (ffnskip.evaluation).
 
 Data problems are found before the model loads and reported as one line (exit status 2).
 """
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ffnskip import cli
+from ffnskip.cli.args import add_model_args
 from ffnskip.errors import InvalidArgument
 
 DEFAULT_METHODS = "dense,random,non_adaptive,adaptive,aligned,layer_drop"
@@ -60,7 +60,7 @@ def register(commands) -> None:  # type: ignore[no-untyped-def]
 
 
 def _common(parser: argparse.ArgumentParser, data: str, max_new_tokens: int) -> None:
-    cli.add_model_args(parser)
+    add_model_args(parser)
     parser.add_argument("--data", default=data, help=f"a named data set or a JSONL file of the same format (default {data})")
     parser.add_argument("--limit", type=int, help="only the first N items")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)

@@ -1,19 +1,16 @@
-"""`ffnskip` command line: generate, bench (and the service commands as they land).
-
-Every user error is an FfnSkipError: printed as one line, exit status 2, no traceback.
-"""
+"""Argument groups shared by the commands (model, skip policy, sampling) and their
+conversion to engine parameters. Command modules import this, never the entry point."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from ffnskip.config import POLICIES, SamplingParams, SkipParams
-from ffnskip.errors import FfnSkipError, InvalidArgument
+from ffnskip.errors import InvalidArgument
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +20,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_skip_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("skip policy (BRIEF section 2)")
+    group = parser.add_argument_group("skip policy")
     group.add_argument("--profile", type=Path, help="a profile.json from the calibrator; flags below override it")
     group.add_argument("--policy", choices=POLICIES)
     group.add_argument("--cold-start", type=int)
@@ -95,45 +92,3 @@ def _int_or_none(text: str) -> Optional[int]:
 
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ffnskip import bench, generate, ops
-    from ffnskip import client_cli  # client, load, up: the gateway's commands
-    from ffnskip import eval_cli  # eval qa | agreement | warmup | report
-
-    parser = argparse.ArgumentParser(prog="ffnskip", description="Adaptive FFN-skip decoding (FFN-SkipLLM)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="prepare a model once (the embedded default: de-quantise and cache)")
-    add_model_args(prepare)
-    prepare.set_defaults(handler=run_prepare)
-    generate.register(commands)
-    bench.register(commands)
-    ops.register(commands)
-    client_cli.register(commands)
-    eval_cli.register(commands)
-    return parser
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    from ffnskip.engine import load_model
-
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    print(f"{loaded.model_id}: {loaded.num_layers} layers at {loaded.path}, fingerprint {loaded.fingerprint}")
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except FfnSkipError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

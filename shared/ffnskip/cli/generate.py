@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ffnskip import cli
+from ffnskip.cli.args import add_model_args, add_sampling_args, add_skip_args, sampling_from_args, skip_params_from_args
 from ffnskip.errors import InvalidArgument
 
 
@@ -16,9 +16,9 @@ def register(commands) -> None:
     source.add_argument("--prompt", help="a plain prompt (no chat template)")
     source.add_argument("--chat", help="a user message, sent through the model's chat template")
     source.add_argument("--messages", help='chat messages as JSON: [{"role": "user", "content": "..."}]')
-    cli.add_model_args(parser)
-    cli.add_skip_args(parser)
-    cli.add_sampling_args(parser)
+    add_model_args(parser)
+    add_skip_args(parser)
+    add_sampling_args(parser)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--json", action="store_true", help="print text, tokens, skip_stats and timings as JSON")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ffnskip.engine import Engine, load_model
 
     prompt = _prompt(args)
-    skip = cli.skip_params_from_args(args)
-    sampling = cli.sampling_from_args(args)
+    skip = skip_params_from_args(args)
+    sampling = sampling_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     engine = Engine(loaded, max_batch=1, max_seq_len=args.max_seq_len)
     if args.stream and not args.json:

@@ -94,11 +94,11 @@ class Progress:
 def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn] = None,
               should_cancel: Optional[CancelFn] = None) -> CalibrationOutcome:
     """Raises ffnskip.errors.Cancelled when should_cancel() becomes true between batches."""
-    from ffnskip.calibration_runs import CalibrationRunner
+    from ffnskip.calibration.runs import CalibrationRunner
     from ffnskip.datasets import digest
-    from ffnskip.plots import plot_layer_similarity
+    from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.profile import Profile, utc_now_iso
-    from ffnskip.tuning import tune
+    from ffnskip.calibration.tuning import tune
 
     measured, held = request.split()
     runner = CalibrationRunner(loaded, request)

@@ -1,4 +1,4 @@
-"""Quality metrics shared by calibration and evaluation (BRIEF section 3)."""
+"""Quality metrics shared by calibration and evaluation."""
 
 from __future__ import annotations
 

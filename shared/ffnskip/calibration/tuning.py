@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import structlog
 
 from ffnskip.config import SkipParams
-from ffnskip.metrics import token_agreement
+from ffnskip.calibration.scores import token_agreement
 
-log = structlog.get_logger("ffnskip.tuning")
+log = structlog.get_logger("ffnskip.calibration.tuning")
 
 TOLERANCE = 0.02  # measured decode ratio this close to the target needs no correction
 FIRE_RATES = (1.0, 0.8)  # candidate k = target * L / rate: fire on every token, or most
@@ -130,10 +130,10 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
             choice = measure(threshold, k, BASE_WARM_UP)
             tried.append(choice)
             if abs(choice.decode_skip_ratio - target) > TOLERANCE:
-                tried.append(measure(_corrected(similarity, choice, target, cold_start, cold_end), k, BASE_WARM_UP))
+                tried.append(measure(corrected_threshold(similarity, choice, target, cold_start, cold_end), k, BASE_WARM_UP))
         if not tried:  # nothing can reach the target: skip as much as the hot region allows
             tried.append(measure(1e-6, None, BASE_WARM_UP))
-    best = _best(tried, target)
+    best = best_choice(tried, target)
     by_warm_up = {BASE_WARM_UP: best}
     for warm_up in WARM_UPS:
         if warm_up not in by_warm_up:
@@ -143,7 +143,7 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
                key=lambda c: c.warm_up, default=best)
 
 
-def _corrected(similarity, measured: Choice, target: float, cold_start: int, cold_end: int) -> float:
+def corrected_threshold(similarity, measured: Choice, target: float, cold_start: int, cold_end: int) -> float:
     """Aim the prediction at target + (target - measured): real runs drift from the replay."""
     ceiling = predicted_ratio(similarity, 1e-6, measured.max_skip, cold_start, cold_end)
     aim = min(0.95 * ceiling, max(1e-3, 2 * target - measured.decode_skip_ratio))  # stay inside what k can reach
@@ -151,7 +151,7 @@ def _corrected(similarity, measured: Choice, target: float, cold_start: int, col
     return threshold if threshold is not None else 1e-6
 
 
-def _best(tried: list[Choice], target: float) -> Choice:
+def best_choice(tried: list[Choice], target: float) -> Choice:
     """Highest agreement among the candidates within tolerance of the target, else the closest."""
     close = [c for c in tried if abs(c.decode_skip_ratio - target) <= 0.03]
     if close:

@@ -9,12 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-from ffnskip import cli
+from ffnskip.cli.args import add_model_args
 
 
 def register(commands) -> None:
     local = commands.add_parser("calibrate", help="calibrate a model locally and write DIR/profile.json + DIR/similarity.png")
-    cli.add_model_args(local)
+    add_model_args(local)
     local.add_argument("--target-skip", type=float, default=0.25, help="target decode skip ratio in (0, 0.9]")
     local.add_argument("--tokens-per-prompt", type=int, default=128)
     local.add_argument("--policy", default="adaptive", help="tune for adaptive or static (a fixed FFN set)")
@@ -48,7 +48,7 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ffnskip import datasets
-    from ffnskip.calibration import CalibrationRequest, calibrate
+    from ffnskip.calibration.calibrate import CalibrationRequest, calibrate
     from ffnskip.engine import load_model
 
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else datasets.texts("calibration", "text")

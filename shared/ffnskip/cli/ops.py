@@ -1,15 +1,13 @@
-"""`ffnskip ops ...`: the ops team's client for the calibrator service, and
-`ffnskip calibrate`: the same calibration run locally, without any service.
+"""`ffnskip ops ...`: the ops team's client for the calibrator service (the same
+calibration run locally, without any service, is `ffnskip calibrate`: ffnskip.cli.calibrate).
 
     ffnskip ops calibrate --model smollm2-135m --target-skip 0.25 --activate --wait
     ffnskip ops jobs | watch JOB | cancel JOB
     ffnskip ops profiles [--model M] | show --model M [--version N] [--plot-out p.png]
     ffnskip ops activate --model M --version N | rollback --model M
-    ffnskip calibrate --model smollm2-135m --target-skip 0.25 --out DIR
 
 A gRPC error prints as one line `error: <STATUS>: <message>` with exit status 2; a job
-that ends failed or cancelled under --wait / watch exits with status 1. The local
-`ffnskip calibrate` lives in ffnskip.calibrate_cmd and is registered from here.
+that ends failed or cancelled under --wait / watch exits with status 1.
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ffnskip import calibrate_cmd
+from ffnskip.cli.calibrate import read_prompts_file
 
 DEFAULT_ADDRESS = "127.0.0.1:50053"
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 def register(commands) -> None:
@@ -60,8 +57,6 @@ def register(commands) -> None:
     _command(add, "rollback", "re-activate the previously active version", _rollback, ("--model", dict(required=True)))
     calibrate.set_defaults(handler=_rpc(_submit))
 
-    calibrate_cmd.register(commands)
-
 
 def _command(add: Callable, name: str, help_text: str, fn: Callable, *arguments: tuple, json_flag: bool = False):
     parser = add(name, help=help_text)
@@ -80,10 +75,10 @@ def _rpc(fn: Callable[[argparse.Namespace, object], int]) -> Callable[[argparse.
     def run(args: argparse.Namespace) -> int:
         import grpc
 
+        from ffnskip.rpc.channels import insecure_channel
         from ffnskip.v1 import calibrator_pb2_grpc
 
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        with grpc.insecure_channel(args.address, options=options) as channel:
+        with insecure_channel(args.address) as channel:
             try:
                 return fn(args, calibrator_pb2_grpc.CalibratorStub(channel))
             except grpc.RpcError as err:
@@ -103,19 +98,19 @@ def _submit(args: argparse.Namespace, stub) -> int:
     if args.tokens_per_prompt is not None:
         request.tokens_per_prompt = args.tokens_per_prompt
     if args.prompts_file is not None:
-        request.prompts.prompts.extend(calibrate_cmd.read_prompts_file(args.prompts_file))
+        request.prompts.prompts.extend(read_prompts_file(args.prompts_file))
     elif args.dataset is not None:
         request.dataset = args.dataset
     job_id = stub.SubmitCalibration(request, timeout=args.timeout).job_id
     print(job_id)
-    return _follow(stub, job_id) if args.wait else 0
+    return follow_job(stub, job_id) if args.wait else 0
 
 
 def _watch(args: argparse.Namespace, stub) -> int:
-    return _follow(stub, args.job_id)
+    return follow_job(stub, args.job_id)
 
 
-def _follow(stub, job_id: str) -> int:
+def follow_job(stub, job_id: str) -> int:
     """A progress bar until the job is over; 0 when it succeeded, 1 otherwise."""
     from tqdm import tqdm
 

@@ -8,7 +8,7 @@ run alone between them. Exactly `--new-tokens` tokens are generated per sequence
 (EOS ignored). Every run is timed twice: the whole request (prefill included;
 tokens/s and the comparisons with transformers and llama.cpp use it) and its
 decode steps alone.
-The realised fraction of the ideal speedup (BRIEF section 3) is measured on the
+The realised fraction of the ideal speedup (README, "Numbers") is measured on the
 decode steps, whose time the ideal speedup models (every weight read once per
 step; the prefill is no step and no policy skips in it), with r = skipped FFN
 blocks / (L x decode steps); the same on whole requests, with r over all
@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from ffnskip import cli
-from ffnskip.bench_report import print_table, summarise
+from ffnskip.cli.args import add_model_args
+from ffnskip.bench.report import print_table, summarise
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 
 STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
@@ -131,7 +131,7 @@ def default_configs(num_layers: int, batches: list[int], extra: Sequence[tuple[s
 
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="tokens/s of dense vs skip policies, with the realised fraction of the ideal speedup")
-    cli.add_model_args(parser)
+    add_model_args(parser)
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (EOS ignored, also through --target)")
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions; rows report the median")
@@ -166,11 +166,11 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.target:
-        from ffnskip import service_bench
+        from ffnskip.bench import service as service_bench
 
         return service_bench.run(args)
     import torch  # here, not at import: every CLI command imports this module
-    from ffnskip.engine.profile_step import profile_decode_step
+    from ffnskip.bench.step_profile import profile_decode_step
     from ffnskip.errors import InvalidArgument
 
     if args.new_tokens < 2:
@@ -243,7 +243,7 @@ def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
 
 
 def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchRunner":
-    from ffnskip import peer
+    from ffnskip.bench import peer
     from ffnskip.engine import Engine, load_model
     from ffnskip.engine.loading import cache_root
     from ffnskip.errors import InvalidArgument
