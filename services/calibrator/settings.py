@@ -1,6 +1,7 @@
 """The calibrator's configuration, read from an environment mapping in main (never at import).
 
-Variables (all optional):
+Variables (all optional; read with ffnskip.settings.Env, so an empty value means the default,
+booleans are 1/0, true/false, yes/no, on/off, and an error names the variable):
 
     FFNSKIP_CALIBRATOR_HOST              interface to listen on (default 0.0.0.0)
     FFNSKIP_CALIBRATOR_PORT              gRPC port (default 50053)
@@ -28,6 +29,7 @@ from typing import Mapping, Optional
 
 from ffnskip.config import EngineConfig
 from ffnskip.errors import InvalidArgument
+from ffnskip.settings import Env
 from ffnskip.store import RedisSettings
 
 REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
@@ -90,38 +92,18 @@ class CalibratorSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "CalibratorSettings":
-        get = lambda name, default: environ.get(name) or default  # noqa: E731 - empty = unset
-        models = tuple(part.strip() for part in get("FFNSKIP_MODELS", "smollm2-135m").split(",") if part.strip())
+        """Every variable in ENV_VARS; the defaults are the dataclass's, the ranges __post_init__'s."""
+        env = Env(environ)
         return cls(
-            host=get("FFNSKIP_CALIBRATOR_HOST", "0.0.0.0"),
-            port=_int(environ, "FFNSKIP_CALIBRATOR_PORT", 50053),
-            models=models,
-            device=get("FFNSKIP_DEVICE", "auto"),
-            dtype=get("FFNSKIP_DTYPE", "auto"),
-            workers=_int(environ, "FFNSKIP_CALIBRATOR_WORKERS", 1),
-            reclaim_idle_ms=_int(environ, "FFNSKIP_CALIBRATOR_RECLAIM_IDLE_MS", 60_000),
-            batch_size=_int(environ, "FFNSKIP_CALIBRATOR_BATCH_SIZE", None),
-            drain_timeout_s=_float(environ, "FFNSKIP_DRAIN_TIMEOUT_S", 20.0),
-            log_level=get("FFNSKIP_LOG_LEVEL", "info").lower(),
+            host=env.text("FFNSKIP_CALIBRATOR_HOST", cls.host),
+            port=env.integer("FFNSKIP_CALIBRATOR_PORT", cls.port),
+            models=env.csv("FFNSKIP_MODELS", cls.models),
+            device=env.text("FFNSKIP_DEVICE", cls.device),
+            dtype=env.text("FFNSKIP_DTYPE", cls.dtype),
+            workers=env.integer("FFNSKIP_CALIBRATOR_WORKERS", cls.workers),
+            reclaim_idle_ms=env.integer("FFNSKIP_CALIBRATOR_RECLAIM_IDLE_MS", cls.reclaim_idle_ms),
+            batch_size=env.integer("FFNSKIP_CALIBRATOR_BATCH_SIZE", cls.batch_size),
+            drain_timeout_s=env.number("FFNSKIP_DRAIN_TIMEOUT_S", cls.drain_timeout_s),
+            log_level=env.text("FFNSKIP_LOG_LEVEL", cls.log_level).lower(),
             redis=RedisSettings.from_env(environ),
         )
-
-
-def _int(environ: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
-    raw = environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be an integer, got {raw!r}") from None
-
-
-def _float(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be a number, got {raw!r}") from None

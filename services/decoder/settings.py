@@ -1,4 +1,5 @@
-"""Decoder settings, read from the environment once in main (prefix FFNSKIP_)."""
+"""Decoder settings, read from the environment once in main (prefix FFNSKIP_) with
+ffnskip.settings.Env: an empty value means the default, and an error names the variable."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Mapping
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.generation import OVERRIDABLE_POLICIES, OverrideLimits
+from ffnskip.settings import Env
 from ffnskip.store.connection import RedisSettings
 
 REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
@@ -62,72 +64,43 @@ class DecoderSettings:
     redis: RedisSettings
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "DecoderSettings":
-        port = _int(env, "FFNSKIP_DECODER_PORT", 50052)
-        host = env.get("FFNSKIP_DECODER_HOST", "127.0.0.1")
-        model = env.get("FFNSKIP_MODEL", "smollm2-135m")
-        policies = tuple(p for p in env.get("FFNSKIP_ALLOWED_POLICIES", ",".join(OVERRIDABLE_POLICIES)).split(",") if p)
+    def from_env(cls, environ: Mapping[str, str]) -> "DecoderSettings":
+        """Every variable in ENV_VARS (ffnskip.settings rules: absent or empty ones keep the defaults)."""
+        env = Env(environ)
+        host = env.text("FFNSKIP_DECODER_HOST", "127.0.0.1")
+        port = env.integer("FFNSKIP_DECODER_PORT", 50052)
+        model = env.text("FFNSKIP_MODEL", "smollm2-135m")
+        policies = env.csv("FFNSKIP_ALLOWED_POLICIES", OVERRIDABLE_POLICIES)
         unknown = [p for p in policies if p not in OVERRIDABLE_POLICIES]
         if unknown:
             raise InvalidArgument("FFNSKIP_ALLOWED_POLICIES", f"unknown policies {unknown}")
-        skip_policy = env.get("FFNSKIP_SKIP_POLICY", DEFAULT_SKIP_POLICY)
-        if skip_policy not in SERVING_POLICIES:
-            raise InvalidArgument("FFNSKIP_SKIP_POLICY", f"must be one of {', '.join(SERVING_POLICIES)}, got {skip_policy!r}")
-        quorum = _float(env, "FFNSKIP_ALIGNED_QUORUM", 0.5)
-        if not 0.0 < quorum <= 1.0:
-            raise InvalidArgument("FFNSKIP_ALIGNED_QUORUM", f"must be in (0, 1], got {quorum:g}")
         return cls(
             host=host, port=port,
-            advertise_address=env.get("FFNSKIP_ADVERTISE_ADDRESS", f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"),
-            decoder_id=env.get("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
-            model=model, model_name=env.get("FFNSKIP_MODEL_NAME", model),
-            device=env.get("FFNSKIP_DEVICE", "auto"), dtype=env.get("FFNSKIP_DTYPE", "auto"),
-            compile=_flag(env, "FFNSKIP_COMPILE", False),
-            max_batch=_int(env, "FFNSKIP_MAX_BATCH", 16), max_queue=_int(env, "FFNSKIP_MAX_QUEUE", 64),
-            max_seq_len=_int(env, "FFNSKIP_MAX_SEQ_LEN", 2048),
-            max_new_tokens_cap=_int(env, "FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),
-            default_max_new_tokens=_int(env, "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", 128),
-            profile_cache_dir=Path(env.get("FFNSKIP_PROFILE_CACHE_DIR", str(Path.home() / ".cache" / "ffnskip" / "profiles"))),
-            registry_ttl_s=_float(env, "FFNSKIP_REGISTRY_TTL_S", 10.0),
-            drain_timeout_s=_float(env, "FFNSKIP_DRAIN_TIMEOUT_S", 30.0),
-            stuck_after_s=_positive(env, "FFNSKIP_STUCK_AFTER_S", 60.0),
+            advertise_address=env.text("FFNSKIP_ADVERTISE_ADDRESS",
+                                       f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"),
+            decoder_id=env.text("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
+            model=model, model_name=env.text("FFNSKIP_MODEL_NAME", model),
+            device=env.text("FFNSKIP_DEVICE", "auto"), dtype=env.text("FFNSKIP_DTYPE", "auto"),
+            compile=env.flag("FFNSKIP_COMPILE", False),
+            max_batch=env.integer("FFNSKIP_MAX_BATCH", 16), max_queue=env.integer("FFNSKIP_MAX_QUEUE", 64),
+            max_seq_len=env.integer("FFNSKIP_MAX_SEQ_LEN", 2048),
+            max_new_tokens_cap=env.integer("FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),
+            default_max_new_tokens=env.integer("FFNSKIP_DEFAULT_MAX_NEW_TOKENS", 128),
+            profile_cache_dir=Path(env.text("FFNSKIP_PROFILE_CACHE_DIR",
+                                            str(Path.home() / ".cache" / "ffnskip" / "profiles"))),
+            registry_ttl_s=env.number("FFNSKIP_REGISTRY_TTL_S", 10.0),
+            drain_timeout_s=env.number("FFNSKIP_DRAIN_TIMEOUT_S", 30.0),
+            stuck_after_s=env.number("FFNSKIP_STUCK_AFTER_S", 60.0, above=0),
             limits=OverrideLimits(
-                policies=policies, min_threshold=_float(env, "FFNSKIP_OVERRIDE_MIN_THRESHOLD", 0.5),
-                max_skip=_int(env, "FFNSKIP_OVERRIDE_MAX_SKIP", 64), min_warm_up=_int(env, "FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
-                min_quorum=_float(env, "FFNSKIP_OVERRIDE_MIN_QUORUM", 0.25),
+                policies=policies, min_threshold=env.number("FFNSKIP_OVERRIDE_MIN_THRESHOLD", 0.5),
+                max_skip=env.integer("FFNSKIP_OVERRIDE_MAX_SKIP", 64),
+                min_warm_up=env.integer("FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
+                min_quorum=env.number("FFNSKIP_OVERRIDE_MIN_QUORUM", 0.25),
             ),
-            skip_policy=skip_policy, aligned_quorum=quorum,
-            log_level=env.get("FFNSKIP_LOG_LEVEL", "info"),
-            metrics_host=env.get("FFNSKIP_METRICS_HOST", "0.0.0.0"), metrics_port=_int(env, "FFNSKIP_METRICS_PORT", 0),
-            redis=RedisSettings.from_env(env),
+            skip_policy=env.choice("FFNSKIP_SKIP_POLICY", DEFAULT_SKIP_POLICY, SERVING_POLICIES),
+            aligned_quorum=env.number("FFNSKIP_ALIGNED_QUORUM", 0.5, above=0, maximum=1),
+            log_level=env.text("FFNSKIP_LOG_LEVEL", "info"),
+            metrics_host=env.text("FFNSKIP_METRICS_HOST", "0.0.0.0"),
+            metrics_port=env.integer("FFNSKIP_METRICS_PORT", 0),
+            redis=RedisSettings.from_env(environ),
         )
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name)
-    if value is None:
-        return default
-    if value.lower() not in ("0", "1", "true", "false"):
-        raise InvalidArgument(name, f"must be 0, 1, true or false, got {value!r}")
-    return value.lower() in ("1", "true")
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    try:
-        return int(env.get(name, default))
-    except ValueError as exc:
-        raise InvalidArgument(name, f"must be an integer, got {env[name]!r}") from exc
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        return float(env.get(name, default))
-    except ValueError as exc:
-        raise InvalidArgument(name, f"must be a number, got {env[name]!r}") from exc
-
-
-def _positive(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _float(env, name, default)
-    if not value > 0:
-        raise InvalidArgument(name, f"must be > 0, got {value:g}")
-    return value

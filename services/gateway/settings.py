@@ -1,4 +1,5 @@
-"""Gateway settings: read from an environment mapping (FFNSKIP_ prefix) in main only,
+"""Gateway settings: read from an environment mapping (FFNSKIP_ prefix) in main only, with
+ffnskip.settings.Env (an empty value means the default, an error names the variable), and
 validated once into a frozen object that is passed down.
 
 API keys are hashed here and the plain keys dropped: nothing downstream, logs
@@ -13,6 +14,7 @@ from typing import Mapping, Optional
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.channels import PUBLIC_MAX_MESSAGE_BYTES
+from ffnskip.settings import Env
 from ffnskip.store.connection import RedisSettings
 from services.gateway.auth import KeyRing
 
@@ -114,77 +116,39 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "GatewaySettings":
-        """Every variable in ENV_VARS; absent or empty ones keep the defaults."""
-        def get(name: str) -> Optional[str]:
-            value = environ.get(name, "").strip()
-            return value or None
-
-        values: dict = {}
-        for name, attr, parse in _SCALARS:
-            raw = get(name)
-            if raw is not None:
-                values[attr] = parse(name, raw)
-        values["keys"] = KeyRing.from_strings(environ.get("FFNSKIP_API_KEYS", ""), environ.get("FFNSKIP_OPS_KEYS", ""))
-        values["redis"] = RedisSettings.from_env(environ)
-        return cls(**values)
+        """Every variable in ENV_VARS; the defaults are the dataclass's, the ranges __post_init__'s."""
+        env = Env(environ)
+        return cls(
+            host=env.text("FFNSKIP_GATEWAY_HOST", cls.host),
+            port=env.integer("FFNSKIP_GATEWAY_PORT", cls.port),
+            gateway_id=env.text("FFNSKIP_GATEWAY_ID", cls.gateway_id),
+            metrics_host=env.text("FFNSKIP_METRICS_HOST", cls.metrics_host),
+            metrics_port=env.integer("FFNSKIP_METRICS_PORT", cls.metrics_port),
+            keys=KeyRing.from_strings(env.text("FFNSKIP_API_KEYS", ""), env.text("FFNSKIP_OPS_KEYS", "")),
+            auth_disabled=env.flag("FFNSKIP_AUTH_DISABLED", cls.auth_disabled),
+            tls_cert=env.text("FFNSKIP_TLS_CERT", cls.tls_cert),
+            tls_key=env.text("FFNSKIP_TLS_KEY", cls.tls_key),
+            redis=RedisSettings.from_env(environ),
+            max_attempts=env.integer("FFNSKIP_MAX_ATTEMPTS", cls.max_attempts),
+            attempt_timeout_s=env.number("FFNSKIP_ATTEMPT_TIMEOUT_S", cls.attempt_timeout_s),
+            first_token_timeout_s=env.number("FFNSKIP_FIRST_TOKEN_TIMEOUT_S", cls.first_token_timeout_s),
+            stall_timeout_s=env.number("FFNSKIP_STALL_TIMEOUT_S", cls.stall_timeout_s),
+            quarantine_s=env.number("FFNSKIP_QUARANTINE_S", cls.quarantine_s),
+            discovery_interval_s=env.number("FFNSKIP_DISCOVERY_INTERVAL_S", cls.discovery_interval_s),
+            discovery_stale_s=env.number("FFNSKIP_DISCOVERY_STALE_S", cls.discovery_stale_s),
+            max_new_tokens=env.integer("FFNSKIP_MAX_NEW_TOKENS", cls.max_new_tokens),
+            max_message_bytes=env.integer("FFNSKIP_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            keepalive_s=env.number("FFNSKIP_KEEPALIVE_S", cls.keepalive_s),
+            telemetry_flush_s=env.number("FFNSKIP_TELEMETRY_FLUSH_S", cls.telemetry_flush_s),
+            telemetry_ttl_s=env.number("FFNSKIP_TELEMETRY_TTL_S", cls.telemetry_ttl_s),
+            prompt_sample_rate=env.number("FFNSKIP_PROMPT_SAMPLE_RATE", cls.prompt_sample_rate),
+            prompt_sample_stream=env.text("FFNSKIP_PROMPT_SAMPLE_STREAM", cls.prompt_sample_stream),
+            prompt_sample_maxlen=env.integer("FFNSKIP_PROMPT_SAMPLE_MAXLEN", cls.prompt_sample_maxlen),
+            drain_timeout_s=env.number("FFNSKIP_DRAIN_TIMEOUT_S", cls.drain_timeout_s),
+            log_level=env.text("FFNSKIP_LOG_LEVEL", cls.log_level),
+        )
 
 
 def _check(ok: bool, name: str, problem: str) -> None:
     if not ok:
         raise InvalidArgument(name, problem)
-
-
-def _str(name: str, raw: str) -> str:
-    return raw
-
-
-def _int(name: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be an integer, got {raw!r}") from None
-
-
-def _float(name: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be a number, got {raw!r}") from None
-
-
-def _bool(name: str, raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgument(name, f"must be true or false, got {raw!r}")
-
-
-_SCALARS = (
-    ("FFNSKIP_GATEWAY_HOST", "host", _str),
-    ("FFNSKIP_GATEWAY_PORT", "port", _int),
-    ("FFNSKIP_GATEWAY_ID", "gateway_id", _str),
-    ("FFNSKIP_METRICS_HOST", "metrics_host", _str),
-    ("FFNSKIP_METRICS_PORT", "metrics_port", _int),
-    ("FFNSKIP_AUTH_DISABLED", "auth_disabled", _bool),
-    ("FFNSKIP_TLS_CERT", "tls_cert", _str),
-    ("FFNSKIP_TLS_KEY", "tls_key", _str),
-    ("FFNSKIP_MAX_ATTEMPTS", "max_attempts", _int),
-    ("FFNSKIP_ATTEMPT_TIMEOUT_S", "attempt_timeout_s", _float),
-    ("FFNSKIP_FIRST_TOKEN_TIMEOUT_S", "first_token_timeout_s", _float),
-    ("FFNSKIP_STALL_TIMEOUT_S", "stall_timeout_s", _float),
-    ("FFNSKIP_QUARANTINE_S", "quarantine_s", _float),
-    ("FFNSKIP_DISCOVERY_INTERVAL_S", "discovery_interval_s", _float),
-    ("FFNSKIP_DISCOVERY_STALE_S", "discovery_stale_s", _float),
-    ("FFNSKIP_MAX_NEW_TOKENS", "max_new_tokens", _int),
-    ("FFNSKIP_MAX_MESSAGE_BYTES", "max_message_bytes", _int),
-    ("FFNSKIP_KEEPALIVE_S", "keepalive_s", _float),
-    ("FFNSKIP_TELEMETRY_FLUSH_S", "telemetry_flush_s", _float),
-    ("FFNSKIP_TELEMETRY_TTL_S", "telemetry_ttl_s", _float),
-    ("FFNSKIP_PROMPT_SAMPLE_RATE", "prompt_sample_rate", _float),
-    ("FFNSKIP_PROMPT_SAMPLE_STREAM", "prompt_sample_stream", _str),
-    ("FFNSKIP_PROMPT_SAMPLE_MAXLEN", "prompt_sample_maxlen", _int),
-    ("FFNSKIP_DRAIN_TIMEOUT_S", "drain_timeout_s", _float),
-    ("FFNSKIP_LOG_LEVEL", "log_level", _str),
-)

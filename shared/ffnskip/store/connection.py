@@ -1,14 +1,15 @@
 """Redis connection settings and the one place Redis failures become Unavailable.
 
-Settings come from an explicit environment mapping (never os.environ at import), and
-the client retries connection errors with bounded exponential backoff, so a Redis
-blip is absorbed and an outage surfaces after a known, short time.
+Settings come from an explicit environment mapping (never os.environ at import), read
+with ffnskip.settings.Env like every service's settings, and the client retries
+connection errors with bounded exponential backoff, so a Redis blip is absorbed and an
+outage surfaces after a known, short time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 from urllib.parse import urlparse, urlunparse
 
@@ -20,9 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ffnskip.errors import InvalidArgument, Unavailable
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from ffnskip.settings import Env
 
 
 @dataclass(frozen=True)
@@ -46,39 +45,26 @@ class RedisSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "RedisSettings":
-        """Read FFNSKIP_REDIS_URL, _PASSWORD, _TLS and _DB; absent ones keep the defaults."""
-        settings = cls()
-        if environ.get("FFNSKIP_REDIS_URL"):
-            settings = replace(settings, url=environ["FFNSKIP_REDIS_URL"])
-        if environ.get("FFNSKIP_REDIS_PASSWORD"):
-            settings = replace(settings, password=environ["FFNSKIP_REDIS_PASSWORD"])
-        if "FFNSKIP_REDIS_TLS" in environ:
-            settings = replace(settings, tls=_parse_bool("FFNSKIP_REDIS_TLS", environ["FFNSKIP_REDIS_TLS"]))
-        if environ.get("FFNSKIP_REDIS_DB"):
-            settings = replace(settings, db=_parse_int("FFNSKIP_REDIS_DB", environ["FFNSKIP_REDIS_DB"]))
-        return settings
+        """Read FFNSKIP_REDIS_URL, _PASSWORD, _TLS and _DB (ffnskip.settings rules: absent or
+        empty ones keep the defaults); a refused value names its variable."""
+        env = Env(environ)
+        try:
+            return cls(
+                url=env.text("FFNSKIP_REDIS_URL", cls.url),
+                password=env.text("FFNSKIP_REDIS_PASSWORD", cls.password),
+                tls=env.flag("FFNSKIP_REDIS_TLS", cls.tls),
+                db=env.integer("FFNSKIP_REDIS_DB", cls.db, minimum=0),
+            )
+        except InvalidArgument as err:
+            if err.field == "redis.url":  # __post_init__ names the field; the operator set the variable
+                raise InvalidArgument("FFNSKIP_REDIS_URL", err.problem) from None
+            raise
 
     @property
     def address(self) -> str:
         """host:port for messages (never includes the password)."""
         parsed = urlparse(self.url)
         return f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"
-
-
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise InvalidArgument(name, f"must be true or false, got {value!r}")
-
-
-def _parse_int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(name, f"must be an integer, got {value!r}") from None
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
