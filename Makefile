@@ -65,7 +65,7 @@ test: setup tools
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 test-unit: setup tools
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -m "not heavy"
 
 bench: setup
 	$(VENV)/bin/ffnskip bench

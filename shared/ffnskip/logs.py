@@ -40,7 +40,7 @@ def _shared_processors() -> list:
     ]
 
 
-def configure_logging(level: str = "info", stream=None) -> None:
+def configure_logging(level: str = "info", stream=None, cache_loggers: bool = True) -> None:
     """JSON lines on `stream` (stderr) for structlog and stdlib loggers alike; idempotent."""
     name = level.strip().lower()
     if name not in _LEVELS:
@@ -52,7 +52,8 @@ def configure_logging(level: str = "info", stream=None) -> None:
         processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # a service configures once: cached loggers are cheaper; tests reconfigure, so they pass False
+        cache_logger_on_first_use=cache_loggers,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),

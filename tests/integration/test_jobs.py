@@ -11,16 +11,11 @@ from ffnskip.errors import FailedPrecondition, NotFound, Unavailable
 from ffnskip.store import ClaimedJob, JobQueue, ProfileStore, RedisSettings, connect
 from tests.helpers.polling import wait_for
 from tests.helpers.profiles import build_profile
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import running_redis
 
 MODEL = "tiny-llama"
 LONG_IDLE_MS = 60_000  # "never reclaim" for tests that do not want reclaiming
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
-    return connect(RedisSettings(url=redis_server.url, retries=2, socket_timeout_s=2.0))
 
 
 @pytest.fixture

@@ -21,11 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
-    return connect(RedisSettings(url=redis_server.url, retries=2, socket_timeout_s=2.0))
-
-
-@pytest.fixture
 def store(client: redis.Redis) -> ProfileStore:
     return ProfileStore(client)
 

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from ffnskip.errors import InvalidArgument, Unavailable
-from ffnskip.store import DecoderRegistry, RedisSettings, connect
+from ffnskip.store import DecoderRegistry
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -19,11 +19,6 @@ def decoder(decoder_id: str, model: str = "tiny-llama", **extra: object) -> dict
                 profile_version=3, draining=False)
     info.update(extra)
     return info
-
-
-@pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
-    return connect(RedisSettings(url=redis_server.url, retries=2, socket_timeout_s=2.0))
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from ffnskip.engine import Engine, load_model
 from ffnskip.engine.compiled import CompiledSegments, batch_buckets
 from tests.helpers.tiny import save_tiny_model
 
+pytestmark = pytest.mark.heavy  # AOTInductor compiles: minutes
+
 PROMPTS = ["the quick brown fox", "a", "hello there world"]
 SAMPLING = SamplingParams(max_new_tokens=12, ignore_eos=True)
 POLICIES = {

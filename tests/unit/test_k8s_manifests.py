@@ -41,6 +41,8 @@ from tests.helpers.k8s import (  # noqa: F401 (rendered is a fixture)
     service_settings,
 )
 
+pytestmark = pytest.mark.heavy  # kubectl renders, checkov scans: minutes
+
 
 # ---------------------------------------------------------------------------------- checks
 

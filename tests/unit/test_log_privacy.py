@@ -11,6 +11,7 @@ import logging
 
 import grpc
 import pytest
+import structlog
 
 from ffnskip.logs import configure_logging, fingerprint, get_logger
 from ffnskip.rpc.server import Server
@@ -22,9 +23,10 @@ PROMPT = "my secret prompt about the merger"
 @pytest.fixture
 def log_stream():
     stream = io.StringIO()
-    configure_logging("debug", stream=stream)
+    configure_logging("debug", stream=stream, cache_loggers=False)
     yield stream
     logging.getLogger().handlers.clear()
+    structlog.reset_defaults()  # later tests capture logs with structlog's own testing tools
 
 
 def test_tracebacks_carry_no_frame_locals(log_stream) -> None:

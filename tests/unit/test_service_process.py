@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Mapping
 
 import pytest
+import structlog
 
 from ffnskip.errors import InvalidArgument, Unavailable
+from ffnskip.logs import configure_logging
+from ffnskip.rpc import process
 from ffnskip.rpc.process import EXIT_BAD_SETTINGS, EXIT_FAILED, EXIT_OK, run_service
 
 
@@ -24,9 +28,13 @@ class Settings:
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
+def restore_logging(monkeypatch):
+    """run_service configures logging for a process; here, without cached loggers, and undone
+    afterwards, so later tests can capture logs with structlog's own testing tools."""
+    monkeypatch.setattr(process, "configure_logging", functools.partial(configure_logging, cache_loggers=False))
     yield
     logging.getLogger().handlers.clear()
+    structlog.reset_defaults()
 
 
 def test_bad_settings_exit_2_with_one_line_and_nothing_served(capsys) -> None:
