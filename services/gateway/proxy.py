@@ -252,10 +252,10 @@ class Proxy:
                     try:
                         message = await asyncio.wait_for(call.read(), silence_s)
                     except asyncio.TimeoutError:
-                        self.router.quarantine(decoder)
-                        if passed == 0:
+                        if passed == 0:  # stream() quarantines the pod and tries another
                             yield Retry(grpc.StatusCode.UNAVAILABLE, f"no first token within {silence_s:g} s")
                             return
+                        self.router.quarantine(decoder)
                         raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                             f"decoder {decoder} stalled: no token for {silence_s:g} s after {passed} "
                                             f"tokens, the response is incomplete; retry") from None

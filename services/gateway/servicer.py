@@ -8,10 +8,9 @@ from collections import defaultdict
 from typing import AsyncIterator, Optional
 
 import grpc
-import structlog
 
 from ffnskip.errors import FfnSkipError
-from ffnskip.logs import new_request_id, request_id_var
+from ffnskip.logs import bind_request_id, new_request_id, request_id_var
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from services.gateway.fleet import FleetTelemetry, Flusher, summarise
 from services.gateway.prompt_samples import PromptSampler
@@ -38,8 +37,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.proxy.telemetry.error(NO_MODEL, NO_DECODER, code_of(exc).name)
             raise
         if request.request_id:  # the caller's id: this RPC's remaining log lines carry it too
-            request_id_var.set(request.request_id)
-            structlog.contextvars.bind_contextvars(request_id=request.request_id)
+            bind_request_id(request.request_id)
         else:
             request.request_id = request_id_var.get() or new_request_id()  # the id the logs carry
         self.sampler.offer(request)

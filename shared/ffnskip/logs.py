@@ -94,13 +94,20 @@ def request_id_from_metadata(metadata) -> str:
     return new_request_id()
 
 
+def bind_request_id(request_id: str) -> None:
+    """Bind `request_id` for the rest of the current task (gRPC runs each RPC in a task of its
+    own, whose context ends with it: nothing to reset, and nothing reaches other RPCs)."""
+    request_id_var.set(request_id)
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+
+
 @contextlib.contextmanager
 def bound_request_id(request_id: str) -> Iterator[str]:
     """Bind `request_id` for this context (an RPC's task) and its log lines.
 
     Enter and leave it in one context: never across a `yield` of an async generator,
     whose finalisation may run in another task's context (resetting the binding there
-    raises ValueError)."""
+    raises ValueError); a generator binds with bind_request_id instead."""
     token = request_id_var.set(request_id)
     try:
         with structlog.contextvars.bound_contextvars(request_id=request_id):

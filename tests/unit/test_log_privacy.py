@@ -5,19 +5,36 @@ carry the request, prompt included)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import logging
+from typing import AsyncIterator
 
 import grpc
 import pytest
 import structlog
 
-from ffnskip.logs import configure_logging, fingerprint, get_logger
+from ffnskip.logs import configure_logging, fingerprint, get_logger, request_id_var
 from ffnskip.rpc.server import Server
 
 pytestmark = pytest.mark.timeout(60)
 PROMPT = "my secret prompt about the merger"
+
+
+@contextlib.asynccontextmanager
+async def streaming_server(handler) -> AsyncIterator[grpc.aio.Channel]:
+    """A real server (our Server, interceptor included) whose /test.Stream/Call is `handler`,
+    and a channel to it."""
+    server = Server(["test.Stream"])
+    handlers = {"Call": grpc.unary_stream_rpc_method_handler(handler)}
+    server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Stream", handlers),))
+    port = await server.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.grpc.stop(grace=None)
 
 
 @pytest.fixture
@@ -66,21 +83,14 @@ def test_a_stream_closed_by_its_client_finalises_cleanly(log_stream) -> None:
             finally:
                 closed.set()
 
-        server = Server(["test.Ticks"])
-        handlers = {"Ticks": grpc.unary_stream_rpc_method_handler(ticks)}
-        server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Ticks", handlers),))
-        port = await server.start("127.0.0.1:0")
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                for _ in range(3):
-                    call = channel.unary_stream("/test.Ticks/Ticks")(PROMPT.encode(), timeout=20)
-                    assert await call.read() == b"tick"
-                    call.cancel()
-                    await asyncio.wait_for(closed.wait(), 10)
-                    closed.clear()
-            gc.collect()  # finalisers of abandoned generators run now, not at some later point
-        finally:
-            await server.grpc.stop(grace=None)
+        async with streaming_server(ticks) as channel:
+            for _ in range(3):
+                call = channel.unary_stream("/test.Stream/Call")(PROMPT.encode(), timeout=20)
+                assert await call.read() == b"tick"
+                call.cancel()
+                await asyncio.wait_for(closed.wait(), 10)
+                closed.clear()
+        gc.collect()  # finalisers of abandoned generators run now, not at some later point
         await asyncio.sleep(0)  # let callbacks scheduled by the collection run
         return problems
 
@@ -89,3 +99,33 @@ def test_a_stream_closed_by_its_client_finalises_cleanly(log_stream) -> None:
     assert problems == []
     assert "different Context" not in logged and "never retrieved" not in logged
     assert PROMPT not in logged
+
+
+def test_concurrent_streams_keep_their_own_request_ids() -> None:
+    """A stream's request id is bound in its RPC's own task: interleaved streams never see
+    each other's id, before or after their yields."""
+
+    async def scenario() -> dict[str, list[str]]:
+        seen: dict[str, list[str]] = {}
+        both_started = asyncio.Event()
+
+        async def labels(request: bytes, context):
+            mine = seen.setdefault(request.decode(), [])
+            for _ in range(3):
+                mine.append(request_id_var.get() or "")
+                yield b"x"
+                if len(seen) == 2:
+                    both_started.set()
+                await asyncio.wait_for(both_started.wait(), 10)  # the two streams interleave
+
+        async with streaming_server(labels) as channel:
+            method = channel.unary_stream("/test.Stream/Call")
+
+            async def drain(name: str) -> None:
+                async for _ in method(name.encode(), metadata=(("x-request-id", f"id-{name}"),), timeout=20):
+                    pass
+
+            await asyncio.gather(drain("a"), drain("b"))
+        return seen
+
+    assert asyncio.run(scenario()) == {"a": ["id-a"] * 3, "b": ["id-b"] * 3}

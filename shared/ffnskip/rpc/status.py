@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 
 from ffnskip import errors
-from ffnskip.logs import bound_request_id, get_logger, request_id_from_metadata, request_id_var
+from ffnskip.logs import bind_request_id, bound_request_id, get_logger, request_id_from_metadata, request_id_var
 
 log = get_logger("ffnskip.rpc")
 
@@ -117,33 +117,20 @@ class _Wrapper:
         return handle
 
     def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        """Streaming handlers. The request id is bound around each step of the handler, not
-        across its yields: when a client goes away, gRPC finalises this generator from
-        another task, and a binding held across the yield would be reset in a context
-        that never set it."""
+        """Streaming handlers. The request id is bound for the RPC's own task and never
+        reset: when a client goes away, gRPC finalises this generator from another task,
+        where resetting a binding made here would raise."""
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            bind_request_id(self.request_id)
             started = time.perf_counter()
             context.set_trailing_metadata((("x-request-id", self.request_id),))
-            request_id = self.request_id
-            items = behavior(request, context)
             try:
-                while True:
-                    with bound_request_id(request_id):
-                        try:
-                            item = await items.__anext__()
-                        except StopAsyncIteration:
-                            break
-                        except Exception as exc:
-                            await self._abort(context, exc, started)
-                        finally:
-                            request_id = request_id_var.get() or request_id  # the handler may relabel itself
+                async for item in behavior(request, context):
                     yield item
-            finally:
-                with bound_request_id(request_id):
-                    await items.aclose()  # the handler's own cleanup, in this context
-            with bound_request_id(request_id):
-                self._access(context, started, None)
+            except Exception as exc:
+                await self._abort(context, exc, started)
+            self._access(context, started, None)
 
         return handle
 
