@@ -61,6 +61,7 @@ run: setup
 
 test: setup tools
 	$(VENV)/bin/ruff check shared services tests scripts
+	$(VENV)/bin/mypy
 	$(VENV)/bin/ffnskip prepare
 	$(PY) -m pytest tests -q -p no:cacheprovider
 

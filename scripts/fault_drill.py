@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from ffnskip.client import GatewayClient, build_request
-from ffnskip.engine.loading import cache_root
+from ffnskip.settings import cache_root
 
 API_KEY = "drill-" + os.urandom(8).hex()
 STALL_TIMEOUT_S = 10.0  # the gateway's default FFNSKIP_STALL_TIMEOUT_S and FIRST_TOKEN bound below
@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
-    data_dir = args.data_dir or cache_root() / "stack"
+    data_dir = args.data_dir or cache_root(os.environ) / "stack"
     up = Up(data_dir)
     failures: list[str] = []
     try:

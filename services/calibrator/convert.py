@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ffnskip import datasets
 from ffnskip.calibration.calibrate import CalibrationRequest
+from ffnskip.config import Policy
 from ffnskip.errors import InvalidArgument, NotFound
 from ffnskip.profile import Profile
 from ffnskip.rpc.convert import skip_params_to_proto
@@ -19,7 +20,7 @@ MAX_IDEMPOTENCY_KEY = 200
 DEFAULT_DATASET = "calibration"
 DEFAULT_TARGET = 0.25
 DEFAULT_TOKENS = 128
-DEFAULT_POLICY = "adaptive"
+DEFAULT_POLICY = Policy.ADAPTIVE.value
 # The data sets a job may name, and the field of each row that is the prompt.
 DATASET_FIELDS = {"calibration": "text", "prompts": "prompt", "factoid_qa": "question"}
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -70,7 +71,7 @@ def dataset_prompts(name: str) -> list[str]:
 def calibration_request(request: dict[str, Any], job_id: str = "", batch_size: Optional[int] = None) -> CalibrationRequest:
     """The engine-side request for a queued job request."""
     prompts = request["prompts"] if "prompts" in request else dataset_prompts(request["dataset"])
-    batching = {} if batch_size is None else {"batch_size": batch_size}
+    batching: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
     return CalibrationRequest(
         prompts=tuple(prompts), target_skip_ratio=float(request["target_skip_ratio"]),
         tokens_per_prompt=int(request["tokens_per_prompt"]), job_id=job_id, model_id=request["model"],

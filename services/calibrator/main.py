@@ -35,7 +35,7 @@ class WorkerPool:
     def __init__(self, settings: CalibratorSettings, jobs: JobQueue, profiles: ProfileStore) -> None:
         self.stop = threading.Event()
         self.abandon = threading.Event()
-        models = ModelCache(settings.device, settings.dtype)
+        models = ModelCache(settings.device, settings.dtype, settings.cache_dir)
         # Consumer names must be unique across pods and restarts: a restarted pod must not
         # inherit (and silently resume) the pending entries of its previous incarnation.
         base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -10,6 +10,7 @@ booleans are 1/0, true/false, yes/no, on/off, and an error names the variable):
                                          model directory, a .gguf file or a cached HF id
     FFNSKIP_DEVICE                       auto | cpu | cuda | cuda:N (default auto)
     FFNSKIP_DTYPE                        auto | float32 | bfloat16 | float16 (default auto)
+    FFNSKIP_CACHE                        prepared models and weight digests (default ~/.cache/ffnskip)
     FFNSKIP_CALIBRATOR_WORKERS           calibration worker threads (default 1; 0 = serve the API only)
     FFNSKIP_CALIBRATOR_RECLAIM_IDLE_MS   a running job whose worker sent no heartbeat for this long is
                                          taken over by another worker (default 60000); workers heartbeat
@@ -25,11 +26,12 @@ booleans are 1/0, true/false, yes/no, on/off, and an error names the variable):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Optional
 
 from ffnskip.config import EngineConfig
 from ffnskip.errors import InvalidArgument
-from ffnskip.settings import Env
+from ffnskip.settings import Env, cache_root
 from ffnskip.store import RedisSettings
 
 REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
@@ -39,6 +41,7 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_MODELS",
     "FFNSKIP_DEVICE",
     "FFNSKIP_DTYPE",
+    "FFNSKIP_CACHE",
     "FFNSKIP_CALIBRATOR_WORKERS",
     "FFNSKIP_CALIBRATOR_RECLAIM_IDLE_MS",
     "FFNSKIP_CALIBRATOR_BATCH_SIZE",
@@ -61,6 +64,7 @@ class CalibratorSettings:
     drain_timeout_s: float = 20.0
     log_level: str = "info"
     redis: RedisSettings = field(default_factory=RedisSettings)
+    cache_dir: Path = field(default_factory=lambda: cache_root({}))
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -106,4 +110,5 @@ class CalibratorSettings:
             drain_timeout_s=env.number("FFNSKIP_DRAIN_TIMEOUT_S", cls.drain_timeout_s),
             log_level=env.text("FFNSKIP_LOG_LEVEL", cls.log_level).lower(),
             redis=RedisSettings.from_env(environ),
+            cache_dir=cache_root(environ),
         )

@@ -13,8 +13,10 @@ period) stops without recording anything, leaving the job to the next owner.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from ffnskip.calibration.calibrate import calibrate
@@ -35,8 +37,8 @@ class _LeftForReclaim(Exception):
 class ModelCache:
     """Models by spec, each loaded once per process and shared by the workers (read-only weights)."""
 
-    def __init__(self, device: str, dtype: str, loader: Optional[Callable] = None) -> None:
-        self._device, self._dtype = device, dtype
+    def __init__(self, device: str, dtype: str, cache_dir: Path, loader: Optional[Callable] = None) -> None:
+        self._device, self._dtype, self._cache_dir = device, dtype, cache_dir
         self._loader = loader
         self._models: dict = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -49,7 +51,9 @@ class ModelCache:
             if spec not in self._models:
                 loader = self._loader
                 if loader is None:
-                    from ffnskip.engine import load_model as loader
+                    from ffnskip.engine import load_model
+
+                    loader = functools.partial(load_model, cache_dir=self._cache_dir)
                 started = time.perf_counter()
                 self._models[spec] = loader(spec, device=self._device, dtype=self._dtype)
                 log.info("model loaded", model=spec, seconds=round(time.perf_counter() - started, 2))

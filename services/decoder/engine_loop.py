@@ -166,9 +166,10 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as exc:  # a bug in a step must fail its requests, not hang them
             log.exception("engine step failed")
-            for submission in list(self._active.values()):
-                self._active.pop(submission.seq.seq_id).deliver(Unavailable(f"decoder engine failed: {type(exc).__name__}"))
-                self.engine.cancel(submission.seq, "error")
+            for failed in list(self._active.values()):
+                assert failed.seq is not None  # only admitted submissions are active
+                self._active.pop(failed.seq.seq_id).deliver(Unavailable(f"decoder engine failed: {type(exc).__name__}"))
+                self.engine.cancel(failed.seq, "error")
             return
         for event in events:
             submission = self._active.get(event.seq_id)

@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from ffnskip.aio import cancel_and_wait
-from ffnskip.config import SkipParams
+from ffnskip.config import DENSE
 from ffnskip.engine import Engine, load_model
 from ffnskip.logs import get_logger
 from ffnskip.rpc.process import run_service
@@ -28,7 +28,7 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
 async def serve(settings: DecoderSettings) -> None:
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile)
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
@@ -38,8 +38,8 @@ async def serve(settings: DecoderSettings) -> None:
         log.info("decode segments ready", seconds=round(engine.warm_up(batch_sizes), 1))
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
-                              settings.profile_cache_dir, default=SkipParams(policy="dense"),
-                              policy=settings.skip_policy, quorum=settings.aligned_quorum)
+                              settings.profile_cache_dir, default=DENSE,
+                              mode=settings.skip_policy, quorum=settings.aligned_quorum)
     profiles.start()
     engine_loop = EngineLoop(engine, settings.max_queue)
     engine_loop.start()

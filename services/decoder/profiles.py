@@ -16,20 +16,22 @@ from pathlib import Path
 
 import structlog
 
-from ffnskip.config import SkipParams
+from ffnskip.config import Policy, SkipParams
 from ffnskip.errors import FfnSkipError, InvalidArgument, Unavailable
 from ffnskip.profile import Profile
 from ffnskip.store.profiles import ProfileStore
+from services.decoder.settings import ServingMode
 
 log = structlog.get_logger("decoder.profiles")
 
 
-def serving_params(params: SkipParams, policy: str, quorum: float) -> SkipParams:
-    """The decoder's configured serving policy over a profile's parameters: "aligned" makes an
+def serving_params(params: SkipParams, mode: ServingMode, quorum: float) -> SkipParams:
+    """The decoder's configured serving mode over a profile's parameters: ALIGNED makes an
     adaptive profile decide per batch; anything else is served as calibrated. The quorum is the
     decoder's (a profile has none), so a request that asks for aligned gets it too."""
     params = replace(params, quorum=quorum)
-    return replace(params, policy="aligned") if policy == "aligned" and params.policy == "adaptive" else params
+    aligned = mode is ServingMode.ALIGNED and params.policy is Policy.ADAPTIVE
+    return replace(params, policy=Policy.ALIGNED) if aligned else params
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,13 @@ class ActiveProfile:
 
 class ProfileWatcher:
     def __init__(self, store: ProfileStore, model_id: str, fingerprint: str, cache_dir: Path,
-                 default: SkipParams, resync_s: float = 30.0, policy: str = "profile", quorum: float = 0.5) -> None:
+                 default: SkipParams, resync_s: float = 30.0, mode: ServingMode = ServingMode.PROFILE, quorum: float = 0.5) -> None:
         self.store = store
         self.model_id = model_id
         self.fingerprint = fingerprint
         self.cache_file = cache_dir / f"{model_id.replace('/', '_')}.profile.json"
         self.resync_s = resync_s
-        self.policy, self.quorum = policy, quorum
+        self.mode, self.quorum = mode, quorum
         self._current = ActiveProfile(0, default)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,7 +92,7 @@ class ProfileWatcher:
                       profile_fingerprint=profile.fingerprint, model_fingerprint=self.fingerprint)
             return
         try:
-            params = serving_params(profile.skip_params(), self.policy, self.quorum)
+            params = serving_params(profile.skip_params(), self.mode, self.quorum)
         except FfnSkipError as exc:
             log.error("profile parameters refused", version=profile.version, error=exc.message)
             return

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Mapping
 
+from ffnskip.config import Policy
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.generation import OVERRIDABLE_POLICIES, OverrideLimits
-from ffnskip.settings import Env
+from ffnskip.settings import Env, cache_root
 from ffnskip.store.connection import RedisSettings
 
 REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
@@ -31,8 +33,15 @@ ENV_VARS = (
 # skipping still avoids weight reads when requests are batched; at quorum 0.5 the per-row
 # calibrated threshold and k carry over (docs/batching.md); one row alone is per-row adaptive.
 # "profile": serve the active profile's policy as calibrated. Static profiles stay static.
-SERVING_POLICIES = ("profile", "aligned")
-DEFAULT_SKIP_POLICY = "aligned"
+class ServingMode(str, Enum):
+    PROFILE = "profile"
+    ALIGNED = "aligned"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SERVING_MODES = tuple(mode.value for mode in ServingMode)
 
 
 @dataclass(frozen=True)
@@ -51,12 +60,13 @@ class DecoderSettings:
     max_seq_len: int
     max_new_tokens_cap: int
     default_max_new_tokens: int
+    cache_dir: Path  # prepared models, weight digests, compiled decode segments
     profile_cache_dir: Path
     registry_ttl_s: float
     drain_timeout_s: float
     stuck_after_s: float  # an engine loop with work and no progress this long is stuck: liveness fails
     limits: OverrideLimits
-    skip_policy: str  # how an adaptive profile is served: SERVING_POLICIES
+    skip_policy: ServingMode  # how an adaptive profile is served
     aligned_quorum: float
     log_level: str
     metrics_host: str
@@ -70,10 +80,11 @@ class DecoderSettings:
         host = env.text("FFNSKIP_DECODER_HOST", "127.0.0.1")
         port = env.integer("FFNSKIP_DECODER_PORT", 50052)
         model = env.text("FFNSKIP_MODEL", "smollm2-135m")
-        policies = env.csv("FFNSKIP_ALLOWED_POLICIES", OVERRIDABLE_POLICIES)
-        unknown = [p for p in policies if p not in OVERRIDABLE_POLICIES]
+        names = env.csv("FFNSKIP_ALLOWED_POLICIES", OVERRIDABLE_POLICIES)
+        unknown = [name for name in names if name not in OVERRIDABLE_POLICIES]
         if unknown:
             raise InvalidArgument("FFNSKIP_ALLOWED_POLICIES", f"unknown policies {unknown}")
+        policies = tuple(Policy(name) for name in names)
         return cls(
             host=host, port=port,
             advertise_address=env.text("FFNSKIP_ADVERTISE_ADDRESS",
@@ -86,8 +97,8 @@ class DecoderSettings:
             max_seq_len=env.integer("FFNSKIP_MAX_SEQ_LEN", 2048),
             max_new_tokens_cap=env.integer("FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),
             default_max_new_tokens=env.integer("FFNSKIP_DEFAULT_MAX_NEW_TOKENS", 128),
-            profile_cache_dir=Path(env.text("FFNSKIP_PROFILE_CACHE_DIR",
-                                            str(Path.home() / ".cache" / "ffnskip" / "profiles"))),
+            cache_dir=cache_root(environ),
+            profile_cache_dir=Path(env.text("FFNSKIP_PROFILE_CACHE_DIR", str(cache_root(environ) / "profiles"))),
             registry_ttl_s=env.number("FFNSKIP_REGISTRY_TTL_S", 10.0),
             drain_timeout_s=env.number("FFNSKIP_DRAIN_TIMEOUT_S", 30.0),
             stuck_after_s=env.number("FFNSKIP_STUCK_AFTER_S", 60.0, above=0),
@@ -97,7 +108,7 @@ class DecoderSettings:
                 min_warm_up=env.integer("FFNSKIP_OVERRIDE_MIN_WARM_UP", 0),
                 min_quorum=env.number("FFNSKIP_OVERRIDE_MIN_QUORUM", 0.25),
             ),
-            skip_policy=env.choice("FFNSKIP_SKIP_POLICY", DEFAULT_SKIP_POLICY, SERVING_POLICIES),
+            skip_policy=ServingMode(env.choice("FFNSKIP_SKIP_POLICY", ServingMode.ALIGNED.value, SERVING_MODES)),
             aligned_quorum=env.number("FFNSKIP_ALIGNED_QUORUM", 0.5, above=0, maximum=1),
             log_level=env.text("FFNSKIP_LOG_LEVEL", "info"),
             metrics_host=env.text("FFNSKIP_METRICS_HOST", "0.0.0.0"),

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import inspect
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional
 
 import grpc
 
@@ -124,7 +124,7 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: BaseException) -> grpc.RpcMet
     """A handler of the same kind that raises `exc` when called."""
     kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_stream is not None or handler.stream_stream is not None:
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             raise exc
             yield  # pragma: no cover  (makes this an async generator)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import defaultdict
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, cast
 
 import redis
 
@@ -49,12 +49,12 @@ class FleetTelemetry:
     def read_own(self) -> dict[str, float]:
         with redis_errors(self._redis):
             raw = self._redis.hgetall(self._prefix + self.replica_id)
-        return _decode(raw)
+        return _decode(cast(dict[bytes, bytes], raw))  # connect() makes bytes-replying clients
 
     def read_all(self) -> tuple[int, dict[str, float]]:
         """(replicas included, their counters summed)."""
         with redis_errors(self._redis):
-            ids = sorted(m.decode() for m in self._redis.smembers(self._index))
+            ids = sorted(m.decode() for m in cast(set[bytes], self._redis.smembers(self._index)))  # bytes replies
             pipe = self._redis.pipeline(transaction=False)
             for replica in ids:
                 pipe.hgetall(self._prefix + replica)
@@ -110,7 +110,8 @@ def _group(model: str, decoder: str, values: Mapping[tuple[str, str], float]) ->
         errors_by_code=errors, finished_by_reason=finished,
         skip_ratio=scalars["ffn_blocks_skipped"] / scalars["ffn_blocks_total"] if scalars["ffn_blocks_total"] else 0.0,
         layer_skip_frequency=[layers.get(i, 0.0) / tokens if tokens else 0.0 for i in range(max(layers, default=-1) + 1)],
-        **scalars,
+        generated_tokens=tokens, ffn_blocks_total=scalars["ffn_blocks_total"],
+        ffn_blocks_skipped=scalars["ffn_blocks_skipped"], failovers=scalars["failovers"],
     )
     for name in HISTOGRAMS:
         getattr(group, name).CopyFrom(distribution(name, values))  # proto fields share the metric names

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable, Optional
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from ffnskip.errors import FfnSkipError
 from ffnskip.logs import get_logger
@@ -26,7 +27,7 @@ from ffnskip.v1 import generation_pb2
 log = get_logger("ffnskip.gateway.prompt_samples")
 
 
-def sample_fields(request: generation_pb2.GenerateRequest) -> dict[str, str]:
+def sample_fields(request: generation_pb2.GenerateRequest) -> dict[FieldT, EncodableT]:  # str -> str, typed for xadd
     if request.messages:
         kind, text = "messages", json.dumps([{"role": m.role, "content": m.content} for m in request.messages])
     else:
@@ -57,7 +58,7 @@ class PromptSampler:
         self._tasks.add(task)  # keep a reference until done (the loop holds tasks only weakly)
         task.add_done_callback(self._tasks.discard)
 
-    def _write(self, fields: dict[str, str]) -> None:
+    def _write(self, fields: dict[FieldT, EncodableT]) -> None:
         assert self._redis is not None
         try:
             with redis_errors(self._redis):

@@ -231,7 +231,7 @@ class Proxy:
                 raise _gave_up(model, failures, None) from None
             raise
 
-    async def _attempt(self, request, endpoint: Endpoint, started: float,  # type: ignore[no-untyped-def]
+    async def _attempt(self, request, endpoint: Endpoint, started: float,
                        time_remaining: Callable[[], Optional[float]], on_commit: Optional[Commit]):
         """Yields the decoder's messages; yields a Retry as its last item when the attempt
         failed before any message was passed on in a way another pod may not; raises otherwise."""

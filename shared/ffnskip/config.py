@@ -8,12 +8,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from enum import Enum
+from typing import Any, Optional
 
 from ffnskip.errors import InvalidArgument
 
-PolicyName = Literal["dense", "adaptive", "aligned", "random", "non_adaptive", "static", "observe"]
-POLICIES: tuple[str, ...] = ("dense", "adaptive", "aligned", "random", "non_adaptive", "static", "observe")
+
+class Policy(str, Enum):
+    """The skip policies (tabled in the README). A member is its name as a string too, so
+    JSON, the CLI and the wire carry the same spelling: `Policy("aligned") is Policy.ALIGNED`."""
+
+    DENSE = "dense"  # never skip: the baseline
+    ADAPTIVE = "adaptive"  # the paper's rule, per row
+    ALIGNED = "aligned"  # the paper's rule, decided together by a batch's rows (a quorum of votes)
+    RANDOM = "random"  # each FFN with `probability`
+    NON_ADAPTIVE = "non_adaptive"  # each hot-region FFN with `probability`
+    STATIC = "static"  # the fixed set `static_layers`
+    OBSERVE = "observe"  # never skip; record cos(h, out) per layer (the calibrator's instrument)
+
+    def __str__(self) -> str:  # "aligned", not "Policy.ALIGNED", in f-strings and logs
+        return self.value
+
+    @property
+    def planned(self) -> bool:
+        """Its skips for a token are known before the token's first layer runs."""
+        return self in (Policy.STATIC, Policy.RANDOM, Policy.NON_ADAPTIVE)
+
+    @property
+    def adaptive(self) -> bool:
+        """It decides layer by layer from the hidden state's similarity across the FFN."""
+        return self in (Policy.ADAPTIVE, Policy.ALIGNED)
+
+    @property
+    def skips(self) -> bool:
+        return self.planned or self.adaptive
+
+    @staticmethod
+    def parse(value: object, field: str = "policy") -> "Policy":
+        """A policy from its name; InvalidArgument naming `field` otherwise."""
+        try:
+            return Policy(value)
+        except ValueError:
+            raise InvalidArgument(field, f"unknown policy {value!r}; expected one of {', '.join(POLICIES)}") from None
+
+
+POLICIES: tuple[str, ...] = tuple(policy.value for policy in Policy)
 
 
 @dataclass(frozen=True)
@@ -25,7 +64,7 @@ class SkipParams:
     max_skip = None means "up to cold_end".
     """
 
-    policy: str = "adaptive"
+    policy: Policy = Policy.ADAPTIVE  # a policy's name is accepted and made a Policy
     cold_start: int = 1
     cold_end: Optional[int] = None
     threshold: float = 0.97
@@ -37,8 +76,7 @@ class SkipParams:
     quorum: float = 0.5  # aligned: share of a batch's rows that must vote skip for all to skip
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise InvalidArgument("policy", f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
         if self.cold_start < 0:
             raise InvalidArgument("cold_start", f"must be >= 0, got {self.cold_start}")
         if self.cold_end is not None and self.cold_end <= self.cold_start:
@@ -71,11 +109,11 @@ class SkipParams:
 
     def with_overrides(self, **overrides: object) -> "SkipParams":
         """A copy with the given non-None fields replaced (validated again)."""
-        changes = {k: v for k, v in overrides.items() if v is not None}
+        changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **changes) if changes else self
 
 
-DENSE = SkipParams(policy="dense")
+DENSE = SkipParams(policy=Policy.DENSE)
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,12 @@ def read_jsonl(name_or_path: str) -> list[dict]:
 
 
 def texts(name_or_path: str, field: str, limit: Optional[int] = None) -> list[str]:
-    rows = read_jsonl(name_or_path)
-    values = [row.get(field) for row in rows]
-    if any(not isinstance(v, str) or not v.strip() for v in values):
-        raise InvalidArgument("data", f"every row of {name_or_path} needs a non-empty string {field!r}")
+    values: list[str] = []
+    for row in read_jsonl(name_or_path):
+        value = row.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidArgument("data", f"every row of {name_or_path} needs a non-empty string {field!r}")
+        values.append(value)
     return values[:limit] if limit else values
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional, Sequence
 
-from ffnskip.config import POLICIES, SkipParams
+from ffnskip.config import Policy, SkipParams
 from ffnskip.errors import InvalidArgument
 
 SCHEMA_VERSION = 1
@@ -61,7 +61,7 @@ def _require_str(name: str, value: object, allow_empty: bool = False) -> None:
 def _require_hex(name: str, value: object) -> None:
     _require_str(name, value)
     try:
-        int(value, 16)  # type: ignore[arg-type]
+        int(str(value), 16)  # a str: checked above
     except ValueError:
         raise InvalidArgument(name, f"must be a hex string, got {value!r}") from None
 
@@ -147,7 +147,7 @@ class Profile:
     measured_skip_ratio: float
     measured_decode_skip_ratio: float
     measured_agreement: float
-    policy: str = "adaptive"
+    policy: Policy = Policy.ADAPTIVE  # a policy's name is accepted and made a Policy
     static_layers: tuple[int, ...] = ()
     version: int = 0  # 0 = not yet published; the store allocates the real number
     job_id: str = ""
@@ -200,8 +200,7 @@ class Profile:
                 "profile.cold_end",
                 f"must satisfy cold_start ({self.cold_start}) < cold_end <= num_layers ({self.num_layers}), got {self.cold_end}",
             )
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise InvalidArgument("profile.policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        object.__setattr__(self, "policy", Policy.parse(self.policy, "profile.policy"))
         _require_real("profile.threshold", self.threshold, 0.0, 1.0, low_open=True)
         if self.max_skip is not None:
             _require_int("profile.max_skip", self.max_skip)

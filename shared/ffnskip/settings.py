@@ -16,6 +16,7 @@ testable.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union, overload
 
 from ffnskip.errors import InvalidArgument
@@ -24,6 +25,12 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
 Bound = Union[int, float]
+
+
+def cache_root(environ: Mapping[str, str]) -> Path:
+    """Where prepared models, weight-file digests, compiled decode segments and the local stack's
+    data live: FFNSKIP_CACHE, default ~/.cache/ffnskip. Read here, passed down to the engine."""
+    return Path(Env(environ).text("FFNSKIP_CACHE", str(Path.home() / ".cache" / "ffnskip"))).expanduser()
 
 
 class Env:

@@ -111,7 +111,7 @@ def data_dir(tmp_path, model_dir) -> Path:
     server = RedisChild(data_dir / "redis", data_dir / "logs").start()  # the layout `up` uses
     try:
         server.wait_ready()
-        fingerprint = model_fingerprint(str(model_dir), None, AutoConfig.from_pretrained(model_dir))
+        fingerprint = model_fingerprint(str(model_dir), None, AutoConfig.from_pretrained(model_dir), tmp_path)
         with redis.Redis.from_url(server.url) as client:
             ProfileStore(client).publish(build_profile(model_id=str(model_dir), fingerprint=fingerprint), activate=True)
     finally:

@@ -6,20 +6,18 @@ from __future__ import annotations
 import torch
 
 from ffnskip.engine import Engine
-from ffnskip.engine.policies import SkipController
 
 
 def engine_logits(loaded, prompt_ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy-decode `steps` tokens through the engine's model; return ids and logits per token."""
     engine = Engine(loaded, max_batch=1, max_seq_len=128)
-    model, cache = engine.model, engine.cache
+    runner, cache = engine.runner, engine.cache
     row = cache.take_row()
-    logits = [model.prefill(cache, row, torch.tensor(prompt_ids))]
+    logits = [runner.prefill(cache, row, torch.tensor(prompt_ids))]
     ids = [int(logits[-1].argmax())]
-    controller = SkipController(model.num_layers, model.device)
     for _ in range(steps - 1):
-        controller.begin_step([], [], [])
-        step = model.decode(cache, [ids[-1]], [len(prompt_ids) + len(ids) - 1], controller)
+        dense = engine.planner.begin_step([], [], [])  # no plans: every FFN runs
+        step = runner.decode(cache, [ids[-1]], [len(prompt_ids) + len(ids) - 1], dense)
         logits.append(step[0])
         ids.append(int(step[0].argmax()))
     return ids, torch.stack(logits)

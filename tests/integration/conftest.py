@@ -3,17 +3,20 @@ on first use), and a Redis client on the test's own redis-server."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import redis
 
 from ffnskip.engine import load_model
+from ffnskip.settings import cache_root
 from ffnskip.store.connection import RedisSettings, connect
 from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
 def smollm():
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
+    return load_model("smollm2-135m", device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
 
 
 @pytest.fixture

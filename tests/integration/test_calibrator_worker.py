@@ -22,11 +22,11 @@ REQUEST = {"model": MODEL, "prompts": ["a", "b", "c"], "target_skip_ratio": 0.25
 
 
 @pytest.fixture
-def env(redis_server):
+def env(redis_server, tmp_path):
     client = connect(RedisSettings(url=redis_server.url, retries=1))
     settings = CalibratorSettings(models=(MODEL,), reclaim_idle_ms=300, device="cpu")
     loads: list[str] = []
-    models = ModelCache("cpu", "float32", loader=lambda spec, device, dtype: loads.append(spec) or SimpleNamespace(model_id=spec))
+    models = ModelCache("cpu", "float32", tmp_path, loader=lambda spec, device, dtype: loads.append(spec) or SimpleNamespace(model_id=spec))
     stop, abandon = threading.Event(), threading.Event()
     jobs, profiles = JobQueue(client), ProfileStore(client)
     yield SimpleNamespace(jobs=jobs, profiles=profiles, client=client, loads=loads,

@@ -14,6 +14,12 @@ LOUD = [0, 1, 3, 4, 6, 7]  # planted FFNs that dominate the residual: cos far be
 
 
 @pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    """The cache root the tiny models are loaded with (weight digests), never the user's."""
+    return tmp_path_factory.mktemp("ffnskip-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
@@ -26,8 +32,8 @@ def planted_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_loaded(tiny_dir):
-    return load_model(str(tiny_dir), device="cpu", dtype="float32")
+def tiny_loaded(tiny_dir, engine_cache):
+    return load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=engine_cache)
 
 
 @pytest.fixture
@@ -36,5 +42,5 @@ def tiny_engine(tiny_loaded) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def planted_loaded(planted_dir):
-    return load_model(str(planted_dir), device="cpu", dtype="float32")
+def planted_loaded(planted_dir, engine_cache):
+    return load_model(str(planted_dir), device="cpu", dtype="float32", cache_dir=engine_cache)

@@ -97,15 +97,15 @@ def test_bad_messages(tiny_engine):
 
 def test_unknown_model_and_path(tmp_path):
     with pytest.raises(NotFound, match="unknown model"):
-        load_model("no-such-model")
+        load_model("no-such-model", cache_dir=tmp_path)
     with pytest.raises(NotFound, match="config.json"):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), cache_dir=tmp_path)
 
 
 def test_non_llama_architecture_is_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
     with pytest.raises(InvalidArgument) as caught:
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), cache_dir=tmp_path)
     assert caught.value.field == "model" and "gpt2" in caught.value.message
 
 

@@ -53,7 +53,7 @@ def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_en
     assert segments["attention (q/k/v, cache write, attention, o_proj)"]["calls_per_step"] == tiny_engine.num_layers
     assert segments["ffn"]["calls_per_step"] == tiny_engine.num_layers  # dense
     assert segments["lm head"]["calls_per_step"] == 1
-    assert not {"attention", "ffn", "head"} & set(vars(tiny_engine.model.segments))  # the timing wrappers are gone
+    assert not {"attention", "ffn", "head"} & set(vars(tiny_engine.runner.segments))  # the timing wrappers are gone
     assert not tiny_engine.has_work
 
 
@@ -72,7 +72,7 @@ def test_engine_rows_step_side_by_side_on_one_shared_model(tiny_loaded):
     runner = BenchRunner(Engine(tiny_loaded, max_batch=2, max_seq_len=64), prompts, new_tokens=12)
     dense, skipping = runner.run(groups[1])
     assert runner.engines["dense"] is runner.engine
-    assert runner.engines["static"].model is runner.engine.model  # shared weights, its own cache
+    assert runner.engines["static"].runner is runner.engine.runner  # shared weights, its own cache
     assert runner.engines["static"].cache is not runner.engine.cache
     # stepping in turn changes nothing in what each row generates
     alone = Engine(tiny_loaded, max_batch=2, max_seq_len=64).generate(

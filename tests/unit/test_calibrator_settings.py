@@ -9,6 +9,7 @@ import re
 import pytest
 
 from ffnskip.errors import InvalidArgument
+from ffnskip.settings import cache_root
 from ffnskip.store import connection
 from services.calibrator import settings as settings_module
 from services.calibrator.settings import ENV_VARS, CalibratorSettings
@@ -47,7 +48,8 @@ def test_env_vars_lists_every_variable_read() -> None:
     pattern = re.compile(r'"(FFNSKIP_[A-Z0-9_]+)"')
     read_here = set(pattern.findall(inspect.getsource(CalibratorSettings.from_env)))
     read_by_redis = set(pattern.findall(inspect.getsource(connection.RedisSettings.from_env)))
-    assert set(ENV_VARS) == read_here | read_by_redis
+    read_by_cache_root = set(pattern.findall(inspect.getsource(cache_root)))
+    assert set(ENV_VARS) == read_here | read_by_redis | read_by_cache_root
     assert len(ENV_VARS) == len(set(ENV_VARS))
     documented = inspect.getdoc(settings_module) or ""
     assert all(name.removeprefix("FFNSKIP_REDIS_") in documented for name in ENV_VARS)

@@ -39,17 +39,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_loaded(tiny_dir):
-    return load_model(str(tiny_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module", autouse=True)
 def package_cache(tmp_path_factory):
     """Packages compile into a fresh cache, never the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("ffnskip-cache")
-        patch.setenv("FFNSKIP_CACHE", str(root))
-        yield root
+    return tmp_path_factory.mktemp("ffnskip-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_dir, package_cache):
+    return load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=package_cache)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +54,12 @@ def compiled_engine(tiny_loaded) -> Engine:
     engine = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
     compiled = []
     assert engine.warm_up([1, 3], on_compiled=lambda: compiled.append(1)) > 0  # buckets 1 and 4
-    assert len(compiled) == engine.model.segments.compiled
+    assert len(compiled) == engine.runner.segments.compiled
     return engine
 
 
 def test_warm_up_compiles_every_segment_of_the_buckets(compiled_engine, package_cache):
-    segments = compiled_engine.model.segments
+    segments = compiled_engine.runner.segments
     assert isinstance(segments, CompiledSegments)
     assert segments.warm_buckets == {1, 4}
     assert segments.compiled == 2 * (2 * compiled_engine.num_layers + 1)  # attention and ffn per layer, the head
@@ -74,20 +71,21 @@ def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, t
     assert again.packages_to_compile([1, 3]) == 0
     assert again.packages_to_compile([2]) == 2 * again.num_layers + 1  # bucket 2 was never compiled
     again.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
-    assert again.model.segments.compiled == 0
+    assert again.runner.segments.compiled == 0
     ours = again.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
     theirs = compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
     assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
 
 
-def test_packages_of_another_precision_or_model_do_not_collide(tiny_loaded, tiny_dir, tmp_path):
+def test_packages_of_another_precision_or_model_do_not_collide(tiny_loaded, tiny_dir, tmp_path, package_cache):
     from ffnskip.engine.compiled import package_key
 
     cpu = torch.device("cpu")
     fp32 = package_key(tiny_loaded.fingerprint, torch.float32, cpu, True)
     assert fp32 == package_key(tiny_loaded.fingerprint, torch.float32, cpu, True)
     assert fp32 != package_key(tiny_loaded.fingerprint, torch.bfloat16, cpu, False)
-    other = load_model(str(save_tiny_model(tmp_path / "other", seed=1, num_layers=3)), device="cpu", dtype="float32")
+    other = load_model(str(save_tiny_model(tmp_path / "other", seed=1, num_layers=3)), device="cpu", dtype="float32",
+                       cache_dir=package_cache)
     assert fp32 != package_key(other.fingerprint, torch.float32, cpu, True)
 
 
@@ -131,12 +129,11 @@ def test_padding_rows_never_touch_a_sequence_admitted_in_the_same_step(compiled_
 
 
 def _first_decode_logits(engine: Engine, prompt: str) -> torch.Tensor:
-    model, cache = engine.model, engine.cache
+    runner, cache = engine.runner, engine.cache
     row = cache.take_row()
     ids = torch.tensor(engine.tokenizer(prompt)["input_ids"])
-    model.prefill(cache, row, ids)
-    engine.controller.begin_step([], [], [])
-    logits = model.decode(cache, [5], [len(ids)], engine.controller)
+    runner.prefill(cache, row, ids)
+    logits = runner.decode(cache, [5], [len(ids)], engine.planner.begin_step([], [], []))
     cache.release_row(row)
     return logits.float()
 
@@ -148,13 +145,13 @@ def test_compiled_logits_match_eager_within_float32_rounding(compiled_engine, ti
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-def test_compiled_bfloat16_logits_are_as_close_to_float32_as_eager_bfloat16(tiny_loaded, tiny_dir):
+def test_compiled_bfloat16_logits_are_as_close_to_float32_as_eager_bfloat16(tiny_loaded, tiny_dir, package_cache):
     """bf16 compiles without autotuning: its micro-GEMM gave wrong tokens on an AVX2 CPU. Fused
     kernels (the attention among them) round differently from eager ops, so compiled and eager
     bf16 differ from each other by bf16 rounding; both must stay as close to float32."""
-    loaded = load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="bfloat16", cache_dir=package_cache)
     compiled = Engine(loaded, max_batch=1, max_seq_len=64, compile=True)
-    assert compiled.model.segments.autotune is False
+    assert compiled.runner.segments.autotune is False
     ours = _first_decode_logits(compiled, PROMPTS[0])
     eager = _first_decode_logits(Engine(loaded, max_batch=1, max_seq_len=64), PROMPTS[0])
     exact = _first_decode_logits(Engine(tiny_loaded, max_batch=1, max_seq_len=64), PROMPTS[0])
@@ -162,8 +159,11 @@ def test_compiled_bfloat16_logits_are_as_close_to_float32_as_eager_bfloat16(tiny
     assert ours.argmax() == exact.argmax()
 
 
-def test_bench_compiles_only_the_missing_packages_with_a_progress_bar(compiled_engine, tiny_dir, capsys):
+def test_bench_compiles_only_the_missing_packages_with_a_progress_bar(compiled_engine, tiny_dir, capsys, monkeypatch,
+                                                                      package_cache):
     from ffnskip.cli import main
+
+    monkeypatch.setenv("FFNSKIP_CACHE", str(package_cache))  # the command reads its cache root from the environment
 
     assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--dtypes", "float32", "--batches", "1,2",
                  "--new-tokens", "4", "--reps", "1", "--policies", "dense", "--no-peer", "--json"]) == 0

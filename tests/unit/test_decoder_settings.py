@@ -7,7 +7,7 @@ import pytest
 from ffnskip.config import SkipParams
 from ffnskip.errors import InvalidArgument
 from services.decoder.profiles import serving_params
-from services.decoder.settings import DecoderSettings
+from services.decoder.settings import DecoderSettings, ServingMode
 
 
 def test_serving_policy_defaults_to_aligned_and_is_validated():
@@ -24,11 +24,11 @@ def test_serving_policy_defaults_to_aligned_and_is_validated():
 
 def test_aligned_serving_applies_to_adaptive_profiles_only():
     adaptive = SkipParams(policy="adaptive", cold_start=1, cold_end=29, threshold=0.98, max_skip=10, warm_up=16)
-    served = serving_params(adaptive, "aligned", 0.75)
+    served = serving_params(adaptive, ServingMode.ALIGNED, 0.75)
     assert (served.policy, served.quorum, served.threshold, served.max_skip) == ("aligned", 0.75, 0.98, 10)
-    assert serving_params(adaptive, "profile", 0.75).policy == "adaptive"
+    assert serving_params(adaptive, ServingMode.PROFILE, 0.75).policy == "adaptive"
     static = SkipParams(policy="static", static_layers=(3, 4), warm_up=16)
-    assert serving_params(static, "aligned", 0.75).policy == "static"  # batch-friendly already
+    assert serving_params(static, ServingMode.ALIGNED, 0.75).policy == "static"  # batch-friendly already
 
 
 def test_compile_is_off_by_default_and_validated():

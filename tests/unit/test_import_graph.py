@@ -1,6 +1,6 @@
 """The package's shape: no import cycle among ffnskip modules (module-level imports, the
-ones that run at import time), the engine free of grpc, redis and protobuf, and a short
-top level beside the packages."""
+ones that run at import time), the engine free of grpc, redis and protobuf and of our own
+settings (it is told them), and a short top level beside the packages."""
 
 from __future__ import annotations
 
@@ -91,6 +91,19 @@ def test_the_engine_imports_no_transport() -> None:
             source = path.read_text()
             for banned in ("import grpc", "import redis", "google.protobuf", "ffnskip.v1", "ffnskip.rpc", "ffnskip.store"):
                 assert banned not in source, f"{name} uses {banned}"
+
+
+def test_the_engine_reads_no_settings_of_its_own() -> None:
+    """Settings are read once, by ffnskip.settings and the services' settings; the engine is
+    passed what it needs (the cache root, compile on or off)."""
+    for name, path in modules().items():
+        if name.startswith("ffnskip.engine"):
+            tree = ast.parse(path.read_text())
+            read = [node.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("FFNSKIP_")]
+            assert not read, f"{name} reads {read}"
+            imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert "ffnskip.settings" not in imported, f"{name} imports the settings reader"
 
 
 def test_a_short_top_level() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ffnskip.engine.model import RotaryTable
+from ffnskip.engine.runner import RotaryTable
 from tests.helpers.tiny import tiny_config
 
 

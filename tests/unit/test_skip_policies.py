@@ -132,12 +132,9 @@ def run_pair(loaded, first: SkipParams, second: SkipParams) -> tuple[list[list[i
     engine = Engine(loaded, max_batch=2, max_seq_len=64)
     seqs = [engine.add(prompt="planted", sampling=SAMPLING, skip=first),
             engine.add(prompt="planted", sampling=SAMPLING, skip=second)]
-    reads = 0
-    engine.step()  # both prefills
     while engine.has_work:
         engine.step()
-        reads += engine.controller.layers_run
-    return seqs[0].skip_records, seqs[1].skip_records, reads
+    return seqs[0].skip_records, seqs[1].skip_records, engine.decode_ffn_reads
 
 
 def aligned(**kwargs) -> SkipParams:
@@ -165,17 +162,17 @@ def test_per_row_adaptive_in_a_batch_still_reads_the_weights(planted_loaded):
 
 
 def test_planned_decisions_are_reused_only_while_the_plans_are_the_same():
-    from ffnskip.engine.policies import RowPlan, SkipController
+    from ffnskip.engine.policies import RowPlan, SkipPlanner
 
-    controller = SkipController(6, torch.device("cpu"))
+    planner = SkipPlanner(6)
     first_plan = RowPlan.build(SkipParams(policy="static", static_layers=(1, 2)).resolved(6), 6)
     other_plan = RowPlan.build(SkipParams(policy="static", static_layers=(3,)).resolved(6), 6)
 
     def step(plans):
-        controller.begin_step(plans, [True] * len(plans), [torch.Generator() for _ in plans])
-        kinds = [controller.decide(layer).kind for layer in range(6)]
-        skipped, _ = controller.end_step()
-        return kinds, skipped, controller.layers_run
+        skips = planner.begin_step(plans, [True] * len(plans), [torch.Generator() for _ in plans])
+        kinds = [skips.decide(layer).kind.value for layer in range(6)]
+        outcome = skips.outcome()
+        return kinds, outcome.skipped, outcome.ffn_reads
 
     first = step([first_plan])
     assert first == (["all", "none", "none", "all", "all", "all"], [[1, 2]], 4)

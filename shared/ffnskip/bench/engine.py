@@ -21,15 +21,20 @@ import argparse
 import fnmatch
 import functools
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ffnskip.cli.args import add_model_args
 from ffnskip.bench.report import print_table, summarise
-from ffnskip.config import DENSE, SamplingParams, SkipParams
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
+from ffnskip.settings import cache_root
+
+if TYPE_CHECKING:
+    from ffnskip.bench.peer import LlamaCppPeer  # imported when a peer is opened: llama.cpp is an extra
 
 STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
 
@@ -79,7 +84,7 @@ def profile_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
     if params.policy != "adaptive":
         return [(f"cal_{params.policy}", params)]
     return [("cal_adaptive", params)] + [
-        (f"cal_aligned_q{round(100 * q)}", replace(params, policy="aligned", quorum=q)) for q in ALIGNED_QUORUMS]
+        (f"cal_aligned_q{round(100 * q)}", replace(params, policy=Policy.ALIGNED, quorum=q)) for q in ALIGNED_QUORUMS]
 
 
 def eval_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
@@ -108,17 +113,18 @@ def eval_rows(path: str, loaded) -> list[tuple[str, SkipParams]]:
 
 def default_configs(num_layers: int, batches: list[int], extra: Sequence[tuple[str, SkipParams]] = ()) -> list[BenchConfig]:
     static = tuple(layer for layer in STATIC_8_OF_30 if layer < num_layers)
-    adaptive = dict(policy="adaptive", cold_start=1, cold_end=num_layers - 1, threshold=0.97, warm_up=16)
+    adaptive: dict[str, Any] = dict(policy=Policy.ADAPTIVE, cold_start=1, cold_end=num_layers - 1, threshold=0.97,
+                                    warm_up=16)
     per_batch = [
         ("dense", DENSE),
-        ("static_8", SkipParams(policy="static", static_layers=static, warm_up=16)),
+        ("static_8", SkipParams(policy=Policy.STATIC, static_layers=static, warm_up=16)),
         ("adaptive_k2", SkipParams(max_skip=2, **adaptive)),
         ("adaptive_k4", SkipParams(max_skip=4, **adaptive)),
         ("adaptive_k8", SkipParams(max_skip=8, **adaptive)),
-        ("random_p25", SkipParams(policy="random", probability=0.25, warm_up=16)),
-        ("non_adaptive_p25", SkipParams(policy="non_adaptive", probability=0.25, cold_start=1, cold_end=num_layers - 1, warm_up=16)),
-        ("aligned_k8_q50", SkipParams(**{**adaptive, "policy": "aligned"}, max_skip=8, quorum=0.5)),
-        ("aligned_k8_q75", SkipParams(**{**adaptive, "policy": "aligned"}, max_skip=8, quorum=0.75)),
+        ("random_p25", SkipParams(policy=Policy.RANDOM, probability=0.25, warm_up=16)),
+        ("non_adaptive_p25", SkipParams(policy=Policy.NON_ADAPTIVE, probability=0.25, cold_start=1, cold_end=num_layers - 1, warm_up=16)),
+        ("aligned_k8_q50", SkipParams(**{**adaptive, "policy": Policy.ALIGNED}, max_skip=8, quorum=0.5)),
+        ("aligned_k8_q75", SkipParams(**{**adaptive, "policy": Policy.ALIGNED}, max_skip=8, quorum=0.75)),
         *extra,
     ]
     configs = []
@@ -245,10 +251,9 @@ def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
 def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchRunner":
     from ffnskip.bench import peer
     from ffnskip.engine import Engine, load_model
-    from ffnskip.engine.loading import cache_root
     from ffnskip.errors import InvalidArgument
 
-    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    loaded = load_model(args.model, device=args.device, dtype=dtype, cache_dir=cache_root(os.environ))
     dtype = str(loaded.dtype).removeprefix("torch.")
     prompts = bench_prompts(loaded.tokenizer, max(batches))
     engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1,
@@ -261,7 +266,7 @@ def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchR
         if not peer.peer_available():
             raise InvalidArgument("peer", "llama-cpp-python is not installed: pip install '.[peer]'")
         try:
-            path = peer.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, cache_root() / "gguf", PEER_PRECISIONS[dtype])
+            path = peer.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.cache_dir / "gguf", PEER_PRECISIONS[dtype])
             runner.peer = peer.LlamaCppPeer(path, n_ctx=engine.max_seq_len)
         except ValueError as err:  # a model llama.cpp cannot load: without rows when they were not asked for
             if args.peer:
@@ -308,11 +313,11 @@ class BenchRunner:
         self.prompts = prompts
         self.new_tokens = new_tokens
         self.sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        self.dtype = str(engine.model.dtype).removeprefix("torch.")
+        self.dtype = str(engine.runner.dtype).removeprefix("torch.")
         self.warm_up_seconds = 0.0  # loading (and compiling what is not on disk) the decode segments
         self.packages_compiled = 0
         self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens
-        self.peer = None  # a LlamaCppPeer on the same weights, when its rows are wanted
+        self.peer: Optional[LlamaCppPeer] = None  # on the same weights, when its rows are wanted
         self.peer_tokens: list[int] = []
         self.engines: dict = {}  # row name -> its engine (side_by_side)
 
@@ -321,6 +326,7 @@ class BenchRunner:
         of one batch size side by side (`side_by_side`)."""
         prompts = self.prompts[:group[0].batch]
         if group[0].name.startswith("llamacpp"):
+            assert self.peer is not None  # llama.cpp rows are made only for runners with a peer
             self.peer_tokens, seconds, decode_seconds = self.peer.greedy(prompts[0], self.new_tokens)
             return [RunResult(seconds, decode_seconds)]
         if group[0].skip is None:
@@ -367,7 +373,7 @@ class BenchRunner:
 
             first = self.engine
             self.engines[row] = first if not self.engines else Engine(
-                first.loaded, max_batch=first.cache.max_batch, max_seq_len=first.max_seq_len, model=first.model)
+                first.loaded, max_batch=first.cache.max_batch, max_seq_len=first.max_seq_len, runner=first.runner)
         return self.engines[row]
 
     def _hf_generate(self, prompts: list[list[int]]) -> float:

@@ -72,7 +72,7 @@ class LoadReport:
 def check_loopback(address: str) -> None:
     host = address.rsplit(":", 1)[0].strip("[]")
     try:
-        resolved = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        resolved = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as exc:
         raise InvalidArgument("address", f"cannot resolve {host!r}: {exc}") from None
     if not resolved or not all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in resolved):
@@ -100,7 +100,9 @@ async def run_load(address: str, model: str, api_key: Optional[str] = None, coun
     if not prompts:
         raise InvalidArgument("prompts", "need at least one prompt")
     report = LoadReport(address=address, model=model, concurrency=concurrency)
-    e2e, ttft, itl = [], [], []
+    e2e: list[float] = []
+    ttft: list[float] = []
+    itl: list[float] = []
     errors: Counter[str] = Counter()
     served: Counter[str] = Counter()
     tickets = iter(range(count))

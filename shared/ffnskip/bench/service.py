@@ -10,6 +10,7 @@ what the service's overhead is measured against.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ffnskip.datasets import texts
+from ffnskip.settings import cache_root
 
 
 @dataclass
@@ -96,7 +98,7 @@ def engine_baseline(model: str, requests, device: str, dtype: str) -> float:
     from ffnskip.config import SamplingParams
     from ffnskip.engine import Engine, load_model
 
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=1, max_seq_len=2048)
     tokens, started = 0, time.perf_counter()
     for request in requests:

@@ -18,18 +18,19 @@ from typing import Callable, Iterator
 from torch.profiler import ProfilerActivity, profile
 
 from ffnskip.config import DENSE, SamplingParams
+from ffnskip.engine.runner import ModelRunner
 
 UNSEEN = "compiled segments, Python (not seen by the profiler)"
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"}
 
 
 def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
-    config = engine.model.config
+    config = engine.runner.config
     hidden, inter = config.hidden_size, config.intermediate_size
     roles = {
         (2 * inter, hidden): "ffn gate_up matmul", (hidden, inter): "ffn down matmul",
-        (engine.model.q_size + 2 * engine.model.kv_size, hidden): "attention qkv matmul",
-        (hidden, engine.model.q_size): "attention o matmul", (config.vocab_size, hidden): "lm_head matmul",
+        (engine.runner.q_size + 2 * engine.runner.kv_size, hidden): "attention qkv matmul",
+        (hidden, engine.runner.q_size): "attention o matmul", (config.vocab_size, hidden): "lm_head matmul",
     }
     seq = engine.add(prompt_ids=prompt_ids, sampling=SamplingParams(max_new_tokens=2 * steps + 4, ignore_eos=True), skip=DENSE)
     engine.step()  # prefill
@@ -53,7 +54,7 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
         step_ms.append(wall_ms)
     calls: dict[str, list[float]] = {}
     started = time.perf_counter()
-    with _timed_segments(engine.model, calls):
+    with _timed_segments(engine.runner, calls):
         for _ in range(steps):
             engine.step()
     wall_ms = (time.perf_counter() - started) * 1000.0 / steps
@@ -70,10 +71,9 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
 
 
 @contextmanager
-def _timed_segments(model, calls: dict[str, list[float]]) -> Iterator[None]:
+def _timed_segments(runner: ModelRunner, calls: dict[str, list[float]]) -> Iterator[None]:
     """Time every segment call by kind while inside (the segments object is restored after)."""
-    segments = model.segments
-    attention, ffn, head = segments.attention, segments.ffn, segments.head
+    segments = runner.segments
 
     def timed(kind: str, run: Callable) -> Callable:
         def call(*args):
@@ -83,13 +83,14 @@ def _timed_segments(model, calls: dict[str, list[float]]) -> Iterator[None]:
             return result
         return call
 
-    segments.attention = lambda index: timed("attention (q/k/v, cache write, attention, o_proj)", attention(index))
-    segments.ffn = lambda index: timed("ffn", ffn(index))
-    segments.head = lambda: timed("lm head", head())
+    kinds = {"attention": "attention (q/k/v, cache write, attention, o_proj)", "ffn": "ffn", "head": "lm head"}
+    for method, kind in kinds.items():  # instance attributes shadow the methods while inside
+        setattr(segments, method, timed(kind, getattr(segments, method)))
     try:
         yield
     finally:
-        del segments.attention, segments.ffn, segments.head  # the instance attributes shadowed the methods
+        for method in kinds:
+            delattr(segments, method)
 
 
 def _classify(event, roles: dict) -> str:

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
+from ffnskip.config import Policy
 from ffnskip.errors import Cancelled, InvalidArgument
 
+if TYPE_CHECKING:
+    from ffnskip.profile import Profile
+
 MAX_PROMPTS = 512
-CALIBRATED_POLICIES = ("adaptive", "static")  # what a profile can be tuned for
+CALIBRATED_POLICIES = (Policy.ADAPTIVE, Policy.STATIC)  # what a profile can be tuned for
 COLD_MARGIN = 0.03  # a layer this far below the median layer's mean similarity is cold
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 CancelFn = Callable[[], bool]
@@ -44,7 +48,7 @@ class CalibrationRequest:
     job_id: str = ""
     model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
     chat: bool = True  # send prompts through the chat template (the serving regime)
-    policy: str = "adaptive"  # one of CALIBRATED_POLICIES
+    policy: Policy = Policy.ADAPTIVE  # one of CALIBRATED_POLICIES (a name is accepted and made a Policy)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -61,6 +65,7 @@ class CalibrationRequest:
             raise InvalidArgument("tokens_per_prompt", f"must be in [8, 1024], got {self.tokens_per_prompt}")
         if self.policy not in CALIBRATED_POLICIES:
             raise InvalidArgument("policy", f"must be one of {', '.join(CALIBRATED_POLICIES)}, got {self.policy!r}")
+        object.__setattr__(self, "policy", Policy(self.policy))
         if not (1 <= self.batch_size <= 64):
             raise InvalidArgument("batch_size", f"must be in [1, 64], got {self.batch_size}")
 
@@ -73,7 +78,7 @@ class CalibrationRequest:
 
 @dataclass(frozen=True)
 class CalibrationOutcome:
-    profile: "object"  # ffnskip.profile.Profile, version 0
+    profile: Profile  # version 0
     plot_png: bytes
 
 
@@ -108,7 +113,7 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
     layers = layer_stats(similarity, loaded.num_layers)
     cold_start, cold_end = cold_regions([s.mean for s in layers])
     choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=request.policy)
-    static = request.policy == "static"
+    static = request.policy is Policy.STATIC
     profile = Profile(
         model_id=request.model_id or loaded.model_id, fingerprint=loaded.fingerprint, version=0,
         created_at=utc_now_iso(), job_id=request.job_id,
@@ -116,7 +121,7 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
                      "tokens_per_prompt": request.tokens_per_prompt},
         num_layers=loaded.num_layers, layers=layers, cold_start=cold_start, cold_end=cold_end,
         policy=request.policy, threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
-        static_layers=list(choice.static_layers), target_skip_ratio=request.target_skip_ratio,
+        static_layers=tuple(choice.static_layers), target_skip_ratio=request.target_skip_ratio,
         measured_skip_ratio=choice.skip_ratio, measured_decode_skip_ratio=choice.decode_skip_ratio,
         measured_agreement=choice.agreement,
     )

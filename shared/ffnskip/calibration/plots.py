@@ -56,7 +56,7 @@ def plot_layer_similarity(
     return buffer.getvalue()
 
 
-def _shade_cold_regions(axes, cold_start: int, cold_end: int, num_layers: int) -> None:  # type: ignore[no-untyped-def]
+def _shade_cold_regions(axes, cold_start: int, cold_end: int, num_layers: int) -> None:
     # Half-layer margins so the shading covers the cold layers' markers, not stops at them.
     if cold_start > 0:
         axes.axvspan(-0.5, cold_start - 0.5, color="grey", alpha=0.2, label="cold (never skipped)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ffnskip.config import SamplingParams, SkipParams
+from ffnskip.config import Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.prompts import encode_prompt
 from ffnskip.engine.stats import SkipStats
@@ -43,7 +43,7 @@ class CalibrationRunner:
 
     def observe(self, prompts: list[str], tracker) -> list[list[float]]:
         """cos(h, h + ffn(h)) per layer for every decoded token (the prefill token has none)."""
-        seqs = self._run(prompts, SkipParams(policy="observe", warm_up=0), tracker, "measuring similarity")
+        seqs = self._run(prompts, SkipParams(policy=Policy.OBSERVE, warm_up=0), tracker, "measuring similarity")
         return [row for seq in seqs for row in seq.similarity if row is not None]
 
     def generate(self, prompts: list[str], skip: SkipParams, tracker, phase: str) -> SkipRun:

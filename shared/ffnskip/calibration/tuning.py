@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import structlog
 
-from ffnskip.config import SkipParams
+from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.calibration.scores import token_agreement
 
 log = structlog.get_logger("ffnskip.calibration.tuning")
@@ -99,16 +99,16 @@ def candidate_run_lengths(target: float, num_layers: int, cold_start: int, cold_
 
 
 def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, target: float, tracker,
-         policy: str = "adaptive") -> Choice:
-    dense = runner.generate(held, SkipParams(policy="dense"), tracker, "dense reference").tokens
+         policy: Policy = Policy.ADAPTIVE) -> Choice:
+    dense = runner.generate(held, DENSE, tracker, "dense reference").tokens
     num_layers = len(similarity[0])
 
     def measure(threshold: float, k: Optional[int], warm_up: int, layers: tuple[int, ...] = ()) -> Choice:
-        if policy == "static":
-            params = SkipParams(policy="static", cold_start=cold_start, cold_end=cold_end, static_layers=layers, warm_up=warm_up)
+        if policy is Policy.STATIC:
+            params = SkipParams(policy=Policy.STATIC, cold_start=cold_start, cold_end=cold_end, static_layers=layers, warm_up=warm_up)
             phase = f"tuning static {list(layers)} warm_up={warm_up}"
         else:
-            params = SkipParams(policy="adaptive", cold_start=cold_start, cold_end=cold_end,
+            params = SkipParams(policy=Policy.ADAPTIVE, cold_start=cold_start, cold_end=cold_end,
                                 threshold=threshold, max_skip=k, warm_up=warm_up)
             phase = f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}"
         run = runner.generate(held, params, tracker, phase)

@@ -8,6 +8,7 @@ light commands start fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -16,6 +17,7 @@ from ffnskip.cli import calibrate, client, evaluate, generate, ops
 from ffnskip.cli.args import add_model_args
 from ffnskip.errors import FfnSkipError
 from ffnskip.stack import up
+from ffnskip.settings import cache_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_prepare(args: argparse.Namespace) -> int:
     from ffnskip.engine import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_root(os.environ))
     print(f"{loaded.model_id}: {loaded.num_layers} layers at {loaded.path}, fingerprint {loaded.fingerprint}")
     return 0
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from ffnskip.cli.args import add_model_args
+from ffnskip.config import Policy
+from ffnskip.settings import cache_root
 
 
 def register(commands) -> None:
@@ -55,7 +57,7 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     batching = {} if args.batch_size is None else {"batch_size": args.batch_size}
     request = CalibrationRequest(prompts=tuple(prompts), target_skip_ratio=args.target_skip,
                                  tokens_per_prompt=args.tokens_per_prompt, policy=args.policy, **batching)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_root(os.environ))
     with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(phase: str, done: int, total: int) -> None:
             if bar.total != total:
@@ -69,7 +71,7 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _write_atomic(args.out / "profile.json", (json.dumps(profile.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
     _write_atomic(args.out / "similarity.png", outcome.plot_png)
-    rule = (f"static FFNs {list(profile.static_layers)}" if profile.policy == "static"
+    rule = (f"static FFNs {list(profile.static_layers)}" if profile.policy is Policy.STATIC
             else f"threshold {profile.threshold:.4f}, max_skip {profile.max_skip}")
     print(f"{profile.model_id}: cold [0, {profile.cold_start}) and [{profile.cold_end}, {profile.num_layers}), "
           f"{rule}, warm_up {profile.warm_up}; "

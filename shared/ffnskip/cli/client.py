@@ -25,7 +25,7 @@ from typing import Callable
 from ffnskip.client import DEFAULT_ADDRESS, describe
 
 
-def register(commands) -> None:  # type: ignore[no-untyped-def]
+def register(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=os.environ.get("FFNSKIP_GATEWAY_ADDRESS") or DEFAULT_ADDRESS,
                         help="gateway HOST:PORT (default $FFNSKIP_GATEWAY_ADDRESS or %(default)s)")
@@ -90,13 +90,13 @@ def _rpc(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
     return run
 
 
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace):
     from ffnskip.client import GatewayClient
 
     return GatewayClient(args.address, api_key=args.api_key, timeout_s=getattr(args, "timeout", 60.0))
 
 
-def _request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _request(args: argparse.Namespace):
     from ffnskip.client import build_request
 
     return build_request(
@@ -106,7 +106,7 @@ def _request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         warm_up=args.warm_up, quorum=args.quorum)
 
 
-def _print_summary(summary, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(summary, as_json: bool) -> None:
     from google.protobuf.json_format import MessageToDict
 
     if as_json:

@@ -17,7 +17,7 @@ DEFAULT_METHODS = "dense,random,non_adaptive,adaptive,aligned,layer_drop"
 DEFAULT_TARGETS = "0.05,0.15,0.25,0.35"
 
 
-def register(commands) -> None:  # type: ignore[no-untyped-def]
+def register(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate skip methods: factoid QA, agreement with dense, warm-up ablation, report")
     sub = parser.add_subparsers(dest="eval_command", required=True)
 
@@ -102,7 +102,7 @@ def _options(args: argparse.Namespace):
                    plan_only=args.plan, progress=not args.no_progress)
 
 
-def _emit(report, args: argparse.Namespace, table) -> int:  # type: ignore[no-untyped-def]
+def _emit(report, args: argparse.Namespace, table) -> int:
     if report is None:  # --plan
         return 0
     if args.json:
@@ -127,7 +127,7 @@ def _run_agreement(args: argparse.Namespace) -> int:
     return _run_comparison(args, load_prompt_items, agreement.run_agreement, agreement.print_table)
 
 
-def _run_comparison(args: argparse.Namespace, load_items, run, table) -> int:  # type: ignore[no-untyped-def]
+def _run_comparison(args: argparse.Namespace, load_items, run, table) -> int:
     """Methods x targets on a data set: items (checked before the model loads), then the run."""
     from ffnskip.evaluation.methods import parse_methods, parse_targets
     from ffnskip.evaluation.session import Session

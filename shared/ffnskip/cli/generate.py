@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ffnskip.cli.args import add_model_args, add_sampling_args, add_skip_args, sampling_from_args, skip_params_from_args
 from ffnskip.errors import InvalidArgument
+from ffnskip.settings import cache_root
 
 
 def register(commands) -> None:
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = _prompt(args)
     skip = skip_params_from_args(args)
     sampling = sampling_from_args(args)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=1, max_seq_len=args.max_seq_len)
     if args.stream and not args.json:
         for event in engine.stream(prompt, sampling, skip):

@@ -27,21 +27,36 @@ import hashlib
 import os
 import time
 import uuid
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence as Seq
+from typing import Callable, Optional, Sequence as Seq
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from ffnskip.engine import layers as layers_module, segments as segments_module
-from ffnskip.engine.segments import attention_step, ffn_step
+from ffnskip.engine.layers import FusedLayer, Head
+from ffnskip.engine.segments import StepInputs, attention_step, ffn_step
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and layers.py is hashed as it is.
 PACKAGE_FORMAT = 2
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """What compiled segments are built for: batch buckets up to `max_batch`, packages under
+    `directory` (a compile cache, shared by processes and pods), for the model `fingerprint`."""
+
+    max_batch: int
+    directory: Path
+    fingerprint: str
+
+
+# A loaded package's runner: a list of input tensors in, a list of output tensors out.
+PackageRun = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -60,12 +75,12 @@ def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, auto
     for part in (fingerprint, str(dtype), torch.__version__, target, str(autotune), str(PACKAGE_FORMAT)):
         digest.update(part.encode() + b"\0")
     for module in (segments_module, layers_module):  # the code traced into a package
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()[:20]
 
 
 class _Attention(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
         self.layer = layer
 
@@ -74,7 +89,7 @@ class _Attention(nn.Module):
 
 
 class _Ffn(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
         self.layer = layer
 
@@ -85,24 +100,22 @@ class _Ffn(nn.Module):
 class CompiledSegments:
     """The EagerSegments interface over AOTInductor packages; the cosine is computed in the graph."""
 
-    def __init__(self, layers: list[nn.Module], head: nn.Module, max_batch: int, cache_dir: Path,
-                 fingerprint: str) -> None:
+    def __init__(self, layers: Seq[FusedLayer], head: Head, target: CompileTarget) -> None:
         self.layers, self._head = layers, head
-        self.buckets = batch_buckets(max_batch)
+        self.buckets = batch_buckets(target.max_batch)
         weight = head.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         # Autotuning (the micro-GEMM) in float32 only: its bfloat16 kernels produced wrong tokens
         # on an AVX2 CPU without native bf16 (greedy text diverged at token 2); freezing alone is
         # exact there.
         self.autotune = self.dtype == torch.float32
-        self.directory = Path(cache_dir) / package_key(fingerprint, self.dtype, self.device, self.autotune)
+        self.directory = Path(target.directory) / package_key(target.fingerprint, self.dtype, self.device, self.autotune)
         with torch.inference_mode():  # like every decode input
             self._all_rows = {b: torch.ones(b, 1, 1, dtype=torch.bool, device=self.device) for b in self.buckets}
-        self._runners: dict[tuple[int, str], Callable] = {}
+        self._runners: dict[tuple[int, str], PackageRun] = {}
         # package names per layer, made once: the decode loop asks for two per layer and step
         self._attention_names = [f"attention_{index}" for index in range(len(layers))]
         self._ffn_names = [f"ffn_{index}" for index in range(len(layers))]
-        self._padded = self.buckets[0]
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
         self.compiled = 0  # packages compiled by this process (the others were loaded)
 
@@ -119,20 +132,21 @@ class CompiledSegments:
         mask[list(rows)] = True
         return mask.to(self.device)
 
-    @contextmanager
-    def running(self, padded: int) -> Iterator[None]:
-        """Segments asked for inside run on batch bucket `padded`."""
-        self._padded = padded
-        yield
+    # The bucket of a call is its batch's first dimension, padded by the runner.
 
-    def attention(self, index: int) -> Callable:
-        return self._runner(self._padded, self._attention_names[index])
+    def attention(self, index: int, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  step: StepInputs) -> torch.Tensor:
+        run = self._runner(x.shape[0], self._attention_names[index])
+        return run([x, keys, values, step.write_positions, step.mask, step.cos, step.sin])[0]
 
-    def ffn(self, index: int) -> Callable:
-        return self._runner(self._padded, self._ffn_names[index])
+    def ffn(self, index: int, h: torch.Tensor,
+            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
+        out, similarity = self._runner(h.shape[0], self._ffn_names[index])([h, mask])
+        return out, similarity
 
-    def head(self) -> Callable:
-        return self._runner(self._padded, "head")
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._runner(x.shape[0], "head")([x])[0]
 
     def package_names(self) -> list[str]:
         return [name for pair in zip(self._attention_names, self._ffn_names) for name in pair] + ["head"]
@@ -154,7 +168,7 @@ class CompiledSegments:
             self.warm_buckets.add(size)
         return time.perf_counter() - started
 
-    def _runner(self, padded: int, name: str) -> Callable:
+    def _runner(self, padded: int, name: str) -> PackageRun:
         key = (padded, name)
         if key not in self._runners:
             self._runners[key] = self._load(padded, name)
@@ -163,15 +177,13 @@ class CompiledSegments:
     def _path(self, padded: int, name: str) -> Path:
         return self.directory / f"b{padded}" / f"{name}.pt2"
 
-    def _load(self, padded: int, name: str) -> Callable:
+    def _load(self, padded: int, name: str) -> PackageRun:
         path = self._path(padded, name)
         if not path.exists():
             self._compile(padded, name, path)
             self.compiled += 1
-        run = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
-        if name.startswith("ffn_"):
-            return lambda h, row_mask: tuple(run([h, row_mask]))  # (out, similarity)
-        return lambda *args: run(list(args))[0]  # h, or the logits
+        # the C++ runner, called with a plain list (the list is consumed: a new one per call)
+        return torch._inductor.aoti_load_package(str(path)).loader.boxed_run
 
     def _compile(self, padded: int, name: str, path: Path) -> None:
         module, args, dynamic = self._traceable(padded, name)

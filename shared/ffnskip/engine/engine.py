@@ -14,11 +14,11 @@ from typing import Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
-from ffnskip.config import DENSE, SamplingParams, SkipParams
-from ffnskip.engine.compiled import CompiledSegments
-from ffnskip.engine.loading import LoadedModel, cache_root
-from ffnskip.engine.model import SkipModel
-from ffnskip.engine.policies import RowPlan, SkipController
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
+from ffnskip.engine.compiled import CompileTarget, CompiledSegments
+from ffnskip.engine.loading import LoadedModel
+from ffnskip.engine.policies import RowPlan, SkipPlanner
+from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.prompts import encode_prompt, eos_ids
 from ffnskip.engine.sampling import sample
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence
@@ -71,19 +71,20 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
-                 compile: bool = False, model: Optional[SkipModel] = None) -> None:
-        """`model`: another engine's model, to share its weights and (compiled) segments; this
+                 compile: bool = False, runner: Optional[ModelRunner] = None) -> None:
+        """`compile`: decode segments compiled (or loaded from the compile cache) per batch bucket
+        (compiled.py). `runner`: another engine's runner, to share its weights and segments; this
         engine keeps its own cache and batch, and `compile` is the other engine's choice."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.model = model if model is not None else SkipModel(loaded.model)
-        if compile and model is None:  # decode segments compiled (or loaded from disk) per batch bucket (compiled.py)
-            self.model.segments = CompiledSegments(self.model.layers, self.model.head, max_batch,
-                                                   cache_root() / "compiled", loaded.fingerprint)
-        self.num_layers = self.model.num_layers
+        if runner is None:
+            target = CompileTarget(max_batch, loaded.cache_dir / "compiled", loaded.fingerprint) if compile else None
+            runner = ModelRunner(loaded.model, target)
+        self.runner = runner
+        self.num_layers = runner.num_layers
         self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
-        self.cache = self.model.new_cache(max_batch, self.max_seq_len)
-        self.controller = SkipController(self.num_layers, self.model.device)
+        self.cache = runner.new_cache(max_batch, self.max_seq_len)
+        self.planner = SkipPlanner(self.num_layers)
         self.weight_bytes = weight_bytes(loaded.model)
         self.eos_ids = eos_ids(loaded)
         self.waiting: deque[Sequence] = deque()
@@ -96,18 +97,18 @@ class Engine:
         """Load the decode segments for these batch sizes now (compiling those not on disk,
         calling `on_compiled` after each) instead of on first use; returns the seconds it took
         (0 for an eager engine)."""
-        segments = self.model.segments
+        segments = self.runner.segments
         if not isinstance(segments, CompiledSegments):
             return 0.0
         return segments.warm_up(self._buckets(batch_sizes), on_compiled)
 
     def packages_to_compile(self, batch_sizes: Seq[int]) -> int:
         """Compiled segments of these batch sizes not on disk yet (0 for an eager engine)."""
-        segments = self.model.segments
+        segments = self.runner.segments
         return segments.missing(self._buckets(batch_sizes)) if isinstance(segments, CompiledSegments) else 0
 
     def _buckets(self, batch_sizes: Seq[int]) -> list[int]:
-        return sorted({self.model.segments.bucket(b) for b in batch_sizes})
+        return sorted({self.runner.segments.bucket(b) for b in batch_sizes})
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -167,31 +168,32 @@ class Engine:
         seq.row = self.cache.take_row()
         self.running.append(seq)
         started = time.perf_counter()
-        ids = torch.tensor(seq.prompt_ids, device=self.model.device)
-        logits = self.model.prefill(self.cache, seq.row, ids)
+        ids = torch.tensor(seq.prompt_ids, device=self.runner.device)
+        logits = self.runner.prefill(self.cache, seq.row, ids)
         token = sample(logits[None], [seq.sampling], [seq.sample_generator])[0]
         seq.forward_seconds += time.perf_counter() - started
         return self._emit(seq, token, [], None)
 
     def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
         started = time.perf_counter()
-        self.controller.begin_step([s.plan for s in batch], [s.past_warm_up for s in batch],
-                                   [s.skip_generator for s in batch],
-                                   record_similarity=any(s.skip.policy == "observe" for s in batch))
-        logits = self.model.decode(self.cache, [s.generated[-1] for s in batch],
-                                   [s.last_position for s in batch], self.controller)
+        skips = self.planner.begin_step([s.plan for s in batch], [s.past_warm_up for s in batch],
+                                        [s.skip_generator for s in batch],
+                                        record_similarity=any(s.skip.policy is Policy.OBSERVE for s in batch))
+        logits = self.runner.decode(self.cache, [s.generated[-1] for s in batch],
+                                    [s.last_position for s in batch], skips)
         tokens = sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch])
-        skipped, similarity = self.controller.end_step()
+        outcome = skips.outcome()
         self.decode_layer_steps += self.num_layers
-        self.decode_ffn_reads += self.controller.layers_run
+        self.decode_ffn_reads += outcome.ffn_reads
         elapsed = time.perf_counter() - started
         events = []
         for i, seq in enumerate(batch):
             seq.forward_seconds += elapsed
-            events.append(self._emit(seq, tokens[i], skipped[i], similarity[i] if similarity else None))
+            similarity = outcome.similarity[i] if outcome.similarity is not None else None
+            events.append(self._emit(seq, tokens[i], outcome.skipped[i], similarity))
         return events
 
-    def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity) -> TokenEvent:
+    def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity: Optional[list[float]]) -> TokenEvent:
         piece = seq.append(token, skipped, similarity)
         return TokenEvent(seq.seq_id, seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason)
 
@@ -199,12 +201,16 @@ class Engine:
         self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def _retire_finished(self) -> None:
-        for seq in sorted((s for s in self.running if s.finished), key=lambda s: s.row, reverse=True):
-            moved = self.cache.release_row(seq.row)
+        # from the highest row down (running[i].row == i): the last row moves into each gap
+        for row in reversed(range(len(self.running))):
+            seq = self.running[row]
+            if not seq.finished:
+                continue
+            moved = self.cache.release_row(row)
             last = self.running.pop()
             if moved is not None:
-                last.row = seq.row
-                self.running[seq.row] = last
+                last.row = row
+                self.running[row] = last
             seq.row = None
 
     # -- conveniences -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ Qwen2 biases) need no code here. Compiled packages hash this file's source
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 class FusedLayer(nn.Module):
     """One decoder layer with fused q/k/v and gate/up weights (views shared with the HF modules)."""
 
-    def __init__(self, layer: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer: Any, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        """`layer`: a transformers Llama-family decoder layer (its submodules are read by name)."""
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm
@@ -60,7 +61,7 @@ class FusedLayer(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-def _fuse(linears: list[nn.Linear], name: str = "weight") -> nn.Parameter:
+def _fuse(linears: list[Any], name: str = "weight") -> nn.Parameter:
     """Concatenate the parameters and make each module's parameter a view into the result."""
     fused = nn.Parameter(torch.cat([getattr(m, name).data for m in linears], dim=0), requires_grad=False)
     offset = 0
@@ -74,7 +75,7 @@ def _fuse(linears: list[nn.Linear], name: str = "weight") -> nn.Parameter:
 class Head(nn.Module):
     """The final norm and the LM head."""
 
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, final_norm: Any, lm_head: Any) -> None:
         super().__init__()
         self.final_norm, self.lm_head = final_norm, lm_head
 

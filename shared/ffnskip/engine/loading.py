@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -30,13 +30,14 @@ LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 @dataclass
 class LoadedModel:
     model_id: str
-    model: torch.nn.Module  # transformers *ForCausalLM, eval mode
+    model: Any  # a transformers *ForCausalLM in eval mode (its submodules are read by name)
     tokenizer: PreTrainedTokenizerBase
     path: str
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    cache_dir: Path  # prepared models, weight-file digests and compiled decode segments live under it
 
     @property
     def num_layers(self) -> int:
@@ -45,11 +46,6 @@ class LoadedModel:
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
-
-
-def cache_root() -> Path:
-    """Where prepared models live: $FFNSKIP_CACHE or ~/.cache/ffnskip."""
-    return Path(os.environ.get("FFNSKIP_CACHE", Path.home() / ".cache" / "ffnskip"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,10 +62,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def resolve_path(spec: str) -> tuple[str, Optional[str]]:
+def resolve_path(spec: str, cache_dir: Path) -> tuple[str, Optional[str]]:
     """Return (directory, gguf file name or None) for a model spec."""
     if spec in EMBEDDED_MODELS:
-        return str(prepare_embedded(spec, cache_root())), None
+        return str(prepare_embedded(spec, cache_dir)), None
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -107,24 +103,25 @@ def check_architecture(config) -> None:
         )
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a Llama-family causal LM for the skip engine."""
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_dir: Path) -> LoadedModel:
+    """Load a Llama-family causal LM for the skip engine; `cache_dir` (ffnskip.settings.cache_root)
+    holds prepared embedded models, weight-file digests and compiled decode segments."""
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in service logs
-    directory, gguf_file = resolve_path(spec)
+    directory, gguf_file = resolve_path(spec, cache_dir)
     config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(directory)
     check_architecture(config)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
     model.to(torch_device).eval()
     for layer in model.model.layers:
         missing = [part for part in LAYER_PARTS if not hasattr(layer, part)]
         if missing:
             raise InvalidArgument("model", f"decoder layer lacks {missing}; not a Llama-family layer")
-    fingerprint = model_fingerprint(directory, gguf_file, config)
+    fingerprint = model_fingerprint(directory, gguf_file, config, cache_dir)
     return LoadedModel(
         model_id=spec,
         model=model,
@@ -134,10 +131,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         device=torch_device,
         dtype=torch_dtype,
         load_seconds=time.perf_counter() - started,
+        cache_dir=cache_dir,
     )
 
 
-def model_fingerprint(directory: str, gguf_file: Optional[str], config) -> str:
+def model_fingerprint(directory: str, gguf_file: Optional[str], config: Any, cache_dir: Path) -> str:
     """A stable hash of the architecture and the weight files.
 
     Hashing files (not tensors in memory) keeps the fingerprint independent of the
@@ -150,13 +148,12 @@ def model_fingerprint(directory: str, gguf_file: Optional[str], config) -> str:
     files = [root / gguf_file] if gguf_file else sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     for path in files:
         digest.update(path.name.encode())
-        digest.update(_file_digest(path).encode())
+        digest.update(_file_digest(path, cache_dir / "fingerprints.json").encode())
     return digest.hexdigest()[:32]
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, memo: Path) -> str:
     stat = path.stat()
-    memo = cache_root() / "fingerprints.json"
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     try:
         known = json.loads(memo.read_text())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerBase
 
@@ -31,7 +31,7 @@ def _encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -
             raise InvalidArgument(f"messages[{i}].content", "must be a non-empty string")
     if not tokenizer.chat_template:
         raise InvalidArgument("messages", "this model has no chat template; send a plain prompt")
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    encoded: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
         encoded = encoded["input_ids"]
     return list(encoded)

@@ -1,26 +1,50 @@
 """The pieces of a decode step between skip points, run eagerly.
 
 Per layer a decode step is two segments with the skip decision between them:
-`attention(i)` is layer i's q/k/v, the write of k and v into the cache, the
+`attention(i, ...)` is layer i's q/k/v, the write of k and v into the cache, the
 attention over the cache and the output projection with its residual (-> h);
-`ffn(i)` is the FFN on the rows of `row_mask` (the others keep h) and, when the
+`ffn(i, ...)` is the FFN on the rows of `row_mask` (the others keep h) and, when the
 segment computes it, the cosine between h and the result (-> out). A skipped FFN
 is a segment not called, so it costs nothing, and no weight is in two segments.
-`head()` is the final norm and the LM head. compiled.py provides the same
-interface compiled.
+`head(x)` is the final norm and the LM head. compiled.py provides the same
+interface compiled; a batch's bucket is its first dimension.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Protocol, Sequence as Seq
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence as Seq
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from ffnskip.engine.layers import FusedLayer, Head
 
 
-def attention_step(layer: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+@dataclass(frozen=True)
+class StepInputs:
+    """What every layer of one decode step reads besides its weights, its cache and x.
+
+    Rows [0, batch) are the sequences; rows [batch, padded) pad the batch to its bucket."""
+
+    batch: int
+    padded: int
+    cos: torch.Tensor  # [P, 1, head_dim] rotary angles at each row's position
+    sin: torch.Tensor
+    mask: torch.Tensor  # [P, 1, 1, span] additive; its width is the span attended
+    write_positions: torch.Tensor  # [P] where each row writes its k and v
+
+    def real(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sequences' rows of a per-row tensor (padding dropped)."""
+        return rows if self.padded == self.batch else rows[:self.batch]
+
+
+def residual_similarity(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """cos(h, out) per row at the last position, in float32: how little the FFN changed the
+    hidden state (1 = not at all). The one definition the skip rules and calibration read."""
+    return F.cosine_similarity(h[:, -1].float(), out[:, -1].float(), dim=-1)
+
+
+def attention_step(layer: FusedLayer, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    write_positions: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [P, 1, D] over batch rows [0, P) of this layer's cache `keys`/`values` [rows, kv_heads,
     positions, head_dim]; `mask` [P, 1, 1, span] is additive and its width is the span attended.
@@ -34,29 +58,31 @@ def attention_step(layer: nn.Module, x: torch.Tensor, keys: torch.Tensor, values
     return x + layer.o_proj(attn)
 
 
-def ffn_step(layer: nn.Module, with_similarity: bool, h: torch.Tensor, row_mask: Optional[torch.Tensor]):
+def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,
+             row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """-> (out = h + FFN(h) on the rows of row_mask, h elsewhere; cos(h, out) [P] or None)."""
     out = h + layer.mlp(h)
     if row_mask is not None:
         out = torch.where(row_mask, out, h)
-    similarity = F.cosine_similarity(h[:, -1].float(), out[:, -1].float(), dim=-1) if with_similarity else None
-    return out, similarity
+    return out, residual_similarity(h, out) if with_similarity else None
 
 
 class Segments(Protocol):
     def bucket(self, batch: int) -> int: ...
     def row_mask(self, padded: int, rows: Optional[Seq[int]]) -> Optional[torch.Tensor]: ...
-    def attention(self, index: int) -> Callable: ...
-    def ffn(self, index: int) -> Callable: ...
-    def head(self) -> Callable: ...
-    def running(self, padded: int) -> ContextManager: ...
+    def attention(self, index: int, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  step: StepInputs) -> torch.Tensor: ...
+    def ffn(self, index: int, h: torch.Tensor,
+            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+    def head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class EagerSegments:
-    """Exact batch sizes, the FFN only where a row runs it, the cosine left to the controller."""
+    """Exact batch sizes, the FFN only where a row runs it, the cosine left to the skip rules."""
 
-    def __init__(self, layers: list[nn.Module], head: nn.Module) -> None:
+    def __init__(self, layers: Seq[FusedLayer], head: Head) -> None:
         self.layers, self._head = layers, head
+        self.device = head.lm_head.weight.device
 
     def bucket(self, batch: int) -> int:
         return batch
@@ -66,18 +92,15 @@ class EagerSegments:
             return None
         mask = torch.zeros(padded, dtype=torch.bool)
         mask[list(rows)] = True
-        return mask.to(self._head.lm_head.weight.device)[:, None, None]
+        return mask.to(self.device)[:, None, None]
 
-    def running(self, padded: int) -> ContextManager:
-        return nullcontext()
+    def attention(self, index: int, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  step: StepInputs) -> torch.Tensor:
+        return attention_step(self.layers[index], x, keys, values, step.write_positions, step.mask, step.cos, step.sin)
 
-    def attention(self, index: int) -> Callable:
-        layer = self.layers[index]
-        return lambda *args: attention_step(layer, *args)
+    def ffn(self, index: int, h: torch.Tensor,
+            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return ffn_step(self.layers[index], False, h, row_mask)
 
-    def ffn(self, index: int) -> Callable:
-        layer = self.layers[index]
-        return lambda h, row_mask: ffn_step(layer, False, h, row_mask)
-
-    def head(self) -> Callable:
-        return self._head
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(x)

@@ -28,8 +28,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix = str(self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True))
+        full = str(self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True))
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]

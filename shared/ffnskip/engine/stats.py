@@ -7,9 +7,8 @@ prefill (never skips), token t > 1 from the decode step that consumed token t-1.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
-import torch
 
 
 @dataclass
@@ -96,7 +95,8 @@ class WeightBytes:
         return (1.0 - t_skip / t_dense) / saved_ideal if saved_ideal > 0 else float("nan")
 
 
-def weight_bytes(hf_model: torch.nn.Module) -> WeightBytes:
+def weight_bytes(hf_model: Any) -> WeightBytes:
+    """FFN and total bytes a dense decode step reads, of a transformers *ForCausalLM."""
     inner = hf_model.model
     ffn = sum(p.numel() * p.element_size() for layer in inner.layers for p in layer.mlp.parameters())
     seen: set[int] = set()
@@ -112,5 +112,5 @@ def weight_bytes(hf_model: torch.nn.Module) -> WeightBytes:
     return WeightBytes(ffn=ffn, total=total)
 
 
-def _tied(hf_model: torch.nn.Module) -> bool:
+def _tied(hf_model: Any) -> bool:
     return hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Callable, Optional
 
 from ffnskip.calibration.calibrate import CalibrationRequest, cold_regions, layer_stats
-from ffnskip.config import SkipParams
+from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.evaluation.methods import window_candidates
 from ffnskip.evaluation.state import StateFile, digest_of
 from ffnskip.calibration.scores import token_agreement
@@ -88,7 +88,7 @@ class Calibrator:
 
     def dense_held(self) -> list[list[int]]:
         return self._cached("dense_held", lambda: self.runner.generate(
-            self.held, SkipParams(policy="dense"), self.tracker, "calibration: dense reference").tokens)
+            self.held, DENSE, self.tracker, "calibration: dense reference").tokens)
 
     def importance(self) -> list[float]:
         from ffnskip.evaluation.layerdrop import block_influence
@@ -106,7 +106,7 @@ class Calibrator:
     def _tune(self, rule: str, target: float, warm_up: int, quorum: float) -> dict:
         obs = self.observation()
         similarity, cold_start, cold_end = obs["similarity"], obs["cold_start"], obs["cold_end"]
-        policy = rule if rule in ("aligned", "static") else "adaptive"
+        policy = Policy(rule) if rule in ("aligned", "static") else Policy.ADAPTIVE
         dense = self.dense_held()
         tried: list[tuple[Choice, SkipParams]] = []
 
@@ -123,6 +123,7 @@ class Calibrator:
             for layers in static_candidates(similarity, target, cold_start, cold_end):
                 measure(cold_start, cold_end, 1.0, None, layers)
         else:
+            spans: list[tuple[int, int, Optional[int]]]  # (cold_start, cold_end, k)
             if rule == "adaptive_window":
                 spans = [(a, b, None) for a, b in window_candidates(obs["means"], target, self.num_layers, cold_start, cold_end)]
             else:

@@ -7,11 +7,11 @@ paper's own figures, which are quoted as the paper's (PAPER) and never mixed wit
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ffnskip.evaluation.scoring import mcnemar_exact
 
-PAPER = {  # FFN-SkipLLM (arXiv 2404.03865) as quoted in the project brief
+PAPER: dict[str, Any] = {  # FFN-SkipLLM (arXiv 2404.03865) as quoted in the project brief
     "quality": "adaptive FFN skipping of LLaMA-2 7B/13B loses under 1 point of factoid-QA accuracy near 25-30% "
                "FFN skip, while random skipping and layer dropping degrade more (Tables 2 and 3)",
     "dense_tok_s": 9.08, "skip20_tok_s": 10.22, "skip30_tok_s": 10.89,
@@ -50,8 +50,8 @@ def ordering(qa_rows: Sequence[dict], agreement_rows: Sequence[dict], targets: S
         parts = []
         for name, rows, field in (("QA accuracy", qa_rows, "accuracy"), ("QA-answer agreement", qa_rows, "agreement"),
                                   ("prompt agreement", agreement_rows, "agreement")):
-            found = [find(rows, m, target) for m in chain]
-            if any(r is None for r in found):
+            found = [r for r in (find(rows, m, target) for m in chain) if r is not None]
+            if len(found) < len(chain):
                 continue
             values = [r[field] for r in found]
             holds = values[0] >= values[1] >= values[2]
@@ -139,9 +139,12 @@ def window_verdict(qa_rows: Sequence[dict], agreement_rows: Sequence[dict], targ
             continue
         pa, pw = find(agreement_rows, "adaptive", target), find(agreement_rows, "adaptive_window", target)
         gap = w["decode_skip_ratio"] - a["decode_skip_ratio"]
-        equal = abs(gap) <= EQUAL_RATIO and (pa is None or abs(pw["decode_skip_ratio"] - pa["decode_skip_ratio"]) <= EQUAL_RATIO)
+        # prompt rows count only when both methods have them
+        equal = abs(gap) <= EQUAL_RATIO and (pa is None or pw is None
+                                             or abs(pw["decode_skip_ratio"] - pa["decode_skip_ratio"]) <= EQUAL_RATIO)
         better_acc = w["accuracy"] >= a["accuracy"]
-        better_agree = w["agreement"] > a["agreement"] and (pa is None or pw["agreement"] > pa["agreement"])
+        better_agree = w["agreement"] > a["agreement"] and (pa is None or pw is None
+                                                            or pw["agreement"] > pa["agreement"])
         compared += 1
         win = equal and better_acc and better_agree
         wins += win

@@ -28,7 +28,7 @@ def block_influence(loaded: LoadedModel, prompts: Sequence[list[int]]) -> list[f
     count = 0
 
     def hook(index: int):
-        def record(module, args, kwargs, output) -> None:  # type: ignore[no-untyped-def]
+        def record(module, args, kwargs, output) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)

@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
-from ffnskip.config import SkipParams
+from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.errors import InvalidArgument
 from ffnskip.evaluation.state import digest_of
 
@@ -124,20 +124,20 @@ def build_setting(method: str, target: float, calibrator, warm_up: int, batch_si
     """`calibrator` (evaluation.calibrate.Calibrator) supplies the measured model facts."""
     kind = base_method(method)
     if kind == "dense":
-        return Setting("dense", 0.0, SkipParams(policy="dense"), batch_size=batch_size)  # one dense run for every warm-up
+        return Setting("dense", 0.0, DENSE, batch_size=batch_size)  # one dense run for every warm-up
     num_layers = calibrator.num_layers
     if kind == "layer_drop":  # needs the layers' Block Influence only, no observe run
         from ffnskip.evaluation.layerdrop import layers_to_drop
 
         drop = layers_to_drop(calibrator.importance(), round_half_up(target * num_layers))
-        return Setting("layer_drop", target, SkipParams(policy="dense", warm_up=0), drop_layers=drop, batch_size=batch_size)
+        return Setting("layer_drop", target, SkipParams(policy=Policy.DENSE, warm_up=0), drop_layers=drop, batch_size=batch_size)
     obs = calibrator.observation()
     cold_start, cold_end = obs["cold_start"], obs["cold_end"]
     common = dict(cold_start=cold_start, cold_end=cold_end, warm_up=warm_up)
     if kind == "random":
-        skip = SkipParams(policy="random", probability=target, **common)
+        skip = SkipParams(policy=Policy.RANDOM, probability=target, **common)
     elif kind == "non_adaptive":
-        skip = SkipParams(policy="non_adaptive", probability=min(1.0, target * num_layers / (cold_end - cold_start)), **common)
+        skip = SkipParams(policy=Policy.NON_ADAPTIVE, probability=min(1.0, target * num_layers / (cold_end - cold_start)), **common)
     else:
         q = quorum_of(method, quorum)
         tuned = calibrator.tuned(kind, target, warm_up, q)

@@ -11,7 +11,7 @@ MARKERS = {"dense": "*", "random": "x", "non_adaptive": "s", "adaptive": "o", "a
            "adaptive_window": "D", "static": "v", "layer_drop": "P"}
 
 
-def _figure(width: float = 8.0, height: float = 4.8):  # type: ignore[no-untyped-def]
+def _figure(width: float = 8.0, height: float = 4.8):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -20,7 +20,7 @@ def _figure(width: float = 8.0, height: float = 4.8):  # type: ignore[no-untyped
     return figure
 
 
-def _png(figure) -> bytes:  # type: ignore[no-untyped-def]
+def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, overload
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.evaluation import compare, plots
@@ -15,9 +15,10 @@ from ffnskip.evaluation.compare import find, pct
 
 def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], bench: Optional[Path],
                  commands: Optional[Path], out: Path, plots_dir: Path, report_command: Optional[str] = None) -> list[Path]:
-    inputs = {"qa": load_output(qa, "qa"), "agreement": load_output(agreement, "agreement"), "warmup": load_output(warmup, "warmup"),
+    qa_output = load_output(qa, "qa")
+    inputs = {"qa": qa_output, "agreement": load_output(agreement, "agreement"), "warmup": load_output(warmup, "warmup"),
               "bench": load_output(bench, "bench")}
-    if not inputs["qa"].get("rows"):
+    if not qa_output.get("rows"):
         raise InvalidArgument("qa", f"{qa} holds no rows (is it the output of `ffnskip eval qa --json`?)")
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(inputs)
@@ -33,6 +34,10 @@ def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], be
     return [out] + written
 
 
+@overload
+def load_output(path: Path, what: str) -> dict: ...
+@overload
+def load_output(path: Optional[Path], what: str) -> Optional[dict]: ...
 def load_output(path: Optional[Path], what: str) -> Optional[dict]:
     if path is None:
         return None
@@ -99,12 +104,12 @@ def render(inputs: dict, links: dict[str, str], commands: Optional[str], report_
     if warmup:
         md += ["", "## Warm-up ablation (the paper's Figure 5)", "", f"![warm-up ablation]({links['warmup']})", ""] + _warmup_table(warmup)
     if "layer_similarity" in links:
-        cal = qa["calibration"]
+        cal, threshold_row = qa["calibration"], _threshold_row(qa)
         md += ["", "## Per-layer similarity and cold regions (the paper's Figure 2)", "", f"![layer similarity]({links['layer_similarity']})", "",
                f"Measured on {cal['measured_prompts']} calibration prompts ({cal['tokens_per_prompt']} generated tokens each); "
                f"cold regions: layers [0, {cal['cold_start']}) and [{cal['cold_end']}, {qa['num_layers']})."
-               + (f" The dashed line is `adaptive`'s threshold calibrated for target {_threshold_row(qa)['target_skip']:.2f}."
-                  if _threshold_row(qa) else "")]
+               + (f" The dashed line is `adaptive`'s threshold calibrated for target {threshold_row['target_skip']:.2f}."
+                  if threshold_row else "")]
     md += ["", "## Speed (the paper's Table 4)", ""]
     md += ([f"![tokens/s vs skip ratio]({links['speed_vs_skip']})", ""] + _bench_table(bench)) if bench else ["(no bench output was given)"]
     md += ["", "## Comparison with the paper", "", "Quality:", ""] + compare.quality_vs_paper(qa["rows"], targets)

@@ -65,7 +65,10 @@ class Runner:
                 on_chunk(chunk)
         out = []
         for chunk in self.chunks(setting, items):
-            out += [self.state.get(self.key(setting, i), chunk.digest) for i in chunk.items]
+            for i in chunk.items:
+                value = self.state.get(self.key(setting, i), chunk.digest)
+                assert value is not None  # every pending chunk was generated above
+                out.append(value)
         return out
 
     def _generate(self, chunk: Chunk) -> None:
@@ -125,9 +128,9 @@ class Runner:
 
     def probe(self, batch_size: int, items: Sequence[Item]) -> tuple[float, float]:
         """(seconds per prefill, seconds per decode step) at this batch size, from 4 dense tokens."""
-        from ffnskip.config import SkipParams
+        from ffnskip.config import DENSE
 
-        setting = Setting("dense", 0.0, SkipParams(policy="dense"), batch_size=batch_size)
+        setting = Setting("dense", 0.0, DENSE, batch_size=batch_size)
         members = list(items[:batch_size]) or []
         members = (members * (batch_size // max(1, len(members)) + 1))[:batch_size]
         ids = [self.encode(i) for i in members]

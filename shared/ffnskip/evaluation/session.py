@@ -3,17 +3,19 @@ the settings, the time estimate and the progress bars."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ffnskip.evaluation.calibrate import Calibrator
 from ffnskip.evaluation.data import Item, load_prompt_items
 from ffnskip.evaluation.methods import TUNED, Setting, base_method, quorum_of, settings_for, split_spec, targets_of
 from ffnskip.evaluation.runner import Runner, estimate_seconds, log
 from ffnskip.evaluation.state import StateFile
+from ffnskip.settings import cache_root
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ class Session:
 
         self.options = options
         prompts = [i.prompt for i in load_prompt_items(options.calibration_data, limit=options.calibration_prompts)]
-        self.loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        self.loaded = load_model(options.model, device=options.device, dtype=options.dtype, cache_dir=cache_root(os.environ))
         self.state = StateFile(options.out)
-        self._bar = None
+        self._bar: Optional[Any] = None  # the calibration's tqdm bar while it runs
         self.calibrator = Calibrator(self.loaded, prompts, options.calibration_tokens, options.aligned_batch,
                                      self.state, advance=self._calibration_step)
         self.timing: dict[int, tuple[float, float]] = {}

@@ -5,7 +5,7 @@ warm-up changes (the decode skip ratio, over the tokens after it, stays about th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ffnskip.evaluation.data import Item
 from ffnskip.evaluation.methods import Setting, with_warm_up
@@ -43,10 +43,11 @@ def run_warmup(session: Session, method: str, target: float, warm_ups: list[int]
         mine = prompt_records[setting.key]
         skip_ratio, decode_ratio = pooled_ratios(mine, session.loaded.num_layers)
         stats = agreement_stats(mine, prompt_records[dense.key])
-        row = {"method": setting.method, "warm_up": setting.warm_up if setting is not dense else None,
-               "target_skip": setting.target, "decode_skip_ratio": rounded(decode_ratio), "skip_ratio": rounded(skip_ratio),
-               "agreement": rounded(stats["agreement"]), "exact_match": rounded(stats["exact_match"]),
-               "repeated_4gram": rounded(stats["repeated_4gram"]), "n": len(mine)}
+        row: dict[str, Any] = {
+            "method": setting.method, "warm_up": setting.warm_up if setting is not dense else None,
+            "target_skip": setting.target, "decode_skip_ratio": rounded(decode_ratio), "skip_ratio": rounded(skip_ratio),
+            "agreement": rounded(stats["agreement"]), "exact_match": rounded(stats["exact_match"]),
+            "repeated_4gram": rounded(stats["repeated_4gram"]), "n": len(mine)}
         if qa_items:
             answers = qa_records[setting.key]
             correct = sum(is_correct(r["text"], i.answers) for r, i in zip(answers, qa_items))

@@ -4,27 +4,31 @@ so a bad field surfaces as InvalidArgument naming it."""
 
 from __future__ import annotations
 
-from ffnskip.config import SkipParams
+from ffnskip.config import Policy, SkipParams
 from ffnskip.errors import InvalidArgument
 from ffnskip.profile import LayerStats
 from ffnskip.v1 import common_pb2
 
-_POLICY_TO_PROTO = {
-    "adaptive": common_pb2.SKIP_POLICY_ADAPTIVE,
-    "dense": common_pb2.SKIP_POLICY_DENSE,
-    "random": common_pb2.SKIP_POLICY_RANDOM,
-    "non_adaptive": common_pb2.SKIP_POLICY_NON_ADAPTIVE,
-    "static": common_pb2.SKIP_POLICY_STATIC,
-    "observe": common_pb2.SKIP_POLICY_OBSERVE,
-}
-_POLICY_FROM_PROTO = {value: name for name, value in _POLICY_TO_PROTO.items()}
+
+def policy_to_proto(policy: Policy) -> common_pb2.SkipPolicy:
+    """The SkipPolicy value of a policy: SKIP_POLICY_ and its name in upper case."""
+    return getattr(common_pb2, f"SKIP_POLICY_{policy.name}")
+
+
+def policy_from_proto(value: int, field: str = "policy") -> Policy:
+    """The policy of a SkipPolicy value; UNSPECIFIED is the server's default, ADAPTIVE."""
+    if value == common_pb2.SKIP_POLICY_UNSPECIFIED:
+        return Policy.ADAPTIVE
+    if value not in common_pb2.SkipPolicy.values():
+        raise InvalidArgument(field, f"unknown policy value {value}")
+    return Policy[common_pb2.SkipPolicy.Name(value).removeprefix("SKIP_POLICY_")]
 
 
 def skip_params_to_proto(params: SkipParams) -> common_pb2.SkipParams:
     message = common_pb2.SkipParams(
-        policy=_POLICY_TO_PROTO[params.policy], cold_start=params.cold_start, threshold=float(params.threshold),
+        policy=policy_to_proto(params.policy), cold_start=params.cold_start, threshold=float(params.threshold),
         warm_up=params.warm_up, probability=float(params.probability), static_layers=list(params.static_layers),
-        seed=params.seed,
+        seed=params.seed, quorum=float(params.quorum),
     )
     if params.cold_end is not None:
         message.cold_end = params.cold_end
@@ -34,11 +38,10 @@ def skip_params_to_proto(params: SkipParams) -> common_pb2.SkipParams:
 
 
 def skip_params_from_proto(message: common_pb2.SkipParams, field: str = "skip_params") -> SkipParams:
-    if message.policy not in _POLICY_FROM_PROTO and message.policy != common_pb2.SKIP_POLICY_UNSPECIFIED:
-        raise InvalidArgument(f"{field}.policy", f"unknown policy value {message.policy}")
+    policy = policy_from_proto(message.policy, f"{field}.policy")
     try:
         return SkipParams(
-            policy=_POLICY_FROM_PROTO.get(message.policy, "adaptive"),
+            policy=policy,
             cold_start=message.cold_start,
             cold_end=message.cold_end if message.HasField("cold_end") else None,
             threshold=message.threshold,
@@ -47,6 +50,7 @@ def skip_params_from_proto(message: common_pb2.SkipParams, field: str = "skip_pa
             probability=message.probability,
             static_layers=tuple(message.static_layers),
             seed=message.seed,
+            quorum=message.quorum or SkipParams.quorum,
         )
     except InvalidArgument as err:
         raise InvalidArgument(f"{field}.{err.field}", err.problem) from None

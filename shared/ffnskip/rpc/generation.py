@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from ffnskip.config import SamplingParams, SkipParams
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine.prompts import ROLES
 from ffnskip.errors import InvalidArgument
 from ffnskip.v1 import generation_pb2 as pb
 
-OVERRIDABLE_POLICIES = ("adaptive", "aligned", "dense", "random", "non_adaptive", "static")
+OVERRIDABLE_POLICIES = tuple(policy for policy in Policy if policy is not Policy.OBSERVE)  # observe is the calibrator's
 # Bounds on client input: what a request may hold, and what an error may echo of it.
 MAX_PROMPT_CHARS = 200_000  # the prompt, or all chat messages' contents together
 MAX_MESSAGES = 256
@@ -33,7 +33,7 @@ def shown(value: str) -> str:
 class OverrideLimits:
     """What a request may change in the active profile's skip parameters."""
 
-    policies: tuple[str, ...] = OVERRIDABLE_POLICIES
+    policies: tuple[Policy, ...] = OVERRIDABLE_POLICIES
     min_threshold: float = 0.5
     max_skip: int = 64  # the largest k a request may ask for
     min_warm_up: int = 0
@@ -88,7 +88,7 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
 
 def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimits) -> SkipParams:
     """The profile's parameters with the request's overrides, inside the configured limits."""
-    if overrides.policy and overrides.policy not in limits.policies:
+    if overrides.policy and overrides.policy not in limits.policies:  # a Policy equals its name
         raise InvalidArgument("skip.policy", f"must be one of {', '.join(limits.policies)}, got {shown(overrides.policy)}")
     if overrides.HasField("threshold") and not (limits.min_threshold <= overrides.threshold <= 1.0):
         raise InvalidArgument("skip.threshold", f"must be in [{limits.min_threshold}, 1], got {overrides.threshold:g}")
@@ -101,7 +101,7 @@ def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimit
     params = base
     try:
         if overrides.policy:
-            params = replace(params, policy=overrides.policy)
+            params = replace(params, policy=Policy(overrides.policy))
         if overrides.HasField("threshold"):
             params = replace(params, threshold=float(overrides.threshold))
         if overrides.HasField("max_skip"):
@@ -123,7 +123,7 @@ def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096
         raise InvalidArgument("model", f"at most {MAX_MODEL_CHARS} characters, got {len(request.model)}")
     prompt_of(request)
     sampling_of(request.sampling, 128, max_new_tokens_cap)
-    skip_of(request.skip, SkipParams(policy="dense"), OverrideLimits(min_threshold=1e-9, max_skip=1 << 20, min_quorum=1e-9))
+    skip_of(request.skip, DENSE, OverrideLimits(min_threshold=1e-9, max_skip=1 << 20, min_quorum=1e-9))
 
 
 def stats_to_proto(stats) -> pb.SkipStats:

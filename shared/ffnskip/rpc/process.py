@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Awaitable, Callable, Mapping, Optional, Protocol, TypeVar
+from typing import Any, Callable, Coroutine, Mapping, Optional, Protocol, TypeVar
 
 from ffnskip.errors import FfnSkipError
 from ffnskip.logs import configure_logging, get_logger
@@ -19,14 +19,15 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
 
 
 class ServiceSettings(Protocol):
-    log_level: str
+    @property  # read-only, so frozen dataclasses match
+    def log_level(self) -> str: ...
 
 
 S = TypeVar("S", bound=ServiceSettings)
 
 
-def run_service(name: str, read_settings: Callable[[Mapping[str, str]], S], serve: Callable[[S], Awaitable[object]],
-                environ: Optional[Mapping[str, str]] = None) -> int:
+def run_service(name: str, read_settings: Callable[[Mapping[str, str]], S],
+                serve: Callable[[S], Coroutine[Any, Any, object]], environ: Optional[Mapping[str, str]] = None) -> int:
     """Read settings, configure logging, run `serve(settings)`; the process's exit code."""
     try:
         settings = read_settings(os.environ if environ is None else environ)

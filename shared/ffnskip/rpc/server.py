@@ -106,7 +106,7 @@ class Server:
         self.install_signal_handlers()
         await self._signal.wait()
 
-    async def drain(self, grace_s: float, on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    async def drain(self, grace_s: float, on_drain: Optional[Callable[[], Awaitable[object]]] = None) -> None:
         """Readiness NOT_SERVING (liveness stays SERVING), then stop within `grace_s`.
 
         With `on_drain` (e.g. wait until the work in flight is done), the server keeps

@@ -27,12 +27,13 @@ from ffnskip.cli.ops import follow_job
 from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.errors import FfnSkipError, InvalidArgument
 from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
+from ffnskip.settings import cache_root
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 
 
-def register(commands) -> None:  # type: ignore[no-untyped-def]
+def register(commands) -> None:
     up = commands.add_parser("up", help="start redis, the calibrator, decoders and the gateway on loopback; "
                                         "serve a request; keep serving (restarting children that exit) "
                                         "until Ctrl-C")
@@ -55,9 +56,8 @@ def register(commands) -> None:  # type: ignore[no-untyped-def]
 def run_up(args: argparse.Namespace) -> int:
     if not 1 <= args.decoders <= 16:
         raise InvalidArgument("decoders", f"must be in [1, 16], got {args.decoders}")
-    from ffnskip.engine.loading import cache_root
 
-    data_dir = (args.data_dir or cache_root() / "stack").expanduser().resolve()
+    data_dir = (args.data_dir or cache_root(os.environ) / "stack").expanduser().resolve()
     stack = Stack(args, data_dir)
     # While starting, SIGINT and SIGTERM raise KeyboardInterrupt (also when a shell started
     # us in the background with SIGINT ignored), so a half-started stack is stopped cleanly.

@@ -10,11 +10,12 @@ completion can never interleave half-way.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import redis
 from redis.exceptions import ResponseError
@@ -26,6 +27,7 @@ from ffnskip.store.connection import redis_errors
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 _INT_FIELDS = ("attempts", "done", "total", "profile_version")
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE's reply: connect() makes bytes-replying clients
 
 
 def job_key(prefix: str, job_id: str) -> str:
@@ -188,7 +190,7 @@ class JobQueue:
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest `limit` jobs, newest first."""
         with redis_errors(self._redis):
-            entries = self._redis.xrevrange(self.stream, count=limit)
+            entries = cast(_Entries, self._redis.xrevrange(self.stream, count=limit))
             job_ids = [fields[b"job_id"].decode() for _, fields in entries if b"job_id" in fields]
             pipe = self._redis.pipeline(transaction=False)
             for job_id in job_ids:
@@ -286,7 +288,8 @@ class JobQueue:
             raise FailedPrecondition(f"job {claimed.job_id} is no longer owned by {claimed.consumer} (reclaimed or finished)")
 
     def progress(self, job_id: str, phase: str, done: int, total: int, eta_s: Optional[float] = None) -> None:
-        fields = ["phase", phase, "done", int(done), "total", int(total), "updated_at", utc_now_iso()]
+        fields: list[str | int | float] = ["phase", phase, "done", int(done), "total", int(total),
+                                           "updated_at", utc_now_iso()]
         fields += ["eta_s", "" if eta_s is None else float(eta_s)]
         with redis_errors(self._redis):
             state = self._progress(keys=[self._job_key(job_id)], args=fields)
@@ -319,9 +322,9 @@ class JobQueue:
         with redis_errors(self._redis):
             self._redis.xack(self.stream, self._group, claimed.entry_id)
 
-    def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+    def dead_letters(self, limit: int = 100) -> builtins.list[dict[str, str]]:  # `list` here is the method
         with redis_errors(self._redis):
-            entries = self._redis.xrange(self.dead_stream, count=limit)
+            entries = cast(_Entries, self._redis.xrange(self.dead_stream, count=limit))
         return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 

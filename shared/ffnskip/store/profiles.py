@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, cast
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -145,7 +145,7 @@ class ProfileStore:
         return self._parse(key, raw, model, version)
 
     @staticmethod
-    def _parse(key: str, raw: bytes, model: str, version: int) -> Profile:
+    def _parse(key: str, raw: bytes | str, model: str, version: int) -> Profile:
         try:
             profile = Profile.from_json(raw)
         except InvalidArgument as err:
@@ -158,7 +158,8 @@ class ProfileStore:
 
     def get_plot(self, model: str, version: int) -> Optional[bytes]:
         with redis_errors(self._redis):
-            return self._redis.get(self._key(model, f"plot:v{version}"))
+            # connect() makes bytes-replying clients
+            return cast(Optional[bytes], self._redis.get(self._key(model, f"plot:v{version}")))
 
     def active_version(self, model: str) -> Optional[int]:
         key = self._key(model, "active")
@@ -177,12 +178,12 @@ class ProfileStore:
 
     def list_versions(self, model: str) -> list[int]:
         with redis_errors(self._redis):
-            members = self._redis.zrange(self._key(model, "versions"), 0, -1)
+            members = cast(list[bytes], self._redis.zrange(self._key(model, "versions"), 0, -1))  # no scores
         return [int(member) for member in members]
 
     def list_models(self) -> list[str]:
         with redis_errors(self._redis):
-            members = self._redis.smembers(f"{self._prefix}:models")
+            members = cast(set[bytes], self._redis.smembers(f"{self._prefix}:models"))  # bytes replies
         return sorted(member.decode() for member in members)
 
     def activations(self, model: str) -> list[int]:

@@ -7,7 +7,7 @@ set is only a hint for enumeration and is pruned of ids whose key has expired.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import redis
 
@@ -93,7 +93,8 @@ class DecoderRegistry:
     def list(self, model: Optional[str] = None) -> list[dict[str, Any]]:
         """Live decoders (of `model` when given), sorted by id; expired ids are pruned."""
         with redis_errors(self._redis):
-            ids = sorted(member.decode() for member in self._redis.smembers(self._index))
+            members = cast(set[bytes], self._redis.smembers(self._index))  # connect() makes bytes-replying clients
+            ids = sorted(member.decode() for member in members)
             if not ids:
                 return []
             raws = self._redis.mget([self._key(decoder_id) for decoder_id in ids])
@@ -104,7 +105,7 @@ class DecoderRegistry:
         return [entry for entry in entries if model is None or entry["model_id"] == model]
 
 
-def _parse(raw: bytes) -> Optional[dict[str, Any]]:
+def _parse(raw: bytes | str) -> Optional[dict[str, Any]]:
     # A corrupt entry is skipped rather than routed to; it expires on its own.
     try:
         return _check_info(json.loads(raw))

@@ -1,6 +1,6 @@
 """A Llama-family forward over the loaded HF weights, with the skip hook.
 
-SkipModel prefills one prompt into a cache row and decodes a batch of rows. A
+ModelRunner prefills one prompt into a cache row and decodes a batch of rows. A
 decode step runs as segments cut at the skip point (segments.py, over the layers
 of layers.py): per layer "q/k/v + cache write + attention + o_proj", then the
 decision, then "FFN" unless it is skipped; the LM head after the last layer. A
@@ -11,21 +11,25 @@ eagerly or compiled (compiled.py) with the same code; this module's own code
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ffnskip.engine.compiled import CompileTarget, CompiledSegments
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.layers import FusedLayer, Head
-from ffnskip.engine.policies import SkipController
-from ffnskip.engine.segments import EagerSegments, Segments
+from ffnskip.engine.policies import FfnRows, StepSkips
+from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
 
 
-class SkipModel:
-    """Prefill one sequence into a cache row; decode a batch of rows under a skip policy."""
+class ModelRunner:
+    """Prefill one sequence into a cache row; decode a batch of rows under their skip policies.
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    `compiled`: run the decode segments as AOTInductor packages built (or loaded) for that
+    target; None runs them eagerly."""
+
+    def __init__(self, hf_model: Any, compiled: Optional[CompileTarget] = None) -> None:
         config = hf_model.config
         inner = hf_model.model
         self.config = config
@@ -41,7 +45,8 @@ class SkipModel:
         self.num_layers = len(self.layers)
         weight = hf_model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.segments: Segments = EagerSegments(self.layers, self.head)
+        self.segments: Segments = (EagerSegments(self.layers, self.head) if compiled is None
+                                   else CompiledSegments(self.layers, self.head, compiled))
         self._positions = torch.arange(256, device=self.device)
 
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
@@ -62,13 +67,12 @@ class SkipModel:
         return self.head(x)[0]
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: list[int], positions: list[int],
-               controller: SkipController) -> torch.Tensor:
+    def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips) -> torch.Tensor:
         """One decode step for rows [0, B): each row's last token at its position; logits [B, V].
 
         Compiled segments run on a fixed batch bucket P >= B: the padding rows attend to
         position 0 of cache rows [B, P) and write their keys to the scratch position."""
-        batch, host_positions = len(tokens), positions
+        batch = len(tokens)
         padded = self.segments.bucket(batch)
         if padded > cache.max_batch:
             raise ValueError(f"batch bucket {padded} exceeds the cache's {cache.max_batch} rows")
@@ -76,16 +80,16 @@ class SkipModel:
         span = max(positions) + 1
         # one host-to-device copy for the step's integer inputs
         inputs = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
-                               host_positions + [cache.scratch_position] * pad], device=self.device)
+                               positions + [cache.scratch_position] * pad], device=self.device)
         x = self.embed(inputs[0, :, None])
-        positions, write_positions = inputs[1], inputs[2]
-        cos, sin = self.rotary(x, positions[:, None], end=span)
+        row_positions = inputs[1]
+        cos, sin = self.rotary(x, row_positions[:, None], end=span)
         # an additive mask made once per step (SDPA would convert a boolean one in every layer)
-        mask = torch.where(self._arange(span) <= positions[:, None], 0.0, float("-inf")).to(x.dtype)
-        mask = mask[:, None, None, :]
-        with self.segments.running(padded):
-            logits = self._layers(cache, controller, batch, padded, x, cos, sin, mask, write_positions)
-        cache.lengths[:batch] = [p + 1 for p in host_positions]
+        mask = torch.where(self._arange(span) <= row_positions[:, None], 0.0, float("-inf")).to(x.dtype)
+        step = StepInputs(batch=batch, padded=padded, cos=cos, sin=sin, mask=mask[:, None, None, :],
+                          write_positions=inputs[2])
+        logits = self._layers(cache, skips, x, step)
+        cache.lengths[:batch] = [p + 1 for p in positions]
         return logits[:batch]
 
     def _arange(self, size: int) -> torch.Tensor:
@@ -94,18 +98,18 @@ class SkipModel:
             self._positions = torch.arange(max(size, 2 * self._positions.shape[0]), device=self.device)
         return self._positions[:size]
 
-    def _layers(self, cache, controller, batch, padded, x, cos, sin, mask, write_positions) -> torch.Tensor:
-        real = (lambda t: t) if padded == batch else (lambda t: t[:batch])  # the rows that are not padding
-        segments = self.segments
+    def _layers(self, cache: KVCache, skips: StepSkips, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Every layer: attention, the skip decision, the FFN unless no row runs it; then the head."""
+        segments, real = self.segments, step.real
         for index in range(self.num_layers):
             keys, values = cache.layer(index)
-            h = segments.attention(index)(x, keys, values, write_positions, mask, cos, sin)
-            decision = controller.decide(index)
+            h = segments.attention(index, x, keys, values, step)
+            decision = skips.decide(index)
             x, similarity = h, None
-            if decision.kind != "none":
-                x, similarity = segments.ffn(index)(h, segments.row_mask(padded, decision.rows))
-            controller.observe(index, real(h), real(x), None if similarity is None else real(similarity))
-        return segments.head()(x)
+            if decision.kind is not FfnRows.NONE:
+                x, similarity = segments.ffn(index, h, segments.row_mask(step.padded, decision.rows))
+            skips.observe(index, real(h), real(x), None if similarity is None else real(similarity))
+        return segments.head(x)
 
 
 class RotaryTable:
@@ -118,7 +122,8 @@ class RotaryTable:
         self.rotary = rotary
         rope_type = getattr(rotary, "rope_type", "default")
         self.per_call = "dynamic" in rope_type or "longrope" in rope_type
-        self.cos = self.sin = None
+        self.cos: Optional[torch.Tensor] = None
+        self.sin: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor,
                  end: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,4 +136,5 @@ class RotaryTable:
             size = max(needed, 256 if self.cos is None else 2 * self.cos.shape[0])
             cos, sin = self.rotary(x, torch.arange(size, device=x.device)[None])
             self.cos, self.sin = cos[0], sin[0]
+        assert self.sin is not None
         return self.cos[positions], self.sin[positions]
