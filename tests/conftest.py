@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import pytest
 
 from tests.helpers.profiles import build_profile
 from tests.redis_server import RedisServer, running_redis
+
+# The services and `ffnskip up` that tests start decode eagerly unless a test says otherwise:
+# compiling every batch bucket in the background would compete with the tests for the CPU
+# (tests/unit/test_compiled_segments.py covers compiled decoding).
+os.environ.setdefault("FFNSKIP_COMPILE", "0")
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
+import threading
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import DENSE
@@ -27,15 +29,31 @@ log = get_logger("decoder")
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
+def load_compiled_segments(engine: Engine, max_batch: int) -> None:
+    """Load (compiling those not in the compile cache) the decode segments of every batch bucket,
+    smallest first, logging each compiled package."""
+    batch_sizes = range(1, max_batch + 1)
+    total = engine.packages_to_compile(batch_sizes)
+    log.info("loading compiled decode segments", to_compile=total)
+    done = itertools.count(1)
+    try:
+        seconds = engine.warm_up(batch_sizes, on_compiled=lambda: log.info("compiled a decode segment",
+                                                                          done=next(done), of=total))
+    except Exception:  # the decoder keeps serving eagerly
+        log.exception("compiling decode segments failed; decoding stays eager")
+        return
+    log.info("decode segments ready", seconds=round(seconds, 1))
+
+
 async def serve(settings: DecoderSettings) -> None:
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile)
+    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
+                    eager_until_warm=True)
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
-    if settings.compile:  # before the server starts: no request waits on a compile
-        batch_sizes = range(1, settings.max_batch + 1)
-        log.info("loading compiled decode segments", to_compile=engine.packages_to_compile(batch_sizes))
-        log.info("decode segments ready", seconds=round(engine.warm_up(batch_sizes), 1))
+    if settings.compile:  # the decoder serves eagerly meanwhile; each batch bucket runs compiled once loaded
+        threading.Thread(target=load_compiled_segments, args=(engine, settings.max_batch), name="compile",
+                         daemon=True).start()
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
                               settings.profile_cache_dir, default=DENSE,

@@ -54,7 +54,7 @@ class DecoderSettings:
     model_name: str  # the id clients ask for and profiles are stored under
     device: str
     dtype: str
-    compile: bool  # compile the decode segments for every batch bucket before serving (minutes)
+    compile: bool  # decode compiled: every batch bucket's segments loaded (or compiled) in the background
     max_batch: int
     max_queue: int
     max_seq_len: int
@@ -92,7 +92,7 @@ class DecoderSettings:
             decoder_id=env.text("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
             model=model, model_name=env.text("FFNSKIP_MODEL_NAME", model),
             device=env.text("FFNSKIP_DEVICE", "auto"), dtype=env.text("FFNSKIP_DTYPE", "auto"),
-            compile=env.flag("FFNSKIP_COMPILE", False),
+            compile=env.flag("FFNSKIP_COMPILE", True),
             max_batch=env.integer("FFNSKIP_MAX_BATCH", 16), max_queue=env.integer("FFNSKIP_MAX_QUEUE", 64),
             max_seq_len=env.integer("FFNSKIP_MAX_SEQ_LEN", 2048),
             max_new_tokens_cap=env.integer("FFNSKIP_MAX_NEW_TOKENS_CAP", 1024),

@@ -62,14 +62,14 @@ def test_warm_up_compiles_every_segment_of_the_buckets(compiled_engine, package_
     segments = compiled_engine.runner.segments
     assert isinstance(segments, CompiledSegments)
     assert segments.warm_buckets == {1, 4}
-    assert segments.compiled == 2 * (2 * compiled_engine.num_layers + 1)  # attention and ffn per layer, the head
+    assert segments.compiled == 2 * 3  # per bucket: one attention, one ffn and one head package for every layer
     assert len(list(package_cache.glob("compiled/*/b*/*.pt2"))) == segments.compiled
 
 
 def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, tiny_loaded):
     again = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
     assert again.packages_to_compile([1, 3]) == 0
-    assert again.packages_to_compile([2]) == 2 * again.num_layers + 1  # bucket 2 was never compiled
+    assert again.packages_to_compile([2]) == 3  # bucket 2 was never compiled
     again.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
     assert again.runner.segments.compiled == 0
     ours = again.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
@@ -170,5 +170,23 @@ def test_bench_compiles_only_the_missing_packages_with_a_progress_bar(compiled_e
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["compiled"] is True
-    assert report["packages_compiled"] == {"float32": 2 * compiled_engine.num_layers + 1}  # bucket 2; bucket 1 was on disk
+    assert report["packages_compiled"] == {"float32": 3}  # bucket 2; bucket 1 was on disk
     assert "compiling float32 decode packages" in captured.err
+
+
+def test_a_bucket_runs_eagerly_until_warm_up_loads_it(compiled_engine, tiny_dir, tmp_path):
+    """A serving decoder's engine: nothing compiles on a request's path, and a bucket's packages are
+    used once warm_up has loaded them."""
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=tmp_path)  # an empty compile cache
+    serving = Engine(loaded, max_batch=4, max_seq_len=64, compile=True, eager_until_warm=True)
+    segments = serving.runner.segments
+    assert isinstance(segments, CompiledSegments)
+    eager = Engine(loaded, max_batch=4, max_seq_len=64)
+    two = PROMPTS[:2]
+    assert [r.token_ids for r in serving.generate(two, SAMPLING)] == [r.token_ids for r in eager.generate(two, SAMPLING)]
+    assert segments.compiled == 0 and serving.packages_to_compile([1, 2]) == 6 and segments.warm_buckets == set()
+    serving.warm_up([1])
+    assert segments.warm_buckets == {1} and segments.compiled == 3
+    ours = serving.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
+    theirs = compiled_engine.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
+    assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]

@@ -31,9 +31,9 @@ def test_aligned_serving_applies_to_adaptive_profiles_only():
     assert serving_params(static, ServingMode.ALIGNED, 0.75).policy == "static"  # batch-friendly already
 
 
-def test_compile_is_off_by_default_and_validated():
-    assert DecoderSettings.from_env({}).compile is False  # compiling every bucket takes minutes
-    assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "1"}).compile is True
+def test_compile_is_on_by_default_and_validated():
+    assert DecoderSettings.from_env({}).compile is True  # in the background: the decoder serves eagerly meanwhile
+    assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "0"}).compile is False
     assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "false"}).compile is False
     with pytest.raises(InvalidArgument, match="FFNSKIP_COMPILE"):
         DecoderSettings.from_env({"FFNSKIP_COMPILE": "yes please"})

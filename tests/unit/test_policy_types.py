@@ -55,3 +55,19 @@ def test_steps_are_planned_unless_a_row_decides_per_layer():
     assert isinstance(adaptive, AdaptiveStep)
     warming = planner.begin_step([plan(Policy.ADAPTIVE)], [False], generators[:1])  # in its warm-up: dense
     assert isinstance(warming, PlannedStep) and warming.outcome().ffn_reads == 6
+
+
+def test_a_row_that_moves_keeps_its_own_hot_layers():
+    """The planner reuses the per-layer hot rows while the adaptive rows are the same: the same
+    rows, not merely the same hot layers (a row that moved to another index once raised IndexError
+    in a later step, or asked the wrong row)."""
+    planner = SkipPlanner(6)
+    generators = [torch.Generator(), torch.Generator()]
+    rows = [plan(Policy.ADAPTIVE), plan(Policy.ADAPTIVE)]
+    planner.begin_step(rows, [False, True], generators)  # row 0 in its warm-up, row 1 adaptive
+    alone = planner.begin_step(rows[:1], [True], generators[:1])  # the other row left; this one is row 0 now
+    for layer in range(6):
+        alone.decide(layer)
+        h = torch.ones(1, 1, 4)
+        alone.observe(layer, h, h, None)  # cos 1: the row fires at its first hot layer
+    assert alone.outcome().skipped == [[2, 3, 4]]

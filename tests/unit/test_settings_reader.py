@@ -109,7 +109,7 @@ def test_redis_settings_follow_the_rules() -> None:
 def test_every_service_reads_empty_values_as_defaults() -> None:
     decoder = DecoderSettings.from_env({"FFNSKIP_DECODER_PORT": "", "FFNSKIP_COMPILE": " ", "FFNSKIP_DEVICE": "",
                                         "FFNSKIP_ALIGNED_QUORUM": "", "FFNSKIP_ALLOWED_POLICIES": ""})
-    assert decoder.port == 50052 and decoder.compile is False and decoder.device == "auto"
+    assert decoder.port == 50052 and decoder.compile is True and decoder.device == "auto"
     assert decoder.aligned_quorum == 0.5 and decoder.limits.policies == DecoderSettings.from_env({}).limits.policies
     calibrator = CalibratorSettings.from_env({"FFNSKIP_CALIBRATOR_PORT": " ", "FFNSKIP_MODELS": "", "FFNSKIP_DEVICE": ""})
     assert calibrator == CalibratorSettings.from_env({})

@@ -160,7 +160,7 @@ def register(commands) -> None:
     parser.add_argument("--profile-step", action="store_true", help="also profile one dense decode step and print where the time goes")
     parser.add_argument("--json", action="store_true")
     service = parser.add_argument_group("service benchmark (with --target)")
-    service.add_argument("--target", help="HOST:PORT of a running decoder: benchmark it over gRPC instead of in-process")
+    service.add_argument("--target", help="HOST:PORT of a running gateway or decoder: benchmark it over gRPC instead of in-process")
     service.add_argument("--concurrency", default="1,4,16")
     service.add_argument("--service-policies", default="dense,adaptive", help="'profile' = the decoder's active profile as is")
     service.add_argument("--requests-per-level", type=int, default=8)

@@ -108,16 +108,28 @@ def engine_baseline(model: str, requests, device: str, dtype: str) -> float:
     return tokens / (time.perf_counter() - started)
 
 
+def generation_stub(channel: grpc.Channel):
+    """A GenerateStream stub for what serves at the channel: a gateway (what users call) or a
+    decoder (the service path without the gateway), told apart by gRPC reflection."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from ffnskip.v1 import decoder_pb2_grpc, gateway_pb2_grpc
+
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    if "ffnskip.v1.Gateway" in services:
+        return gateway_pb2_grpc.GatewayStub(channel)
+    return decoder_pb2_grpc.DecoderStub(channel)
+
+
 def run(args) -> int:
     from ffnskip.rpc.channels import insecure_channel
-    from ffnskip.v1 import decoder_pb2_grpc
 
     levels = [int(c) for c in args.concurrency.split(",")]
     policies = args.service_policies.split(",")
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
     rows = []
     with insecure_channel(args.target) as channel:
-        stub = decoder_pb2_grpc.DecoderStub(channel)
+        stub = generation_stub(channel)
         for concurrency in levels:
             for policy in policies:
                 requests = build_requests(args.model, max(args.requests_per_level, concurrency * 2), args.new_tokens,

@@ -1,16 +1,22 @@
-"""Decode segments compiled ahead of time by AOTInductor, one package per segment and batch bucket.
+"""Decode segments compiled ahead of time by AOTInductor: one package per segment kind
+("attention", "ffn", "head") and batch bucket, serving every layer.
 
 Why this shape (measured on SmolLM2-135M, 2 CPU threads, docs/performance.md):
-- `freezing`: the weights become constants, so Inductor prepacks them once.
-- `max_autotune` (float32 only, see __init__): Inductor benchmarks its C++ micro-GEMM
-  over the prepacked weights against the library call per shape and keeps the faster;
-  at M=1 the micro-GEMM read fp32 weights about twice as fast as MKL's GEMV.
+- The weights are inputs, not constants: a layer's segment is the package of its kind called
+  with that layer's weights, so a bucket is three packages (seconds to compile, not one
+  per layer in minutes) and no package holds a weight. The weights it is called with are one
+  copy made at start-up in the blocked layout of layers.blocked (BLOCK output rows side by side,
+  what a prepacking GEMM makes), shared by every bucket; layers.project multiplies in it. Over
+  weights read from memory this ran as fast as a package per layer with its weights frozen
+  and prepacked by Inductor (the earlier design), and the raw [N, K] weights as inputs ran
+  at half that speed (a library GEMV).
+- `max_autotune` (float32 only, see __init__): Inductor benchmarks its C++ GEMM templates
+  against the library call for the batched block matmul of buckets > 1 and keeps the faster.
 - AOTInductor, not `torch.compile`: a package is called through its C++ runner with a
   plain list of tensors (about 5 us), where a Dynamo-compiled segment went through
   frame evaluation and AOTAutograd's wrappers (50-100 us per call); and a
   package is a file, so a process loads in seconds what took minutes to compile.
-- Two packages per layer, "attention" and "ffn", so that no weight is in two packages
-  of a bucket and a skipped FFN is a call not made.
+- Separate "attention" and "ffn" packages, so that a skipped FFN is a call not made.
 - Static shapes except the attention span and the cache's size: each batch bucket
   (1, 2, 4, ... up to the cache's rows) is its own set of packages; a batch runs padded
   to the next bucket. (One package with a dynamic batch was tried once, on a busy
@@ -29,19 +35,27 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence as Seq
+from typing import Any, Callable, Optional, Sequence as Seq
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from ffnskip.engine import layers as layers_module, segments as segments_module
-from ffnskip.engine.layers import FusedLayer, Head
-from ffnskip.engine.segments import StepInputs, attention_step, ffn_step
+from ffnskip.engine.layers import FusedLayer, Head, blocked
+from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and layers.py is hashed as it is.
-PACKAGE_FORMAT = 2
+PACKAGE_FORMAT = 3
+KINDS = ("attention", "ffn", "head")
+# The parameters each kind of segment reads, in the order they follow its other inputs
+# (those a model lacks, like Llama's biases, are left out).
+WEIGHTS = {
+    "attention": ("input_norm.weight", "qkv_weight", "qkv_bias", "o_proj.weight", "o_proj.bias"),
+    "ffn": ("post_norm.weight", "gate_up_weight", "down_proj.weight", "down_proj.bias"),
+    "head": ("final_norm.weight", "lm_head.weight", "lm_head.bias"),
+}
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
@@ -53,6 +67,9 @@ class CompileTarget:
     max_batch: int
     directory: Path
     fingerprint: str
+    # True: a bucket runs eagerly until warm_up has loaded it (a server serves while it compiles);
+    # False: a bucket is loaded, or compiled, on its first use
+    eager_until_warm: bool = False
 
 
 # A loaded package's runner: a list of input tensors in, a list of output tensors out.
@@ -77,6 +94,30 @@ def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, auto
     for module in (segments_module, layers_module):  # the code traced into a package
         digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()[:20]
+
+
+def decode_weights(module: nn.Module, kind: str) -> tuple[list[str], list[torch.Tensor]]:
+    """The names and tensors a segment of `kind` reads from `module` (a layer or the head),
+    matrices in the blocked layout."""
+    params = dict(module.named_parameters())
+    names = [name for name in WEIGHTS[kind] if name in params]
+    return names, [blocked(params[name].detach()) if params[name].dim() == 2 else params[name].detach() for name in names]
+
+
+class _Shared(nn.Module):
+    """A segment over any layer's weights: forward(*inputs, *weights) runs `example` (a segment
+    module of one layer) with the weights swapped in for its own, which therefore stay out of
+    the package."""
+
+    def __init__(self, example: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+        self._example = [example]  # a list: not a submodule, so its parameters are not lifted
+
+    def forward(self, *args: torch.Tensor) -> object:
+        count = len(self.names)
+        inputs, weights = args[:-count], args[-count:]
+        return torch.func.functional_call(self._example[0], dict(zip(self.names, weights)), inputs)
 
 
 class _Attention(nn.Module):
@@ -113,10 +154,13 @@ class CompiledSegments:
         with torch.inference_mode():  # like every decode input
             self._all_rows = {b: torch.ones(b, 1, 1, dtype=torch.bool, device=self.device) for b in self.buckets}
         self._runners: dict[tuple[int, str], PackageRun] = {}
-        # package names per layer, made once: the decode loop asks for two per layer and step
-        self._attention_names = [f"attention_{index}" for index in range(len(layers))]
-        self._ffn_names = [f"ffn_{index}" for index in range(len(layers))]
+        # the one copy of the weights every bucket's packages read, per layer, in package order
+        with torch.inference_mode():
+            self._attention_weights = [decode_weights(layer, "attention")[1] for layer in layers]
+            self._ffn_weights = [decode_weights(layer, "ffn")[1] for layer in layers]
+            self._head_weights = decode_weights(head, "head")[1]
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
+        self._eager = EagerSegments(layers, head) if target.eager_until_warm else None
         self.compiled = 0  # packages compiled by this process (the others were loaded)
 
     def bucket(self, batch: int) -> int:
@@ -134,22 +178,33 @@ class CompiledSegments:
 
     # The bucket of a call is its batch's first dimension, padded by the runner.
 
+    def _cold(self, padded: int) -> Optional[EagerSegments]:
+        """The eager segments, while bucket `padded` waits for warm_up (eager_until_warm)."""
+        return self._eager if self._eager is not None and padded not in self.warm_buckets else None
+
     def attention(self, index: int, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   step: StepInputs) -> torch.Tensor:
-        run = self._runner(x.shape[0], self._attention_names[index])
-        return run([x, keys, values, step.write_positions, step.mask, step.cos, step.sin])[0]
+        if (eager := self._cold(x.shape[0])) is not None:
+            return eager.attention(index, x, keys, values, step)
+        run = self._runner(x.shape[0], "attention")
+        return run([x, keys, values, step.write_positions, step.mask, step.cos, step.sin,
+                    *self._attention_weights[index]])[0]
 
     def ffn(self, index: int, h: torch.Tensor,
             row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if (eager := self._cold(h.shape[0])) is not None:
+            return eager.ffn(index, h, row_mask)
         mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
-        out, similarity = self._runner(h.shape[0], self._ffn_names[index])([h, mask])
+        out, similarity = self._runner(h.shape[0], "ffn")([h, mask, *self._ffn_weights[index]])
         return out, similarity
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self._runner(x.shape[0], "head")([x])[0]
+        if (eager := self._cold(x.shape[0])) is not None:
+            return eager.head(x)
+        return self._runner(x.shape[0], "head")([x, *self._head_weights])[0]
 
     def package_names(self) -> list[str]:
-        return [name for pair in zip(self._attention_names, self._ffn_names) for name in pair] + ["head"]
+        return list(KINDS)
 
     def missing(self, buckets: Seq[int]) -> int:
         """How many packages of these buckets are not on disk yet (each takes seconds to compile)."""
@@ -201,22 +256,25 @@ class CompiledSegments:
             partial.unlink(missing_ok=True)  # only left when the compile failed
 
     def _traceable(self, padded: int, name: str) -> tuple[nn.Module, tuple, Optional[tuple]]:
-        """The module of a segment, example inputs of bucket `padded`, and their dynamic dims."""
+        """The module of a segment kind, example inputs of bucket `padded` (the first layer's
+        weights), and their dynamic dims."""
         first = self.layers[0]
-        like = dict(dtype=self.dtype, device=self.device)
-        x = torch.zeros(padded, 1, first.o_proj.weight.shape[0], **like)
+        like: dict[str, Any] = dict(dtype=self.dtype, device=self.device)
+        x = torch.zeros(padded, 1, first.hidden_size, **like)
         if name == "head":
-            return self._head, (x,), None
-        kind, index = name.split("_")
-        layer = self.layers[int(index)]
-        if kind == "ffn":
-            return _Ffn(layer), (x, self._all_rows[padded].clone()), None
+            names, weights = decode_weights(self._head, "head")
+            return _Shared(self._head, names), (x, *weights), None
+        names, weights = decode_weights(first, name)
+        if name == "ffn":
+            return (_Shared(_Ffn(first), [f"layer.{n}" for n in names]),
+                    (x, self._all_rows[padded].clone(), *weights), None)
         cos = torch.ones(padded, 1, first.head_dim, **like)
         cache_rows, positions, span = padded + 1, 8, 4  # example sizes only: these three are dynamic
         keys = torch.zeros(cache_rows, first.num_kv_heads, positions, first.head_dim, **like)
         write_positions = torch.zeros(padded, dtype=torch.long, device=self.device)
         mask = torch.zeros(padded, 1, 1, span, **like)
-        args = (x, keys, torch.zeros_like(keys), write_positions, mask, cos, torch.zeros_like(cos))
+        args = (x, keys, torch.zeros_like(keys), write_positions, mask, cos, torch.zeros_like(cos), *weights)
         cache = {0: Dim(f"cache_rows_{padded}", min=padded), 2: Dim("cache_positions", min=3)}
-        dynamic = (None, cache, cache, None, {3: Dim("span", min=2)}, None, None)
-        return _Attention(layer), args, dynamic
+        # one entry: forward takes its inputs as *args
+        dynamic = ((None, cache, cache, None, {3: Dim("span", min=2)}, None, None, *([None] * len(weights))),)
+        return _Shared(_Attention(first), [f"layer.{n}" for n in names]), args, dynamic

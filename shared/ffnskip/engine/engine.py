@@ -71,14 +71,16 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
-                 compile: bool = False, runner: Optional[ModelRunner] = None) -> None:
+                 compile: bool = False, runner: Optional[ModelRunner] = None, eager_until_warm: bool = False) -> None:
         """`compile`: decode segments compiled (or loaded from the compile cache) per batch bucket
-        (compiled.py). `runner`: another engine's runner, to share its weights and segments; this
-        engine keeps its own cache and batch, and `compile` is the other engine's choice."""
+        (compiled.py), on first use, or with `eager_until_warm` only by warm_up (a bucket runs
+        eagerly until then). `runner`: another engine's runner, to share its weights and segments;
+        this engine keeps its own cache and batch, and `compile` is the other engine's choice."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         if runner is None:
-            target = CompileTarget(max_batch, loaded.cache_dir / "compiled", loaded.fingerprint) if compile else None
+            target = (CompileTarget(max_batch, loaded.cache_dir / "compiled", loaded.fingerprint, eager_until_warm)
+                      if compile else None)
             runner = ModelRunner(loaded.model, target)
         self.runner = runner
         self.num_layers = runner.num_layers

@@ -5,8 +5,9 @@ The block is two residual lines, `h = x + attn(norm(x))` and
 q/k/v and gate/up are fused into one matmul each; the HF modules keep working
 because their weights become views into the fused tensors (no extra memory).
 The HF model's norms are reused as they are, so variants (Llama 3 rope scaling,
-Qwen2 biases) need no code here. Compiled packages hash this file's source
-(compiled.py): what changes here is recompiled.
+Qwen2 biases) need no code here. Every matmul goes through `project`, which also takes
+a weight in the blocked layout of the compiled segments (compiled.py swaps those in
+while tracing). Compiled packages hash this file's source: what changes here is recompiled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+BLOCK = 16  # output columns per block of a blocked weight
+
+
+def blocked(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / BLOCK), K, BLOCK], zero-padded: each block holds BLOCK output rows
+    side by side, one contiguous run of memory that a kernel reads once and vectorises along
+    its BLOCK outputs (the layout a prepacking GEMM would make, made once and shared)."""
+    n, k = weight.shape
+    if n % BLOCK:
+        weight = F.pad(weight, (0, 0, 0, BLOCK - n % BLOCK))
+    return weight.view(-1, BLOCK, k).transpose(1, 2).contiguous()
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """x @ weight.T + bias -> [..., n]. A [N, K] weight is F.linear; a blocked one is one batched
+    matmul over its blocks, or at a single row a multiply-and-reduce that Inductor vectorises
+    itself (faster than a library GEMV on a CPU, and as fast as a prepacked frozen weight)."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        blocks = (rows[None, :, :, None] * weight[:, None]).sum(2)
+    else:
+        blocks = torch.matmul(rows[None], weight)  # [N / BLOCK, rows, BLOCK]
+    out = blocks.permute(1, 0, 2).reshape(rows.shape[0], -1)[:, :n]
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], n)
 
 
 class FusedLayer(nn.Module):
@@ -36,11 +67,13 @@ class FusedLayer(nn.Module):
         self.act = mlp.act_fn
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.hidden_size = int(self.o_proj.weight.shape[0])
+        self.gate_up_size = int(self.gate_up_weight.shape[0])
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
         batch, length, _ = x.shape
-        qkv = F.linear(self.input_norm(x), self.qkv_weight, self.qkv_bias)
+        qkv = project(self.input_norm(x), self.qkv_weight, self.qkv_bias, self.q_size + 2 * self.kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -56,9 +89,13 @@ class FusedLayer(nn.Module):
                                               enable_gqa=self.num_kv_heads != self.num_heads)
         return attn.transpose(1, 2).reshape(batch, length, self.q_size)
 
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """The attention's output projection."""
+        return project(attn, self.o_proj.weight, self.o_proj.bias, self.hidden_size)
+
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(self.post_norm(h), self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate, up = project(self.post_norm(h), self.gate_up_weight, None, self.gate_up_size).chunk(2, dim=-1)
+        return project(self.act(gate) * up, self.down_proj.weight, self.down_proj.bias, self.hidden_size)
 
 
 def _fuse(linears: list[Any], name: str = "weight") -> nn.Parameter:
@@ -78,6 +115,7 @@ class Head(nn.Module):
     def __init__(self, final_norm: Any, lm_head: Any) -> None:
         super().__init__()
         self.final_norm, self.lm_head = final_norm, lm_head
+        self.vocab_size = int(lm_head.weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(x[:, -1]))
+        return project(self.final_norm(x[:, -1]), self.lm_head.weight, self.lm_head.bias, self.vocab_size)

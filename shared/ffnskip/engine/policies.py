@@ -259,7 +259,7 @@ class SkipPlanner:
         # the last planned step's rows' planned skips, and its decisions, skips and reads
         self._planned_key: Optional[tuple] = None
         self._planned: tuple[list[Decision], list[list[int]], int] = ([], [], 0)
-        # the last adaptive step's adaptive rows' hot layers, and its hot rows per layer
+        # the last adaptive step's adaptive rows with their hot layers, and its hot rows per layer
         self._hot_key: Optional[tuple] = None
         self._hot_rows: list[tuple[int, ...]] = []
 
@@ -273,7 +273,7 @@ class SkipPlanner:
             decisions, skipped, reads = self._planned_decisions(planned, len(plans))
             return PlannedStep(decisions, [list(rows) for rows in skipped], reads, record)  # the step's own lists
         adaptive_rows = [b for b, policy in enumerate(policies) if policy.adaptive]
-        hot = tuple(plans[b].hot for b in adaptive_rows)
+        hot = tuple((b, plans[b].hot) for b in adaptive_rows)  # the rows themselves: a row may move
         if hot != self._hot_key:
             self._hot_key = hot
             self._hot_rows = [tuple(b for b in adaptive_rows if plans[b].hot[layer]) for layer in range(self.num_layers)]

@@ -61,7 +61,7 @@ class ModelRunner:
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write_prefill(index, row, k[0], v[0])
-            h = x + layer.o_proj(layer.attention(q, k, v, None, causal=True))
+            h = x + layer.output(layer.attention(q, k, v, None, causal=True))
             x = h + layer.mlp(h)
         cache.lengths[row] = input_ids.shape[0]
         return self.head(x)[0]

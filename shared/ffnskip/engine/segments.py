@@ -55,7 +55,7 @@ def attention_step(layer: FusedLayer, x: torch.Tensor, keys: torch.Tensor, value
     keys[rows, :, write_positions] = k[:, :, 0]
     values[rows, :, write_positions] = v[:, :, 0]
     attn = layer.attention(q, keys[:padded, :, :span], values[:padded, :, :span], mask, causal=False)
-    return x + layer.o_proj(attn)
+    return x + layer.output(attn)
 
 
 def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,

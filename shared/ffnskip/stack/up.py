@@ -27,7 +27,7 @@ from ffnskip.cli.ops import follow_job
 from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.errors import FfnSkipError, InvalidArgument
 from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
-from ffnskip.settings import cache_root
+from ffnskip.settings import Env, cache_root
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -87,6 +87,9 @@ def serve_until_stopped(stack: "Stack") -> int:
     stack.supervise()
     with StopSignals(signal.SIGINT, signal.SIGTERM) as stop_signals:  # before "serving": none is missed
         print(f"\n{stack.process_table()}\n\nserving; Ctrl-C stops the stack", flush=True)
+        if Env(os.environ).flag("FFNSKIP_COMPILE", True):  # the decoders' own default
+            print(f"decoders load or compile their decode segments in the background and serve eagerly meanwhile "
+                  f"(progress: 'decode segment' in {stack.log_dir}/decoder-*.log)", flush=True)
         received = stop_signals.wait()
     print(f"\n{signal.Signals(received).name}: stopping the stack", flush=True)
     return 0
