@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import structlog
 
@@ -44,6 +44,7 @@ class Submission:
     received_at: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     seq: Optional[Sequence] = None  # set by the engine thread when admitted
+    tokens_at_cancel: Optional[int] = None  # tokens it had when its caller's cancel reached the decoder
 
     def deliver(self, item: Item) -> None:
         try:
@@ -53,9 +54,13 @@ class Submission:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int,
+                 on_result: Callable[[GenerationResult, Optional[int]], None] = lambda result, after: None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        # every sequence's end, cancelled and expired ones too (whose callers no longer read it), with the
+        # tokens a cancelled one generated after its cancel arrived (the step in progress: at most 1): metrics
+        self.on_result = on_result
         self._inbox: deque[Submission] = deque()
         self._cancels: deque[tuple[Submission, str]] = deque()
         self._active: dict[int, Submission] = {}  # by the engine's sequence id
@@ -89,6 +94,8 @@ class EngineLoop:
 
     def cancel(self, submission: Submission, reason: str = "cancelled") -> None:
         with self._wake:
+            if submission.tokens_at_cancel is None:  # read across threads: a list's length, at worst one step old
+                submission.tokens_at_cancel = len(submission.seq.generated) if submission.seq is not None else 0
             self._cancels.append((submission, reason))
             self._wake.notify()
 
@@ -196,4 +203,7 @@ class EngineLoop:
     def _finish(self, submission: Submission) -> None:
         assert submission.seq is not None
         self._active.pop(submission.seq.seq_id, None)
-        submission.deliver(self.engine.result(submission.seq))
+        result = self.engine.result(submission.seq)
+        at_cancel = submission.tokens_at_cancel if result.finish_reason == "cancelled" else None
+        self.on_result(result, None if at_cancel is None else len(result.token_ids) - at_cancel)
+        submission.deliver(result)

@@ -59,15 +59,15 @@ async def serve(settings: DecoderSettings) -> None:
                               settings.profile_cache_dir, default=DENSE,
                               mode=settings.skip_policy, quorum=settings.aligned_quorum)
     profiles.start()
-    engine_loop = EngineLoop(engine, settings.max_queue)
+    metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
+                             lambda: profiles.current.version)
+    engine_loop = EngineLoop(engine, settings.max_queue, on_result=metrics.finished)
     engine_loop.start()
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
              "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}
-    metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
-                             lambda: profiles.current.version)
     if settings.metrics_port:
         metrics.serve(settings.metrics_host, settings.metrics_port)
-    servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles, metrics.finished), facts)
+    servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles), facts)
     server = Server([SERVICE_NAME])
     decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server.grpc)
     port = await server.start(f"{settings.host}:{settings.port}")

@@ -3,9 +3,9 @@ autoscaler, and the per-pod token and skip counters."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ffnskip.engine import GenerationResult
 
@@ -24,13 +24,21 @@ class DecoderMetrics:
             .labels(**labels).set_function(waiting)
         Gauge(PREFIX + "profile_version", "Active skip profile version (0 = none).", ["model_name"], registry=r) \
             .labels(**labels).set_function(profile_version)
+        # every sequence that ended, as vLLM counts them: finished_reason "cancelled" and "deadline" included
         self._success = Counter(PREFIX + "request_success", "Finished requests.", ["model_name", "finished_reason"], registry=r)
-        self._tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", ["model_name"], registry=r).labels(**labels)
+        self._tokens = Counter(PREFIX + "generation_tokens", "Generated tokens (of cancelled and expired requests too).",
+                               ["model_name"], registry=r).labels(**labels)
         self._blocks = Counter(PREFIX + "ffn_blocks", "FFN blocks of generated tokens.", ["model_name"], registry=r).labels(**labels)
         self._skipped = Counter(PREFIX + "ffn_blocks_skipped", "FFN blocks skipped.", ["model_name"], registry=r).labels(**labels)
+        self._after_cancel = Histogram(
+            PREFIX + "request_tokens_after_cancel", "Tokens a cancelled request generated after its cancel reached "
+            "the decoder (the decode step in progress: at most 1).", ["model_name"], buckets=(0, 1, 2, 4, 8, 16, 64),
+            registry=r).labels(**labels)
         self.model_name = model_name
 
-    def finished(self, result: GenerationResult) -> None:
+    def finished(self, result: GenerationResult, tokens_after_cancel: Optional[int] = None) -> None:
+        if tokens_after_cancel is not None:
+            self._after_cancel.observe(tokens_after_cancel)
         self._success.labels(model_name=self.model_name, finished_reason=result.finish_reason).inc()
         self._tokens.inc(len(result.token_ids))
         self._blocks.inc(result.skip_stats.ffn_blocks_total)

@@ -4,7 +4,7 @@ submit to the engine loop, and turn engine items into responses."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Optional
 
 from ffnskip.engine import GenerationResult, TokenEvent
 from ffnskip.errors import Cancelled, DeadlineExceeded, FfnSkipError, NotFound
@@ -16,12 +16,10 @@ from services.decoder.settings import DecoderSettings
 
 
 class DecoderService:
-    def __init__(self, settings: DecoderSettings, loop: EngineLoop, profiles: ProfileWatcher,
-                 on_finished: Callable[[GenerationResult], None] = lambda result: None) -> None:
+    def __init__(self, settings: DecoderSettings, loop: EngineLoop, profiles: ProfileWatcher) -> None:
         self.settings = settings
         self.loop = loop
         self.profiles = profiles
-        self.on_finished = on_finished  # metrics
 
     def submission(self, request: pb.GenerateRequest, request_id: str, time_remaining: Optional[float], aio_loop) -> Submission:
         if request.model != self.settings.model_name:
@@ -47,7 +45,6 @@ class DecoderService:
                     raise item
                 if isinstance(item, GenerationResult):
                     finished = True
-                    self.on_finished(item)
                     if item.finish_reason == "deadline":
                         raise DeadlineExceeded(f"deadline passed after {len(item.token_ids)} tokens")
                     if item.finish_reason == "cancelled":
@@ -70,6 +67,7 @@ class DecoderService:
                                queue_ms=max(0.0, ttft_s - result.ttft_s) * 1e3),
             profile_version=submission.profile_version, served_by=self.settings.decoder_id,
             token_ids=result.token_ids, request_id=submission.request_id, policy=submission.skip.policy,
+            prompt_tokens=len(submission.seq.prompt_ids) if submission.seq is not None else 0,
         )
 
     def chunk(self, submission: Submission, event: TokenEvent) -> pb.GenerateStreamResponse:

@@ -23,6 +23,7 @@ from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.auth import API, OPS, AuthInterceptor
 from services.gateway.discovery import RegistryDiscovery
 from services.gateway.fleet import FleetTelemetry, Flusher
+from services.gateway.openai_api import OpenAIApi
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.routing import Endpoint
 from services.gateway.proxy import ChannelPool, Proxy, Router, Timeouts, code_of
@@ -63,6 +64,7 @@ class Gateway:
     flusher: Flusher
     pool: ChannelPool
     redis_client: redis.Redis
+    http: Optional[OpenAIApi]  # the OpenAI-compatible HTTP API, when FFNSKIP_HTTP_PORT is set
 
 
 async def build(settings: GatewaySettings) -> Gateway:
@@ -97,7 +99,11 @@ async def build(settings: GatewaySettings) -> Gateway:
                             settings.prompt_sample_maxlen)
     servicer = GatewayServicer(proxy, sampler, settings.max_new_tokens, fleet, flusher)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)
-    return Gateway(settings, server, telemetry, discovery, flusher, pool, redis_client)
+    http = None
+    if settings.http_port:  # the same proxy, sampler, limits and keys as the gRPC API
+        http = OpenAIApi(proxy, sampler, settings.max_new_tokens, None if settings.auth_disabled else settings.keys,
+                         settings.max_message_bytes, settings.drain_timeout_s)
+    return Gateway(settings, server, telemetry, discovery, flusher, pool, redis_client, http)
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -109,15 +115,17 @@ async def serve(settings: GatewaySettings) -> None:
     await gw.discovery.start()
     gw.flusher.start()
     port = await gw.server.start(f"{settings.host}:{settings.port}", credentials)
+    http_port = await gw.http.start(settings.http_host, settings.http_port) if gw.http is not None else None
     await gw.server.set_ready(True)
-    log.info("gateway serving", port=port, gateway_id=settings.replica_id, tls=credentials is not None,
+    log.info("gateway serving", port=port, http_port=http_port, gateway_id=settings.replica_id, tls=credentials is not None,
              auth="off" if settings.auth_disabled else repr(settings.keys), metrics_port=settings.metrics_port or None,
              decoders=len(gw.discovery.endpoints()), prompt_sample_rate=settings.prompt_sample_rate)
     if settings.auth_disabled:
         log.warning("authentication is OFF (FFNSKIP_AUTH_DISABLED); use only on a trusted loopback")
     await gw.server.wait_for_signal()
 
-    await gw.server.drain(settings.drain_timeout_s)  # readiness off, in-flight streams finish
+    # readiness off, in-flight calls of both APIs finish
+    await asyncio.gather(gw.server.drain(settings.drain_timeout_s), gw.http.stop() if gw.http else asyncio.sleep(0))
     await gw.discovery.stop()
     await gw.flusher.stop()  # the final numbers of this run reach Redis
     await gw.pool.close()

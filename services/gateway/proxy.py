@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional
+from typing import AsyncGenerator, Awaitable, Callable, Iterator, Optional
 
 import grpc
 
@@ -73,7 +73,7 @@ def code_of(exc: BaseException) -> grpc.StatusCode:
         return exc.code
     if isinstance(exc, errors.FfnSkipError):
         return next(STATUS_TABLE[c] for c in type(exc).__mro__ if c in STATUS_TABLE)
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ConnectionError)):  # the client went away
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
@@ -186,7 +186,7 @@ class Proxy:
     async def stream(
         self, request: generation_pb2.GenerateRequest, time_remaining: Callable[[], Optional[float]],
         on_commit: Optional[Commit] = None,
-    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+    ) -> AsyncGenerator[generation_pb2.GenerateStreamResponse, None]:
         """The decoder's messages for `request`: tokens, then the summary (whose served_by
         names the pod). `on_commit(decoder_id)` runs before the first message is passed on."""
         started = self._clock()

@@ -9,14 +9,11 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from ffnskip.errors import FfnSkipError
-from ffnskip.logs import bind_request_id, new_request_id, request_id_var
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
+from services.gateway.admission import admit
 from services.gateway.fleet import FleetTelemetry, Flusher, summarise
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.proxy import Proxy, UpstreamError, code_of
-from services.gateway.telemetry import NO_DECODER, NO_MODEL
-from services.gateway.validation import validate
+from services.gateway.proxy import Proxy, UpstreamError
 
 SERVED_BY_HEADER = "x-served-by"
 
@@ -31,17 +28,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.flusher = flusher
 
     def _prepare(self, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
-        try:
-            validate(request, self.max_new_tokens)
-        except FfnSkipError as exc:
-            self.proxy.telemetry.error(NO_MODEL, NO_DECODER, code_of(exc).name)
-            raise
-        if request.request_id:  # the caller's id: this RPC's remaining log lines carry it too
-            bind_request_id(request.request_id)
-        else:
-            request.request_id = request_id_var.get() or new_request_id()  # the id the logs carry
-        self.sampler.offer(request)
-        return request
+        return admit(request, self.proxy.telemetry, self.sampler, self.max_new_tokens)
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:

@@ -22,6 +22,8 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_GATEWAY_HOST",  # bind address of the gRPC port (default 0.0.0.0)
     "FFNSKIP_GATEWAY_PORT",  # gRPC port (default 50051; 0 = any free port)
     "FFNSKIP_GATEWAY_ID",  # this replica's id in telemetry (default gateway-<hostname>-<port>)
+    "FFNSKIP_HTTP_HOST",  # bind address of the OpenAI-compatible HTTP API (default 0.0.0.0)
+    "FFNSKIP_HTTP_PORT",  # its port (default 0 = off; ffnskip up and the Kubernetes manifests turn it on)
     "FFNSKIP_METRICS_HOST",  # bind address of the Prometheus /metrics HTTP endpoint (default 0.0.0.0)
     "FFNSKIP_METRICS_PORT",  # its port (default 9090; 0 = off)
     "FFNSKIP_API_KEYS",  # comma-separated API keys (plain, or sha256:<hex> digests)
@@ -58,6 +60,8 @@ class GatewaySettings:
     host: str = "0.0.0.0"
     port: int = 50051
     gateway_id: str = ""
+    http_host: str = "0.0.0.0"
+    http_port: int = 0  # 0 = no HTTP API
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090
     keys: KeyRing = field(default_factory=KeyRing, repr=False)
@@ -85,6 +89,7 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "FFNSKIP_GATEWAY_PORT", f"must be in [0, 65535], got {self.port}")
+        _check(0 <= self.http_port <= 65535, "FFNSKIP_HTTP_PORT", f"must be in [0, 65535], got {self.http_port}")
         _check(0 <= self.metrics_port <= 65535, "FFNSKIP_METRICS_PORT", f"must be in [0, 65535], got {self.metrics_port}")
         _check(not self.gateway_id or ":" not in self.gateway_id, "FFNSKIP_GATEWAY_ID", "must not contain ':'")
         _check(self.auth_disabled or not self.keys.empty, "FFNSKIP_API_KEYS",
@@ -122,6 +127,8 @@ class GatewaySettings:
             host=env.text("FFNSKIP_GATEWAY_HOST", cls.host),
             port=env.integer("FFNSKIP_GATEWAY_PORT", cls.port),
             gateway_id=env.text("FFNSKIP_GATEWAY_ID", cls.gateway_id),
+            http_host=env.text("FFNSKIP_HTTP_HOST", cls.http_host),
+            http_port=env.integer("FFNSKIP_HTTP_PORT", cls.http_port),
             metrics_host=env.text("FFNSKIP_METRICS_HOST", cls.metrics_host),
             metrics_port=env.integer("FFNSKIP_METRICS_PORT", cls.metrics_port),
             keys=KeyRing.from_strings(env.text("FFNSKIP_API_KEYS", ""), env.text("FFNSKIP_OPS_KEYS", "")),

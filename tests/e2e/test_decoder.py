@@ -83,6 +83,7 @@ def test_stream_tokens_in_order_with_final_stats(stack):
     assert stats.ffn_blocks_skipped == sum(len(m.token.skipped_layers) for m in tokens) == sum(stats.per_layer_skips)
     assert all(not m.token.skipped_layers for m in tokens[:4])  # warm-up
     assert final.policy == "adaptive" and final.served_by == "decoder-a"
+    assert final.prompt_tokens > len(CHAT[0].content.split())  # the chat template's rendering, as tokenized
     assert final.latency.ttft_ms > 0 and final.latency.total_ms >= final.latency.ttft_ms
 
 

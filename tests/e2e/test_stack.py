@@ -18,7 +18,7 @@ from tests.redis_server import free_port
 def up_command(data_dir, model_dir, *extra: str) -> list[str]:
     """`ffnskip up` on `model_dir` on the CPU, with a short first request and calibration."""
     return [sys.executable, "-m", "ffnskip.cli", "up", "--model", str(model_dir), "--device", "cpu",
-            "--data-dir", str(data_dir), "--max-new-tokens", "8", "--calibration-tokens", "8", *extra]
+            "--data-dir", str(data_dir), "--max-new-tokens", "8", "--calibration-tokens", "8", "--http-port", "0", *extra]
 
 
 def up_env(**extra: str) -> dict[str, str]:

@@ -46,6 +46,8 @@ def test_ports_match_the_settings(rendered, variant, service):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     if hasattr(service_settings(docs, service), "metrics_port"):  # (the decoder's default is 0 = off locally)
         assert ports.get("metrics") == service_settings(docs, service).metrics_port
+    if hasattr(service_settings(docs, service), "http_port"):  # the gateway's HTTP API: off by default, on here
+        assert service_settings(docs, service).http_port and ports.get("http") == service_settings(docs, service).http_port
     if service != "decoder":  # decoders are reached by pod IP from the registry, not a Service
         svc = find_one(docs, "Service", f"ffnskip-{service}")
         for entry in svc["spec"]["ports"]:

@@ -219,6 +219,9 @@ def test_network_policies(rendered, variant):
     deny = find_one(docs, "NetworkPolicy", "ffnskip-default-deny")["spec"]
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny
     assert _allowed_sources(docs, "ffnskip-decoder", 50052) == {"ffnskip-gateway"}, "only the gateway reaches decoders"
+    http_port = service_settings(docs, "gateway").http_port
+    assert http_port and _allowed_sources(docs, "ffnskip-gateway", http_port) == _allowed_sources(
+        docs, "ffnskip-gateway", 50051), "the HTTP API is as reachable as the gRPC API"
     assert _allowed_sources(docs, "ffnskip-calibrator", 50053) == {"ffnskip-recalibrate"}
     if variant != "gpu-all":
         assert _allowed_sources(docs, "ffnskip-redis", 6379) == {f"ffnskip-{s}" for s in SERVICES}, \

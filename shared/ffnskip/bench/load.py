@@ -1,23 +1,28 @@
-"""`ffnskip load`: a bounded load through the gateway, on loopback only.
+"""`ffnskip load`: a bounded load through the gateway, on loopback only, over its gRPC API
+or (`http=True`) its OpenAI-compatible HTTP API.
 
 N workers (the concurrency) send streaming requests until `count` requests were sent or
 `duration_s` passed, whichever comes first; every request has its own deadline. The
 report gives tokens/s, end-to-end, TTFT and inter-token latency percentiles as the
-client sees them, the errors by status code and which pods served the requests.
+client sees them, the errors by status code (gRPC code names, or HTTP statuses) and which
+pods served the requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
+import json
 import math
 import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import AsyncIterator, Callable, Optional, Sequence
 
+import aiohttp
 import grpc
 
 from ffnskip.client import auth_metadata, build_request, channel_options
@@ -89,7 +94,8 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 async def run_load(address: str, model: str, api_key: Optional[str] = None, count: int = 100, concurrency: int = 4,
                    duration_s: float = 60.0, max_new_tokens: int = 32, prompts: Sequence[str] = DEFAULT_PROMPTS,
-                   request_timeout_s: float = 60.0) -> LoadReport:
+                   request_timeout_s: float = 60.0, http: bool = False) -> LoadReport:
+    """`address`: the gateway's gRPC port, or with `http` its HTTP API's (host:port)."""
     check_loopback(address)
     if not 1 <= count <= MAX_COUNT:
         raise InvalidArgument("count", f"must be in [1, {MAX_COUNT}], got {count}")
@@ -110,26 +116,23 @@ async def run_load(address: str, model: str, api_key: Optional[str] = None, coun
     started = time.monotonic()
     stop_at = started + duration_s
 
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
+    async with _sender(address, model, api_key, max_new_tokens, request_timeout_s, http) as send:
 
         async def one(prompt: str) -> None:
-            request = build_request(model, chat=prompt, max_new_tokens=max_new_tokens)
             sent = last = time.monotonic()
-            call = stub.GenerateStream(request, timeout=request_timeout_s, metadata=auth_metadata(api_key))
             try:
-                async for message in call:
+                async for tokens, pod in send(prompt):
                     now = time.monotonic()
-                    if message.HasField("token"):
+                    if pod is None:
                         (ttft if last == sent else itl).append(now - last)
                         last = now
                     else:
                         e2e.append(now - sent)
-                        report.tokens += message.summary.skip_stats.generated_tokens
-                        served[message.summary.served_by] += 1
+                        report.tokens += tokens
+                        served[pod] += 1
                 report.ok += 1
-            except grpc.aio.AioRpcError as err:
-                errors[err.code().name] += 1
+            except _Failed as failed:
+                errors[failed.code] += 1
 
         async def worker() -> None:
             for _ in tickets:  # shared iterator: each ticket is taken by exactly one worker
@@ -145,3 +148,73 @@ async def run_load(address: str, model: str, api_key: Optional[str] = None, coun
     report.errors, report.served_by = dict(errors), dict(served)
     report.latency_s, report.ttft_s, report.itl_s = percentiles(e2e), percentiles(ttft), percentiles(itl)
     return report
+
+
+class _Failed(Exception):
+    """A request that ended with an error status (`code`: its gRPC code name or HTTP status)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# One streamed request: yields (0, None) per token, then (generated tokens, serving pod) once; raises _Failed.
+Send = Callable[[str], AsyncIterator[tuple[int, Optional[str]]]]
+
+
+@contextlib.asynccontextmanager
+async def _sender(address: str, model: str, api_key: Optional[str], max_new_tokens: int, timeout_s: float,
+                  http: bool) -> AsyncIterator[Send]:
+    if not http:
+        async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+
+            async def send_grpc(prompt: str) -> AsyncIterator[tuple[int, Optional[str]]]:
+                request = build_request(model, chat=prompt, max_new_tokens=max_new_tokens)
+                call = stub.GenerateStream(request, timeout=timeout_s, metadata=auth_metadata(api_key))
+                try:
+                    async for message in call:
+                        if message.HasField("token"):
+                            yield 0, None
+                        else:
+                            yield message.summary.skip_stats.generated_tokens, message.summary.served_by
+                except grpc.aio.AioRpcError as err:
+                    raise _Failed(err.code().name) from None
+
+            yield send_grpc
+        return
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(f"http://{address}", headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+        async def send_http(prompt: str) -> AsyncIterator[tuple[int, Optional[str]]]:
+            body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_new_tokens, "stream": True}
+            try:
+                async with session.post("/v1/chat/completions", json=body) as response:
+                    if response.status != 200:
+                        raise _Failed(str(response.status))
+                    async for line in response.content:
+                        event = _sse_data(line)
+                        if event is None:
+                            continue
+                        if "error" in event:
+                            raise _Failed(str(event["error"].get("code")))
+                        choice = event["choices"][0] if event.get("choices") else {}
+                        if choice.get("delta", {}).get("content"):
+                            yield 0, None
+                        if choice.get("finish_reason"):
+                            stats = event["ffnskip"]
+                            yield stats["generated_tokens"], stats["served_by"]
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise _Failed(type(exc).__name__) from None
+
+        yield send_http
+
+
+def _sse_data(line: bytes) -> Optional[dict]:
+    """The JSON of a server-sent `data:` line; None for anything else (blank lines, [DONE])."""
+    text = line.decode().strip()
+    if not text.startswith("data:") or text == "data: [DONE]":
+        return None
+    return json.loads(text[len("data:"):])

@@ -53,6 +53,8 @@ def register(commands) -> None:
     load.add_argument("--duration", type=float, default=60.0, help="seconds at most to send new requests (<= 3600)")
     load.add_argument("--concurrency", type=int, default=4, help="requests in flight (<= 256)")
     load.add_argument("--max-new-tokens", type=int, default=32)
+    load.add_argument("--http", action="store_true",
+                      help="drive the OpenAI-compatible HTTP API instead (--address: its host:port)")
     load.add_argument("--json", action="store_true")
     load.set_defaults(handler=_rpc(_load))
 
@@ -170,6 +172,6 @@ def _load(args: argparse.Namespace) -> int:
 
     report = asyncio.run(run_load(args.address, args.model, api_key=args.api_key, count=args.count,
                                   concurrency=args.concurrency, duration_s=args.duration,
-                                  max_new_tokens=args.max_new_tokens))
+                                  max_new_tokens=args.max_new_tokens, http=args.http))
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
     return 0 if not report.errors else 1

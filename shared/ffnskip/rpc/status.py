@@ -35,6 +35,27 @@ STATUS_TABLE: dict[type[errors.FfnSkipError], grpc.StatusCode] = {
     # The base class: a deliberate, user-facing message that fits no finer code.
     errors.FfnSkipError: grpc.StatusCode.UNKNOWN,
 }
+# The one mapping from a gRPC status to an HTTP status, for the gateway's HTTP API: an error
+# reaches an HTTP client through STATUS_TABLE and then this table, never by a second route.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,  # the client went away (nginx's code; nobody reads it)
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 RETRY_AFTER_HEADER = "retry-after"  # whole seconds, as in HTTP
 _QUIET_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes: log at debug
 

@@ -40,6 +40,8 @@ def register(commands) -> None:
     up.add_argument("--model", default="smollm2-135m", help="model spec (default: the embedded SmolLM2-135M)")
     up.add_argument("--decoders", type=int, default=1, help="decoder processes (default 1)")
     up.add_argument("--gateway-port", type=int, default=50051, help="gateway gRPC port on 127.0.0.1 (0 = any free)")
+    up.add_argument("--http-port", type=int, default=8080,
+                    help="gateway OpenAI-compatible HTTP API port on 127.0.0.1 (0 = any free)")
     up.add_argument("--metrics-port", type=int, default=0, help="gateway /metrics port (default: any free)")
     up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the first request's chat message")
@@ -144,6 +146,7 @@ class Stack:
         self.gateway: Optional[Child] = None
         self.decoders: list[Child] = []
         self.metrics_port = args.metrics_port or free_port()
+        self.http_port = args.http_port or free_port()
         self.supervisor: Optional[Supervisor] = None
 
     def children(self) -> list[Child]:
@@ -187,6 +190,7 @@ class Stack:
         self.gateway = Child.service("gateway", "services.gateway.main", self._env(
             FFNSKIP_GATEWAY_HOST="127.0.0.1", FFNSKIP_GATEWAY_PORT=str(port), FFNSKIP_GATEWAY_ID="gateway-local",
             FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(self.metrics_port),
+            FFNSKIP_HTTP_HOST="127.0.0.1", FFNSKIP_HTTP_PORT=str(self.http_port),
             FFNSKIP_API_KEYS=self.api_key, FFNSKIP_OPS_KEYS=self.ops_key), port, self.log_dir).start()
 
     def _start_decoders(self) -> None:
@@ -256,12 +260,17 @@ class Stack:
         assert self.gateway is not None
         return "\n".join([
             f"gateway     {self.gateway.address}   (metrics http://127.0.0.1:{self.metrics_port}/metrics)",
+            f"HTTP API    http://127.0.0.1:{self.http_port}/v1   (OpenAI-compatible: chat/completions, completions, "
+            f"models)",
             f"API key     {self.api_key}",
             f"ops key     {self.ops_key}",
             f"calibrator  {self.calibrator.address if self.calibrator else '-'}   redis {self.redis.url}",
             f"try         ffnskip client stream --address {self.gateway.address} --api-key {self.api_key} "
             f"--model {self.model} \"Tell me a joke\"",
             f"            ffnskip client telemetry --address {self.gateway.address} --api-key {self.ops_key}",
+            f"            curl -s http://127.0.0.1:{self.http_port}/v1/chat/completions -H 'Authorization: Bearer "
+            f"{self.api_key}' -H 'Content-Type: application/json' -d '{{\"model\": \"{self.model}\", "
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Tell me a joke\"}}]}}'",
         ])
 
     def shutdown(self) -> None:
