@@ -13,7 +13,7 @@ def engine_logits(loaded, prompt_ids: list[int], steps: int) -> tuple[list[int],
     engine = Engine(loaded, max_batch=1, max_seq_len=128)
     runner, cache = engine.runner, engine.cache
     row = cache.take_row()
-    logits = [runner.prefill(cache, row, torch.tensor(prompt_ids))]
+    logits = [runner.prefill(cache, [row], [prompt_ids])[0]]
     ids = [int(logits[-1].argmax())]
     for _ in range(steps - 1):
         dense = engine.planner.begin_step([], [], [])  # no plans: every FFN runs

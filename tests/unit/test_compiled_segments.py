@@ -131,8 +131,8 @@ def test_padding_rows_never_touch_a_sequence_admitted_in_the_same_step(compiled_
 def _first_decode_logits(engine: Engine, prompt: str) -> torch.Tensor:
     runner, cache = engine.runner, engine.cache
     row = cache.take_row()
-    ids = torch.tensor(engine.tokenizer(prompt)["input_ids"])
-    runner.prefill(cache, row, ids)
+    ids = engine.tokenizer(prompt)["input_ids"]
+    runner.prefill(cache, [row], [ids])
     logits = runner.decode(cache, [5], [len(ids)], engine.planner.begin_step([], [], []))
     cache.release_row(row)
     return logits.float()

@@ -121,3 +121,29 @@ def test_chat_messages_use_the_template(tiny_engine):
     result = tiny_engine.generate([messages], SamplingParams(max_new_tokens=4, ignore_eos=True), DENSE)[0]
     templated = tiny_engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert result.token_ids == tiny_engine.generate([templated], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids
+
+
+def test_prompts_admitted_together_prefill_in_one_forward_as_they_would_alone(tiny_loaded):
+    """Right-padded prompts of different lengths: each row's logits and cached keys and values
+    equal those of its prompt prefilled alone."""
+    engine = Engine(tiny_loaded, max_batch=3, max_seq_len=64)
+    prompts = [engine.tokenizer(p)["input_ids"] for p in ("a", "three three three", "two two")]
+    rows = [engine.cache.take_row() for _ in prompts]
+    together = engine.runner.prefill(engine.cache, rows, prompts)
+    keys = [engine.cache.layer(1)[0][row, :, :len(p)].clone() for row, p in zip(rows, prompts)]
+    for i, prompt in enumerate(prompts):
+        alone_row = rows[0]
+        single = engine.runner.prefill(engine.cache, [alone_row], [prompt])[0]
+        assert (single - together[i]).abs().max().item() <= 1e-5
+        assert (engine.cache.layer(1)[0][alone_row, :, :len(prompt)] - keys[i]).abs().max().item() <= 1e-5
+        assert engine.cache.lengths[alone_row] == len(prompt)
+
+
+def test_prefill_groups_keep_the_padding_small():
+    from types import SimpleNamespace
+
+    from ffnskip.engine.engine import prefill_groups
+
+    seqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (40, 10, 12, 11, 38)]
+    groups = prefill_groups(seqs)
+    assert [[len(s.prompt_ids) for s in group] for group in groups] == [[10, 11, 12], [38, 40]]

@@ -12,8 +12,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence as Seq
 
-import torch
-
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine.compiled import CompileTarget, CompiledSegments
 from ffnskip.engine.loading import LoadedModel
@@ -160,21 +158,31 @@ class Engine:
         self._retire_finished()  # sequences cancelled since the last step leave first
         self._drop_cancelled_waiting()
         decoding = len(self.running)
-        events = [self._prefill(self.waiting.popleft()) for _ in range(min(len(self.waiting), self.cache.free_rows))]
+        admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.cache.free_rows))]
+        events = self._prefill(admitted) if admitted else []
         if decoding:
             events += self._decode(self.running[:decoding])
         self._retire_finished()
         return events
 
-    def _prefill(self, seq: Sequence) -> TokenEvent:
-        seq.row = self.cache.take_row()
-        self.running.append(seq)
-        started = time.perf_counter()
-        ids = torch.tensor(seq.prompt_ids, device=self.runner.device)
-        logits = self.runner.prefill(self.cache, seq.row, ids)
-        token = sample(logits[None], [seq.sampling], [seq.sample_generator])[0]
-        seq.forward_seconds += time.perf_counter() - started
-        return self._emit(seq, token, [], None)
+    def _prefill(self, admitted: list[Sequence]) -> list[TokenEvent]:
+        """Give each admitted sequence a cache row and prefill them in groups of similar length
+        (one forward per group: a batch of prompts costs little more than one on a CPU's GEMMs,
+        and padding to the group's longest stays within PREFILL_PADDING of the real tokens)."""
+        tokens: dict[int, int] = {}
+        rows: dict[int, int] = {}
+        for seq in admitted:
+            seq.row = rows[seq.seq_id] = self.cache.take_row()
+            self.running.append(seq)
+        for group in prefill_groups(admitted):
+            started = time.perf_counter()
+            logits = self.runner.prefill(self.cache, [rows[s.seq_id] for s in group], [s.prompt_ids for s in group])
+            sampled = sample(logits, [s.sampling for s in group], [s.sample_generator for s in group])
+            elapsed = time.perf_counter() - started
+            for seq, token in zip(group, sampled):
+                seq.forward_seconds += elapsed
+                tokens[seq.seq_id] = token
+        return [self._emit(seq, tokens[seq.seq_id], [], None) for seq in admitted]
 
     def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
         started = time.perf_counter()
@@ -244,6 +252,27 @@ class Engine:
             for event in self.step():
                 if event.seq_id == seq.seq_id:
                     yield event
+
+
+PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens
+
+
+def prefill_groups(seqs: Seq[Sequence]) -> list[list[Sequence]]:
+    """Sequences grouped for prefill by prompt length, shortest first: a group takes the next
+    prompt while the padding to it keeps within PREFILL_PADDING."""
+    groups: list[list[Sequence]] = []
+    group: list[Sequence] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        length = len(seq.prompt_ids)
+        if group and (len(group) + 1) * length > PREFILL_PADDING * (real + length):
+            groups.append(group)
+            group, real = [], 0
+        group.append(seq)
+        real += length
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _prompt_kwargs(prompt: str | list[dict]) -> dict:

@@ -11,7 +11,7 @@ eagerly or compiled (compiled.py) with the same code; this module's own code
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence as Seq
 
 import torch
 from torch import nn
@@ -53,18 +53,26 @@ class ModelRunner:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, row: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the full model over one prompt into cache row `row`; return last logits [V]."""
-        x = self.embed(input_ids[None])
-        length = input_ids.shape[0]
-        cos, sin = self.rotary(x, torch.arange(length, device=self.device)[None], end=length)
+    def prefill(self, cache: KVCache, rows: Seq[int], prompts: Seq[Seq[int]]) -> torch.Tensor:
+        """Run the full model over prompts together, each into its cache row; their last logits [N, V].
+
+        The prompts are right-padded to the longest: under the causal mask a real token sees only
+        the positions before it, all real, and only each prompt's own positions reach the cache."""
+        lengths = [len(prompt) for prompt in prompts]
+        longest = max(lengths)
+        ids = torch.tensor([list(prompt) + [0] * (longest - len(prompt)) for prompt in prompts], device=self.device)
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, torch.arange(longest, device=self.device)[None], end=longest)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
-            cache.write_prefill(index, row, k[0], v[0])
+            for i, (row, length) in enumerate(zip(rows, lengths)):
+                cache.write_prefill(index, row, k[i, :, :length], v[i, :, :length])
             h = x + layer.output(layer.attention(q, k, v, None, causal=True))
             x = h + layer.mlp(h)
-        cache.lengths[row] = input_ids.shape[0]
-        return self.head(x)[0]
+        for row, length in zip(rows, lengths):
+            cache.lengths[row] = length
+        last = x[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.head(last[:, None])
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips) -> torch.Tensor:

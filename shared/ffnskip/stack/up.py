@@ -58,6 +58,8 @@ def register(commands) -> None:
 def run_up(args: argparse.Namespace) -> int:
     if not 1 <= args.decoders <= 16:
         raise InvalidArgument("decoders", f"must be in [1, 16], got {args.decoders}")
+    for flag, port in (("gateway_port", args.gateway_port), ("http_port", args.http_port)):
+        require_free_port(flag, port)
 
     data_dir = (args.data_dir or cache_root(os.environ) / "stack").expanduser().resolve()
     stack = Stack(args, data_dir)
@@ -78,6 +80,20 @@ def run_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stack.shutdown()
     return 0
+
+
+def require_free_port(flag: str, port: int) -> None:
+    """A fixed port that something else holds is refused up front (else the gateway would fail
+    to bind and be restarted forever); 0 is any free port."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port's TIME_WAIT is free
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise InvalidArgument(flag, f"port {port} on 127.0.0.1 is in use; pass --{flag.replace('_', '-')} 0 "
+                                        f"for any free port") from None
 
 
 def _interrupt(*_: object) -> None:
