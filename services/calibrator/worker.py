@@ -51,7 +51,7 @@ class ModelCache:
             if spec not in self._models:
                 loader = self._loader
                 if loader is None:
-                    from ffnskip.engine import load_model
+                    from ffnskip.engine import load_model  # torch and transformers: only a worker that runs loads them
 
                     loader = functools.partial(load_model, cache_dir=self._cache_dir)
                 started = time.perf_counter()

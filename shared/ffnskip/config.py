@@ -39,10 +39,6 @@ class Policy(str, Enum):
         """It decides layer by layer from the hidden state's similarity across the FFN."""
         return self in (Policy.ADAPTIVE, Policy.ALIGNED)
 
-    @property
-    def skips(self) -> bool:
-        return self.planned or self.adaptive
-
     @staticmethod
     def parse(value: object, field: str = "policy") -> "Policy":
         """A policy from its name; InvalidArgument naming `field` otherwise."""

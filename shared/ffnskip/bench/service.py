@@ -111,6 +111,7 @@ def engine_baseline(model: str, requests, device: str, dtype: str) -> float:
 def generation_stub(channel: grpc.Channel):
     """A GenerateStream stub for what serves at the channel: a gateway (what users call) or a
     decoder (the service path without the gateway), told apart by gRPC reflection."""
+    # local, like the other generated-module imports here: only a --target run needs them
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     from ffnskip.v1 import decoder_pb2_grpc, gateway_pb2_grpc

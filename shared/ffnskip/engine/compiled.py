@@ -96,12 +96,16 @@ def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, auto
     return digest.hexdigest()[:20]
 
 
-def decode_weights(module: nn.Module, kind: str) -> tuple[list[str], list[torch.Tensor]]:
-    """The names and tensors a segment of `kind` reads from `module` (a layer or the head),
-    matrices in the blocked layout."""
+def weight_names(module: nn.Module, kind: str) -> list[str]:
+    """The parameters of `module` (a layer or the head) a segment of `kind` reads, in input order."""
     params = dict(module.named_parameters())
-    names = [name for name in WEIGHTS[kind] if name in params]
-    return names, [blocked(params[name].detach()) if params[name].dim() == 2 else params[name].detach() for name in names]
+    return [name for name in WEIGHTS[kind] if name in params]
+
+
+def decode_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    """Those parameters as the packages read them: matrices in the blocked layout."""
+    params = {name: param.detach() for name, param in module.named_parameters()}
+    return [blocked(params[name]) if params[name].dim() == 2 else params[name] for name in names]
 
 
 class _Shared(nn.Module):
@@ -156,9 +160,11 @@ class CompiledSegments:
         self._runners: dict[tuple[int, str], PackageRun] = {}
         # the one copy of the weights every bucket's packages read, per layer, in package order
         with torch.inference_mode():
-            self._attention_weights = [decode_weights(layer, "attention")[1] for layer in layers]
-            self._ffn_weights = [decode_weights(layer, "ffn")[1] for layer in layers]
-            self._head_weights = decode_weights(head, "head")[1]
+            self._names = {kind: weight_names(layers[0], kind) for kind in ("attention", "ffn")}
+            self._names["head"] = weight_names(head, "head")
+            self._attention_weights = [decode_weights(layer, self._names["attention"]) for layer in layers]
+            self._ffn_weights = [decode_weights(layer, self._names["ffn"]) for layer in layers]
+            self._head_weights = decode_weights(head, self._names["head"])
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
         self._eager = EagerSegments(layers, head) if target.eager_until_warm else None
         self.compiled = 0  # packages compiled by this process (the others were loaded)
@@ -261,13 +267,13 @@ class CompiledSegments:
         first = self.layers[0]
         like: dict[str, Any] = dict(dtype=self.dtype, device=self.device)
         x = torch.zeros(padded, 1, first.hidden_size, **like)
+        names = self._names[name]  # the example inputs: the weights the first layer is called with
         if name == "head":
-            names, weights = decode_weights(self._head, "head")
-            return _Shared(self._head, names), (x, *weights), None
-        names, weights = decode_weights(first, name)
+            return _Shared(self._head, names), (x, *self._head_weights), None
         if name == "ffn":
             return (_Shared(_Ffn(first), [f"layer.{n}" for n in names]),
-                    (x, self._all_rows[padded].clone(), *weights), None)
+                    (x, self._all_rows[padded].clone(), *self._ffn_weights[0]), None)
+        weights = self._attention_weights[0]
         cos = torch.ones(padded, 1, first.head_dim, **like)
         cache_rows, positions, span = padded + 1, 8, 4  # example sizes only: these three are dynamic
         keys = torch.zeros(cache_rows, first.num_kv_heads, positions, first.head_dim, **like)

@@ -88,8 +88,13 @@ RUN_ALL = Decision(FfnRows.ALL)
 RUN_NONE = Decision(FfnRows.NONE)
 
 
-def decision_for(skip: Seq[bool]) -> Decision:
-    run = tuple(b for b, skipped in enumerate(skip) if not skipped)
+def decide_layer(layer: int, skip: Seq[bool], skipped: list[list[int]]) -> Decision:
+    """The decision for a layer whose rows skip where `skip[b]`; each skipping row's list in
+    `skipped` gets the layer."""
+    for b, skips in enumerate(skip):
+        if skips:
+            skipped[b].append(layer)
+    run = tuple(b for b, skips in enumerate(skip) if not skips)
     if len(run) == len(skip):
         return RUN_ALL
     return Decision(FfnRows.SOME, run) if run else RUN_NONE
@@ -204,10 +209,7 @@ class AdaptiveStep:
         if self.aligned_rows:
             self._align(layer, skip)
         self.skip_now = skip
-        for b in range(self.batch):
-            if skip[b]:
-                self.skipped[b].append(layer)
-        decision = decision_for(skip)
+        decision = decide_layer(layer, skip, self.skipped)
         if decision.kind is not FfnRows.NONE:
             self.ffn_reads += 1
         return decision
@@ -286,11 +288,7 @@ class SkipPlanner:
             skipped: list[list[int]] = [[] for _ in range(batch)]
             decisions = []
             for layer in range(self.num_layers):
-                skip = [p is not None and p[layer] for p in planned]
-                for b in range(batch):
-                    if skip[b]:
-                        skipped[b].append(layer)
-                decisions.append(decision_for(skip))
+                decisions.append(decide_layer(layer, [p is not None and p[layer] for p in planned], skipped))
             reads = sum(1 for decision in decisions if decision.kind is not FfnRows.NONE)
             self._planned_key, self._planned = key, (decisions, skipped, reads)
         return self._planned
