@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from ffnskip.engine import GenerationResult
 
@@ -16,6 +16,9 @@ class DecoderMetrics:
     def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
                  profile_version: Callable[[], int]) -> None:
         self.registry = r = CollectorRegistry()
+        # process_resident_memory_bytes and the other process_* series (Linux): the pod's memory
+        # next to its work, e.g. for `ffnskip bench --metrics-url`
+        ProcessCollector(registry=r)
         labels = {"model_name": model_name}
         Gauge(PREFIX + "num_requests_running", "Sequences decoding now.", ["model_name"], registry=r) \
             .labels(**labels).set_function(running)

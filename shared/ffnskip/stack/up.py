@@ -161,6 +161,7 @@ class Stack:
         self.calibrator: Optional[Child] = None
         self.gateway: Optional[Child] = None
         self.decoders: list[Child] = []
+        self.decoder_metrics_ports: list[int] = []  # each decoder's /metrics (its memory too: process_*)
         self.metrics_port = args.metrics_port or free_port()
         self.http_port = args.http_port or free_port()
         self.supervisor: Optional[Supervisor] = None
@@ -211,10 +212,12 @@ class Stack:
 
     def _start_decoders(self) -> None:
         for i in range(self.args.decoders):
-            port = free_port()
+            port, metrics_port = free_port(), free_port()
+            self.decoder_metrics_ports.append(metrics_port)
             self.decoders.append(Child.service(f"decoder-{i}", "services.decoder.main", self._env(
                 FFNSKIP_DECODER_HOST="127.0.0.1", FFNSKIP_DECODER_PORT=str(port), FFNSKIP_DECODER_ID=f"decoder-{i}",
-                FFNSKIP_ADVERTISE_ADDRESS=f"127.0.0.1:{port}", FFNSKIP_MODEL=self.model, FFNSKIP_MODEL_NAME=self.model),
+                FFNSKIP_ADVERTISE_ADDRESS=f"127.0.0.1:{port}", FFNSKIP_MODEL=self.model, FFNSKIP_MODEL_NAME=self.model,
+                FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(metrics_port)),
                 port, self.log_dir).start())
 
     def _active_profile(self) -> Optional[int]:
@@ -281,6 +284,8 @@ class Stack:
             f"API key     {self.api_key}",
             f"ops key     {self.ops_key}",
             f"calibrator  {self.calibrator.address if self.calibrator else '-'}   redis {self.redis.url}",
+            "decoders    " + "   ".join(f"{d.name} metrics http://127.0.0.1:{port}/metrics"
+                                       for d, port in zip(self.decoders, self.decoder_metrics_ports)),
             f"try         ffnskip client stream --address {self.gateway.address} --api-key {self.api_key} "
             f"--model {self.model} \"Tell me a joke\"",
             f"            ffnskip client telemetry --address {self.gateway.address} --api-key {self.ops_key}",
