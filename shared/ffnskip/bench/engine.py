@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ffnskip.bench.peer import LlamaCppPeer  # imported when a peer is opened: llama.cpp is an extra
 
 STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
+SERVER_PEER = "llama-server"  # the service bench's peer (`--target ... --peer llama-server`)
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,13 @@ def register(commands) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine's decode segments as AOTInductor packages (compiled once per model and "
                              "precision into $FFNSKIP_CACHE/compiled, loaded after; the time is reported, not timed)")
-    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+    # one flag for both benches' llama.cpp peer: a bare --peer here, --peer llama-server with --target
+    parser.add_argument("--peer", nargs="?", const=True, default=None, choices=[SERVER_PEER],
                         help="llama.cpp rows (llamacpp_f32/_bf16, batch 1) on GGUF files written from the same weights; "
-                             "default: when llama-cpp-python is installed (pip install '.[peer]')")
+                             "default: when llama-cpp-python is installed (pip install '.[peer]'). With --target: "
+                             "--peer llama-server runs llama.cpp's server on the same weights after the service rows "
+                             "and prints both side by side")
+    parser.add_argument("--no-peer", dest="peer", action="store_const", const=False, help="no llama.cpp rows")
     parser.add_argument("--profile-step", action="store_true", help="also profile one dense decode step and print where the time goes")
     parser.add_argument("--json", action="store_true")
     service = parser.add_argument_group("service benchmark (with --target)")
@@ -167,17 +172,27 @@ def register(commands) -> None:
     service.add_argument("--timeout", type=float, default=600.0)
     service.add_argument("--api-key", help="bearer key, when the target is a gateway")
     service.add_argument("--engine-baseline", action="store_true", help="also run the bare engine in-process on the same prompts")
+    service.add_argument("--peer-threads", type=int, metavar="N",
+                         help="llama-server's threads (with --peer llama-server); default: torch's thread count in "
+                              "this process, which the decoder's own default matches on the same machine")
+    service.add_argument("--metrics-url", metavar="URL",
+                         help="the decoder's Prometheus endpoint (http://HOST:PORT/metrics): report its resident "
+                              "memory after the service rows")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ffnskip.errors import InvalidArgument
+
     if args.target:
         from ffnskip.bench import service as service_bench
 
         return service_bench.run(args)
+    if args.peer == SERVER_PEER:
+        raise InvalidArgument("peer", f"{SERVER_PEER} is the peer of the service bench (--target HOST:PORT); "
+                                      "the in-process bench takes a bare --peer (llama-cpp-python rows)")
     import torch  # here, not at import: every CLI command imports this module
     from ffnskip.bench.step_profile import profile_decode_step
-    from ffnskip.errors import InvalidArgument
 
     if args.new_tokens < 2:
         raise InvalidArgument("new_tokens", "must be at least 2: a run is timed over its decode steps")

@@ -4,57 +4,37 @@ tokens/s with TTFT, inter-token and end-to-end latency percentiles.
 
 With `--engine-baseline` the same prompts also run on a bare in-process engine at
 concurrency 1 (after the service rows, so the two never share the CPU), which is
-what the service's overhead is measured against.
+what the service's overhead is measured against. With `--peer llama-server` llama.cpp's
+server runs the same requests on the same weights after the service rows (the two never
+share the CPU) and the table shows both side by side (ffnskip.bench.service_peer).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import grpc
 
+from ffnskip.bench.calls import CallResult, run_level
+from ffnskip.bench.engine import SERVER_PEER
+from ffnskip.bench.service_peer import CHECK_PROMPTS, CHECK_TOKENS, ServerPeer, describe_agreement
 from ffnskip.datasets import texts
+from ffnskip.errors import FfnSkipError, InvalidArgument
 from ffnskip.settings import cache_root
-
-
-@dataclass
-class CallResult:
-    ok: bool
-    code: str = "OK"
-    tokens: int = 0
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    gaps_s: list[float] = field(default_factory=list)
-    decode_skip_ratio: float = 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
     started = time.perf_counter()
-    last = None
     result = CallResult(ok=False)
     try:
         for message in stub.GenerateStream(request, timeout=timeout_s, metadata=metadata):
-            now = time.perf_counter()
             if message.HasField("token"):
-                if last is None:
-                    result.ttft_s = now - started
-                else:
-                    result.gaps_s.append(now - last)
-                last = now
-                result.tokens += 1
+                result.add_tokens(1, time.perf_counter(), started)
             else:
                 result.decode_skip_ratio = message.summary.skip_stats.decode_skip_ratio
         result.ok = True
@@ -64,32 +44,14 @@ def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
     return result
 
 
-def run_level(stub, requests, concurrency: int, metadata, timeout_s: float) -> dict:
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda r: stream_once(stub, r, metadata, timeout_s), requests))
-    wall = time.perf_counter() - started
-    good = [r for r in results if r.ok]
-    gaps = [g for r in good for g in r.gaps_s]
-    ms = lambda values, q: round(percentile(values, q) * 1e3, 1)  # noqa: E731
-    return {
-        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(good),
-        "error_codes": sorted({r.code for r in results if not r.ok}),
-        "tokens": sum(r.tokens for r in good), "tokens_per_s": round(sum(r.tokens for r in good) / wall, 2),
-        "decode_skip_ratio": round(statistics.fmean([r.decode_skip_ratio for r in good]), 4) if good else None,
-        "ttft_ms": {q: ms([r.ttft_s for r in good], p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
-        "itl_ms": {q: ms(gaps, p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
-        "e2e_ms": {q: ms([r.e2e_s for r in good], p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
-    }
-
-
-def build_requests(model: str, count: int, max_new_tokens: int, policy: str):
+def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ignore_eos: bool = True):
     from ffnskip.v1 import generation_pb2 as pb
 
     prompts = texts("prompts", "prompt")
     skip = pb.SkipOverrides(policy=policy) if policy else pb.SkipOverrides()
+    sampling = pb.SamplingOptions(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     return [pb.GenerateRequest(model=model, messages=[pb.ChatMessage(role="user", content=prompts[i % len(prompts)])],
-                               sampling=pb.SamplingOptions(max_new_tokens=max_new_tokens, ignore_eos=True), skip=skip)
+                               sampling=sampling, skip=skip)
             for i in range(count)]
 
 
@@ -128,18 +90,42 @@ def run(args) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     policies = args.service_policies.split(",")
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+    if args.peer not in (None, False, SERVER_PEER):
+        raise InvalidArgument("peer", f"with --target the peer is llama.cpp's server: --peer {SERVER_PEER}")
+    if args.peer_threads is not None and args.peer != SERVER_PEER:
+        raise InvalidArgument("peer_threads", f"is llama-server's: only with --peer {SERVER_PEER}")
+    # the model is loaded and its GGUF written before anything is timed: both take the CPU
+    peer = ServerPeer(args.model, args.dtype, args.peer_threads) if args.peer == SERVER_PEER else None
+    count = {c: max(args.requests_per_level, c * 2) for c in levels}
+    report: dict[str, Any] = {"target": args.target, "model": args.model, "new_tokens": args.new_tokens}
     rows = []
     with insecure_channel(args.target) as channel:
         stub = generation_stub(channel)
+        if peer is not None:  # before the timed rows: a peer doing other work fails here, not after them
+            # EOS ends these on both sides: the two ignore it differently (llama_server.completion_body)
+            check = build_requests(args.model, CHECK_PROMPTS, CHECK_TOKENS, "dense", ignore_eos=False)
+            try:
+                service_tokens = [list(stub.Generate(r, timeout=args.timeout, metadata=metadata).token_ids) for r in check]
+            except grpc.RpcError as err:
+                raise FfnSkipError(f"greedy check: {args.target} answered {err.code().name}: {err.details()}") from None
+            report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, args.timeout)
         for concurrency in levels:
             for policy in policies:
-                requests = build_requests(args.model, max(args.requests_per_level, concurrency * 2), args.new_tokens,
+                requests = build_requests(args.model, count[concurrency], args.new_tokens,
                                           "" if policy == "profile" else policy)
-                row = run_level(stub, requests, concurrency, metadata, args.timeout)
+                row = run_level(lambda r: stream_once(stub, r, metadata, args.timeout), requests, concurrency)
                 row["policy"] = policy
                 rows.append(row)
                 print(f"c={concurrency} {policy}: {row['tokens_per_s']} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
-    report = {"target": args.target, "model": args.model, "new_tokens": args.new_tokens, "rows": rows}
+    report["rows"] = rows
+    if args.metrics_url:  # after the service rows, while nothing else runs
+        report["service_resident_bytes"] = resident_bytes(args.metrics_url)
+    if peer is not None:  # after the service rows, so the two never share the CPU
+        same = {c: build_requests(args.model, n, args.new_tokens, "dense") for c, n in count.items()}
+        report["llama_server"] = peer.rows(same, args.new_tokens, args.timeout, lambda row: print(
+            f"c={row['concurrency']} llama-server: {row['tokens_per_s']} tok/s, errors {row['errors']}",
+            file=sys.stderr, flush=True))
+        report["rows"] = with_ratios(rows, report["llama_server"]["rows"])
     if args.engine_baseline:
         requests = build_requests(args.model, args.requests_per_level, args.new_tokens, "dense")
         report["engine_dense_tokens_per_s"] = round(engine_baseline(args.model, requests, args.device, args.dtype), 2)
@@ -151,15 +137,84 @@ def run(args) -> int:
     return 0
 
 
+def resident_bytes(metrics_url: str) -> Optional[int]:
+    """process_resident_memory_bytes from a Prometheus endpoint; None when it does not export it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as err:
+        raise InvalidArgument("metrics_url", f"cannot read {metrics_url}: {err}") from None
+    for family in text_string_to_metric_families(text):
+        if family.name == "process_resident_memory_bytes" and family.samples:
+            return int(family.samples[0].value)
+    return None
+
+
+def ratio(ours: Optional[float], theirs: Optional[float]) -> Optional[float]:
+    if ours is None or theirs is None or not theirs or math.isnan(ours) or math.isnan(theirs):
+        return None
+    return round(ours / theirs, 3)
+
+
+def with_ratios(rows: list[dict], peer_rows: list[dict]) -> list[dict]:
+    """The service rows, each with its ratios to llama-server's row of the same concurrency
+    (service / llama-server: tokens/s above 1 = the service is faster; TTFT and ITL p50
+    above 1 = the service is slower)."""
+    peers = {r["concurrency"]: r for r in peer_rows}
+    out = []
+    for row in rows:
+        peer = peers.get(row["concurrency"])
+        out.append({**row, "vs_llama_server": None if peer is None else {
+            "tokens_per_s": ratio(row["tokens_per_s"], peer["tokens_per_s"]),
+            "ttft_p50": ratio(row["ttft_ms"]["p50"], peer["ttft_ms"]["p50"]),
+            "itl_p50": ratio(row["itl_ms"]["p50"], peer["itl_ms"]["p50"])}})
+    return out
+
+
+def table_rows(report: dict) -> list[dict]:
+    """The rows in print order: per concurrency level the service's, then llama-server's."""
+    peer_rows = report.get("llama_server", {}).get("rows", [])
+    rows = []
+    for concurrency in dict.fromkeys(r["concurrency"] for r in report["rows"] + peer_rows):
+        rows += [r for r in report["rows"] + peer_rows if r["concurrency"] == concurrency]
+    return rows
+
+
+def gigabytes(value: Optional[int]) -> str:
+    return "unknown" if value is None else f"{value / 1e9:.2f} GB"
+
+
 def print_table(report: dict) -> None:
     print(f"target {report['target']} model {report['model']}, {report['new_tokens']} new tokens per request")
-    header = f"{'conc':>5} {'policy':<10}{'reqs':>5}{'err':>5}{'tok/s':>9}{'dec.skip':>9}   {'TTFT p50/p95/p99 ms':<22}{'ITL p50/p95/p99 ms':<22}{'E2E p50/p95/p99 ms':<22}"
+    peer = report.get("llama_server")
+    if "greedy_check" in report:
+        print(f"greedy check, service vs llama-server: {describe_agreement(report['greedy_check'])}")
+    header = (f"{'conc':>5} {'policy':<13}{'reqs':>5}{'err':>5}{'tok/s':>9}{'dec.skip':>9}   {'TTFT p50/p95/p99 ms':<22}"
+              f"{'ITL p50/p95/p99 ms':<22}{'E2E p50/p95/p99 ms':<22}")
+    if peer:
+        header += f"{'x tok/s':>8}{'x TTFT':>8}{'x ITL':>8}"
     print(header)
     print("-" * len(header))
-    for r in report["rows"]:
+    for r in table_rows(report):
         trio = lambda d: f"{d['p50']}/{d['p95']}/{d['p99']}"  # noqa: E731
-        print(f"{r['concurrency']:>5} {r['policy']:<10}{r['requests']:>5}{r['errors']:>5}{r['tokens_per_s']:>9.1f}"
-              f"{(r['decode_skip_ratio'] or 0):>9.3f}   {trio(r['ttft_ms']):<22}{trio(r['itl_ms']):<22}{trio(r['e2e_ms']):<22}")
+        skip = "-" if r["decode_skip_ratio"] is None else f"{r['decode_skip_ratio']:.3f}"
+        line = (f"{r['concurrency']:>5} {r['policy']:<13}{r['requests']:>5}{r['errors']:>5}{r['tokens_per_s']:>9.1f}"
+                f"{skip:>9}   {trio(r['ttft_ms']):<22}{trio(r['itl_ms']):<22}{trio(r['e2e_ms']):<22}")
+        versus = r.get("vs_llama_server")
+        if versus:
+            line += "".join(f"{'-' if versus[k] is None else format(versus[k], '.2f'):>8}"
+                            for k in ("tokens_per_s", "ttft_p50", "itl_p50"))
+        print(line.rstrip())
+    if peer:
+        print(f"x = service / llama-server at the same concurrency (tok/s above 1: the service is faster; TTFT and "
+              f"ITL p50 above 1: it is slower). llama-server: {peer['dtype']} GGUF, {peer['threads']} threads, "
+              f"{peer['slots']} slots, --ctx-size {peer['ctx_size']}, peak resident {gigabytes(peer['peak_resident_bytes'])}")
+    if "service_resident_bytes" in report:
+        print(f"service resident memory after its rows (--metrics-url): {gigabytes(report['service_resident_bytes'])}")
     if "engine_dense_tokens_per_s" in report:
         c1 = [r for r in report["rows"] if r["concurrency"] == 1 and r["policy"] == "dense"]
         line = f"bare engine, dense, one request at a time: {report['engine_dense_tokens_per_s']} tok/s"

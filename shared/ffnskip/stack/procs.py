@@ -39,7 +39,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _dying_with_parent(command: list[str]) -> list[str]:
+def dying_with_parent(command: list[str]) -> list[str]:
+    """`command` run so that it gets SIGTERM when this process dies, even by SIGKILL (Linux,
+    with setpriv; elsewhere as is), so no child outlives the command that started it."""
     setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
     return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command  # setpriv execs: same pid
 
@@ -78,7 +80,7 @@ class Child:
         self._close_log()  # a restart: the previous run's handle
         self._log = open(self.log_path, "ab")
         out = subprocess.PIPE if pipe else self._log
-        self.process = subprocess.Popen(_dying_with_parent(self.command), cwd=REPO, env=self.env, stdout=out,
+        self.process = subprocess.Popen(dying_with_parent(self.command), cwd=REPO, env=self.env, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
