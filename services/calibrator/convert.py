@@ -7,6 +7,7 @@ import re
 from typing import Any, Optional
 
 from ffnskip import datasets
+from ffnskip.calibration.budget import QualityBudget
 from ffnskip.calibration.calibrate import CalibrationRequest
 from ffnskip.config import Policy
 from ffnskip.errors import InvalidArgument, NotFound
@@ -40,7 +41,10 @@ def job_request(message: pb.SubmitCalibrationRequest, settings: CalibratorSettin
     request: dict[str, Any] = {"model": message.model, "activate": message.activate_on_success}
     request["target_skip_ratio"] = message.target_skip_ratio if message.HasField("target_skip_ratio") else DEFAULT_TARGET
     request["tokens_per_prompt"] = message.tokens_per_prompt if message.HasField("tokens_per_prompt") else DEFAULT_TOKENS
-    request["policy"] = message.policy or DEFAULT_POLICY
+    budget = {name: getattr(message, name) for name in ("max_kl", "max_relative_nll") if message.HasField(name)}
+    if budget:
+        request["quality_budget"] = budget
+    request["policy"] = message.policy or (Policy.STATIC.value if budget else DEFAULT_POLICY)
     if message.WhichOneof("source") == "prompts":
         prompts = list(message.prompts.prompts)
         for index, prompt in enumerate(prompts):
@@ -76,6 +80,7 @@ def calibration_request(request: dict[str, Any], job_id: str = "", batch_size: O
         prompts=tuple(prompts), target_skip_ratio=float(request["target_skip_ratio"]),
         tokens_per_prompt=int(request["tokens_per_prompt"]), job_id=job_id, model_id=request["model"],
         policy=request.get("policy", DEFAULT_POLICY), **batching,  # jobs queued before policies existed are adaptive
+        quality_budget=QualityBudget(**request["quality_budget"]) if "quality_budget" in request else None,
     )
 
 
@@ -114,4 +119,7 @@ def summary_to_proto(profile: Profile, active: bool) -> pb.ProfileSummary:
         target_skip_ratio=profile.target_skip_ratio, measured_skip_ratio=profile.measured_skip_ratio,
         measured_decode_skip_ratio=profile.measured_decode_skip_ratio, measured_agreement=profile.measured_agreement,
         calibration_size=int(profile.calibration["size"]), num_layers=profile.num_layers,
+        measured_kl=profile.quality.get("kl", 0.0), measured_top_match=profile.quality.get("top_match", 0.0),
+        measured_relative_nll=profile.quality.get("relative_nll", 0.0), max_kl=profile.quality.get("max_kl", 0.0),
+        max_relative_nll=profile.quality.get("max_relative_nll", 0.0), within_budget=profile.within_budget,
     )

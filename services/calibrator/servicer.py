@@ -97,10 +97,13 @@ class CalibratorServicer(calibrator_pb2_grpc.CalibratorServicer):
 
     async def ActivateProfile(self, request: pb.ActivateProfileRequest, context) -> pb.ProfileChange:
         model = _model(request.model)
-        await self._call(self._read, model, request.version)  # refuse a malformed profile; the active one stays
+        profile = await self._call(self._read, model, request.version)  # refuse a malformed profile; the active one stays
+        if not (profile.within_budget or request.force):
+            raise FailedPrecondition(f"force: profile v{request.version} misses its quality budget ({profile.budget_verdict()}); "
+                                     "activate it with force to serve it anyway")
         previous = await self._call(self._active_version, model)
         await self._call(self._profiles.activate, model, request.version)
-        log.info("profile activated", model=model, version=request.version, previous=previous)
+        log.info("profile activated", model=model, version=request.version, previous=previous, forced=not profile.within_budget)
         return _change(model, request.version, previous)
 
     async def RollbackProfile(self, request: pb.RollbackProfileRequest, context) -> pb.ProfileChange:

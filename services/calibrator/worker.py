@@ -147,7 +147,12 @@ class Worker:
                 if should_cancel():  # the model load may have taken a while
                     raise Cancelled("calibration cancelled")
                 outcome = calibrate(loaded, request, ProgressReporter(self._jobs, job_id), should_cancel)
-                version = self._publish(claimed, outcome, bool(claimed.request.get("activate")), gone)
+                activate = bool(claimed.request.get("activate"))
+                if activate and not outcome.profile.within_budget:  # stored for inspection; serving it needs force
+                    log.warning("profile misses its quality budget: not activated", job_id=job_id,
+                                verdict=outcome.profile.budget_verdict())
+                    activate = False
+                version = self._publish(claimed, outcome, activate, gone)
             except _LeftForReclaim as err:
                 log.warning("job left for another worker", job_id=job_id, worker=self.name, reason=str(err))
                 return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional, Sequence
 
@@ -19,6 +19,7 @@ from ffnskip.errors import InvalidArgument
 
 SCHEMA_VERSION = 1
 CALIBRATION_KEYS = ("digest", "size", "tokens_per_prompt")
+QUALITY_KEYS = ("kl", "top_match", "relative_nll", "max_kl", "max_relative_nll", "within_budget")
 _STAT_ORDER = ("min", "p05", "p25", "p50", "p75", "p95", "max")
 
 
@@ -76,11 +77,12 @@ def _require_utc_timestamp(name: str, value: object) -> None:
         raise InvalidArgument(name, f"must be in UTC (Z or +00:00), got {value!r}")
 
 
-def _check_keys(where: str, data: object, expected: Sequence[str]) -> Mapping[str, Any]:
-    """Exactly the expected keys: a missing or unknown key is a schema error, named."""
+def _check_keys(where: str, data: object, expected: Sequence[str], optional: Sequence[str] = ()) -> Mapping[str, Any]:
+    """Exactly the expected keys (`optional` ones may be absent): a missing or unknown key is a
+    schema error, named."""
     if not isinstance(data, Mapping):
         raise InvalidArgument(where, f"must be an object, got {type(data).__name__}")
-    missing = [k for k in expected if k not in data]
+    missing = [k for k in expected if k not in data and k not in optional]
     if missing:
         raise InvalidArgument(f"{where}.{missing[0]}", "missing")
     extra = sorted(str(k) for k in data if k not in expected)
@@ -149,6 +151,9 @@ class Profile:
     measured_agreement: float
     policy: Policy = Policy.ADAPTIVE  # a policy's name is accepted and made a Policy
     static_layers: tuple[int, ...] = ()
+    # QUALITY_KEYS: what skipping kept of dense after the warm-up, and the budget (if any)
+    # it was calibrated to; absent from profiles calibrated before it was measured
+    quality: dict = field(default_factory=dict)
     version: int = 0  # 0 = not yet published; the store allocates the real number
     job_id: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -160,6 +165,8 @@ class Profile:
             object.__setattr__(self, "static_layers", tuple(self.static_layers))
         if isinstance(self.calibration, Mapping):
             object.__setattr__(self, "calibration", dict(self.calibration))
+        if isinstance(self.quality, Mapping):
+            object.__setattr__(self, "quality", dict(self.quality))
         self._validate_identity()
         self._validate_layers()
         self._validate_params()
@@ -216,6 +223,30 @@ class Profile:
         _require_real("profile.target_skip_ratio", self.target_skip_ratio, 0.0, 0.9, low_open=True)
         for name in ("measured_skip_ratio", "measured_decode_skip_ratio", "measured_agreement"):
             _require_real(f"profile.{name}", getattr(self, name), 0.0, 1.0)
+        if not isinstance(self.quality, dict):
+            raise InvalidArgument("profile.quality", f"must be an object, got {type(self.quality).__name__}")
+        if self.quality:
+            quality = _check_keys("profile.quality", self.quality, QUALITY_KEYS, optional=("max_kl", "max_relative_nll"))
+            for name in ("kl", "relative_nll", "max_kl", "max_relative_nll"):
+                if name in quality:
+                    _require_real(f"profile.quality.{name}", quality[name], 0.0, 1e6)
+            _require_real("profile.quality.top_match", quality["top_match"], 0.0, 1.0)
+            if not isinstance(quality["within_budget"], bool):
+                raise InvalidArgument("profile.quality.within_budget", "must be true or false")
+
+    @property
+    def within_budget(self) -> bool:
+        """Whether its measured quality keeps the budget it was calibrated to (a profile with no
+        budget keeps it by definition)."""
+        return bool(self.quality.get("within_budget", True))
+
+    def budget_verdict(self) -> str:
+        """Its measured quality against its budget, in words (for errors and logs)."""
+        q = self.quality
+        if "max_kl" not in q:
+            return "calibrated to a target ratio, no budget"
+        return (f"kl {q['kl']:.4f} {'<=' if q['kl'] <= q['max_kl'] else '>'} {q['max_kl']:g}, relative NLL "
+                f"{q['relative_nll']:.3f} {'<=' if q['relative_nll'] <= q['max_relative_nll'] else '>'} {q['max_relative_nll']:g}")
 
     # --- serialisation -------------------------------------------------------------
 
@@ -232,7 +263,7 @@ class Profile:
     @classmethod
     def from_dict(cls, data: object) -> "Profile":
         names = [f.name for f in fields(cls)]
-        checked = dict(_check_keys("profile", data, names))
+        checked = dict(_check_keys("profile", data, names, optional=("quality",)))
         raw_layers = checked["layers"]
         if not isinstance(raw_layers, list):
             raise InvalidArgument("profile.layers", f"must be a list, got {type(raw_layers).__name__}")

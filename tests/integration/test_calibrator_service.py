@@ -260,3 +260,23 @@ def test_killed_worker_job_is_reclaimed_and_completed_once(tmp_path: Path, model
             if second is not None:
                 second.stop()
             client.close()
+
+
+def test_a_profile_that_misses_its_budget_is_activated_only_with_force(service: dict) -> None:
+    stub, store = service["stub"], service["store"]
+    model = "budget-model"
+    kept = store.publish(build_profile(model_id=model), activate=True)
+    missed = store.publish(build_profile(model_id=model, quality={
+        "kl": 0.2, "top_match": 0.8, "relative_nll": 1.4, "max_kl": 0.06, "max_relative_nll": 1.1, "within_budget": False}))
+
+    err = rpc_error(stub.ActivateProfile, pb.ActivateProfileRequest(model=model, version=missed))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith("force:") and "kl 0.2000 > 0.06" in err.details()
+    assert store.active_version(model) == kept
+    listed = {p.version: p for p in stub.ListProfiles(pb.ListProfilesRequest(model=model), timeout=30).profiles}
+    assert not listed[missed].within_budget and listed[missed].measured_kl == pytest.approx(0.2)
+    assert listed[kept].within_budget  # no budget: nothing to miss
+
+    change = stub.ActivateProfile(pb.ActivateProfileRequest(model=model, version=missed, force=True), timeout=30)
+    assert (change.active_version, change.previous_version) == (missed, kept)
+    assert store.active_version(model) == missed

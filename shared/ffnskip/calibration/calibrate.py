@@ -18,6 +18,11 @@ Steps (each deterministic for a given model and prompt set):
    - static: a few fixed FFN sets of the target's size chosen from the recorded
      similarities, each run for real; the highest agreement with dense wins.
    Then the warm-up, by real runs at 8, 16 and 32 tokens.
+   - a quality budget instead of a target (`budget.py`): the static policy's FFN set, the
+     longest prefix of the FFNs ordered by measured harm that keeps the budget, searched on
+     the held-back prompts and confirmed on measured ones.
+5. Quality (`quality.py`): teacher-forced KL and same-top-token against dense and the
+   relative NLL of the free-running answers, after the warm-up, recorded in the profile.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ffnskip.calibration.budget import QualityBudget
 from ffnskip.config import Policy
 from ffnskip.errors import Cancelled, InvalidArgument
 
@@ -48,7 +54,9 @@ class CalibrationRequest:
     job_id: str = ""
     model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
     chat: bool = True  # send prompts through the chat template (the serving regime)
-    policy: Policy = Policy.ADAPTIVE  # one of CALIBRATED_POLICIES (a name is accepted and made a Policy)
+    policy: Optional[Policy] = None  # one of CALIBRATED_POLICIES (a name is accepted); None: static
+    # with a budget, else adaptive
+    quality_budget: Optional[QualityBudget] = None  # the objective instead of target_skip_ratio
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -63,9 +71,13 @@ class CalibrationRequest:
             raise InvalidArgument("target_skip_ratio", f"must be in (0, 0.9], got {self.target_skip_ratio}")
         if not (8 <= self.tokens_per_prompt <= 1024):
             raise InvalidArgument("tokens_per_prompt", f"must be in [8, 1024], got {self.tokens_per_prompt}")
+        if self.policy is None:
+            object.__setattr__(self, "policy", Policy.ADAPTIVE if self.quality_budget is None else Policy.STATIC)
         if self.policy not in CALIBRATED_POLICIES:
             raise InvalidArgument("policy", f"must be one of {', '.join(CALIBRATED_POLICIES)}, got {self.policy!r}")
         object.__setattr__(self, "policy", Policy(self.policy))
+        if self.quality_budget is not None and self.policy is not Policy.STATIC:
+            raise InvalidArgument("policy", f"a quality budget calibrates the static policy's FFN set, got {self.policy}")
         if not (1 <= self.batch_size <= 64):
             raise InvalidArgument("batch_size", f"must be in [1, 64], got {self.batch_size}")
 
@@ -103,32 +115,64 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
     from ffnskip.datasets import digest
     from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.profile import Profile, utc_now_iso
-    from ffnskip.calibration.tuning import tune
+    from ffnskip.calibration.budget import search, search_runs
+    from ffnskip.calibration.tuning import BASE_WARM_UP, Choice, tune
 
+    assert request.policy is not None  # made a Policy by CalibrationRequest itself
+    policy = request.policy
     measured, held = request.split()
     runner = CalibrationRunner(loaded, request)
     batches = lambda n: -(-n // request.batch_size)  # noqa: E731
-    tracker = Progress(progress, should_cancel, total=batches(len(measured)) + batches(len(held)) * 9)
+    budget = request.quality_budget
+    later = (batches(len(held)) * search_runs(loaded.num_layers) + batches(len(measured[::2])) * 4 if budget
+             else batches(len(held)) * 13)
+    tracker = Progress(progress, should_cancel, total=batches(len(measured)) + later)
     similarity = runner.observe(measured, tracker)
     layers = layer_stats(similarity, loaded.num_layers)
     cold_start, cold_end = cold_regions([s.mean for s in layers])
-    choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=request.policy)
-    static = request.policy is Policy.STATIC
+    if budget is not None:
+        found = search(runner, held, measured[::2], cold_start, cold_end, budget, BASE_WARM_UP, tracker)
+        choice = Choice(1.0, None, BASE_WARM_UP, found.skip_ratio, found.decode_skip_ratio, found.agreement,
+                        found.static_layers)
+        kept = found.quality
+        quality_record = {**quality_fields(kept), **budget.to_dict(), "within_budget": found.within_budget}
+    else:
+        choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=policy)
+        kept = runner.measure(held, choice_params(choice, policy, cold_start, cold_end), tracker).kept
+        quality_record = {**quality_fields(kept), "within_budget": True}
+    static = policy is Policy.STATIC
     profile = Profile(
         model_id=request.model_id or loaded.model_id, fingerprint=loaded.fingerprint, version=0,
         created_at=utc_now_iso(), job_id=request.job_id,
         calibration={"digest": digest(list(request.prompts)), "size": len(request.prompts),
                      "tokens_per_prompt": request.tokens_per_prompt},
         num_layers=loaded.num_layers, layers=layers, cold_start=cold_start, cold_end=cold_end,
-        policy=request.policy, threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
+        policy=policy, threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
         static_layers=tuple(choice.static_layers), target_skip_ratio=request.target_skip_ratio,
         measured_skip_ratio=choice.skip_ratio, measured_decode_skip_ratio=choice.decode_skip_ratio,
-        measured_agreement=choice.agreement,
+        measured_agreement=choice.agreement, quality=quality_record,
     )
     title = f"{profile.model_id}: cos(h, h + ffn(h)) per layer, {len(measured)} prompts"
     plot = plot_layer_similarity(layers, cold_start, cold_end, title, threshold=None if static else choice.threshold,
                                  skipped=choice.static_layers)
     return CalibrationOutcome(profile=profile, plot_png=plot)
+
+
+def choice_params(choice, policy: Policy, cold_start: int, cold_end: int):
+    """The skip parameters a tuning choice stands for."""
+    from ffnskip.config import SkipParams
+
+    if policy is Policy.STATIC:
+        return SkipParams(policy=policy, static_layers=choice.static_layers, cold_start=cold_start, cold_end=cold_end,
+                          warm_up=choice.warm_up)
+    return SkipParams(policy=policy, threshold=choice.threshold, max_skip=choice.max_skip, cold_start=cold_start,
+                      cold_end=cold_end, warm_up=choice.warm_up)
+
+
+def quality_fields(kept) -> dict:
+    """A Quality as the profile's `quality` numbers (bounded: JSON has no infinity)."""
+    return {"kl": round(min(kept.kl.mean, 1e6), 6), "top_match": round(kept.top_match.mean, 6),
+            "relative_nll": round(min(kept.relative_nll, 1e6), 6)}
 
 
 def layer_stats(similarity: list[list[float]], num_layers: int):
@@ -137,12 +181,14 @@ def layer_stats(similarity: list[list[float]], num_layers: int):
 
     stats = []
     for layer in range(num_layers):
-        values = sorted(row[layer] for row in similarity)
+        # a cosine of float32 vectors can land a hair outside [-1, 1] (an FFN that outputs zero
+        # gives 1.0000001), and so can the mean of many; the profile holds true cosines
+        values = sorted(min(1.0, max(-1.0, row[layer])) for row in similarity)
         if not values:
             raise InvalidArgument("prompts", "no decoded tokens to measure (every answer ended at once)")
         q = lambda f: values[min(len(values) - 1, int(f * (len(values) - 1) + 0.5))]  # noqa: E731
         stats.append(LayerStats(
-            layer=layer, mean=statistics.fmean(values), std=statistics.pstdev(values), min=values[0],
+            layer=layer, mean=min(values[-1], max(values[0], statistics.fmean(values))), std=statistics.pstdev(values), min=values[0],
             p05=q(0.05), p25=q(0.25), p50=q(0.5), p75=q(0.75), p95=q(0.95), max=values[-1], count=len(values),
         ))
     return stats

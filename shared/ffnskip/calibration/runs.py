@@ -1,9 +1,11 @@
-"""The generation runs calibration needs: observe, dense reference, and real skip runs."""
+"""The generation runs calibration needs: observe, dense reference, real skip runs, and the
+quality measures' teacher-forced runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ffnskip.calibration import quality
 from ffnskip.config import Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.prompts import encode_prompt
@@ -14,6 +16,15 @@ from ffnskip.engine.stats import SkipStats
 class SkipRun:
     tokens: list[list[int]]
     stats: SkipStats  # pooled over the prompts
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A policy's free-running run on prompts, what it kept of dense, and dense's own answers."""
+
+    run: SkipRun
+    kept: quality.Quality
+    references: list[quality.Reference]
 
 
 class CalibrationRunner:
@@ -30,16 +41,22 @@ class CalibrationRunner:
 
     def _run(self, prompts: list[str], skip: SkipParams, tracker, phase: str):
         """Generate for `prompts` in batches; returns the finished sequences in order."""
-        done = []
-        size = self.request.batch_size
-        for start in range(0, len(prompts), size):
-            seqs = [self.engine.add(prompt_ids=self.encoded[p], sampling=self.sampling, skip=skip)
-                    for p in prompts[start:start + size]]
-            while self.engine.has_work:
-                self.engine.step()
-            done += seqs
-            tracker.advance(phase)
-        return done
+        jobs = [quality.Job(self.encoded[p], self.sampling, skip) for p in prompts]
+        return quality.run_jobs(self.engine, jobs, self.request.batch_size, lambda: tracker.advance(phase))
+
+    def references(self, prompts: list[str], tracker) -> list[quality.Reference]:
+        """Dense's greedy answers with its log-probabilities, for the teacher-forced measures."""
+        return quality.dense_references(self.engine, [self.encoded[p] for p in prompts], self.request.tokens_per_prompt,
+                                        self.request.batch_size, lambda: tracker.advance("dense reference"))
+
+    def divergence(self, prompts: list[str], references: list[quality.Reference], skip: SkipParams,
+                   tracker, phase: str) -> quality.Divergence:
+        return quality.divergence(self.engine, [self.encoded[p] for p in prompts], references, skip,
+                                  self.request.batch_size, lambda: tracker.advance(phase))
+
+    def dense_nll(self, prompts: list[str], continuations: list[list[int]], tracker) -> list[list[float]]:
+        return quality.dense_nll(self.engine, [self.encoded[p] for p in prompts], continuations,
+                                 self.request.batch_size, lambda: tracker.advance("dense likelihood"))
 
     def observe(self, prompts: list[str], tracker) -> list[list[float]]:
         """cos(h, h + ffn(h)) per layer for every decoded token (the prefill token has none)."""
@@ -53,3 +70,12 @@ class CalibrationRunner:
         for more in stats[1:]:
             pooled = pooled.merged(more)
         return SkipRun(tokens=[list(s.generated) for s in seqs], stats=pooled)
+
+    def measure(self, prompts: list[str], skip: SkipParams, tracker) -> Measured:
+        """What `skip` keeps of dense on `prompts`, after its warm-up."""
+        references = self.references(prompts, tracker)
+        run = self.generate(prompts, skip, tracker, "measuring quality")
+        nll = self.dense_nll(prompts, run.tokens, tracker)
+        scores = self.divergence(prompts, references, skip, tracker, "measuring quality, teacher-forced")
+        kept = quality.quality(scores, nll, [r.nll for r in references], skip_from=skip.warm_up)
+        return Measured(run, kept, references)

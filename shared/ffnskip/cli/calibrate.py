@@ -19,7 +19,12 @@ def register(commands) -> None:
     add_model_args(local)
     local.add_argument("--target-skip", type=float, default=0.25, help="target decode skip ratio in (0, 0.9]")
     local.add_argument("--tokens-per-prompt", type=int, default=128)
-    local.add_argument("--policy", default="adaptive", help="tune for adaptive or static (a fixed FFN set)")
+    local.add_argument("--policy", default=None, help="tune for adaptive (default) or static (a fixed FFN set; "
+                       "the default with a quality budget)")
+    local.add_argument("--max-kl", type=float, help="calibrate to a quality budget instead of --target-skip: mean "
+                       "teacher-forced KL from dense per token after the warm-up (default 0.06 with a budget)")
+    local.add_argument("--max-relative-nll", type=float, help="the budget's limit on dense's NLL of the answers "
+                       "relative to its own (default 1.10 with a budget)")
     local.add_argument("--prompts-file", type=Path, help="default: the shipped calibration set")
     local.add_argument("--batch-size", type=int, help="prompts decoded together (default: the calibration's)")
     local.add_argument("--out", type=Path, required=True, help="output directory")
@@ -50,13 +55,16 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ffnskip import datasets
+    from ffnskip.calibration.budget import QualityBudget
     from ffnskip.calibration.calibrate import CalibrationRequest, calibrate
     from ffnskip.engine import load_model
 
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else datasets.texts("calibration", "text")
     batching = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    limits = {name: getattr(args, name) for name in ("max_kl", "max_relative_nll") if getattr(args, name) is not None}
     request = CalibrationRequest(prompts=tuple(prompts), target_skip_ratio=args.target_skip,
-                                 tokens_per_prompt=args.tokens_per_prompt, policy=args.policy, **batching)
+                                 tokens_per_prompt=args.tokens_per_prompt, policy=args.policy, **batching,
+                                 quality_budget=QualityBudget(**limits) if limits else None)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_root(os.environ))
     with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(phase: str, done: int, total: int) -> None:
@@ -75,8 +83,12 @@ def _local_calibrate(args: argparse.Namespace) -> int:
             else f"threshold {profile.threshold:.4f}, max_skip {profile.max_skip}")
     print(f"{profile.model_id}: cold [0, {profile.cold_start}) and [{profile.cold_end}, {profile.num_layers}), "
           f"{rule}, warm_up {profile.warm_up}; "
-          f"decode_skip_ratio {profile.measured_decode_skip_ratio:.3f} (target {profile.target_skip_ratio:.2f}), "
+          f"decode_skip_ratio {profile.measured_decode_skip_ratio:.3f} "
+          f"({'to a quality budget' if 'max_kl' in profile.quality else f'target {profile.target_skip_ratio:.2f}'}), "
           f"agreement {profile.measured_agreement:.3f}")
+    q = profile.quality
+    print(f"quality after the warm-up: kl {q['kl']:.4f} nats/token, top-1 {q['top_match']:.3f}, relative NLL "
+          f"{q['relative_nll']:.3f} ({profile.budget_verdict()}{'' if profile.within_budget else ': MISSED'})")
     print(f"wrote {args.out / 'profile.json'} and {args.out / 'similarity.png'}")
     return 0
 

@@ -39,6 +39,10 @@ def register(commands) -> None:
     calibrate.add_argument("--target-skip", type=float, help="target decode skip ratio in (0, 0.9] (default 0.25)")
     calibrate.add_argument("--tokens-per-prompt", type=int, help="tokens generated per prompt (default 128)")
     calibrate.add_argument("--policy", default="", help="tune for adaptive (default) or static (a fixed FFN set; batch-friendly)")
+    calibrate.add_argument("--max-kl", type=float, help="calibrate to a quality budget instead of a target: mean "
+                           "teacher-forced KL from dense per token (default 0.06 when a budget is asked for)")
+    calibrate.add_argument("--max-relative-nll", type=float, help="the budget's limit on dense's NLL of the answers "
+                           "relative to its own (default 1.10)")
     source = calibrate.add_mutually_exclusive_group()
     source.add_argument("--prompts-file", type=Path, help="prompts: JSONL (text/prompt/question field) or one per line")
     source.add_argument("--dataset", help="a data set the calibrator ships: calibration (default), prompts, factoid_qa")
@@ -53,7 +57,8 @@ def register(commands) -> None:
                     ("--version", dict(type=int, help="default: the active version")), json_flag=True)
     show.add_argument("--plot-out", type=Path, help="write the similarity plot (PNG) here")
     _command(add, "activate", "activate a stored profile version", _activate,
-             ("--model", dict(required=True)), ("--version", dict(type=int, required=True)))
+             ("--model", dict(required=True)), ("--version", dict(type=int, required=True)),
+             ("--force", dict(action="store_true", help="activate even a profile that misses its quality budget")))
     _command(add, "rollback", "re-activate the previously active version", _rollback, ("--model", dict(required=True)))
     calibrate.set_defaults(handler=_rpc(_submit))
 
@@ -97,6 +102,10 @@ def _submit(args: argparse.Namespace, stub) -> int:
         request.target_skip_ratio = args.target_skip
     if args.tokens_per_prompt is not None:
         request.tokens_per_prompt = args.tokens_per_prompt
+    if args.max_kl is not None:
+        request.max_kl = args.max_kl
+    if args.max_relative_nll is not None:
+        request.max_relative_nll = args.max_relative_nll
     if args.prompts_file is not None:
         request.prompts.prompts.extend(read_prompts_file(args.prompts_file))
     elif args.dataset is not None:
@@ -174,8 +183,20 @@ def _profiles(args: argparse.Namespace, stub) -> int:
             continue
         print(f"{mark} {p.model} v{p.version}  {p.created_at}  cold [{p.skip_params.cold_start}, {p.skip_params.cold_end})"
               f"  decode_skip {p.measured_decode_skip_ratio:.3f} (target {p.target_skip_ratio:.2f})"
-              f"  agreement {p.measured_agreement:.3f}")
+              f"  agreement {p.measured_agreement:.3f}  {_quality(p)}")
     return 0
+
+
+def _quality(summary) -> str:
+    """A profile summary's measured quality and budget, in one phrase."""
+    if not summary.measured_top_match:
+        return "quality not measured"
+    text = (f"kl {summary.measured_kl:.4f}  top-1 {summary.measured_top_match:.3f}"
+            f"  relative NLL {summary.measured_relative_nll:.3f}")
+    if summary.max_kl:
+        text += (f"  budget kl {summary.max_kl:g} / NLL {summary.max_relative_nll:g}: "
+                 + ("kept" if summary.within_budget else "MISSED (activate needs --force)"))
+    return text
 
 
 def _show(args: argparse.Namespace, stub) -> int:
@@ -199,6 +220,7 @@ def _show(args: argparse.Namespace, stub) -> int:
     print(f"skip params: {json.dumps(_dict(s.skip_params), sort_keys=True)}")
     print(f"skip_ratio {s.measured_skip_ratio:.3f}  decode_skip_ratio {s.measured_decode_skip_ratio:.3f}"
           f" (target {s.target_skip_ratio:.2f})  agreement {s.measured_agreement:.3f}")
+    print(f"quality after the warm-up: {_quality(s)}")
     for layer in reply.layers:
         print(f"  layer {layer.layer:3d}  mean {layer.mean:.4f}  p05 {layer.p05:.4f}  p95 {layer.p95:.4f}")
     return 0
@@ -207,7 +229,7 @@ def _show(args: argparse.Namespace, stub) -> int:
 def _activate(args: argparse.Namespace, stub) -> int:
     from ffnskip.v1 import calibrator_pb2 as pb
 
-    change = stub.ActivateProfile(pb.ActivateProfileRequest(model=args.model, version=args.version), timeout=args.timeout)
+    change = stub.ActivateProfile(pb.ActivateProfileRequest(model=args.model, version=args.version, force=args.force), timeout=args.timeout)
     return _print_change(change)
 
 

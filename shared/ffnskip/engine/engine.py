@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence as Seq
 
+import torch
+
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine.compiled import CompileTarget, CompiledSegments
 from ffnskip.engine.loading import LoadedModel
@@ -19,7 +21,7 @@ from ffnskip.engine.policies import RowPlan, SkipPlanner
 from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.prompts import encode_prompt, eos_ids
 from ffnskip.engine.sampling import sample
-from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence
+from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
 from ffnskip.engine.stats import SkipStats, weight_bytes
 from ffnskip.errors import InvalidArgument
 
@@ -114,9 +116,11 @@ class Engine:
 
     def add(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
             sampling: SamplingParams = SamplingParams(), skip: SkipParams = DENSE,
-            request_id: str = "", prompt_ids: Optional[list[int]] = None) -> Sequence:
+            request_id: str = "", prompt_ids: Optional[list[int]] = None,
+            teacher: Optional[Teacher] = None) -> Sequence:
         """Validate and queue a request (a prompt, chat messages or token ids); it is
-        prefilled at the next step that has a free row."""
+        prefilled at the next step that has a free row. `teacher` sees each position's logits
+        and picks its token (teacher forcing, for the quality measures)."""
         resolved = skip.resolved(self.num_layers)
         if prompt_ids is None:
             prompt_ids = encode_prompt(self.tokenizer, prompt, messages)
@@ -127,7 +131,7 @@ class Engine:
             prompt_ids=prompt_ids, sampling=sampling, skip=resolved,
             plan=RowPlan.build(resolved, self.num_layers),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            eos_ids=self.eos_ids, request_id=request_id,
+            eos_ids=self.eos_ids, request_id=request_id, teacher=teacher,
         )
         self.waiting.append(seq)
         return seq
@@ -177,7 +181,7 @@ class Engine:
         for group in prefill_groups(admitted):
             started = time.perf_counter()
             logits = self.runner.prefill(self.cache, [rows[s.seq_id] for s in group], [s.prompt_ids for s in group])
-            sampled = sample(logits, [s.sampling for s in group], [s.sample_generator for s in group])
+            sampled = taught(group, logits, sample(logits, [s.sampling for s in group], [s.sample_generator for s in group]))
             elapsed = time.perf_counter() - started
             for seq, token in zip(group, sampled):
                 seq.forward_seconds += elapsed
@@ -191,7 +195,7 @@ class Engine:
                                         record_similarity=any(s.skip.policy is Policy.OBSERVE for s in batch))
         logits = self.runner.decode(self.cache, [s.generated[-1] for s in batch],
                                     [s.last_position for s in batch], skips)
-        tokens = sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch])
+        tokens = taught(batch, logits, sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch]))
         outcome = skips.outcome()
         self.decode_layer_steps += self.num_layers
         self.decode_ffn_reads += outcome.ffn_reads
@@ -252,6 +256,14 @@ class Engine:
             for event in self.step():
                 if event.seq_id == seq.seq_id:
                     yield event
+
+
+def taught(seqs: Seq[Sequence], logits: torch.Tensor, sampled: list[int]) -> list[int]:
+    """The sampled tokens, with each taught sequence's teacher choosing its own."""
+    for i, seq in enumerate(seqs):
+        if seq.teacher is not None:
+            sampled[i] = seq.teacher.choose(len(seq.generated), logits[i], sampled[i])
+    return sampled
 
 
 PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens

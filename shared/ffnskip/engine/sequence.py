@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -36,6 +36,16 @@ class IncrementalDetokenizer:
         return ""
 
 
+class Teacher(Protocol):
+    """Sees the logits of each generated position and picks the token appended there: the
+    reference's token for teacher forcing (every step then sees the same prefix, whatever the
+    model predicted), or `predicted` to only watch. Quality measures are built on it."""
+
+    def choose(self, index: int, logits: torch.Tensor, predicted: int) -> int:
+        """`index`: 0-based position among the generated tokens; `logits`: [V] for it."""
+        ...
+
+
 @dataclass
 class Sequence:
     prompt_ids: list[int]
@@ -57,6 +67,7 @@ class Sequence:
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
     forward_seconds: float = 0.0
+    teacher: Optional[Teacher] = None
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -1,11 +1,12 @@
 """`ffnskip up`: the whole stack on loopback, for a newcomer's first command.
 
 A private redis-server (its data in --data-dir, so a profile survives between runs), the
-calibrator, N decoders and the gateway. If the model has no active profile, it is
-calibrated through the calibrator first (a job with activate_on_success, followed to the
-end), so the decoders start on it. Then one real request goes through the gateway and
-its answer is printed with the skip stats and latency, and the stack keeps serving
-(or exits at once with --once). While it serves, a child that exits (a crash, a kill)
+calibrator, N decoders and the gateway. If the model has no active profile, a first
+calibration to the default quality budget is queued (a job with activate_on_success) and
+the decoders serve dense meanwhile, so the first answer does not wait for it; they switch
+to the profile when it is activated. One real request goes through the gateway and its
+answer is printed with the skip stats and latency, and the stack keeps serving while the
+calibration's progress shows (or, with --once, follows the calibration to its end and exits). While it serves, a child that exits (a crash, a kill)
 is restarted with exponential backoff, on its own port with its own id; only SIGINT
 (Ctrl-C) or SIGTERM stops the stack, in order: the gateway drains, the decoders
 drain, the calibrator, and Redis last (its data is in an append-only file).
@@ -19,6 +20,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -72,6 +74,7 @@ def run_up(args: argparse.Namespace) -> int:
         stack.first_request()
         if not args.once:
             return serve_until_stopped(stack)
+        stack.follow_calibration()  # a --once run still leaves the profile for the next start
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the stack", file=sys.stderr, flush=True)
         return 130
@@ -108,6 +111,8 @@ def serve_until_stopped(stack: "Stack") -> int:
         if Env(os.environ).flag("FFNSKIP_COMPILE", True):  # the decoders' own default
             print(f"decoders load or compile their decode segments in the background and serve eagerly meanwhile "
                   f"(progress: 'decode segment' in {stack.log_dir}/decoder-*.log)", flush=True)
+        if stack.calibration_job is not None:  # its progress bar while the stack serves
+            threading.Thread(target=stack.follow_calibration, name="first-calibration", daemon=True).start()
         received = stop_signals.wait()
     print(f"\n{signal.Signals(received).name}: stopping the stack", flush=True)
     return 0
@@ -165,6 +170,7 @@ class Stack:
         self.metrics_port = args.metrics_port or free_port()
         self.http_port = args.http_port or free_port()
         self.supervisor: Optional[Supervisor] = None
+        self.calibration_job: Optional[str] = None  # the first calibration, while it runs
 
     def children(self) -> list[Child]:
         return [c for c in (self.gateway, *self.decoders, self.calibrator, self.redis) if c is not None]
@@ -191,12 +197,10 @@ class Stack:
             FFNSKIP_CALIBRATOR_HOST="127.0.0.1", FFNSKIP_CALIBRATOR_PORT=str(port), FFNSKIP_MODELS=self.model),
             port, self.log_dir).start()
         self._start_gateway()
-        if calibrated:  # decoders load while the rest starts
-            self._start_decoders()
+        self._start_decoders()  # with no profile yet they serve dense, and pick the first one up when it is active
         self.calibrator.wait_serving(START_TIMEOUT_S)
         if not calibrated:
-            self._calibrate()
-            self._start_decoders()
+            self.calibration_job = self._submit_calibration()
         assert self.gateway is not None
         for child in [*self.decoders, self.gateway]:
             child.wait_serving(START_TIMEOUT_S)
@@ -230,32 +234,70 @@ class Stack:
         finally:
             client.close()
 
-    def _calibrate(self) -> None:
-        """Submit a job with activate_on_success and follow it with the ops CLI's own
-        progress bar (as `ffnskip ops watch` does); Ctrl-C cancels the job, so no worker
-        picks an abandoned job up later."""
+    def _submit_calibration(self) -> str:
+        """Queue the first calibration (the default quality budget, activated on success); the
+        stack serves dense meanwhile. Returns the job id."""
         import grpc
+        from ffnskip.calibration.budget import QualityBudget
         from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
         assert self.calibrator is not None
-        print(f"{self.model} has no active skip profile: calibrating it (first run only; minutes on a CPU)", flush=True)
+        budget = QualityBudget()
         request = calibrator_pb2.SubmitCalibrationRequest(
             model=self.model, activate_on_success=True, tokens_per_prompt=self.args.calibration_tokens)
-        if self.args.target_skip is not None:
+        if self.args.target_skip is not None:  # the alternative objective, asked for
             request.target_skip_ratio = self.args.target_skip
+            objective = f"target decode skip ratio {self.args.target_skip}"
+        else:
+            request.max_kl, request.max_relative_nll = budget.max_kl, budget.max_relative_nll
+            objective = f"quality budget: KL <= {budget.max_kl} nats/token, relative NLL <= {budget.max_relative_nll}"
+        with grpc.insecure_channel(self.calibrator.address) as channel:
+            try:
+                job_id = calibrator_pb2_grpc.CalibratorStub(channel).SubmitCalibration(request, timeout=30).job_id
+            except grpc.RpcError as err:
+                raise FfnSkipError(f"calibration not submitted: {err.code().name}: {err.details()}") from None
+        print(f"{self.model} has no active skip profile: calibrating it (job {job_id}, {objective}; first run only, "
+              f"minutes on a CPU); the decoders serve dense until it is active", flush=True)
+        return job_id
+
+    def follow_calibration(self) -> None:
+        """Follow the first calibration to its end with the ops CLI's progress bar (as `ffnskip ops
+        watch` does), then say what is served. Ctrl-C cancels the job, so no worker picks an
+        abandoned job up later."""
+        import grpc
+        from ffnskip.v1 import calibrator_pb2_grpc
+
+        if self.calibration_job is None or self.calibrator is None:
+            return
         with grpc.insecure_channel(self.calibrator.address) as channel:
             stub = calibrator_pb2_grpc.CalibratorStub(channel)
             try:
-                job_id = stub.SubmitCalibration(request, timeout=30).job_id
-            except grpc.RpcError as err:
-                raise FfnSkipError(f"calibration not submitted: {err.code().name}: {err.details()}") from None
-            try:
-                code = follow_job(stub, job_id)
+                code = follow_job(stub, self.calibration_job)
             except KeyboardInterrupt:  # Ctrl-C while following the job
-                stub.CancelJob(calibrator_pb2.CancelJobRequest(job_id=job_id), timeout=10)
+                self.cancel_calibration()
                 raise
+            except grpc.RpcError:  # the stack is stopping
+                return
+        self.calibration_job = None
         if code != 0:
-            print("warning: calibration failed; the decoders serve without a profile (dense)", file=sys.stderr)
+            print("warning: calibration failed or missed its budget; the decoders serve dense "
+                  "(`ffnskip ops profiles` shows what was stored)", file=sys.stderr, flush=True)
+        else:
+            print("the decoders now serve the new profile", flush=True)
+
+    def cancel_calibration(self) -> None:
+        """Cancel the first calibration if it is still running (the stack is stopping)."""
+        import grpc
+        from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
+
+        job_id, self.calibration_job = self.calibration_job, None
+        if job_id is None or self.calibrator is None:
+            return
+        with grpc.insecure_channel(self.calibrator.address) as channel:
+            try:
+                calibrator_pb2_grpc.CalibratorStub(channel).CancelJob(calibrator_pb2.CancelJobRequest(job_id=job_id), timeout=10)
+            except grpc.RpcError:
+                pass  # the calibrator is gone already: its worker's lease runs out and the job is reclaimed
 
     def first_request(self) -> None:
         assert self.gateway is not None
@@ -299,6 +341,7 @@ class Stack:
         the supervision ends first, so nothing stopped here is restarted."""
         if self.supervisor is not None:
             self.supervisor.stop()
+        self.cancel_calibration()  # a first calibration cut short is not left for the next start
         for group in ([self.gateway], [*self.decoders, self.calibrator], [self.redis]):
             members = [c for c in group if c is not None]
             for child in members:

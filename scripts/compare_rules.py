@@ -1,0 +1,127 @@
+"""The paper's rule against "static by measured harm" at equal decode skip ratios, on the
+quality measures (ffnskip.calibration.quality) and paired QA flips.
+
+    python scripts/compare_rules.py --targets 0.10,0.20 --prompts 24 --tokens 96 --json out.json
+
+The paper's rule (`adaptive`, per row, k = --max-skip) gets its threshold bisected with
+free-running runs on the open-ended prompts until its measured decode skip ratio is within
+0.02 of the target. "static by measured harm" skips the round(target x L) hot FFNs whose
+removal alone costs least teacher-forced KL on the calibration prompts (never the prompts it
+is judged on). Both run at --batch rows, with the same warm-up, and are scored after it:
+teacher-forced KL(dense || rule) and same-top-token with prompt-clustered 95% intervals,
+dense's relative NLL of the free-running answers, and factoid QA answers lost and gained
+against dense (paired, exact McNemar p).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from ffnskip.calibration import quality as Q
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
+from ffnskip.datasets import read_jsonl, texts
+from ffnskip.engine import Engine, load_model
+from ffnskip.engine.prompts import encode_prompt
+from ffnskip.engine.stats import SkipStats
+from ffnskip.evaluation.scoring import is_correct, paired_counts
+from ffnskip.settings import cache_root
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return encode_prompt(tokenizer, None, [{"role": "user", "content": text}])
+
+
+def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int):
+    seqs = Q.run_jobs(engine, [Q.Job(p, SamplingParams(max_new_tokens=tokens), skip) for p in prompts], batch)
+    stats = [SkipStats.from_records(s.skip_records, engine.num_layers, s.skip.warm_up) for s in seqs]
+    pooled = stats[0]
+    for more in stats[1:]:
+        pooled = pooled.merged(more)
+    return [list(s.generated) for s in seqs], pooled.decode_skip_ratio
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--targets", default="0.10,0.20")
+    parser.add_argument("--prompts", type=int, default=24, help="open-ended prompts judged (data set `prompts`)")
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--qa-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warm-up", type=int, default=16)
+    parser.add_argument("--max-skip", type=int, default=8, help="the paper's run length k")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    loaded = load_model(args.model, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
+    tok, layers = loaded.tokenizer, loaded.num_layers
+    engine = Engine(loaded, max_batch=args.batch, max_seq_len=1024)
+    cold_start, cold_end = 1, layers - 1
+    prompts = [chat_ids(tok, t) for t in texts("prompts", "prompt")[:args.prompts]]
+    calibration = [chat_ids(tok, t) for t in texts("calibration", "text")[::3]]
+    qa = list(read_jsonl("factoid_qa"))
+    questions = [chat_ids(tok, row["question"]) for row in qa]
+
+    started = time.perf_counter()
+    screen = Q.dense_references(engine, calibration, 48, args.batch)
+    harm = {}
+    for layer in range(cold_start, cold_end):
+        skip = SkipParams(policy=Policy.STATIC, static_layers=(layer,), cold_start=cold_start, cold_end=cold_end, warm_up=0)
+        harm[layer] = Q.pooled(Q.divergence(engine, calibration, screen, skip, args.batch).kl).mean
+    order = sorted(harm, key=lambda layer: (harm[layer], layer))
+    say(f"harm order {order} ({time.perf_counter() - started:.0f} s)")
+
+    references = Q.dense_references(engine, prompts, args.tokens, args.batch)
+    own = [r.nll for r in references]
+    dense_qa, _ = free_run(engine, questions, DENSE, args.qa_tokens, args.batch)
+    dense_right = [is_correct(tok.decode(t, skip_special_tokens=True), row["answers"]) for t, row in zip(dense_qa, qa)]
+
+    def adaptive(threshold: float) -> SkipParams:
+        return SkipParams(policy=Policy.ADAPTIVE, threshold=threshold, max_skip=args.max_skip, cold_start=cold_start,
+                          cold_end=cold_end, warm_up=args.warm_up)
+
+    def evaluate(name: str, target: float, skip: SkipParams) -> dict:
+        tokens, ratio = free_run(engine, prompts, skip, args.tokens, args.batch)
+        nll = Q.dense_nll(engine, prompts, tokens, args.batch)
+        kept = Q.quality(Q.divergence(engine, prompts, references, skip, args.batch), nll, own, skip_from=args.warm_up)
+        answers, _ = free_run(engine, questions, skip, args.qa_tokens, args.batch)
+        right = [is_correct(tok.decode(t, skip_special_tokens=True), row["answers"]) for t, row in zip(answers, qa)]
+        row = {"rule": name, "target": target, "decode_skip_ratio": round(ratio, 4), **kept.to_dict(),
+               "qa": {"right": sum(right), "dense_right": sum(dense_right), **paired_counts(dense_right, right)}}
+        say(json.dumps(row))
+        return row
+
+    rows = []
+    for target in [float(t) for t in args.targets.split(",")]:
+        low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
+        for _ in range(8):
+            middle = (low + high) / 2
+            _, ratio = free_run(engine, prompts, adaptive(middle), args.tokens, args.batch)
+            say(f"adaptive threshold {middle:.5f}: decode skip {ratio:.4f} (target {target})")
+            if abs(ratio - target) <= 0.01:
+                break
+            low, high = (middle, high) if ratio > target else (low, middle)
+        rows.append(evaluate("adaptive (paper)", target, adaptive(middle)))
+        count = max(1, round(target * layers))
+        static = SkipParams(policy=Policy.STATIC, static_layers=tuple(sorted(order[:count])), cold_start=cold_start,
+                            cold_end=cold_end, warm_up=args.warm_up)
+        rows.append(evaluate("static by measured harm", target, static))
+    print(f"{'rule':<26}{'target':>7}{'dec.skip':>9}  {'KL [95%]':<24}{'top-1 [95%]':<24}{'rel.NLL':>8}  QA lost/gained")
+    for r in rows:
+        kl, top, q = r["kl"], r["top_match"], r["qa"]
+        print(f"{r['rule']:<26}{r['target']:>7.2f}{r['decode_skip_ratio']:>9.3f}  "
+              f"{kl['mean']:.3f} [{kl['low']:.3f}, {kl['high']:.3f}]{'':<3}{top['mean']:.3f} [{top['low']:.3f}, {top['high']:.3f}]"
+              f"{'':<3}{r['relative_nll']:>8.3f}  {q['dense_only']}/{q['method_only']} (p {q['mcnemar_p']:.3f})")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"harm": harm, "order": order, "rows": rows, "args": vars(args)}, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
