@@ -33,6 +33,12 @@ class DecoderMetrics:
                                ["model_name"], registry=r).labels(**labels)
         self._blocks = Counter(PREFIX + "ffn_blocks", "FFN blocks of generated tokens.", ["model_name"], registry=r).labels(**labels)
         self._skipped = Counter(PREFIX + "ffn_blocks_skipped", "FFN blocks skipped.", ["model_name"], registry=r).labels(**labels)
+        # after each request's warm-up, per served policy: the counterpart of a profile's
+        # measured_decode_skip_ratio, so ops can compare what is served with what was calibrated
+        self._decode_blocks = Counter(PREFIX + "decode_ffn_blocks", "FFN blocks of tokens after the warm-up.",
+                                      ["model_name", "policy"], registry=r)
+        self._decode_skipped = Counter(PREFIX + "decode_ffn_blocks_skipped", "FFN blocks skipped after the warm-up.",
+                                       ["model_name", "policy"], registry=r)
         self._after_cancel = Histogram(
             PREFIX + "request_tokens_after_cancel", "Tokens a cancelled request generated after its cancel reached "
             "the decoder (the decode step in progress: at most 1).", ["model_name"], buckets=(0, 1, 2, 4, 8, 16, 64),
@@ -46,6 +52,9 @@ class DecoderMetrics:
         self._tokens.inc(len(result.token_ids))
         self._blocks.inc(result.skip_stats.ffn_blocks_total)
         self._skipped.inc(result.skip_stats.ffn_blocks_skipped)
+        stats, policy = result.skip_stats, {"model_name": self.model_name, "policy": result.policy}
+        self._decode_blocks.labels(**policy).inc(stats.decode_tokens * stats.num_layers)
+        self._decode_skipped.labels(**policy).inc(stats.decode_ffn_blocks_skipped)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -52,6 +52,7 @@ class GenerationResult:
     ttft_s: float
     total_s: float
     similarity: list[Optional[list[float]]] = field(default_factory=list)
+    policy: str = "dense"  # the skip policy it ran under
 
     @property
     def tokens_per_s(self) -> float:
@@ -237,7 +238,7 @@ class Engine:
             skip_stats=SkipStats.from_records(seq.skip_records, self.num_layers, seq.skip.warm_up),
             skip_records=seq.skip_records,
             ttft_s=(seq.first_token_at or end) - seq.submitted_at, total_s=end - seq.submitted_at,
-            similarity=seq.similarity,
+            similarity=seq.similarity, policy=seq.skip.policy.value,
         )
 
     def generate(self, prompts: Seq[str | list[dict]], sampling: SamplingParams = SamplingParams(),

@@ -1,0 +1,22 @@
+"""The decoder's per-policy skip counters after the warm-up, from real engine results."""
+
+from __future__ import annotations
+
+from ffnskip.config import SamplingParams, SkipParams, Policy
+from services.decoder.metrics import DecoderMetrics
+
+
+def test_decode_skips_are_counted_per_served_policy(tiny_engine):
+    metrics = DecoderMetrics("tiny", running=lambda: 0, waiting=lambda: 0, profile_version=lambda: 0)
+    sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    static = SkipParams(policy=Policy.STATIC, static_layers=(2, 3), cold_start=1, cold_end=5, warm_up=4)
+    for skip in (static, SkipParams(policy=Policy.DENSE, warm_up=0)):
+        metrics.finished(tiny_engine.generate(["hello there"], sampling, skip)[0])
+    value = lambda name, policy: metrics.registry.get_sample_value(  # noqa: E731
+        f"ffnskip:{name}_total", {"model_name": "tiny", "policy": policy})
+    layers = tiny_engine.num_layers
+    # tokens 1..4 run dense (warm-up); the 8 after it skip 2 FFNs each
+    assert value("decode_ffn_blocks", "static") == 8 * layers
+    assert value("decode_ffn_blocks_skipped", "static") == 16
+    assert value("decode_ffn_blocks", "dense") == 12 * layers  # no warm-up asked: every token counts
+    assert value("decode_ffn_blocks_skipped", "dense") == 0
