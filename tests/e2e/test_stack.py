@@ -6,6 +6,7 @@ after stopping every process they started."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -21,14 +22,18 @@ def up_command(data_dir, model_dir, *extra: str) -> list[str]:
             "--data-dir", str(data_dir), "--max-new-tokens", "8", "--calibration-tokens", "8", "--http-port", "0", *extra]
 
 
-def up_env(**extra: str) -> dict[str, str]:
-    """This environment without the key variables (so `up` makes and prints its own), plus `extra`."""
-    return {**{k: v for k, v in os.environ.items() if k not in ("FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS")}, **extra}
+def up_env(data_dir, **extra: str) -> dict[str, str]:
+    """This environment without the key variables (so `up` makes and prints its own), with the
+    cache root next to `data_dir` (the decoders' profile copies stay out of the user's cache),
+    plus `extra`."""
+    drop = ("FFNSKIP_API_KEYS", "FFNSKIP_OPS_KEYS")
+    cache = str(Path(data_dir).parent / "ffnskip-cache")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "FFNSKIP_CACHE": cache, **extra}
 
 
 def up(data_dir, model_dir, *extra: str) -> subprocess.CompletedProcess:
     command = up_command(data_dir, model_dir, "--once", "--gateway-port", str(free_port()), *extra)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=up_env())
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=up_env(data_dir))
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,8 @@ def test_up_calibrates_serves_and_stops(tmp_path, model_dir):
     assert "served by decoder-0" in first.stdout and "profile v1" in first.stdout
     assert "API key     dev-" in first.stdout and "stack stopped" in first.stdout
     assert "skip:" in first.stdout and "latency: first token" in first.stdout
+    # the decoders keep their copy of the active profile under the cache root they were given
+    assert list((tmp_path / "ffnskip-cache" / "profiles").glob("*.profile.json"))
 
     second = up(tmp_path / "stack", model_dir, "--decoders", "2")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -123,7 +123,7 @@ def data_dir(tmp_path, model_dir) -> Path:
 @pytest.fixture
 def stack(data_dir, model_dir):
     command = up_command(data_dir, model_dir, "--decoders", "2", "--gateway-port", "0")
-    running = RunningUp(command, up_env(FFNSKIP_API_KEYS=API_KEY))
+    running = RunningUp(command, up_env(data_dir, FFNSKIP_API_KEYS=API_KEY))
     yield running
     running.stop()
 
