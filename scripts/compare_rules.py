@@ -37,11 +37,8 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int):
     seqs = Q.run_jobs(engine, [Q.Job(p, SamplingParams(max_new_tokens=tokens), skip) for p in prompts], batch)
-    stats = [SkipStats.from_records(s.skip_records, engine.num_layers, s.skip.warm_up) for s in seqs]
-    pooled = stats[0]
-    for more in stats[1:]:
-        pooled = pooled.merged(more)
-    return [list(s.generated) for s in seqs], pooled.decode_skip_ratio
+    stats = SkipStats.pooled([engine.result(s).skip_stats for s in seqs])
+    return [list(s.generated) for s in seqs], stats.decode_skip_ratio
 
 
 def main() -> int:

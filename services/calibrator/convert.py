@@ -7,7 +7,7 @@ import re
 from typing import Any, Optional
 
 from ffnskip import datasets
-from ffnskip.calibration.budget import QualityBudget
+from ffnskip.config import QualityBudget
 from ffnskip.calibration.calibrate import CalibrationRequest
 from ffnskip.config import Policy
 from ffnskip.errors import InvalidArgument, NotFound

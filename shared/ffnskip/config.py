@@ -163,3 +163,31 @@ class EngineConfig:
             raise InvalidArgument("max_batch", f"must be >= 1, got {self.max_batch}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise InvalidArgument("max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+
+
+# The default budget keeps the embedded SmolLM2-135M's factoid answers (docs/quality.md): it
+# allows about one FFN of its 30 to be skipped after the warm-up.
+DEFAULT_MAX_KL = 0.06  # nats per token, teacher-forced, after the warm-up
+DEFAULT_MAX_RELATIVE_NLL = 1.10  # dense's NLL of the free-running answers over its own
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """What skipping may cost against dense, on the tokens after the warm-up: the mean
+    teacher-forced KL(dense || policy) per token, and dense's NLL of the policy's free-running
+    answers relative to its NLL of its own answers."""
+
+    max_kl: float = DEFAULT_MAX_KL
+    max_relative_nll: float = DEFAULT_MAX_RELATIVE_NLL
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_kl) and 0.0 < self.max_kl <= 10.0):
+            raise InvalidArgument("max_kl", f"must be in (0, 10] nats per token, got {self.max_kl}")
+        if not (math.isfinite(self.max_relative_nll) and 1.0 <= self.max_relative_nll <= 10.0):
+            raise InvalidArgument("max_relative_nll", f"must be in [1, 10], got {self.max_relative_nll}")
+
+    def kept_by(self, kl: float, relative_nll: float) -> bool:
+        return kl <= self.max_kl and relative_nll <= self.max_relative_nll
+
+    def to_dict(self) -> dict:
+        return {"max_kl": self.max_kl, "max_relative_nll": self.max_relative_nll}

@@ -9,9 +9,9 @@ import math
 import pytest
 
 from ffnskip.calibration import quality as Q
-from ffnskip.calibration.budget import QualityBudget, longest_prefix
+from ffnskip.calibration.budget import longest_prefix
 from ffnskip.calibration.calibrate import CalibrationRequest, calibrate
-from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
+from ffnskip.config import DENSE, Policy, QualityBudget, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.errors import InvalidArgument
 from ffnskip.profile import Profile

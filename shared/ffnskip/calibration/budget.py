@@ -22,38 +22,9 @@ import structlog
 
 from ffnskip.calibration.quality import Quality, Reference, pooled, relative_nll
 from ffnskip.calibration.scores import token_agreement
-from ffnskip.config import Policy, SkipParams
-from ffnskip.errors import InvalidArgument
+from ffnskip.config import Policy, QualityBudget, SkipParams
 
 log = structlog.get_logger("ffnskip.calibration.budget")
-
-# The default budget keeps the embedded SmolLM2-135M's factoid answers (docs/RESULTS.md): it
-# allows about one FFN of its 30 to be skipped after the warm-up.
-DEFAULT_MAX_KL = 0.06  # nats per token, teacher-forced, after the warm-up
-DEFAULT_MAX_RELATIVE_NLL = 1.10  # dense's NLL of the free-running answers over its own
-
-
-@dataclass(frozen=True)
-class QualityBudget:
-    """What skipping may cost against dense, on the tokens after the warm-up: the mean
-    teacher-forced KL(dense || policy) per token, and dense's NLL of the policy's free-running
-    answers relative to its NLL of its own answers."""
-
-    max_kl: float = DEFAULT_MAX_KL
-    max_relative_nll: float = DEFAULT_MAX_RELATIVE_NLL
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.max_kl) and 0.0 < self.max_kl <= 10.0):
-            raise InvalidArgument("max_kl", f"must be in (0, 10] nats per token, got {self.max_kl}")
-        if not (math.isfinite(self.max_relative_nll) and 1.0 <= self.max_relative_nll <= 10.0):
-            raise InvalidArgument("max_relative_nll", f"must be in [1, 10], got {self.max_relative_nll}")
-
-    def kept_by(self, measured: Quality) -> bool:
-        return measured.kl.mean <= self.max_kl and measured.relative_nll <= self.max_relative_nll
-
-    def to_dict(self) -> dict:
-        return {"max_kl": self.max_kl, "max_relative_nll": self.max_relative_nll}
-
 
 @dataclass(frozen=True)
 class BudgetChoice:
@@ -141,4 +112,4 @@ def confirm(runner, prompts: list[str], params: SkipParams, harm: dict[int, floa
     return BudgetChoice(static_layers=params.static_layers, harm=harm, quality=measured.kept,
                         skip_ratio=run.stats.skip_ratio, decode_skip_ratio=run.stats.decode_skip_ratio,
                         agreement=token_agreement(run.tokens, [r.tokens for r in measured.references]),
-                        within_budget=budget.kept_by(measured.kept))
+                        within_budget=budget.kept_by(measured.kept.kl.mean, measured.kept.relative_nll))

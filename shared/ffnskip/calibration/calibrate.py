@@ -31,8 +31,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ffnskip.calibration.budget import QualityBudget
-from ffnskip.config import Policy
+from ffnskip.config import Policy, QualityBudget
 from ffnskip.errors import Cancelled, InvalidArgument
 
 if TYPE_CHECKING:
@@ -116,7 +115,7 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
     from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.profile import Profile, utc_now_iso
     from ffnskip.calibration.budget import search, search_runs
-    from ffnskip.calibration.tuning import BASE_WARM_UP, Choice, tune
+    from ffnskip.calibration.tuning import BASE_WARM_UP, Choice, choice_params, tune
 
     assert request.policy is not None  # made a Policy by CalibrationRequest itself
     policy = request.policy
@@ -138,7 +137,7 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
         quality_record = {**quality_fields(kept), **budget.to_dict(), "within_budget": found.within_budget}
     else:
         choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=policy)
-        kept = runner.measure(held, choice_params(choice, policy, cold_start, cold_end), tracker).kept
+        kept = runner.measure(held, choice_params(policy, choice, cold_start, cold_end), tracker).kept
         quality_record = {**quality_fields(kept), "within_budget": True}
     static = policy is Policy.STATIC
     profile = Profile(
@@ -156,17 +155,6 @@ def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn
     plot = plot_layer_similarity(layers, cold_start, cold_end, title, threshold=None if static else choice.threshold,
                                  skipped=choice.static_layers)
     return CalibrationOutcome(profile=profile, plot_png=plot)
-
-
-def choice_params(choice, policy: Policy, cold_start: int, cold_end: int):
-    """The skip parameters a tuning choice stands for."""
-    from ffnskip.config import SkipParams
-
-    if policy is Policy.STATIC:
-        return SkipParams(policy=policy, static_layers=choice.static_layers, cold_start=cold_start, cold_end=cold_end,
-                          warm_up=choice.warm_up)
-    return SkipParams(policy=policy, threshold=choice.threshold, max_skip=choice.max_skip, cold_start=cold_start,
-                      cold_end=cold_end, warm_up=choice.warm_up)
 
 
 def quality_fields(kept) -> dict:

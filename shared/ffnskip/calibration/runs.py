@@ -65,11 +65,8 @@ class CalibrationRunner:
 
     def generate(self, prompts: list[str], skip: SkipParams, tracker, phase: str) -> SkipRun:
         seqs = self._run(prompts, skip, tracker, phase)
-        stats = [SkipStats.from_records(s.skip_records, self.num_layers, s.skip.warm_up) for s in seqs]
-        pooled = stats[0]
-        for more in stats[1:]:
-            pooled = pooled.merged(more)
-        return SkipRun(tokens=[list(s.generated) for s in seqs], stats=pooled)
+        stats = SkipStats.pooled([self.engine.result(s).skip_stats for s in seqs])
+        return SkipRun(tokens=[list(s.generated) for s in seqs], stats=stats)
 
     def measure(self, prompts: list[str], skip: SkipParams, tracker) -> Measured:
         """What `skip` keeps of dense on `prompts`, after its warm-up."""

@@ -43,6 +43,15 @@ class Choice:
     static_layers: tuple[int, ...] = ()  # the static policy's FFNs; empty for adaptive
 
 
+def choice_params(policy: Policy, choice: Choice, cold_start: int, cold_end: int) -> SkipParams:
+    """The skip parameters a tuning choice stands for under `policy` (static or adaptive)."""
+    if policy is Policy.STATIC:
+        return SkipParams(policy=policy, static_layers=choice.static_layers, cold_start=cold_start, cold_end=cold_end,
+                          warm_up=choice.warm_up)
+    return SkipParams(policy=policy, threshold=choice.threshold, max_skip=choice.max_skip, cold_start=cold_start,
+                      cold_end=cold_end, warm_up=choice.warm_up)
+
+
 def predicted_ratio(similarity: list[list[float]], threshold: float, k: Optional[int], cold_start: int, cold_end: int) -> float:
     num_layers = len(similarity[0])
     skipped = 0
@@ -104,13 +113,9 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
     num_layers = len(similarity[0])
 
     def measure(threshold: float, k: Optional[int], warm_up: int, layers: tuple[int, ...] = ()) -> Choice:
-        if policy is Policy.STATIC:
-            params = SkipParams(policy=Policy.STATIC, cold_start=cold_start, cold_end=cold_end, static_layers=layers, warm_up=warm_up)
-            phase = f"tuning static {list(layers)} warm_up={warm_up}"
-        else:
-            params = SkipParams(policy=Policy.ADAPTIVE, cold_start=cold_start, cold_end=cold_end,
-                                threshold=threshold, max_skip=k, warm_up=warm_up)
-            phase = f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}"
+        params = choice_params(policy, Choice(threshold, k, warm_up, 0.0, 0.0, 0.0, layers), cold_start, cold_end)
+        phase = (f"tuning static {list(layers)} warm_up={warm_up}" if policy is Policy.STATIC
+                 else f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}")
         run = runner.generate(held, params, tracker, phase)
         choice = Choice(threshold, k, warm_up, run.stats.skip_ratio, run.stats.decode_skip_ratio,
                         token_agreement(run.tokens, dense), layers)

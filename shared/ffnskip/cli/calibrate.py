@@ -55,7 +55,7 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ffnskip import datasets
-    from ffnskip.calibration.budget import QualityBudget
+    from ffnskip.config import QualityBudget
     from ffnskip.calibration.calibrate import CalibrationRequest, calibrate
     from ffnskip.engine import load_model
 

@@ -6,6 +6,8 @@ prefill (never skips), token t > 1 from the decode step that consumed token t-1.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence as Seq
 
@@ -50,6 +52,11 @@ class SkipStats:
     def decode_skip_ratio(self) -> float:
         blocks = self.num_layers * self.decode_tokens
         return self.decode_ffn_blocks_skipped / blocks if blocks else 0.0
+
+    @staticmethod
+    def pooled(stats: Seq["SkipStats"]) -> "SkipStats":
+        """Several requests' counts pooled (at least one)."""
+        return functools.reduce(SkipStats.merged, stats)
 
     def merged(self, other: "SkipStats") -> "SkipStats":
         """Pool two requests' counts (for a batch or a whole evaluation)."""

@@ -25,11 +25,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import grpc
+
 from ffnskip.cli.ops import follow_job
 from ffnskip.client import GatewayClient, build_request, describe
+from ffnskip.config import QualityBudget
 from ffnskip.errors import FfnSkipError, InvalidArgument
 from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
 from ffnskip.settings import Env, cache_root
+from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -237,9 +241,6 @@ class Stack:
     def _submit_calibration(self) -> str:
         """Queue the first calibration (the default quality budget, activated on success); the
         stack serves dense meanwhile. Returns the job id."""
-        import grpc
-        from ffnskip.calibration.budget import QualityBudget
-        from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
         assert self.calibrator is not None
         budget = QualityBudget()
@@ -264,8 +265,6 @@ class Stack:
         """Follow the first calibration to its end with the ops CLI's progress bar (as `ffnskip ops
         watch` does), then say what is served. Ctrl-C cancels the job, so no worker picks an
         abandoned job up later."""
-        import grpc
-        from ffnskip.v1 import calibrator_pb2_grpc
 
         if self.calibration_job is None or self.calibrator is None:
             return
@@ -287,8 +286,6 @@ class Stack:
 
     def cancel_calibration(self) -> None:
         """Cancel the first calibration if it is still running (the stack is stopping)."""
-        import grpc
-        from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
         job_id, self.calibration_job = self.calibration_job, None
         if job_id is None or self.calibrator is None:
