@@ -2,6 +2,7 @@
 quality measures (ffnskip.calibration.quality) and paired QA flips.
 
     python scripts/compare_rules.py --targets 0.10,0.20 --prompts 24 --tokens 96 --json out.json
+    python scripts/compare_rules.py --budget --prompts 24 --tokens 96 --json out.json
 
 The paper's rule (`adaptive`, per row, k = --max-skip) gets its threshold bisected with
 free-running runs on the open-ended prompts until its measured decode skip ratio is within
@@ -11,6 +12,12 @@ is judged on). Both run at --batch rows, with the same warm-up, and are scored a
 teacher-forced KL(dense || rule) and same-top-token with prompt-clustered 95% intervals,
 dense's relative NLL of the free-running answers, and factoid QA answers lost and gained
 against dense (paired, exact McNemar p).
+
+With --budget, each rule instead gets the most skipping that keeps the quality budget
+(--max-kl, --max-relative-nll; the calibrator's defaults) on the judged prompts, by the same
+search for both: the paper's threshold bisected (a lower threshold skips more), static's
+prefix of the harm order by doubling and bisecting; a setting is within the budget when its
+teacher-forced KL and its free-running relative NLL both are.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import sys
 import time
 
 from ffnskip.calibration import quality as Q
-from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
+from ffnskip.calibration.budget import longest_prefix
+from ffnskip.config import DENSE, Policy, QualityBudget, SamplingParams, SkipParams
 from ffnskip.datasets import read_jsonl, texts
 from ffnskip.engine import Engine, load_model
 from ffnskip.engine.prompts import encode_prompt
@@ -51,6 +59,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warm-up", type=int, default=16)
     parser.add_argument("--max-skip", type=int, default=8, help="the paper's run length k")
+    parser.add_argument("--bisections", type=int, default=7, help="--budget: steps of the paper's threshold search")
+    parser.add_argument("--budget", action="store_true", help="each rule at the most skipping within the budget")
+    parser.add_argument("--max-kl", type=float, default=QualityBudget().max_kl)
+    parser.add_argument("--max-relative-nll", type=float, default=QualityBudget().max_relative_nll)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -93,8 +105,30 @@ def main() -> int:
         say(json.dumps(row))
         return row
 
+    def static_set(count: int) -> SkipParams:
+        return SkipParams(policy=Policy.STATIC, static_layers=tuple(sorted(order[:count])), cold_start=cold_start,
+                          cold_end=cold_end, warm_up=args.warm_up)
+
     rows = []
-    for target in [float(t) for t in args.targets.split(",")]:
+    if args.budget:
+        budget = QualityBudget(max_kl=args.max_kl, max_relative_nll=args.max_relative_nll)
+
+        def within(skip: SkipParams, label: str) -> bool:
+            kl = Q.pooled([row[args.warm_up:] for row in Q.divergence(engine, prompts, references, skip, args.batch).kl]).mean
+            tokens, ratio = free_run(engine, prompts, skip, args.tokens, args.batch)
+            nll = Q.dense_nll(engine, prompts, tokens, args.batch)
+            relative = Q.relative_nll([row[args.warm_up:] for row in nll], [row[args.warm_up:] for row in own])
+            say(f"{label}: decode skip {ratio:.4f}, KL {kl:.4f}, relative NLL {relative:.4f}")
+            return budget.kept_by(kl, relative)
+
+        low, high = 0.90, 1.0  # within(high): a threshold of 1 never fires
+        for _ in range(args.bisections):
+            middle = (low + high) / 2
+            low, high = (low, middle) if within(adaptive(middle), f"adaptive threshold {middle:.5f}") else (middle, high)
+        rows.append(evaluate("adaptive (paper)", 0.0, adaptive(high)))
+        count = longest_prefix(lambda n: within(static_set(n), f"static, {n} FFNs"), len(order))
+        rows.append(evaluate("static by measured harm", 0.0, static_set(count)))
+    for target in [] if args.budget else [float(t) for t in args.targets.split(",")]:
         low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
         for _ in range(8):
             middle = (low + high) / 2
@@ -104,10 +138,7 @@ def main() -> int:
                 break
             low, high = (middle, high) if ratio > target else (low, middle)
         rows.append(evaluate("adaptive (paper)", target, adaptive(middle)))
-        count = max(1, round(target * layers))
-        static = SkipParams(policy=Policy.STATIC, static_layers=tuple(sorted(order[:count])), cold_start=cold_start,
-                            cold_end=cold_end, warm_up=args.warm_up)
-        rows.append(evaluate("static by measured harm", target, static))
+        rows.append(evaluate("static by measured harm", target, static_set(max(1, round(target * layers)))))
     print(f"{'rule':<26}{'target':>7}{'dec.skip':>9}  {'KL [95%]':<24}{'top-1 [95%]':<24}{'rel.NLL':>8}  QA lost/gained")
     for r in rows:
         kl, top, q = r["kl"], r["top_match"], r["qa"]

@@ -31,7 +31,7 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 def load_compiled_segments(engine: Engine, max_batch: int) -> None:
     """Load (compiling those not in the compile cache) the decode segments of every batch bucket,
-    smallest first, logging each compiled package."""
+    smallest first, logging each compiled package; then free the model's own copy of the weights."""
     batch_sizes = range(1, max_batch + 1)
     total = engine.packages_to_compile(batch_sizes)
     log.info("loading compiled decode segments", to_compile=total)
@@ -42,7 +42,9 @@ def load_compiled_segments(engine: Engine, max_batch: int) -> None:
     except Exception:  # the decoder keeps serving eagerly
         log.exception("compiling decode segments failed; decoding stays eager")
         return
-    log.info("decode segments ready", seconds=round(seconds, 1))
+    # nothing else in a decoder runs the HF modules: prefill on the packages' copy, free the other
+    released = engine.release_raw_weights()
+    log.info("decode segments ready", seconds=round(seconds, 1), released_mb=round(released / 2**20))
 
 
 async def serve(settings: DecoderSettings) -> None:

@@ -77,6 +77,32 @@ def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, t
     assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
 
 
+def test_released_raw_weights_keep_the_results_and_free_the_models_copy(tiny_dir, package_cache, compiled_engine):
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=package_cache)  # its own model: changed here
+    engine = Engine(loaded, max_batch=4, max_seq_len=64, compile=True)
+    engine.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
+    runner = engine.runner
+    assert not loaded.model.config.tie_word_embeddings  # so the LM head's matrix goes too
+    # the layers' and the head's parameters: the segments hold their own copies of every one
+    own = sum(p.numel() * p.element_size() for m in (*runner.layers, runner.head) for p in m.parameters())
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    prefill = runner.prefill(engine.cache, [0, 1, 2], ids)
+    before = engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
+
+    assert engine.release_raw_weights() == own
+    assert loaded.model.model.layers[0].self_attn.q_proj.weight.numel() == 0  # the HF views are gone too
+    assert all(p.dim() == 3 for m in (*runner.layers, runner.head) for p in m.parameters() if p.dim() > 1)
+    torch.testing.assert_close(runner.prefill(engine.cache, [0, 1, 2], ids), prefill, rtol=1e-5, atol=1e-5)
+    after = engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
+    assert [r.token_ids for r in after] == [r.token_ids for r in before]
+    assert [r.token_ids for r in after] == [r.token_ids for r in compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])]
+
+
+def test_an_eager_engine_has_no_second_copy_to_release(tiny_loaded):
+    with pytest.raises(ValueError, match="not compiled"):
+        Engine(tiny_loaded, max_batch=1, max_seq_len=16).release_raw_weights()
+
+
 def test_packages_of_another_precision_or_model_do_not_collide(tiny_loaded, tiny_dir, tmp_path, package_cache):
     from ffnskip.engine.compiled import package_key
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ffnskip.cli.args import add_model_args
-from ffnskip.config import Policy
+from ffnskip.config import DEFAULT_MAX_KL, DEFAULT_MAX_RELATIVE_NLL, Policy
 from ffnskip.settings import cache_root
 
 
@@ -22,9 +22,9 @@ def register(commands) -> None:
     local.add_argument("--policy", default=None, help="tune for adaptive (default) or static (a fixed FFN set; "
                        "the default with a quality budget)")
     local.add_argument("--max-kl", type=float, help="calibrate to a quality budget instead of --target-skip: mean "
-                       "teacher-forced KL from dense per token after the warm-up (default 0.06 with a budget)")
+                       f"teacher-forced KL from dense per token after the warm-up (default {DEFAULT_MAX_KL} with a budget)")
     local.add_argument("--max-relative-nll", type=float, help="the budget's limit on dense's NLL of the answers "
-                       "relative to its own (default 1.10 with a budget)")
+                       f"relative to its own (default {DEFAULT_MAX_RELATIVE_NLL} with a budget)")
     local.add_argument("--prompts-file", type=Path, help="default: the shipped calibration set")
     local.add_argument("--batch-size", type=int, help="prompts decoded together (default: the calibration's)")
     local.add_argument("--out", type=Path, required=True, help="output directory")

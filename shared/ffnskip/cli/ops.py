@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ffnskip.cli.calibrate import read_prompts_file
+from ffnskip.config import DEFAULT_MAX_KL, DEFAULT_MAX_RELATIVE_NLL
 
 DEFAULT_ADDRESS = "127.0.0.1:50053"
 
@@ -40,9 +41,9 @@ def register(commands) -> None:
     calibrate.add_argument("--tokens-per-prompt", type=int, help="tokens generated per prompt (default 128)")
     calibrate.add_argument("--policy", default="", help="tune for adaptive (default) or static (a fixed FFN set; batch-friendly)")
     calibrate.add_argument("--max-kl", type=float, help="calibrate to a quality budget instead of a target: mean "
-                           "teacher-forced KL from dense per token (default 0.06 when a budget is asked for)")
+                           f"teacher-forced KL from dense per token (default {DEFAULT_MAX_KL} when a budget is asked for)")
     calibrate.add_argument("--max-relative-nll", type=float, help="the budget's limit on dense's NLL of the answers "
-                           "relative to its own (default 1.10)")
+                           f"relative to its own (default {DEFAULT_MAX_RELATIVE_NLL})")
     source = calibrate.add_mutually_exclusive_group()
     source.add_argument("--prompts-file", type=Path, help="prompts: JSONL (text/prompt/question field) or one per line")
     source.add_argument("--dataset", help="a data set the calibrator ships: calibration (default), prompts, factoid_qa")

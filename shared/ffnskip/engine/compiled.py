@@ -103,9 +103,11 @@ def weight_names(module: nn.Module, kind: str) -> list[str]:
 
 
 def decode_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """Those parameters as the packages read them: matrices in the blocked layout."""
+    """Those parameters as the packages read them: matrices in the blocked layout, the rest
+    copied too (the model's own may lie in the weight file's memory map, which a decoder lets go
+    of once it runs on these copies alone)."""
     params = {name: param.detach() for name, param in module.named_parameters()}
-    return [blocked(params[name]) if params[name].dim() == 2 else params[name] for name in names]
+    return [blocked(params[name]) if params[name].dim() == 2 else params[name].clone() for name in names]
 
 
 class _Shared(nn.Module):
@@ -208,6 +210,14 @@ class CompiledSegments:
         if (eager := self._cold(x.shape[0])) is not None:
             return eager.head(x)
         return self._runner(x.shape[0], "head")([x, *self._head_weights])[0]
+
+    def layer_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s weights as the packages read them, by parameter name."""
+        return {**dict(zip(self._names["attention"], self._attention_weights[index])),
+                **dict(zip(self._names["ffn"], self._ffn_weights[index]))}
+
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self._names["head"], self._head_weights))
 
     def package_names(self) -> list[str]:
         return list(KINDS)

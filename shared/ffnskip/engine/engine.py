@@ -105,6 +105,11 @@ class Engine:
             return 0.0
         return segments.warm_up(self._buckets(batch_sizes), on_compiled)
 
+    def release_raw_weights(self) -> int:
+        """Once every bucket it will use is compiled: prefill on the compiled segments' copy of
+        the weights and free the model's own (ModelRunner.release_raw_weights); bytes released."""
+        return self.runner.release_raw_weights()
+
     def packages_to_compile(self, batch_sizes: Seq[int]) -> int:
         """Compiled segments of these batch sizes not on disk yet (0 for an eager engine)."""
         segments = self.runner.segments

@@ -65,10 +65,20 @@ class FusedLayer(nn.Module):
         self.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
         self.act = mlp.act_fn
+        # the HF linears whose weights are now views into the fused tensors (released by adopt)
+        self._fused_into = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.hidden_size = int(self.o_proj.weight.shape[0])
         self.gate_up_size = int(self.gate_up_weight.shape[0])
+
+    def adopt(self, weights: dict[str, torch.Tensor]) -> None:
+        """Read `weights` (parameter name -> tensor, e.g. the compiled segments' blocked copies)
+        from now on and let the layer's own matrices go, so the process holds one copy of them.
+        The HF modules this layer was built from cannot run afterwards."""
+        adopt(self, weights)
+        for module in self._fused_into:  # their weights were views of the fused tensors
+            module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
@@ -107,6 +117,14 @@ def _fuse(linears: list[Any], name: str = "weight") -> nn.Parameter:
         getattr(module, name).data = fused.data[offset:offset + rows]
         offset += rows
     return fused
+
+
+def adopt(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Make each named parameter of `module` the given tensor (a matrix may change its layout:
+    `project` reads either)."""
+    for name, tensor in weights.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=False))
 
 
 class Head(nn.Module):

@@ -11,6 +11,8 @@ eagerly or compiled (compiled.py) with the same code; this module's own code
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Any, Optional, Sequence as Seq
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from ffnskip.engine.compiled import CompileTarget, CompiledSegments
 from ffnskip.engine.kv_cache import KVCache
-from ffnskip.engine.layers import FusedLayer, Head
+from ffnskip.engine.layers import FusedLayer, Head, adopt
 from ffnskip.engine.policies import FfnRows, StepSkips
 from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
 
@@ -48,6 +50,32 @@ class ModelRunner:
         self.segments: Segments = (EagerSegments(self.layers, self.head) if compiled is None
                                    else CompiledSegments(self.layers, self.head, compiled))
         self._positions = torch.arange(256, device=self.device)
+
+    def release_raw_weights(self) -> int:
+        """Run the prefill and any eager segment on the compiled segments' copy of the weights
+        (the blocked layout `project` reads) and free the model's own matrices: one copy of the
+        weights in the process, not two. Returns the bytes released. For a model that nothing
+        else runs (a serving decoder): the HF modules cannot run afterwards. The embedding
+        table is copied off the weight file's memory map (where the loader may have left it),
+        so nothing holds that map afterwards."""
+        segments = self.segments
+        if not isinstance(segments, CompiledSegments):
+            raise ValueError("release_raw_weights: the decode segments are not compiled")
+        modules = (*self.layers, self.head, self.embed)
+        before = _storages(modules)
+        with torch.inference_mode():  # the segments' copies are inference tensors
+            for index, layer in enumerate(self.layers):
+                layer.adopt(segments.layer_weights(index))
+            adopt(self.head, segments.head_weights())  # a tied LM head no longer shares the embedding's
+            # the embedding table, off the weight file's map (nothing else holds the map after this)
+            adopt(self.embed, {"weight": self.embed.weight.detach().clone()})
+        after = _storages(modules)
+        # (`before` holds the old storages until here, so no new tensor can take one's address)
+        released = sum(storage.nbytes() for pointer, storage in before.items() if pointer not in after)
+        released -= self.embed.weight.untyped_storage().nbytes()  # the copy made above
+        del before
+        _return_freed_memory()
+        return released
 
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
@@ -118,6 +146,21 @@ class ModelRunner:
                 x, similarity = segments.ffn(index, h, segments.row_mask(step.padded, decision.rows))
             skips.observe(index, real(h), real(x), None if similarity is None else real(similarity))
         return segments.head(x)
+
+
+def _storages(modules: Seq[nn.Module]) -> dict[int, torch.UntypedStorage]:
+    """The memory the modules' parameters lie in, by address."""
+    return {param.untyped_storage().data_ptr(): param.untyped_storage() for module in modules for param in module.parameters()}
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps freed blocks below its mmap threshold in
+    the process, where the resident size still counts them)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
 
 
 class RotaryTable:
