@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sys
 import threading
+import time
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import DENSE
-from ffnskip.engine import Engine, load_model
+from ffnskip.engine import Engine, LoadedModel, load_model
+from ffnskip.engine.precompile import compile_in_child
 from ffnskip.logs import get_logger
 from ffnskip.rpc.process import run_service
 from ffnskip.rpc.server import Server
@@ -29,22 +30,29 @@ log = get_logger("decoder")
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
-def load_compiled_segments(engine: Engine, max_batch: int) -> None:
-    """Load (compiling those not in the compile cache) the decode segments of every batch bucket,
-    smallest first, logging each compiled package; then free the model's own copy of the weights."""
+def load_compiled_segments(engine: Engine, loaded: LoadedModel, max_batch: int) -> None:
+    """Load the decode segments of every batch bucket, smallest first; those not in the compile
+    cache are compiled by a child process (PyTorch's compiler is not thread-safe, and this process
+    serves meanwhile), each bucket loaded as soon as it is complete. Then free the model's own copy
+    of the weights: nothing else in a decoder runs the HF modules."""
     batch_sizes = range(1, max_batch + 1)
     total = engine.packages_to_compile(batch_sizes)
     log.info("loading compiled decode segments", to_compile=total)
-    done = itertools.count(1)
+    started = time.perf_counter()
     try:
-        seconds = engine.warm_up(batch_sizes, on_compiled=lambda: log.info("compiled a decode segment",
-                                                                          done=next(done), of=total))
+        if total:
+            for event in compile_in_child(loaded, max_batch):
+                if "package" in event:
+                    log.info("compiled a decode segment", done=event["package"], of=total)
+                else:  # a complete bucket: it serves compiled from its next step
+                    engine.warm_up([event["bucket"]])
+        engine.warm_up(batch_sizes)  # what was on disk already
     except Exception:  # the decoder keeps serving eagerly
         log.exception("compiling decode segments failed; decoding stays eager")
         return
-    # nothing else in a decoder runs the HF modules: prefill on the packages' copy, free the other
     released = engine.release_raw_weights()
-    log.info("decode segments ready", seconds=round(seconds, 1), released_mb=round(released / 2**20))
+    log.info("decode segments ready", seconds=round(time.perf_counter() - started, 1),
+             released_mb=round(released / 2**20))
 
 
 async def serve(settings: DecoderSettings) -> None:
@@ -54,7 +62,7 @@ async def serve(settings: DecoderSettings) -> None:
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
     if settings.compile:  # the decoder serves eagerly meanwhile; each batch bucket runs compiled once loaded
-        threading.Thread(target=load_compiled_segments, args=(engine, settings.max_batch), name="compile",
+        threading.Thread(target=load_compiled_segments, args=(engine, loaded, settings.max_batch), name="compile",
                          daemon=True).start()
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,

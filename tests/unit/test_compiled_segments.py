@@ -7,6 +7,7 @@ A 3-layer tiny model keeps the packages few (each costs a C++ build of a few sec
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine, load_model
 from ffnskip.engine.compiled import CompiledSegments, batch_buckets
+from ffnskip.engine.precompile import compile_in_child
 from tests.helpers.tiny import save_tiny_model
 
 pytestmark = pytest.mark.heavy  # AOTInductor compiles: minutes
@@ -216,3 +218,32 @@ def test_a_bucket_runs_eagerly_until_warm_up_loads_it(compiled_engine, tiny_dir,
     ours = serving.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
     theirs = compiled_engine.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
     assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
+
+
+def test_requests_served_while_a_child_process_compiles_are_right(tiny_dir, tmp_path):
+    """PyTorch's compiler is not thread-safe: with the packages traced in a thread of the serving
+    process, eager requests served meanwhile failed (their sampled tokens came back symbolic).
+    The child process compiles; this process only loads each bucket it reports complete."""
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=tmp_path)  # an empty compile cache
+    serving = Engine(loaded, max_batch=2, max_seq_len=64, compile=True, eager_until_warm=True)
+    reference = [r.token_ids for r in Engine(loaded, max_batch=2, max_seq_len=64).generate(PROMPTS[:2], SAMPLING)]
+    events: list[dict] = []
+
+    def compile_and_load() -> None:
+        for event in compile_in_child(loaded, 2):
+            events.append(event)
+            if "bucket" in event:
+                serving.warm_up([event["bucket"]])
+
+    thread = threading.Thread(target=compile_and_load)
+    thread.start()
+    served = 0
+    while thread.is_alive() or not served:
+        assert [r.token_ids for r in serving.generate(PROMPTS[:2], SAMPLING)] == reference
+        served += 1
+    thread.join()
+    assert events == [{"package": 1}, {"package": 2}, {"package": 3}, {"bucket": 1},
+                      {"package": 4}, {"package": 5}, {"package": 6}, {"bucket": 2}]
+    segments = serving.runner.segments
+    assert isinstance(segments, CompiledSegments)
+    assert segments.compiled == 0 and segments.warm_buckets == {1, 2} and serving.packages_to_compile([1, 2]) == 0
