@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ffnskip.cli.args import add_model_args
 from ffnskip.bench.configs import BenchConfig, default_configs, eval_rows, profile_rows, run_groups
+from ffnskip.bench.llama_server import SERVER_PEER
 from ffnskip.bench.report import print_table, summarise
 from ffnskip.config import SamplingParams
 from ffnskip.settings import cache_root
@@ -36,7 +37,6 @@ from ffnskip.settings import cache_root
 if TYPE_CHECKING:
     from ffnskip.bench.peer import LlamaCppPeer  # imported when a peer is opened: llama.cpp is an extra
 
-SERVER_PEER = "llama-server"  # the service bench's peer (`--target ... --peer llama-server`)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from ffnskip.bench.calls import CallResult
 from ffnskip.errors import FfnSkipError
 from ffnskip.stack.procs import dying_with_parent, exit_reason, free_port
 
+SERVER_PEER = "llama-server"  # the service bench's peer (`--target ... --peer llama-server`)
+
 INSTALL_HINT = "pip install 'ffnskip[peer]'"
 HOST = "127.0.0.1"
 # Tokens per slot beyond prompt + generated ones: a slot stops one token short of its

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import grpc
 
 from ffnskip.bench.calls import CallResult, run_level
-from ffnskip.bench.engine import SERVER_PEER
+from ffnskip.bench.llama_server import SERVER_PEER
 from ffnskip.bench.service_peer import CHECK_PROMPTS, CHECK_TOKENS, ServerPeer, describe_agreement
 from ffnskip.datasets import texts
 from ffnskip.errors import FfnSkipError, InvalidArgument
