@@ -59,3 +59,10 @@ def test_up_calibrates_serves_and_stops(tmp_path, model_dir):
     assert "profile v1" in second.stdout
     logs = tmp_path / "stack" / "logs"
     assert (logs / "decoder-1.log").exists() and (logs / "gateway.log").exists()
+
+
+def test_a_first_request_the_gateway_refuses_is_one_line_and_the_stack_stops(tmp_path, model_dir):
+    refused = up(tmp_path / "stack", model_dir, "--prompt", "")
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "error: the first request failed: INVALID_ARGUMENT" in refused.stderr
+    assert "Traceback" not in refused.stderr and "stack stopped" in refused.stdout

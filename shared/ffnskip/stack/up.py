@@ -303,11 +303,14 @@ class Stack:
         started = time.monotonic()
         with GatewayClient(self.gateway.address, api_key=self.api_key, timeout_s=300.0) as client:
             summary = None
-            for message in client.stream(request):
-                if message.HasField("token"):
-                    print(message.token.text, end="", flush=True)
-                else:
-                    summary = message.summary
+            try:
+                for message in client.stream(request):
+                    if message.HasField("token"):
+                        print(message.token.text, end="", flush=True)
+                    else:
+                        summary = message.summary
+            except grpc.RpcError as err:  # one line for the user, as every other command says it
+                raise FfnSkipError(f"the first request failed: {err.code().name}: {err.details()}") from None
         if summary is None:
             raise FfnSkipError("the gateway ended the stream without a summary")
         print("\n")
