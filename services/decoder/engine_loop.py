@@ -1,7 +1,14 @@
 """The engine in one dedicated thread; requests reach it through an inbox and their
 tokens come back on per-request asyncio queues.
 
-Only this thread touches the engine. Admission control happens in `submit` (the
+Only this thread touches the engine, and in a decoder it runs every torch call of the
+process: it builds the engine (`EngineLoop(build)`, then `start`) and runs other work on
+it between steps (`call`, e.g. loading compiled segments). PyTorch's CPU kernels run on an
+OpenMP thread pool per calling thread, and when a process holds more pool threads than
+CPUs, libgomp stops spinning between parallel regions (100 spins instead of 300,000) and
+puts its workers to sleep after each one: a model built on the main thread and stepped on
+this one cost about 430 context switches and 3-6 ms more per fp32 decode step of
+SmolLM2-135M on 2 cores (docs/performance.md). Admission control happens in `submit` (the
 queue bound), validation that needs the tokenizer happens in the thread (engine.add)
 and comes back to the caller as the request's first item.
 
@@ -16,8 +23,9 @@ import asyncio
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import structlog
 
@@ -28,6 +36,7 @@ from ffnskip.errors import FfnSkipError, ResourceExhausted, Unavailable
 
 log = structlog.get_logger("decoder.engine_loop")
 Item = Union[TokenEvent, GenerationResult, FfnSkipError]
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,15 +63,27 @@ class Submission:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int,
-                 on_result: Callable[[GenerationResult, Optional[int]], None] = lambda result, after: None) -> None:
-        self.engine = engine
+    engine: Engine  # set by the constructor, or by start() once the engine thread has built it
+
+    def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int,
+                 on_result: Callable[[GenerationResult, Optional[int]], None] = lambda result, after: None,
+                 on_step: Callable[[float, int], None] = lambda seconds, rows: None) -> None:
+        """`engine`: the engine, or a function that builds it on the engine thread (start waits for it)."""
+        if isinstance(engine, Engine):
+            self.engine = engine
+            self._build: Optional[Callable[[], Engine]] = None
+        else:
+            self._build = engine
+        self._built: Future[Engine] = Future()
         self.max_queue = max_queue
         # every sequence's end, cancelled and expired ones too (whose callers no longer read it), with the
         # tokens a cancelled one generated after its cancel arrived (the step in progress: at most 1): metrics
         self.on_result = on_result
+        # each engine step's seconds and the rows it stepped: how much of a served token is the engine's
+        self.on_step = on_step
         self._inbox: deque[Submission] = deque()
         self._cancels: deque[tuple[Submission, str]] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: dict[int, Submission] = {}  # by the engine's sequence id
         self._wake = threading.Condition()
         self._stopping = False
@@ -74,8 +95,23 @@ class EngineLoop:
 
     # -- called from the asyncio side -------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> Engine:
+        """Start the engine thread; return once the engine is built (raise what building it raised)."""
         self._thread.start()
+        self.engine = self._built.result()
+        return self.engine
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps; return what it returns (raise what it raises)."""
+        if threading.get_ident() == self._thread.ident:
+            return fn()
+        future: Future[T] = Future()
+        with self._wake:
+            if self._stopping or not self._thread.is_alive():
+                raise Unavailable("decoder engine loop is not running")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future.result()
 
     def submit(self, submission: Submission) -> None:
         with self._wake:
@@ -136,15 +172,25 @@ class EngineLoop:
     # -- the engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            if self._build is not None:
+                self.engine = self._build()
+            self._built.set_result(self.engine)
+        except BaseException as exc:  # start() raises it in the caller
+            self._built.set_exception(exc)
+            return
         while True:
             with self._wake:
-                while not (self._stopping or self._inbox or self._cancels or self.engine.has_work):
+                while not (self._stopping or self._inbox or self._cancels or self._calls or self.engine.has_work):
                     self._wake.wait()
                 self._progress_at = time.monotonic()
+                calls, self._calls = list(self._calls), deque()
                 if self._stopping:
                     break
                 inbox, self._inbox = list(self._inbox), deque()
                 cancels, self._cancels = list(self._cancels), deque()
+            for fn, future in calls:
+                _run_call(fn, future)
             for submission in inbox:
                 self._admit(submission)
             for submission, reason in cancels:
@@ -155,6 +201,8 @@ class EngineLoop:
             with self._wake:
                 if not self._active and not self._inbox:
                     self.idle.set()
+        for _, future in calls:
+            future.set_exception(Unavailable("decoder engine loop stopped"))
         for submission in list(self._active.values()):
             self._cancel(submission, "cancelled")
 
@@ -169,8 +217,10 @@ class EngineLoop:
         self._active[submission.seq.seq_id] = submission
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             events = self.engine.step()
+            self.on_step(time.perf_counter() - started, len(events))
         except Exception as exc:  # a bug in a step must fail its requests, not hang them
             log.exception("engine step failed")
             for failed in list(self._active.values()):
@@ -207,3 +257,10 @@ class EngineLoop:
         at_cancel = submission.tokens_at_cancel if result.finish_reason == "cancelled" else None
         self.on_result(result, None if at_cancel is None else len(result.token_ids) - at_cancel)
         submission.deliver(result)
+
+
+def _run_call(fn: Callable[[], Any], future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # the caller of EngineLoop.call gets it
+        future.set_exception(exc)

@@ -6,10 +6,11 @@ import asyncio
 import sys
 import threading
 import time
+from functools import partial
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import DENSE
-from ffnskip.engine import Engine, LoadedModel, load_model
+from ffnskip.engine import Engine, load_model
 from ffnskip.engine.precompile import compile_in_child
 from ffnskip.logs import get_logger
 from ffnskip.rpc.process import run_service
@@ -30,49 +31,56 @@ log = get_logger("decoder")
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
-def load_compiled_segments(engine: Engine, loaded: LoadedModel, max_batch: int) -> None:
+def build_engine(settings: DecoderSettings) -> Engine:
+    """Load the model and build the engine (on the engine thread: EngineLoop)."""
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
+             dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
+    return Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
+                  eager_until_warm=True)
+
+
+def load_compiled_segments(engine_loop: EngineLoop, max_batch: int) -> None:
     """Load the decode segments of every batch bucket, smallest first; those not in the compile
     cache are compiled by a child process (PyTorch's compiler is not thread-safe, and this process
     serves meanwhile), each bucket loaded as soon as it is complete. Then free the model's own copy
-    of the weights: nothing else in a decoder runs the HF modules."""
+    of the weights: nothing else in a decoder runs the HF modules. The loading and the release run
+    on the engine thread, between steps (EngineLoop: one thread for every torch call)."""
+    engine = engine_loop.engine
     batch_sizes = range(1, max_batch + 1)
     total = engine.packages_to_compile(batch_sizes)
     log.info("loading compiled decode segments", to_compile=total)
     started = time.perf_counter()
     try:
         if total:
-            for event in compile_in_child(loaded, max_batch):
+            for event in compile_in_child(engine.loaded, max_batch):
                 if "package" in event:
                     log.info("compiled a decode segment", done=event["package"], of=total)
                 else:  # a complete bucket: it serves compiled from its next step
-                    engine.warm_up([event["bucket"]])
-        engine.warm_up(batch_sizes)  # what was on disk already
+                    engine_loop.call(partial(engine.warm_up, [event["bucket"]]))
+        engine_loop.call(partial(engine.warm_up, batch_sizes))  # what was on disk already
     except Exception:  # the decoder keeps serving eagerly
         log.exception("compiling decode segments failed; decoding stays eager")
         return
-    released = engine.release_raw_weights()
+    released = engine_loop.call(engine.release_raw_weights)
     log.info("decode segments ready", seconds=round(time.perf_counter() - started, 1),
              released_mb=round(released / 2**20))
 
 
 async def serve(settings: DecoderSettings) -> None:
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    engine = Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
-                    eager_until_warm=True)
-    log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
-             dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
+    metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
+                             lambda: profiles.current.version)
+    engine_loop = EngineLoop(partial(build_engine, settings), settings.max_queue, on_result=metrics.finished,
+                             on_step=metrics.stepped)
+    loaded = engine_loop.start().loaded
     if settings.compile:  # the decoder serves eagerly meanwhile; each batch bucket runs compiled once loaded
-        threading.Thread(target=load_compiled_segments, args=(engine, loaded, settings.max_batch), name="compile",
+        threading.Thread(target=load_compiled_segments, args=(engine_loop, settings.max_batch), name="compile",
                          daemon=True).start()
     redis_client = connect(settings.redis)
     profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
                               settings.profile_cache_dir, default=DENSE,
                               mode=settings.skip_policy, quorum=settings.aligned_quorum)
     profiles.start()
-    metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
-                             lambda: profiles.current.version)
-    engine_loop = EngineLoop(engine, settings.max_queue, on_result=metrics.finished)
-    engine_loop.start()
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
              "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}
     if settings.metrics_port:

@@ -43,7 +43,16 @@ class DecoderMetrics:
             PREFIX + "request_tokens_after_cancel", "Tokens a cancelled request generated after its cancel reached "
             "the decoder (the decode step in progress: at most 1).", ["model_name"], buckets=(0, 1, 2, 4, 8, 16, 64),
             registry=r).labels(**labels)
+        # the engine's own share of a served token (the rest is the decoder loop, gRPC and the gateway)
+        self._step_seconds = Histogram(
+            PREFIX + "engine_step_seconds", "Seconds of one engine step (prefill of the admitted prompts and/or one "
+            "decode step of the running rows).", ["model_name"],
+            buckets=(0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r
+        ).labels(**labels)
         self.model_name = model_name
+
+    def stepped(self, seconds: float, rows: int) -> None:
+        self._step_seconds.observe(seconds)
 
     def finished(self, result: GenerationResult, tokens_after_cancel: Optional[int] = None) -> None:
         if tokens_after_cancel is not None:
