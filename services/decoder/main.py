@@ -8,6 +8,8 @@ import threading
 import time
 from functools import partial
 
+import torch
+
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import DENSE
 from ffnskip.engine import Engine, load_model
@@ -33,6 +35,8 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 def build_engine(settings: DecoderSettings) -> Engine:
     """Load the model and build the engine (on the engine thread: EngineLoop)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))

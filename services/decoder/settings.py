@@ -25,7 +25,7 @@ ENV_VARS = (
     "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_STUCK_AFTER_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
     "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_OVERRIDE_MIN_QUORUM",
     "FFNSKIP_SKIP_POLICY", "FFNSKIP_ALIGNED_QUORUM", "FFNSKIP_LOG_LEVEL",
-    "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT",
+    "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT", "FFNSKIP_THREADS",
 ) + REDIS_ENV_VARS
 
 
@@ -71,6 +71,7 @@ class DecoderSettings:
     log_level: str
     metrics_host: str
     metrics_port: int  # Prometheus /metrics; 0 = off (several local decoders would collide)
+    threads: int  # torch's CPU threads; 0 = torch's default (every core of the host, not the pod's CPU limit)
     redis: RedisSettings
 
     @classmethod
@@ -113,5 +114,6 @@ class DecoderSettings:
             log_level=env.text("FFNSKIP_LOG_LEVEL", "info"),
             metrics_host=env.text("FFNSKIP_METRICS_HOST", "0.0.0.0"),
             metrics_port=env.integer("FFNSKIP_METRICS_PORT", 0),
+            threads=env.integer("FFNSKIP_THREADS", 0, minimum=0),
             redis=RedisSettings.from_env(environ),
         )

@@ -16,6 +16,7 @@ testable.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union, overload
 
@@ -25,6 +26,13 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
 Bound = Union[int, float]
+
+
+def threads_per_process(processes: int) -> int:
+    """Compute threads for each of `processes` compute processes sharing this host's CPUs (those
+    this process may run on): their OpenMP workers spin while they wait, so more threads than CPUs
+    in all slow every one of them down."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
 
 
 def cache_root(environ: Mapping[str, str]) -> Path:

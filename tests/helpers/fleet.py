@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ffnskip.client import GatewayClient, build_request
+from ffnskip.settings import threads_per_process
 from ffnskip.stack.procs import Child, free_port
 from tests.helpers.polling import wait_for  # noqa: F401 - the fleet tests' waiting, from one place
 from tests.helpers.tiny import save_tiny_model
@@ -73,7 +74,8 @@ def two_decoder_fleet(tmp: Path, decoder_env: Optional[dict[str, str]] = None,
     with running_redis() as redis_server:
         fleet = Fleet(tmp, redis_server.url, model_dir)
         try:
-            d1, d2 = fleet.decoder("d1", **(decoder_env or {})), fleet.decoder("d2", **(decoder_env or {}))
+            env = {"FFNSKIP_THREADS": str(threads_per_process(2)), **(decoder_env or {})}  # two on one host
+            d1, d2 = fleet.decoder("d1", **env), fleet.decoder("d2", **env)
             gw = fleet.gateway("gw-a", **(gateway_env or {}))  # all load at once
             fleet.ready(d1, d2, gw)
             yield fleet, redis_server

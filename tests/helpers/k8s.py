@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import os
 import re
 import shutil
@@ -145,9 +146,25 @@ def container_env(docs: list[dict], container: dict) -> tuple[dict[str, str], di
             env[name], source[name] = FAKE_SECRETS.get(key, FAKE_SECRET), "secret"
         elif "fieldRef" in item.get("valueFrom", {}):
             env[name], source[name] = FAKE_FIELDS[item["valueFrom"]["fieldRef"]["fieldPath"]], "field"
+        elif "resourceFieldRef" in item.get("valueFrom", {}):
+            env[name], source[name] = resource_field(container, item["valueFrom"]["resourceFieldRef"]), "resource"
         else:
             pytest.fail(f"{container['name']}: env {name} has an unsupported source {item}")
     return env, source
+
+
+def resource_field(container: dict, ref: dict) -> str:
+    """What the downward API gives for a container's CPU request or limit: the quantity in units
+    of `divisor`, rounded up (a container without that limit would get the node's CPUs)."""
+    assert ref.get("containerName") == container["name"], f"{ref} names another container"
+    kind, _, resource = ref["resource"].partition(".")
+    assert resource == "cpu", f"{ref}: only CPU quantities are modelled here"
+    quantity = container["resources"][{"limits": "limits", "requests": "requests"}[kind]]["cpu"]
+
+    def cores(text: str) -> float:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+    return str(math.ceil(cores(str(quantity)) / cores(str(ref.get("divisor", "1")))))
 
 
 def service_env(docs: list[dict], service: str) -> tuple[dict[str, str], dict[str, str]]:

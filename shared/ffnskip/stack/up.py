@@ -32,7 +32,7 @@ from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.config import QualityBudget
 from ffnskip.errors import FfnSkipError, InvalidArgument
 from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
-from ffnskip.settings import Env, cache_root
+from ffnskip.settings import Env, cache_root, threads_per_process
 from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
@@ -225,7 +225,8 @@ class Stack:
             self.decoders.append(Child.service(f"decoder-{i}", "services.decoder.main", self._env(
                 FFNSKIP_DECODER_HOST="127.0.0.1", FFNSKIP_DECODER_PORT=str(port), FFNSKIP_DECODER_ID=f"decoder-{i}",
                 FFNSKIP_ADVERTISE_ADDRESS=f"127.0.0.1:{port}", FFNSKIP_MODEL=self.model, FFNSKIP_MODEL_NAME=self.model,
-                FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(metrics_port)),
+                FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(metrics_port),
+                FFNSKIP_THREADS=str(threads_per_process(self.args.decoders))),
                 port, self.log_dir).start())
 
     def _active_profile(self) -> Optional[int]:
