@@ -109,7 +109,8 @@ def run(args) -> int:
             except grpc.RpcError as err:
                 raise FfnSkipError(f"greedy check: {args.target} answered {err.code().name}: {err.details()}") from None
             report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, args.timeout)
-        for concurrency in levels:
+
+        def service_rows(concurrency: int) -> None:
             for policy in policies:
                 requests = build_requests(args.model, count[concurrency], args.new_tokens,
                                           "" if policy == "profile" else policy)
@@ -117,15 +118,18 @@ def run(args) -> int:
                 row["policy"] = policy
                 rows.append(row)
                 print(f"c={concurrency} {policy}: {row['tokens_per_s']} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
-    report["rows"] = rows
-    if args.metrics_url:  # after the service rows, while nothing else runs
+
+        if peer is None:
+            for concurrency in levels:
+                service_rows(concurrency)
+        else:  # level by level, the service's rows and then llama-server's: one idles while the other runs
+            same = {c: build_requests(args.model, count[c], args.new_tokens, "dense") for c in levels}
+            report["llama_server"] = peer.rows(same, args.new_tokens, args.timeout, lambda row: print(
+                f"c={row['concurrency']} llama-server: {row['tokens_per_s']} tok/s, errors {row['errors']}",
+                file=sys.stderr, flush=True), before_level=service_rows)
+    report["rows"] = rows if peer is None else with_ratios(rows, report["llama_server"]["rows"])
+    if args.metrics_url:  # after the rows, while nothing else runs
         report["service_resident_bytes"] = resident_bytes(args.metrics_url)
-    if peer is not None:  # after the service rows, so the two never share the CPU
-        same = {c: build_requests(args.model, n, args.new_tokens, "dense") for c, n in count.items()}
-        report["llama_server"] = peer.rows(same, args.new_tokens, args.timeout, lambda row: print(
-            f"c={row['concurrency']} llama-server: {row['tokens_per_s']} tok/s, errors {row['errors']}",
-            file=sys.stderr, flush=True))
-        report["rows"] = with_ratios(rows, report["llama_server"]["rows"])
     if args.engine_baseline:
         requests = build_requests(args.model, args.requests_per_level, args.new_tokens, "dense")
         report["engine_dense_tokens_per_s"] = round(engine_baseline(args.model, requests, args.device, args.dtype), 2)

@@ -119,14 +119,18 @@ class ServerPeer:
         return agreement
 
     def rows(self, requests_by_level: dict[int, Sequence[Any]], new_tokens: int, timeout_s: float,
-             progress: Callable[[dict], None]) -> dict[str, Any]:
+             progress: Callable[[dict], None],
+             before_level: Callable[[int], None] = lambda concurrency: None) -> dict[str, Any]:
         """llama-server's rows, one per concurrency level, on the same requests as the service's;
-        with what it ran with and its peak resident memory."""
+        with what it ran with and its peak resident memory. `before_level(concurrency)` runs just
+        before each level (the service's rows of that level, while llama-server idles), so that
+        the rows compared are timed seconds apart, not minutes: machines of this kind drift."""
         prompts = {c: [self.prompt_ids(r) for r in requests] for c, requests in requests_by_level.items()}
         slots = max(prompts)
         rows = []
         with self.server([p for level in prompts.values() for p in level], slots, new_tokens) as server:
             for concurrency, level in prompts.items():
+                before_level(concurrency)
                 row = run_level(lambda ids: server.stream(ids, new_tokens, timeout_s), level, concurrency)
                 row["policy"] = "llama-server"
                 rows.append(row)
