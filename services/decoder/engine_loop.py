@@ -67,7 +67,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int,
                  on_result: Callable[[GenerationResult, Optional[int]], None] = lambda result, after: None,
-                 on_step: Callable[[float, int], None] = lambda seconds, rows: None) -> None:
+                 on_step: Callable[[float], None] = lambda seconds: None) -> None:
         """`engine`: the engine, or a function that builds it on the engine thread (start waits for it)."""
         if isinstance(engine, Engine):
             self.engine = engine
@@ -79,7 +79,7 @@ class EngineLoop:
         # every sequence's end, cancelled and expired ones too (whose callers no longer read it), with the
         # tokens a cancelled one generated after its cancel arrived (the step in progress: at most 1): metrics
         self.on_result = on_result
-        # each engine step's seconds and the rows it stepped: how much of a served token is the engine's
+        # each engine step's seconds: how much of a served token is the engine's
         self.on_step = on_step
         self._inbox: deque[Submission] = deque()
         self._cancels: deque[tuple[Submission, str]] = deque()
@@ -220,7 +220,7 @@ class EngineLoop:
         started = time.perf_counter()
         try:
             events = self.engine.step()
-            self.on_step(time.perf_counter() - started, len(events))
+            self.on_step(time.perf_counter() - started)
         except Exception as exc:  # a bug in a step must fail its requests, not hang them
             log.exception("engine step failed")
             for failed in list(self._active.values()):

@@ -51,7 +51,7 @@ class DecoderMetrics:
         ).labels(**labels)
         self.model_name = model_name
 
-    def stepped(self, seconds: float, rows: int) -> None:
+    def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)
 
     def finished(self, result: GenerationResult, tokens_after_cancel: Optional[int] = None) -> None:

@@ -37,3 +37,11 @@ def test_compile_is_on_by_default_and_validated():
     assert DecoderSettings.from_env({"FFNSKIP_COMPILE": "false"}).compile is False
     with pytest.raises(InvalidArgument, match="FFNSKIP_COMPILE"):
         DecoderSettings.from_env({"FFNSKIP_COMPILE": "yes please"})
+
+
+def test_threads_default_to_torchs_choice_and_are_validated():
+    assert DecoderSettings.from_env({}).threads == 0
+    assert DecoderSettings.from_env({"FFNSKIP_THREADS": "3"}).threads == 3
+    for bad in ("-1", "two"):
+        with pytest.raises(InvalidArgument, match="FFNSKIP_THREADS"):
+            DecoderSettings.from_env({"FFNSKIP_THREADS": bad})

@@ -50,7 +50,7 @@ def serve_one(engine_loop: EngineLoop, prompt: str) -> GenerationResult:
 def test_the_engine_is_built_and_called_on_the_engine_thread(tiny_loaded):
     seen = ThreadsSeen()
     engine_loop = EngineLoop(seen.wrap("build", lambda: Engine(tiny_loaded, max_batch=2, max_seq_len=64)), max_queue=4,
-                             on_step=seen.wrap("step", lambda seconds, rows: None))
+                             on_step=seen.wrap("step", lambda seconds: None))
     engine = engine_loop.start()
     try:
         assert engine is engine_loop.engine

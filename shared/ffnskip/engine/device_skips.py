@@ -18,7 +18,7 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from ffnskip.config import Policy
-from ffnskip.engine.policies import RowPlan
+from ffnskip.engine.policies import RowPlan, step_policies
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class RowTensors:
     def build(plans: Seq[RowPlan], active: Seq[bool], planned: Seq[Optional[Seq[bool]]],
               device: torch.device) -> "RowTensors":
         """`active[b]`: row b is past its warm-up; `planned[b]`: its drawn plan (RowPlan.draw) or None."""
-        policies = [p.params.policy if on else Policy.DENSE for p, on in zip(plans, active)]
+        policies = step_policies(plans, active)
         layers = len(plans[0].hot)
         quorum = min((p.params.quorum for p, policy in zip(plans, policies) if policy is Policy.ALIGNED), default=1.0)
         return RowTensors(

@@ -69,7 +69,8 @@ def _vector_lanes(weight: torch.Tensor) -> int:
     """Elements of the weight's dtype per vector register of this CPU (a whole block elsewhere)."""
     if weight.device.type != "cpu":
         return weight.shape[-1]
-    from torch._inductor.cpu_vec_isa import pick_vec_isa  # what Inductor's CPU code vectorises with
+    # local: only tracing asks, and importing Inductor costs every process that loads a model
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()  # false when this CPU has no vector unit Inductor knows
     return isa.nelements(weight.dtype) if isa else weight.shape[-1]

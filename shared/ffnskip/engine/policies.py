@@ -253,6 +253,11 @@ class AdaptiveStep:
         return StepOutcome(self.skipped, None if self.record is None else self.record.values, self.ffn_reads)
 
 
+def step_policies(plans: Seq[RowPlan], active: Seq[bool]) -> list[Policy]:
+    """The policy each row runs this step: its own once past its warm-up (`active`), else dense."""
+    return [p.params.policy if on else Policy.DENSE for p, on in zip(plans, active)]
+
+
 class SkipPlanner:
     """Makes each decode step's StepSkips; one per engine, keeping what steps can share."""
 
@@ -268,7 +273,7 @@ class SkipPlanner:
     def begin_step(self, plans: Seq[RowPlan], active: Seq[bool], generators: Seq[torch.Generator],
                    record_similarity: bool = False) -> StepSkips:
         """`active[b]`: row b is past its warm-up, so this token may skip."""
-        policies = [p.params.policy if on else Policy.DENSE for p, on in zip(plans, active)]
+        policies = step_policies(plans, active)
         planned = [p.draw(g) if policy.planned else None for p, policy, g in zip(plans, policies, generators)]
         record = SimilarityRecord(len(plans), self.num_layers) if record_similarity else None
         if not any(policy.adaptive for policy in policies):
