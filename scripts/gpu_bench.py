@@ -1,79 +1,77 @@
 #!/usr/bin/env python
-"""Decode benchmark of FFN skipping on a random-weight Llama (about 1B or 7B) in bf16 on CUDA.
+"""Decode benchmark of FFN skipping through the engine, on a random-weight Llama (about 1B or 7B) in bf16 on CUDA.
 
     python scripts/gpu_bench.py --model 1b|7b|tiny --batches 1,8 --new-tokens 128 --reps 8 \
         --device cuda|cpu [--json]
 
 What runs
 ---------
-A Llama decoder written here in plain torch: RMSNorm, fused q/k/v projection, rotary
-embeddings, grouped-query attention against a static KV cache [B, kv_heads, max_len, hd]
-written by index at the current position (a device tensor), SwiGLU MLP with a fused
-gate/up projection, greedy next token written back into the input buffer. Weights are
-`torch.randn * 0.02` (norm weights 1 + 0.1 * randn) from a config: "1b" is TinyLlama-1.1B's
-shape, "7b" Llama-2-7B's, "tiny" a CPU smoke model. No host work happens inside a decode
-step: position, KV writes, masks, skip state and the next token all live on the device,
-so a step is one CUDA graph per (pattern, batch bucket; the buckets are the --batches) and
-the timed loop is N back-to-back graph replays between two torch.cuda.synchronize().
+The engine itself: a `transformers.LlamaForCausalLM` with random weights built from a config
+("1b" is TinyLlama-1.1B's shape, "7b" Llama-2-7B's, "tiny" a CPU smoke model; HF's own
+initialisation, seeded), wrapped in `ffnskip.engine.runner.ModelRunner` (fused q/k/v and gate/up
+weights, the rotary table, the KV cache), and decoded by `ffnskip.engine.device_step.DeviceStep`:
+the runner's layers with the step's inputs in static device tensors, the skip decision taken by
+`DeviceSkips` (the engine's skip rule as tensor operations) and the greedy next token written back
+into the input, so steps replay back to back with no host work in between. The prompt is
+prefilled by `ModelRunner.prefill`. Every graph (one per pattern and batch bucket; the buckets are
+the --batches) reads the one copy of the weights the runner holds; the timed loop is N
+back-to-back replays between two torch.cuda.synchronize().
 
 Each layer is h = x + attn(norm(x)); out = h + mlp(norm(h)). Layers [0, cold_start) and
-[cold_end, L) are cold: their FFN always runs. Three patterns per batch size:
-- dense: every FFN runs.
-- static: a fixed set of hot layers (8 of 30 scaled to the depth, spread evenly over the
-  hot range) has no FFN at all; the graph simply does not contain those FFNs.
-- adaptive (FFN-SkipLLM): in a hot layer whose FFN ran, cos(h, out) per row; when it is
-  >= threshold the row skips the FFN of the next k hot layers, once per token (a row fires
-  at most once per token; the run of k is positional). State per row: `until` (int32,
-  device): -1 = armed, else the last hot ordinal this row skips.
-  In a batch a layer's FFN weights are skipped only when *every* row skips it; otherwise
-  the FFN runs for the whole batch and the skipping rows keep h (masked with torch.where).
-  So at batch > 1 the weight-read saving is the batch-level skip ratio, which is what the
-  ideal speedup below uses; the per-token skip ratio is reported beside it.
+[cold_end, L) are cold. The patterns, as the engine's SkipParams (one RowPlan per row):
+- dense: the step without any decision (`skips=False`): every FFN runs for every row.
+- static (policy static): a fixed set of hot layers (8 of 30 scaled to the depth, spread evenly
+  over the hot range) is skipped by every row; the decision kernels run in every layer and those
+  layers' FFN calls are gated off.
+- adaptive (policy adaptive, max_skip k): in a hot layer whose FFN ran for a row, cos(h, out)
+  >= threshold makes the row skip the FFN of the next k hot layers, once per token.
+  In a batch a layer's FFN weights are skipped only when *every* row skips it; otherwise the FFN
+  runs for the whole batch and the skipping rows keep h (torch.where). So at batch > 1 the
+  weight-read saving is the batch-level skip ratio, which is what the ideal speedup below uses;
+  the per-token skip ratio is reported beside it.
+The gated layers (whose FFN call waits on the predicate "some row runs it") are the static layers
+for static and the hot layers for adaptive; the others call their FFN every step.
 
 On-device skip decision (CUDA)
 ------------------------------
 `--mechanism auto` (default on CUDA) first probes CUDA-graph conditional nodes: torch 2.13
 exposes `torch.cuda.CUDAGraph.begin_capture_to_if_node(pred)` /
-`end_capture_to_conditional_node()` (declared in torch/_C/__init__.pyi for `_CUDAGraph`,
-defined in torch/csrc/cuda/Graph.cpp; it is the primitive that
-torch/_higher_order_ops/cudagraph_conditional_nodes.py uses to capture `torch.cond`, pytorch
-PRs #130386 and #168912). `pred` is a 0-dim bool CUDA tensor that a kernel inside the graph
-writes into the conditional handle (cudaGraphSetConditional) at replay, so the FFN body of
-each hot layer is an IF node whose predicate ("some row still runs this FFN") is computed
-on the device. A whole decode step, all layers, is one graph with no host sync: any sync
-during capture would have raised. It needs torch built with CUDA >= 12.4 and a driver with
-conditional nodes; the probe captures a matmul in an IF node and checks it with the
-predicate true and false.
-  mechanism "conditional": one graph per (pattern, batch), IF nodes for the adaptive FFNs.
+`end_capture_to_conditional_node()` (the primitive under `torch.cond` in CUDA graphs). `pred` is
+a 0-dim bool CUDA tensor that a kernel inside the graph writes into the conditional handle at
+replay, so the FFN body of each gated layer is an IF node whose predicate is computed on the
+device. A whole decode step, all layers, is one graph with no host sync: any sync during capture
+would have raised. It needs torch built with CUDA >= 12.4 and a driver with conditional nodes; the
+probe captures a matmul in an IF node and checks it with the predicate true and false.
+  mechanism "conditional": one graph per (pattern, batch), IF nodes for the gated FFNs.
   mechanism "segmented" (fallback when the probe fails, or by flag): the step is captured
-  as a chain of graphs cut at every adaptive FFN; the host reads the predicate
-  (`pred.item()`, one device->host sync per conditional layer) and replays the FFN graph
-  only when it is true. The JSON then reports `sync_us_per_layer`: the same chain replayed
-  with and without those reads, divided by the conditional layers.
+  as a chain of graphs cut at every gated FFN; the host reads the predicate (one device->host
+  sync per gated layer) and replays the FFN graph only when it is true. The JSON then reports
+  `sync_us_per_layer`: the same chain replayed with and without those reads, divided by the
+  gated layers.
   mechanism "eager" (CPU, or by flag): the same step run op by op; the branch reads the
   predicate on the host (free on CPU, a sync on CUDA).
 The JSON's "mechanism" field says which one ran. On CUDA the script also replays every
 captured graph against the eager step from the same state ("self_check": largest logit
-difference and whether the per-layer skip counts agree).
+difference and whether the per-layer, per-row FFN counters agree).
 
 Reported per row
 ----------------
-tokens/s: batch * new_tokens / median time of --reps interleaved reps (the patterns take
-turns within a rep, in rotating order, after one untimed warm-up rep each).
+tokens/s: batch * new_tokens / median time of --reps interleaved reps (the variants take
+turns within a rep, in rotating order, after one untimed warm-up rep).
 speedup: tokens/s over the dense row of the same batch.
-skip_ratio: skipped FFN blocks / (L * tokens), per token (row).
-batch_skip_ratio: layer-steps in which no row ran the FFN / (L * steps): the FFN weight reads
+skip_ratio: skipped FFN blocks / (L * tokens), per token (row), counted by the step on the device.
+batch_skip_ratio: layer-steps in which the FFN was not called / (L * steps): the FFN weight reads
 avoided; equals skip_ratio at batch 1.
 ideal_speedup: W / (W - batch_skip_ratio * F), W = weight bytes read per decode step (all
 layers, final norm, LM head; the embedding table is gathered, not read), F = FFN weight
 bytes of all layers (gate/up, down, post-attention norm). KV-cache reads are not in W.
-ideal_speedup_token: the same with skip_ratio (the formula as written in README, "Numbers").
+ideal_speedup_token: the same with skip_ratio.
 realised_fraction: (speedup - 1) / (ideal_speedup - 1); null where the ideal is 1.
-check_us_per_layer (adaptive row): (step time of the adaptive graph with threshold 2, so
-every FFN runs but the cosine, the decision kernels and the IF nodes all execute, minus the
-dense step time) / hot layers with a check. It includes the per-layer skip counters the
-bench keeps (one or two tiny adds per executed hot FFN).
-cos_us_per_layer: the same for the cosine alone (dense graph plus cos(h, out)).
+check_us_per_layer (adaptive row): (step time of the adaptive graph with threshold 2, so every
+FFN runs but the decision kernels, the cosine and the IF nodes all execute, minus the dense step
+time) / L (the decision runs in every layer). It includes the per-layer FFN counters the step
+keeps (two tiny adds per layer).
+cos_us_per_layer: the same for the cosine alone (the dense step recording cos(h, out)).
 Random weights make cos(h, out) meaningless as data, so the adaptive threshold is picked
 per batch by bisection over short calibration runs to hit --target-skip (per token), and
 the skip ratios reported are the ones measured during the timed reps.
@@ -83,21 +81,122 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also when imported by path
-from gpu_graphs import (EagerRunner, HostBranch, SegmentedRunner, build_runner,  # noqa: E402,F401 (HostBranch: tests)
-                        probe_conditional_nodes)
-from gpu_model import (CONFIGS, PATTERNS, Decoder, ModelConfig, SkipPlan, Weights,  # noqa: E402
-                       default_plan, init_weights)
+from ffnskip.config import Policy, SkipParams
+from ffnskip.engine.device_skips import RowTensors
+from ffnskip.engine.device_step import DeviceStep
+from ffnskip.engine.policies import RowPlan
+from ffnskip.engine.runner import ModelRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling module, also when imported by path
+from gpu_graphs import EagerRunner, SegmentedRunner, build_runner, probe_conditional_nodes  # noqa: E402
+
+# --------------------------------------------------------------------------- model and plan
+
+# LlamaConfig fields per model; "1b" is TinyLlama-1.1B's shape, "7b" Llama-2-7B's
+CONFIGS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+}
+
+PATTERNS = ("dense", "static", "adaptive")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    cold_start: int
+    cold_end: int
+    static_layers: tuple[int, ...]
+    k: int  # skip run length after a firing, in hot layers
+
+    def params(self, pattern: str) -> SkipParams:
+        """The pattern as the engine's skip parameters (the adaptive threshold is calibrated later,
+        on the step's tensors: random weights give it no meaning)."""
+        policy = {"dense": Policy.DENSE, "static": Policy.STATIC, "adaptive": Policy.ADAPTIVE}[pattern]
+        return SkipParams(policy=policy, cold_start=self.cold_start, cold_end=self.cold_end, max_skip=self.k,
+                          static_layers=self.static_layers, warm_up=0, threshold=1.0)
+
+    def gated(self, pattern: str, num_layers: int) -> list[bool]:
+        """The layers whose FFN call the pattern gates on "some row runs it"."""
+        if pattern == "static":
+            return [layer in self.static_layers for layer in range(num_layers)]
+        return [self.cold_start <= layer < self.cold_end for layer in range(num_layers)]
+
+
+def default_plan(num_layers: int, cold_start: Optional[int] = None, cold_end: Optional[int] = None,
+                 static_layers: Optional[Sequence[int]] = None, k: Optional[int] = None) -> BenchPlan:
+    """Cold ends of ceil(L/10) layers each side; static: round(L * 8/30) hot layers spread evenly;
+    k: half the hot layers (so a ~25% per-token skip ratio is reachable)."""
+    L = num_layers
+    edge = max(1, math.ceil(L / 10))
+    cs = edge if cold_start is None else cold_start
+    ce = L - edge if cold_end is None else cold_end
+    if not 0 <= cs < ce <= L:
+        raise ValueError(f"need 0 <= cold_start < cold_end <= {L}, got {cs}, {ce}")
+    hot = ce - cs
+    if static_layers is None:
+        n = min(hot, max(1, round(L * 8 / 30)))
+        static_layers = sorted({cs + int((j + 0.5) * hot / n) for j in range(n)})
+    static_layers = tuple(sorted(set(int(layer) for layer in static_layers)))
+    if any(not cs <= layer < ce for layer in static_layers):
+        raise ValueError(f"static layers {static_layers} must lie in the hot range [{cs}, {ce})")
+    k = max(1, hot // 2) if k is None else k
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    return BenchPlan(cs, ce, static_layers, k)
+
+
+def random_model(fields: dict[str, Any], max_len: int, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """A LlamaForCausalLM of the shape `fields` (LlamaConfig's, e.g. a CONFIGS entry) with HF's
+    seeded random initialisation, made on `device` in `dtype` directly (a 7B model never exists in
+    float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{"max_position_embeddings": max(max_len, 64), "tie_word_embeddings": False, **fields})
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def step_bytes(runner: ModelRunner) -> tuple[int, int]:
+    """(W, F): weight bytes read per decode step, and the FFN part of them."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    ffn = sum(size(layer.post_norm.weight) + size(layer.gate_up_weight) + size(layer.down_proj.weight)
+              for layer in runner.layers)
+    rest = sum(size(layer.input_norm.weight) + size(layer.qkv_weight) + size(layer.o_proj.weight)
+               for layer in runner.layers)
+    rest += size(runner.head.final_norm.weight) + size(runner.head.lm_head.weight)
+    return rest + ffn, ffn
+
+
+def pattern_rows(plan: BenchPlan, pattern: str, batch: int, num_layers: int, device: torch.device) -> RowTensors:
+    """Every row of the bucket under the pattern's plan (all past their warm-up)."""
+    row = RowPlan.build(plan.params(pattern).resolved(num_layers), num_layers)
+    planned = row.draw(torch.Generator()) if row.params.policy.planned else None
+    return RowTensors.build([row] * batch, [True] * batch, [planned] * batch, device)
+
+
+# --------------------------------------------------------------------------- measuring
 
 
 def sync(device: torch.device) -> None:
@@ -105,27 +204,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(runner, dec: Decoder, pos0: int, tok0: torch.Tensor, steps: int) -> float:
-    dec.reset(pos0, tok0)
-    sync(dec.device)
+def run_steps(runner, step: DeviceStep, pos0: int, tok0: torch.Tensor, steps: int) -> float:
+    """`steps` greedy steps from token tok0 at position pos0 (every row); the counters start at 0."""
+    step.set_inputs(tok0, [pos0] * tok0.shape[0])
+    step.zero_counters()
+    sync(step.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         runner.step()
-    sync(dec.device)
+    sync(step.device)
     return time.perf_counter() - t0
 
 
-def calibrate(runner, dec: Decoder, pos0: int, tok0: torch.Tensor, target: float, steps: int,
+def skip_counts(step: DeviceStep, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([L, B] per row, [L] per layer): FFN blocks skipped, and FFN calls not made, over `steps`."""
+    return steps - step.ffn_rows.cpu().long(), steps - step.ffn_calls.cpu().long()
+
+
+def calibrate(runner, step: DeviceStep, pos0: int, tok0: torch.Tensor, target: float, steps: int,
               iters: int = 16) -> tuple[float, float]:
     """Bisect the threshold so the measured per-token skip ratio is close to `target`.
     Returns (threshold, skip ratio at it). Skipping falls as the threshold rises."""
-    L, B = dec.cfg.layers, dec.batch
+    L, B = step.ffn_rows.shape
 
     def ratio(thr: float) -> float:
-        dec.set_threshold(thr)
-        dec.zero_stats()
-        run_steps(runner, dec, pos0, tok0, steps)
-        return float(dec.skipped_per_layer(steps).sum()) / (L * steps * B)
+        step.set_threshold(thr)
+        run_steps(runner, step, pos0, tok0, steps)
+        return float(skip_counts(step, steps)[0].sum()) / (L * steps * B)
 
     lo, hi = -1.0, 1.0 + 1e-6
     best = (lo, ratio(lo))
@@ -143,94 +248,96 @@ def calibrate(runner, dec: Decoder, pos0: int, tok0: torch.Tensor, target: float
     return best
 
 
-def self_check(runner, dec: Decoder, pattern: str, pos0: int, tok0: torch.Tensor, steps: int = 3) -> dict:
-    """Captured graph vs the eager step from the same state: logits and skip counters."""
-    dec.zero_stats()
-    run_steps(runner, dec, pos0, tok0, steps)
-    logits_g, ran_g = dec.logits.float().clone(), dec.ran_rows.clone()
-    dec.zero_stats()
-    run_steps(EagerRunner(dec, pattern), dec, pos0, tok0, steps)
-    logits_e, ran_e = dec.logits.float().clone(), dec.ran_rows.clone()
-    dec.zero_stats()
+def self_check(runner, step: DeviceStep, options: dict, pos0: int, tok0: torch.Tensor, steps: int = 3) -> dict:
+    """Captured graph vs the eager step from the same state: logits and FFN counters."""
+    run_steps(runner, step, pos0, tok0, steps)
+    logits_g, ran_g = step.logits.float().clone(), step.ffn_rows.clone()
+    run_steps(EagerRunner(step, options), step, pos0, tok0, steps)
+    logits_e, ran_e = step.logits.float().clone(), step.ffn_rows.clone()
     return {"max_abs_logit_diff": float((logits_g - logits_e).abs().max()),
             "skip_counts_equal": bool(torch.equal(ran_g, ran_e))}
 
 
-def bench_batch(cfg: ModelConfig, weights: Weights, plan: SkipPlan, batch: int, args, device: torch.device,
-                dtype: torch.dtype, mechanism: str, meta: dict) -> list[dict]:
+def bench_batch(model_runner: ModelRunner, plan: BenchPlan, batch: int, args, device: torch.device,
+                mechanism: str, meta: dict) -> list[dict]:
+    L = model_runner.num_layers
+    vocab = model_runner.head.vocab_size
     max_len = args.prompt_len + max(args.new_tokens, args.calib_steps) + 4
-    dec = Decoder(cfg, weights, batch, max_len, plan, device, dtype)
+    cache = model_runner.new_cache(batch, max_len)
+    step = DeviceStep(model_runner, cache, batch)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(args.seed + batch)
-    prompt = torch.randint(0, cfg.vocab, (batch, args.prompt_len), generator=gen).to(device)
+    prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+    tok0 = model_runner.prefill(cache, list(range(batch)), prompts).argmax(dim=-1)
+    pos0 = args.prompt_len
+    step.set_inputs(tok0, [pos0] * batch)
 
-    runners = {name: build_runner(dec, name, mechanism) for name in ("dense", "static", "adaptive", "cos")}
+    rows = {name: pattern_rows(plan, name, batch, L, device) for name in ("static", "adaptive")}
+    options: dict[str, dict[str, Any]] = {"dense": dict(skips=False, advance=True),
+               "static": dict(gated=plan.gated("static", L), advance=True),
+               "adaptive": dict(gated=plan.gated("adaptive", L), advance=True),
+               "cos": dict(skips=False, record=True, advance=True)}
+    pool = torch.cuda.graph_pool_handle() if mechanism != "eager" else None
+    runners = {}
+    for name, opts in options.items():
+        if name in rows:
+            step.set_rows(rows[name])
+        runners[name] = build_runner(step, opts, mechanism, pool)
 
-    # prefill the KV cache (teacher-forced prompt through the dense step), then decode from there
-    dec.reset(0, prompt[:, 0])
-    for t in range(args.prompt_len):
-        dec.tok.copy_(prompt[:, t])
-        runners["dense"].step()
-    sync(device)
-    pos0, tok0 = args.prompt_len, dec.tok.clone()
-
-    threshold, calib_ratio = calibrate(runners["adaptive"], dec, pos0, tok0, args.target_skip, args.calib_steps)
-    checks = {}
+    step.set_rows(rows["adaptive"])
+    threshold, calib_ratio = calibrate(runners["adaptive"], step, pos0, tok0, args.target_skip, args.calib_steps)
     if device.type == "cuda" and mechanism != "eager" and not args.no_self_check:
+        checks = {}
         for name in ("dense", "static", "cos"):
-            checks[name] = self_check(runners[name], dec, name, pos0, tok0)
-        for label, thr in (("adaptive@-1", -1.0), ("adaptive@calibrated", threshold), ("adaptive@2", 2.0)):
-            dec.set_threshold(thr)
-            checks[label] = self_check(runners["adaptive"], dec, "adaptive", pos0, tok0)
+            if name in rows:
+                step.set_rows(rows[name])
+            checks[name] = self_check(runners[name], step, options[name], pos0, tok0)
+        step.set_rows(rows["adaptive"])
+        for label, value in (("adaptive@-1", -1.0), ("adaptive@calibrated", threshold), ("adaptive@2", 2.0)):
+            step.set_threshold(value)
+            checks[label] = self_check(runners["adaptive"], step, options["adaptive"], pos0, tok0)
         meta.setdefault("self_check", {})[str(batch)] = checks
 
-    # variants timed: (label, runner, threshold or None, segmented read flag)
-    variants = [("dense", runners["dense"], None, True), ("static", runners["static"], None, True),
-                ("adaptive", runners["adaptive"], threshold, True), ("check", runners["adaptive"], 2.0, True),
-                ("cos", runners["cos"], None, True)]
+    # variants timed: (label, runner, rows, threshold or None, segmented read flag)
+    variants: list[tuple[str, Any, Optional[str], Optional[float], bool]] = [
+        ("dense", runners["dense"], None, None, True), ("static", runners["static"], "static", None, True),
+        ("adaptive", runners["adaptive"], "adaptive", threshold, True),
+        ("check", runners["adaptive"], "adaptive", 2.0, True), ("cos", runners["cos"], None, None, True)]
     if mechanism == "segmented":
-        variants.append(("check_noread", runners["adaptive"], 2.0, False))
+        variants.append(("check_noread", runners["adaptive"], "adaptive", 2.0, False))
     times: dict[str, list[float]] = {v[0]: [] for v in variants}
-    adaptive_steps = 0
-    dec.zero_stats()
+    skipped = {name: torch.zeros(L, batch, dtype=torch.long) for name in PATTERNS}
+    not_called = {name: torch.zeros(L, dtype=torch.long) for name in PATTERNS}
+    measured = 0
     for rep in range(args.reps + 1):  # rep 0 is an untimed warm-up
         shift = rep % len(variants)
-        for label, runner, thr, read in variants[shift:] + variants[:shift]:
-            saved = None
+        for label, runner, row_name, thr, read in variants[shift:] + variants[:shift]:
+            if row_name is not None:
+                step.set_rows(rows[row_name])
             if thr is not None:
-                dec.set_threshold(thr)
-                if label != "adaptive":
-                    saved = (dec.ran_rows.clone(), dec.ran_any.clone())
+                step.set_threshold(thr)
             if isinstance(runner, SegmentedRunner):
                 runner.read = read
-            elapsed = run_steps(runner, dec, pos0, tok0, args.new_tokens)
+            elapsed = run_steps(runner, step, pos0, tok0, args.new_tokens)
             if isinstance(runner, SegmentedRunner):
                 runner.read = True
-            if saved is not None:
-                dec.ran_rows.copy_(saved[0])
-                dec.ran_any.copy_(saved[1])
             if rep == 0:
-                if label == "adaptive":
-                    dec.zero_stats()
                 continue
             times[label].append(elapsed)
-            if label == "adaptive":
-                adaptive_steps += args.new_tokens
+            if label in PATTERNS:
+                per_row, per_layer = skip_counts(step, args.new_tokens)
+                skipped[label] += per_row
+                not_called[label] += per_layer
+        if rep > 0:
+            measured += args.new_tokens
 
     step_s = {label: statistics.median(ts) / args.new_tokens for label, ts in times.items()}
-    L = cfg.layers
-    W, Fb = weights.step_bytes()
-    n_checked = dec.n_checked
-    per_layer = lambda a, b: (step_s[a] - step_s[b]) / n_checked * 1e6 if n_checked else None  # noqa: E731
-    skipped = dec.skipped_per_layer(adaptive_steps)
-    weight_skips = dec.weight_skips_per_layer(adaptive_steps)
-    n_static = len(plan.static_layers)
-    skip = {"dense": (0.0, 0.0), "static": (n_static / L, n_static / L),
-            "adaptive": (float(skipped.sum()) / (L * adaptive_steps * batch),
-                         float(weight_skips.sum()) / (L * adaptive_steps))}
-    rows = []
+    W, Fb = step_bytes(model_runner)
+    per_layer_us = lambda a, b: (step_s[a] - step_s[b]) / L * 1e6  # noqa: E731
+    rows_out = []
     for pattern in PATTERNS:
-        s_token, s_weight = skip[pattern]
+        s_token = float(skipped[pattern].sum()) / (L * measured * batch)
+        s_weight = float(not_called[pattern].sum()) / (L * measured)
         ideal = W / (W - s_weight * Fb)
         speedup = step_s["dense"] / step_s[pattern]
         row = {
@@ -244,25 +351,25 @@ def bench_batch(cfg: ModelConfig, weights: Weights, plan: SkipPlan, batch: int, 
             "skipped_layers": list(plan.static_layers) if pattern == "static" else None,
         }
         if pattern == "adaptive":
-            row.update(check_us_per_layer=per_layer("check", "dense"), cos_us_per_layer=per_layer("cos", "dense"),
+            row.update(check_us_per_layer=per_layer_us("check", "dense"), cos_us_per_layer=per_layer_us("cos", "dense"),
                        threshold=threshold, calibration_skip_ratio=calib_ratio,
-                       skips_per_layer=[int(c) for c in skipped.sum(dim=1)])
+                       skips_per_layer=[int(c) for c in skipped[pattern].sum(dim=1)])
             if mechanism == "segmented":
                 conditional = runners["adaptive"].branch.conditional_segments
                 row["sync_us_per_layer"] = ((step_s["check"] - step_s["check_noread"]) / conditional * 1e6
                                             if conditional else None)
-        rows.append(row)
-    del runners, dec
+        rows_out.append(row)
+    del runners, step, cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return rows_out
 
 
 def fmt(value, spec: str) -> str:
     """format(value, spec), or a dash right-aligned to the spec's width for None."""
     if value is not None:
         return format(value, spec)
-    width = re.match(r"\D*(\d*)", spec).group(1)
+    width = re.match(r"\D*(\d*)", spec).group(1)  # type: ignore[union-attr]  # matches every string
     return format("-", f">{width}" if width else "")
 
 
@@ -318,10 +425,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         sys.exit("--device cuda: no CUDA device (this torch: %s)" % torch.__version__)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    cfg = CONFIGS[args.model]
+    num_layers = CONFIGS[args.model]["num_hidden_layers"]
     static = [int(s) for s in args.static_layers.split(",")] if args.static_layers else None
-    plan = default_plan(cfg, args.cold_start, args.cold_end, static, args.k)
-
+    plan = default_plan(num_layers, args.cold_start, args.cold_end, static, args.k)
     if device.type == "cpu":
         if args.mechanism not in ("auto", "eager"):
             sys.exit("CUDA graphs need --device cuda; on cpu the mechanism is eager")
@@ -334,18 +440,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             sys.exit(note)
         mechanism = "conditional" if ok and args.mechanism != "segmented" else "segmented"
         if mechanism == "segmented":
-            note = ("graphs cut at each adaptive FFN, predicate read on the host per conditional layer"
+            note = ("graphs cut at each gated FFN, predicate read on the host per gated layer"
                     + ("" if args.mechanism == "segmented" else f" (fallback: {note})"))
         else:
-            note = "one CUDA graph per (pattern, batch); adaptive FFNs in IF nodes predicated on the device; " + note
+            note = "one CUDA graph per (pattern, batch); gated FFNs in IF nodes predicated on the device; " + note
 
     with torch.inference_mode():
-        weights = init_weights(cfg, device, dtype, args.seed)
-        W, Fb = weights.step_bytes()
-        n_params = sum(t.numel() for t in [weights.embed, weights.norm, weights.lm_head] + weights.ln1 + weights.wqkv
-                       + weights.wo + weights.ln2 + weights.wgu + weights.wd)
+        max_len = args.prompt_len + max(args.new_tokens, args.calib_steps) + 4
+        model = random_model(CONFIGS[args.model], max_len, device, dtype, args.seed)
+        model_runner = ModelRunner(model)  # the engine's layers: the one copy of the weights every graph reads
+        W, Fb = step_bytes(model_runner)
+        n_params = sum(t.numel() for t in model.parameters())
         meta = {
-            "model": args.model, "config": asdict(cfg), "params_b": n_params / 1e9, "device": str(device),
+            "model": args.model, "config": CONFIGS[args.model], "params_b": n_params / 1e9, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).replace("torch.", ""),
             "mechanism": mechanism, "mechanism_note": note,
@@ -358,26 +465,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "(weight reads avoided); ideal_speedup_token uses the per-token skip_ratio.",
                 "random weights: cos(h, out) carries no meaning; the adaptive threshold is calibrated per batch "
                 "to the target per-token skip ratio and the reported ratios are measured in the timed reps.",
-                "check/cos us per layer: step time over dense, divided by the hot layers with a check "
-                "(adaptive graph at threshold 2: every FFN runs, cosine + decision + IF node execute).",
+                "check/cos us per layer: step time over dense, divided by the layers (adaptive graph at "
+                "threshold 2: every FFN runs, the decision and cosine run in every layer, IF nodes in the hot ones).",
+                "every graph of every batch reads the ModelRunner's one copy of the weights.",
             ],
         }
         rows: list[dict] = []
         for batch in args.batch_list:
             try:
-                rows.extend(bench_batch(cfg, weights, plan, batch, args, device, dtype, mechanism, meta))
+                rows.extend(bench_batch(model_runner, plan, batch, args, device, mechanism, meta))
             except RuntimeError as exc:
                 if not (mechanism == "conditional" and args.mechanism == "auto"):
                     raise
                 # the probe passed but capturing the model with IF nodes did not: fall back, say so
                 mechanism = meta["mechanism"] = "segmented"
-                meta["mechanism_note"] = ("graphs cut at each adaptive FFN, predicate read on the host per "
-                                          f"conditional layer (fallback: IF-node capture of the model failed at "
+                meta["mechanism_note"] = ("graphs cut at each gated FFN, predicate read on the host per "
+                                          f"gated layer (fallback: IF-node capture of the model failed at "
                                           f"batch {batch}: {type(exc).__name__}: {exc})")
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
-                rows.extend(bench_batch(cfg, weights, plan, batch, args, device, dtype, mechanism, meta))
+                rows.extend(bench_batch(model_runner, plan, batch, args, device, mechanism, meta))
         checks = [c for per_batch in meta.get("self_check", {}).values() for c in per_batch.values()]
         if checks:
             worst = max(c["max_abs_logit_diff"] for c in checks)

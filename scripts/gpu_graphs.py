@@ -1,31 +1,17 @@
-"""How gpu_bench.py runs a decode step: eagerly, as one CUDA graph with conditional IF nodes
-for the adaptive FFNs, or as graph segments with a host read per conditional layer."""
+"""How gpu_bench.py runs the engine's device step (ffnskip.engine.device_step.DeviceStep): eagerly,
+as one CUDA graph with a conditional IF node per gated FFN, or as graph segments with a host read
+per gated layer."""
 
 from __future__ import annotations
 
-
-
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from gpu_model import Decoder
-
+from ffnskip.engine.device_step import DeviceStep, HostBranch
 
 # --------------------------------------------------------------------------- branches
-
-
-class HostBranch:
-    """Runs the body when the predicate is true, read on the host (a sync on CUDA);
-    `force` runs every body without reading (warm-up before capture)."""
-
-    def __init__(self, force: bool = False) -> None:
-        self.force = force
-
-    def cond(self, pred: torch.Tensor, body: Callable[[], None]) -> None:
-        if self.force or bool(pred):
-            body()
 
 
 class IfNodeBranch:
@@ -48,9 +34,9 @@ class IfNodeBranch:
 
 class SegmentedBranch:
     """Captures a step as a chain of graphs cut at every conditional body (the fallback).
-    Replay reads each predicate on the host: one sync per conditional layer."""
+    Replay reads each predicate on the host: one sync per gated layer."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.items: list[tuple] = []  # ("plain", graph) | ("cond", pred, graph)
         self.keep: list[torch.Tensor] = []
@@ -61,6 +47,7 @@ class SegmentedBranch:
         self.current.capture_begin(pool=self.pool)
 
     def _end(self) -> None:
+        assert self.current is not None
         self.current.capture_end()
         self.items.append(("plain", self.current))
         self.current = None
@@ -96,15 +83,17 @@ class SegmentedBranch:
 
 
 class EagerRunner:
-    def __init__(self, dec: Decoder, pattern: str) -> None:
-        self.dec, self.pattern = dec, pattern
+    """The step op by op; the predicate is read on the host (free on cpu, a sync on CUDA)."""
+
+    def __init__(self, step: DeviceStep, options: dict) -> None:
+        self.device_step, self.options = step, options
 
     def step(self) -> None:
-        self.dec.step(self.pattern, HostBranch())
+        self.device_step.run(HostBranch(), **self.options)
 
 
 class GraphRunner:
-    def __init__(self, graph, branch: IfNodeBranch) -> None:
+    def __init__(self, graph: "torch.cuda.CUDAGraph", branch: IfNodeBranch) -> None:
         self.graph, self.branch = graph, branch
 
     def step(self) -> None:
@@ -120,37 +109,42 @@ class SegmentedRunner:
         self.branch.replay(read=self.read)
 
 
-def build_runner(dec: Decoder, pattern: str, mechanism: str, warmup_steps: int = 2):
+def build_runner(step: DeviceStep, options: dict, mechanism: str, pool: Any = None, warmup_steps: int = 2):
+    """A runner of `step.run(branch, **options)`. The graphs read the step's static tensors and the
+    runner's weights in place; `pool` (torch.cuda.graph_pool_handle()) lets the graphs of a bucket
+    share their intermediate memory (they are replayed one at a time)."""
     if mechanism == "eager":
-        return EagerRunner(dec, pattern)
-    saved = (dec.pos.clone(), dec.tok.clone())
+        return EagerRunner(step, options)
+    saved = [t.clone() for t in (step.tokens, step.positions, step.write_positions)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up runs every body: all kernels and cuBLAS handles initialised
         for _ in range(warmup_steps):
-            dec.step(pattern, HostBranch(force=True))
+            step.run(HostBranch(force=True), **options)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    runner: GraphRunner | SegmentedRunner
     if mechanism == "conditional":
         graph = torch.cuda.CUDAGraph()
         branch = IfNodeBranch(graph)
-        with torch.cuda.graph(graph):
-            dec.step(pattern, branch)
+        with torch.cuda.graph(graph, pool=pool):
+            step.run(branch, **options)
         runner = GraphRunner(graph, branch)
     elif mechanism == "segmented":
-        branch = SegmentedBranch(torch.cuda.graph_pool_handle())
+        segments = SegmentedBranch(pool if pool is not None else torch.cuda.graph_pool_handle())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            branch.capture(lambda br: dec.step(pattern, br))
+            segments.capture(lambda br: step.run(br, **options))
         torch.cuda.current_stream().wait_stream(stream)
-        runner = SegmentedRunner(branch)
+        runner = SegmentedRunner(segments)
     else:
         raise ValueError(f"unknown mechanism {mechanism!r}")
     torch.cuda.synchronize()
-    dec.pos.copy_(saved[0])
-    dec.tok.copy_(saved[1])
-    dec.zero_stats()
+    with torch.inference_mode():  # the step's tensors are inference tensors
+        for tensor, value in zip((step.tokens, step.positions, step.write_positions), saved):
+            tensor.copy_(value)
+    step.zero_counters()
     return runner
 
 

@@ -1,4 +1,5 @@
-"""scripts/gpu_bench.py on cpu: its decoder against transformers' Llama, the skip patterns, the JSON.
+"""scripts/gpu_bench.py on cpu: the engine's device step driven as the bench drives it (greedy, the
+patterns as SkipParams) against transformers' Llama, the skip counts, the calibration, the JSON.
 
 The CUDA-graph paths (IF nodes, segmented graphs) need a GPU and are not exercised here; the
 eager path runs the same step code with the branch predicate read on the host.
@@ -17,8 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ffnskip.engine.device_step import DeviceStep
+from ffnskip.engine.runner import ModelRunner
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_bench.py"
-TOKENS = 6  # decode steps per test sequence
+TOKENS = 6  # greedy decode steps per test
+PROMPT = 3
 BATCH = 2
 ATOL = 1e-4
 
@@ -33,123 +38,115 @@ def _load():
 
 gb = _load()
 CPU = torch.device("cpu")
-# 6 layers: cold 0 and 5, hot 1..4 (ordinals 0..3)
-CFG = gb.ModelConfig(hidden=64, inter=128, layers=6, heads=4, kv_heads=2, vocab=256)
+# 6 layers: cold 0 and 5, hot 1..4; initializer_range 0.1 so that one FFN moves the logits well
+VOCAB = 256
+FIELDS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, initializer_range=0.1)
+LAYERS = 6
 STATIC = (2, 4)
+MAX_LEN = PROMPT + TOKENS + 1
 
 
 def plan(k: int = 2):
-    return gb.default_plan(CFG, cold_start=1, cold_end=5, static_layers=STATIC, k=k)
+    return gb.default_plan(LAYERS, cold_start=1, cold_end=5, static_layers=STATIC, k=k)
 
 
 @pytest.fixture(scope="module")
-def weights():
-    return gb.init_weights(CFG, CPU, torch.float32, seed=0)
+def runner() -> ModelRunner:
+    return ModelRunner(gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0))
 
 
 @pytest.fixture(scope="module")
-def ids():
+def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(3)
-    return torch.randint(0, CFG.vocab, (BATCH, TOKENS), generator=gen)
+    return torch.randint(0, VOCAB, (BATCH, PROMPT), generator=gen).tolist()
 
 
-@pytest.fixture(scope="module")
-def reference(weights, ids):
-    """transformers' LlamaForCausalLM with the same weights; FFNs of `zero` layers output 0."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cache = {}
-
-    def logits(zero=()) -> torch.Tensor:
-        key = tuple(sorted(zero))
-        if key in cache:
-            return cache[key]
-        hd = CFG.head_dim
-        config = LlamaConfig(hidden_size=CFG.hidden, intermediate_size=CFG.inter, num_hidden_layers=CFG.layers,
-                             num_attention_heads=CFG.heads, num_key_value_heads=CFG.kv_heads,
-                             vocab_size=CFG.vocab, rms_norm_eps=CFG.eps, max_position_embeddings=64,
-                             tie_word_embeddings=False)
-        rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", None)}
-        assert rope["rope_theta"] == CFG.rope_theta
-        model = LlamaForCausalLM(config).eval()
-        with torch.no_grad():
-            m = model.model
-            m.embed_tokens.weight.copy_(weights.embed)
-            m.norm.weight.copy_(weights.norm)
-            model.lm_head.weight.copy_(weights.lm_head)
-            for i, layer in enumerate(m.layers):
-                q, k, v = weights.wqkv[i].split([CFG.heads * hd, CFG.kv_heads * hd, CFG.kv_heads * hd])
-                layer.self_attn.q_proj.weight.copy_(q)
-                layer.self_attn.k_proj.weight.copy_(k)
-                layer.self_attn.v_proj.weight.copy_(v)
-                layer.self_attn.o_proj.weight.copy_(weights.wo[i])
-                gate, up = weights.wgu[i].chunk(2)
-                layer.mlp.gate_proj.weight.copy_(gate)
-                layer.mlp.up_proj.weight.copy_(up)
-                layer.mlp.down_proj.weight.copy_(torch.zeros_like(weights.wd[i]) if i in key else weights.wd[i])
-                layer.input_layernorm.weight.copy_(weights.ln1[i])
-                layer.post_attention_layernorm.weight.copy_(weights.ln2[i])
-            cache[key] = model(ids).logits
-        return cache[key]
-
-    return logits
+def reference(ids: torch.Tensor, zero=()) -> torch.Tensor:
+    """Logits [B, TOKENS, V] of transformers' Llama fed `ids` token by token after the prompt: the
+    prompt prefilled by the model as made (the bench prefills densely), the decode steps by a second
+    model made the bench's way with the same seed, the FFN of each layer in `zero` outputting 0."""
+    models = [gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0) for _ in range(2)]
+    with torch.no_grad():
+        for layer in zero:
+            models[1].model.layers[layer].mlp.down_proj.weight.zero_()
+        cache = models[0](ids[:, :PROMPT], use_cache=True).past_key_values
+        logits = [models[1](ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                  for t in range(PROMPT, ids.shape[1])]
+    return torch.stack(logits, dim=1)
 
 
-def decode(weights, ids, pattern, threshold=None, k=2):
-    """Teacher-forced decode through the script's step; -> (logits [B, T, V], decoder)."""
-    dec = gb.Decoder(CFG, weights, ids.shape[0], TOKENS + 1, plan(k), CPU, torch.float32)
-    dec.count_calls = True
+def decode(runner, prompts, pattern: str, threshold=None, k: int = 2):
+    """Prefill, then TOKENS greedy steps the bench's way -> (logits [B, TOKENS, V], ids [B, PROMPT +
+    TOKENS]: the prompt and the tokens fed, skipped [L, B], FFN calls not made [L])."""
+    cache = runner.new_cache(BATCH, MAX_LEN)
+    step = DeviceStep(runner, cache, BATCH)
+    first = runner.prefill(cache, list(range(BATCH)), prompts).argmax(dim=-1)
+    p = plan(k)
+    if pattern != "dense":
+        step.set_rows(gb.pattern_rows(p, pattern, BATCH, LAYERS, CPU))
     if threshold is not None:
-        dec.set_threshold(threshold)
-    out = []
-    with torch.inference_mode():
-        for t in range(ids.shape[1]):
-            dec.tok.copy_(ids[:, t])
-            dec.step(pattern, gb.HostBranch())
-            out.append(dec.logits.clone())
-    return torch.stack(out, dim=1), dec
+        step.set_threshold(threshold)
+    options = {"dense": dict(skips=False), "static": dict(gated=p.gated("static", LAYERS)),
+               "adaptive": dict(gated=p.gated("adaptive", LAYERS))}[pattern]
+    runner_ = gb.EagerRunner(step, dict(options, advance=True))
+    fed, logits = [first], []
+    step.set_inputs(first, [PROMPT] * BATCH)
+    step.zero_counters()
+    for _ in range(TOKENS):
+        runner_.step()
+        logits.append(step.logits.clone())
+        fed.append(step.tokens.clone())
+    ids = torch.cat([torch.tensor(prompts), torch.stack(fed[:-1], dim=1)], dim=1)
+    skipped, not_called = gb.skip_counts(step, TOKENS)
+    return torch.stack(logits, dim=1), ids, skipped, not_called
 
 
-def calls(dec) -> list[int]:
-    return [dec.mlp_calls[i] for i in range(CFG.layers)]
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a - b).abs().max().item() <= ATOL
+def close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    return (ours - ref).abs().max().item() <= ATOL
 
 
 # (a) ------------------------------------------------------------------------------------------
 
 
-def test_dense_step_matches_transformers(weights, ids, reference):
-    ours, dec = decode(weights, ids, "dense")
-    assert (ours - reference()).abs().max().item() <= ATOL
-    assert calls(dec) == [TOKENS] * CFG.layers
-    assert int(dec.pos) == TOKENS
+def test_dense_bench_step_matches_transformers(runner, prompts):
+    ours, ids, skipped, not_called = decode(runner, prompts, "dense")
+    assert close(ours, reference(ids))
+    assert skipped.sum().item() == 0 and not_called.sum().item() == 0
 
 
-def test_reference_comparison_is_discriminating(weights, ids, reference):
+def test_reference_comparison_is_discriminating(runner, prompts):
     """Removing one FFN moves the logits well beyond the tolerance, so the equalities below mean something."""
-    assert (reference((3,)) - reference()).abs().max().item() > 100 * ATOL
+    _, ids, _, _ = decode(runner, prompts, "dense")
+    assert (reference(ids, (3,)) - reference(ids)).abs().max().item() > 100 * ATOL
+
+
+def test_step_bytes_count_the_weights_read(runner):
+    model = gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0)
+    params = dict(model.named_parameters())
+    ffn = sum(t.numel() * 4 for name, t in params.items() if ".mlp." in name or "post_attention" in name)
+    rest = sum(t.numel() * 4 for name, t in params.items() if "embed_tokens" not in name) - ffn
+    assert gb.step_bytes(runner) == (rest + ffn, ffn)
 
 
 # (b) ------------------------------------------------------------------------------------------
 
 
-def test_static_skips_exactly_the_configured_layers(weights, ids, reference):
-    ours, dec = decode(weights, ids, "static")
-    assert calls(dec) == [0 if i in STATIC else TOKENS for i in range(CFG.layers)]
-    assert close(ours, reference(STATIC))
-    assert not close(ours, reference())
+def test_static_skips_exactly_the_configured_layers(runner, prompts):
+    ours, ids, skipped, not_called = decode(runner, prompts, "static")
+    expect = [TOKENS if layer in STATIC else 0 for layer in range(LAYERS)]
+    assert skipped.tolist() == [[e] * BATCH for e in expect]
+    assert not_called.tolist() == expect  # every row skips them: the FFN is not called
+    assert close(ours, reference(ids, STATIC))
+    assert not close(ours, reference(ids))
 
 
 def test_default_static_pattern_scales_with_depth():
     for name, expected in (("7b", 9), ("1b", 6), ("tiny", 1)):
-        cfg = gb.CONFIGS[name]
-        p = gb.default_plan(cfg)
+        p = gb.default_plan(gb.CONFIGS[name]["num_hidden_layers"])
         assert len(p.static_layers) == expected
         assert all(p.cold_start <= layer < p.cold_end for layer in p.static_layers)
-    p = gb.default_plan(gb.CONFIGS["7b"])
+    p = gb.default_plan(gb.CONFIGS["7b"]["num_hidden_layers"])
     gaps = [b - a for a, b in zip(p.static_layers, p.static_layers[1:])]
     assert max(gaps) - min(gaps) <= 1  # spread evenly over the hot range
 
@@ -158,44 +155,40 @@ def test_default_static_pattern_scales_with_depth():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_adaptive_threshold_minus_one_fires_and_skips_next_k(weights, ids, reference, k):
+def test_adaptive_threshold_minus_one_fires_and_skips_next_k(runner, prompts, k):
     """Every row fires at the first hot layer (1) and skips the FFN of the next k hot layers;
     once per token, so the remaining hot layers run again."""
-    hot = [1, 2, 3, 4]
-    skipped = hot[1:1 + k]
-    ours, dec = decode(weights, ids, "adaptive", threshold=-1.0, k=k)
-    expect = [TOKENS if i in skipped else 0 for i in range(CFG.layers)]
-    assert dec.skipped_per_layer(TOKENS).tolist() == [[e] * BATCH for e in expect]
-    assert dec.weight_skips_per_layer(TOKENS).tolist() == expect
-    assert calls(dec) == [TOKENS - e for e in expect]  # every row skips: the FFN does not run at all
-    assert close(ours, reference(skipped))
+    skipped_layers = [1, 2, 3, 4][1:1 + k]
+    ours, ids, skipped, not_called = decode(runner, prompts, "adaptive", threshold=-1.0, k=k)
+    expect = [TOKENS if layer in skipped_layers else 0 for layer in range(LAYERS)]
+    assert skipped.tolist() == [[e] * BATCH for e in expect]
+    assert not_called.tolist() == expect  # every row skips: the FFN is not called at all
+    assert close(ours, reference(ids, skipped_layers))
 
 
-def test_adaptive_threshold_two_skips_nothing(weights, ids, reference):
-    ours, dec = decode(weights, ids, "adaptive", threshold=2.0)
-    assert dec.skipped_per_layer(TOKENS).sum().item() == 0
-    assert calls(dec) == [TOKENS] * CFG.layers
-    assert close(ours, reference())
+def test_adaptive_threshold_two_skips_nothing(runner, prompts):
+    ours, ids, skipped, not_called = decode(runner, prompts, "adaptive", threshold=2.0)
+    assert skipped.sum().item() == 0 and not_called.sum().item() == 0
+    assert close(ours, reference(ids))
 
 
-def test_adaptive_mixed_batch_runs_the_ffn_and_masks_skipping_rows(weights, ids, reference):
+def test_adaptive_mixed_batch_runs_the_ffn_and_masks_skipping_rows(runner, prompts):
     """Row 0 fires (threshold -1), row 1 never does (2): layers 2 and 3 still run their FFN for
     the batch, row 0 keeps h there, row 1 gets the FFN."""
-    ours, dec = decode(weights, ids, "adaptive", threshold=torch.tensor([-1.0, 2.0]))
-    per_row = dec.skipped_per_layer(TOKENS)
-    assert per_row[:, 0].tolist() == [0, 0, TOKENS, TOKENS, 0, 0]
-    assert per_row[:, 1].tolist() == [0] * CFG.layers
-    assert dec.weight_skips_per_layer(TOKENS).tolist() == [0] * CFG.layers
-    assert calls(dec) == [TOKENS] * CFG.layers
-    assert close(ours[0], reference((2, 3))[0])
-    assert close(ours[1], reference()[1])
+    ours, ids, skipped, not_called = decode(runner, prompts, "adaptive", threshold=torch.tensor([-1.0, 2.0]))
+    assert skipped[:, 0].tolist() == [0, 0, TOKENS, TOKENS, 0, 0]
+    assert skipped[:, 1].tolist() == [0] * LAYERS
+    assert not_called.tolist() == [0] * LAYERS
+    assert close(ours[:1], reference(ids[:1], (2, 3)))
+    assert close(ours[1:], reference(ids[1:]))
 
 
-def test_adaptive_calibration_reaches_the_target(weights):
-    dec = gb.Decoder(CFG, weights, 1, 12, plan(k=3), CPU, torch.float32)
-    runner = gb.EagerRunner(dec, "adaptive")
-    with torch.inference_mode():
-        thr, ratio = gb.calibrate(runner, dec, 0, torch.tensor([5]), target=0.2, steps=10)
+def test_adaptive_calibration_reaches_the_target(runner):
+    cache = runner.new_cache(1, 16)
+    step = DeviceStep(runner, cache, 1)
+    step.set_rows(gb.pattern_rows(plan(k=3), "adaptive", 1, LAYERS, CPU))
+    bench_runner = gb.EagerRunner(step, dict(gated=plan(k=3).gated("adaptive", LAYERS), advance=True))
+    thr, ratio = gb.calibrate(bench_runner, step, 0, torch.tensor([5]), target=0.2, steps=10)
     assert -1.0 < thr < 1.0  # a threshold strictly inside: the bisection did work
     assert abs(ratio - 0.2) <= 0.05
 
@@ -217,6 +210,7 @@ def test_json_output_of_a_tiny_cpu_run():
     result = json.loads(proc.stdout)
     meta, rows = result["meta"], result["rows"]
     assert meta["mechanism"] == "eager"
+    assert meta["config"] == gb.CONFIGS["tiny"]
     assert [(r["batch"], r["pattern"]) for r in rows] == [(b, p) for b in (1, 2) for p in ("dense", "static", "adaptive")]
     W, Fb = meta["weight_bytes_per_step"], meta["ffn_weight_bytes"]
     for r in rows:
@@ -226,7 +220,8 @@ def test_json_output_of_a_tiny_cpu_run():
         if r["pattern"] == "dense":
             assert r["speedup"] == 1.0 and r["skip_ratio"] == 0.0 and r["realised_fraction"] is None
         if r["pattern"] == "static":
-            assert r["skip_ratio"] == pytest.approx(1 / 4)  # tiny: 1 of 4 layers
+            assert r["skip_ratio"] == pytest.approx(1 / 4)  # tiny: 1 of 4 layers, counted on the device
             assert r["realised_fraction"] == pytest.approx((r["speedup"] - 1) / (r["ideal_speedup"] - 1))
         if r["pattern"] == "adaptive":
             assert isinstance(r["check_us_per_layer"], float) and isinstance(r["threshold"], float)
+            assert r["skip_ratio"] == pytest.approx(r["calibration_skip_ratio"])  # same steps, same threshold
