@@ -41,7 +41,7 @@ def build_engine(settings: DecoderSettings) -> Engine:
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
     return Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
-                  eager_until_warm=True)
+                  eager_until_warm=True, prefill_chunk=settings.prefill_chunk or None)
 
 
 def load_compiled_segments(engine_loop: EngineLoop, max_batch: int) -> None:

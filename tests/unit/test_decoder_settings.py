@@ -45,3 +45,16 @@ def test_threads_default_to_torchs_choice_and_are_validated():
     for bad in ("-1", "two"):
         with pytest.raises(InvalidArgument, match="FFNSKIP_THREADS"):
             DecoderSettings.from_env({"FFNSKIP_THREADS": bad})
+
+
+def test_prefill_chunk_reaches_the_engine_and_zero_means_whole_prompts(tiny_dir, engine_cache):
+    from services.decoder.main import build_engine
+
+    assert DecoderSettings.from_env({}).prefill_chunk == 128  # docs/performance.md
+    for bad in ("-1", "many"):
+        with pytest.raises(InvalidArgument, match="FFNSKIP_PREFILL_CHUNK"):
+            DecoderSettings.from_env({"FFNSKIP_PREFILL_CHUNK": bad})
+    environ = {"FFNSKIP_MODEL": str(tiny_dir), "FFNSKIP_CACHE": str(engine_cache), "FFNSKIP_COMPILE": "0",
+               "FFNSKIP_DEVICE": "cpu", "FFNSKIP_DTYPE": "float32", "FFNSKIP_MAX_BATCH": "2", "FFNSKIP_MAX_SEQ_LEN": "64"}
+    assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PREFILL_CHUNK": "7"})).prefill_chunk == 7
+    assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PREFILL_CHUNK": "0"})).prefill_chunk is None

@@ -140,10 +140,8 @@ def test_prompts_admitted_together_prefill_in_one_forward_as_they_would_alone(ti
 
 
 def test_prefill_groups_keep_the_padding_small():
-    from types import SimpleNamespace
+    from ffnskip.engine.engine import PrefillChunk, prefill_groups
 
-    from ffnskip.engine.engine import prefill_groups
-
-    seqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (40, 10, 12, 11, 38)]
-    groups = prefill_groups(seqs)
-    assert [[len(s.prompt_ids) for s in group] for group in groups] == [[10, 11, 12], [38, 40]]
+    chunks = [PrefillChunk(None, 0, n) for n in (40, 10, 12, 11, 38)]  # type: ignore[arg-type]
+    groups = prefill_groups(chunks)
+    assert [[c.length for c in group] for group in groups] == [[10, 11, 12], [38, 40]]

@@ -1,8 +1,9 @@
 """The engine facade: add requests, step the batch, generate or stream.
 
-`step()` reads in one glance: admit waiting sequences (prefill each into a free
-cache row, sample its first token), decode the sequences that were already
-running under their skip policies, then retire the finished ones.
+`step()` reads in one glance: admit waiting sequences into free cache rows, prefill
+the next chunks of their prompts (those whose prompt is then complete sample their
+first token), decode the sequences that were already running under their skip
+policies, then retire the finished ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from ffnskip.engine.sampling import sample
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
 from ffnskip.engine.stats import SkipStats, weight_bytes
 from ffnskip.errors import InvalidArgument
+
+
+PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,20 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
-                 compile: bool = False, runner: Optional[ModelRunner] = None, eager_until_warm: bool = False) -> None:
+                 compile: bool = False, runner: Optional[ModelRunner] = None, eager_until_warm: bool = False,
+                 prefill_chunk: Optional[int] = None) -> None:
         """`compile`: decode segments compiled (or loaded from the compile cache) per batch bucket
         (compiled.py), on first use, or with `eager_until_warm` only by warm_up (a bucket runs
         eagerly until then). `runner`: another engine's runner, to share its weights and segments;
-        this engine keeps its own cache and batch, and `compile` is the other engine's choice."""
+        this engine keeps its own cache and batch, and `compile` is the other engine's choice.
+        `prefill_chunk`: the prompt tokens a step prefills at most, for serving (a decoder's
+        FFNSKIP_PREFILL_CHUNK): a long prompt, or a burst of prompts, then delays the running
+        rows' next token by about one chunk's forward, and a burst's first prompts get their
+        first token before its last ones are prefilled. None (batch jobs: calibration, the
+        benches): every admitted prompt whole, so a batch's rows decode together from its first
+        step."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InvalidArgument("prefill_chunk", f"must be at least 1 token, got {prefill_chunk}")
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         if runner is None:
@@ -91,7 +104,11 @@ class Engine:
         self.weight_bytes = weight_bytes(loaded.model)
         self.eos_ids = eos_ids(loaded)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i].row == i: rows stay a contiguous prefix
+        # running[i].row == i, the rows a contiguous prefix: the decoding sequences first, then
+        # those still prefilling (a decode step works on the rows [0, decoding) as views)
+        self.running: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # the running ones still prefilling, in admission order
+        self.prefill_chunk = prefill_chunk
         # decode-step counters: layer-steps, and those whose FFN weights were read by any row
         self.decode_layer_steps = 0
         self.decode_ffn_reads = 0
@@ -167,32 +184,79 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         self._retire_finished()  # sequences cancelled since the last step leave first
         self._drop_cancelled_waiting()
-        decoding = len(self.running)
-        admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.cache.free_rows))]
-        events = self._prefill(admitted) if admitted else []
+        decoding = self.decoding
+        self._admit()
+        events = self._prefill() if self.prefilling else []
         if decoding:
             events += self._decode(self.running[:decoding])
         self._retire_finished()
         return events
 
-    def _prefill(self, admitted: list[Sequence]) -> list[TokenEvent]:
-        """Give each admitted sequence a cache row and prefill them in groups of similar length
-        (one forward per group: a batch of prompts costs little more than one on a CPU's GEMMs,
-        and padding to the group's longest stays within PREFILL_PADDING of the real tokens)."""
-        tokens: dict[int, int] = {}
-        rows: dict[int, int] = {}
-        for seq in admitted:
-            seq.row = rows[seq.seq_id] = self.cache.take_row()
+    @property
+    def decoding(self) -> int:
+        """Running sequences past their prefill: they hold the rows [0, decoding)."""
+        return len(self.running) - len(self.prefilling)
+
+    def _admit(self) -> None:
+        """Give waiting sequences the free cache rows, after every running one."""
+        for _ in range(min(len(self.waiting), self.cache.free_rows)):
+            seq = self.waiting.popleft()
+            seq.row = self.cache.take_row()
             self.running.append(seq)
-        for group in prefill_groups(admitted):
+            self.prefilling.append(seq)
+
+    def _prefill(self) -> list[TokenEvent]:
+        """Prefill the next chunks of the prompts, in admission order and `prefill_chunk` tokens
+        in all at most, in groups of similar length (one forward per group: a batch of prompts
+        costs little more than one on a CPU's GEMMs, and padding to the group's longest stays
+        within PREFILL_PADDING of the real tokens). A sequence whose prompt is then complete
+        samples its first token and joins the decoding rows."""
+        first_tokens: list[tuple[Sequence, int]] = []
+        for group in prefill_groups(self._next_chunks()):
+            completing = [i for i, chunk in enumerate(group) if chunk.completes]
             started = time.perf_counter()
-            logits = self.runner.prefill(self.cache, [rows[s.seq_id] for s in group], [s.prompt_ids for s in group])
-            sampled = taught(group, logits, sample(logits, [s.sampling for s in group], [s.sample_generator for s in group]))
+            logits = self.runner.prefill(self.cache, [chunk.row for chunk in group], [chunk.tokens for chunk in group],
+                                         [chunk.start for chunk in group], completing)
+            ready = [group[i].seq for i in completing]
+            sampled = taught(ready, logits, sample(logits, [s.sampling for s in ready], [s.sample_generator for s in ready]))
             elapsed = time.perf_counter() - started
-            for seq, token in zip(group, sampled):
-                seq.forward_seconds += elapsed
-                tokens[seq.seq_id] = token
-        return [self._emit(seq, tokens[seq.seq_id], [], None) for seq in admitted]
+            for chunk in group:
+                chunk.seq.forward_seconds += elapsed
+                chunk.seq.prefilled += chunk.length
+            first_tokens += zip(ready, sampled)
+        for seq, _ in first_tokens:
+            self._join_decoding(seq)
+        return [self._emit(seq, token, [], None) for seq, token in first_tokens]
+
+    def _next_chunks(self) -> list[PrefillChunk]:
+        """This step's prompt chunks, in admission order: whole prompts while they fit in
+        `prefill_chunk` tokens; a prompt longer than that goes alone, one chunk a step (a prompt
+        split where a step's budget ends would make that step longer and get no token sooner)."""
+        if self.prefill_chunk is None:
+            return [PrefillChunk(seq, seq.prefilled, len(seq.prompt_ids) - seq.prefilled) for seq in self.prefilling]
+        left = self.prefill_chunk
+        chunks: list[PrefillChunk] = []
+        for seq in self.prefilling:
+            remaining = len(seq.prompt_ids) - seq.prefilled
+            if remaining > left:
+                if not chunks:
+                    chunks.append(PrefillChunk(seq, seq.prefilled, left))
+                break
+            chunks.append(PrefillChunk(seq, seq.prefilled, remaining))
+            left -= remaining
+        return chunks
+
+    def _join_decoding(self, seq: Sequence) -> None:
+        """Move a sequence whose prefill is complete to the first prefilling row (the end of the
+        decoding prefix), exchanging it with the sequence there."""
+        assert seq.row is not None
+        target = self.decoding
+        if seq.row != target:
+            other = self.running[target]
+            self.cache.swap_rows(seq.row, target)
+            self.running[seq.row], self.running[target] = other, seq
+            other.row, seq.row = seq.row, target
+        self.prefilling.remove(seq)
 
     def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
         started = time.perf_counter()
@@ -221,17 +285,30 @@ class Engine:
         self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def _retire_finished(self) -> None:
-        # from the highest row down (running[i].row == i): the last row moves into each gap
-        for row in reversed(range(len(self.running))):
-            seq = self.running[row]
-            if not seq.finished:
-                continue
-            moved = self.cache.release_row(row)
-            last = self.running.pop()
-            if moved is not None:
-                last.row = row
-                self.running[row] = last
-            seq.row = None
+        # from the highest row down: freeing a row moves only rows above it
+        for seq in sorted((s for s in self.running if s.finished), key=lambda s: s.row or 0, reverse=True):
+            self._free_row(seq)
+
+    def _free_row(self, seq: Sequence) -> None:
+        """Give back a finished sequence's row. A decoding row's hole is filled by the last
+        decoding row and that one's by the last row, so both parts stay contiguous."""
+        assert seq.row is not None
+        row = seq.row
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        else:
+            last_decoding = self.decoding - 1
+            if row != last_decoding:
+                mover = self.running[last_decoding]
+                self.cache.copy_row(last_decoding, row)
+                self.running[row], mover.row = mover, row
+                self.running[last_decoding], row = seq, last_decoding
+        moved = self.cache.release_row(row)
+        last = self.running.pop()
+        if moved is not None:
+            last.row = row
+            self.running[row] = last
+        seq.row = None
 
     # -- conveniences -----------------------------------------------------------------------
 
@@ -272,22 +349,41 @@ def taught(seqs: Seq[Sequence], logits: torch.Tensor, sampled: list[int]) -> lis
     return sampled
 
 
-PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens
+@dataclass(frozen=True)
+class PrefillChunk:
+    """The prompt positions [start, start + length) of a sequence, prefilled in one step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def row(self) -> int:
+        assert self.seq.row is not None
+        return self.seq.row
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.prompt_ids[self.start:self.start + self.length]
+
+    @property
+    def completes(self) -> bool:
+        """Whether the prompt is whole in the cache after this chunk."""
+        return self.start + self.length == len(self.seq.prompt_ids)
 
 
-def prefill_groups(seqs: Seq[Sequence]) -> list[list[Sequence]]:
-    """Sequences grouped for prefill by prompt length, shortest first: a group takes the next
-    prompt while the padding to it keeps within PREFILL_PADDING."""
-    groups: list[list[Sequence]] = []
-    group: list[Sequence] = []
+def prefill_groups(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Chunks grouped for one forward each by length, shortest first: a group takes the next
+    chunk while the padding to it keeps within PREFILL_PADDING."""
+    groups: list[list[PrefillChunk]] = []
+    group: list[PrefillChunk] = []
     real = 0
-    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
-        length = len(seq.prompt_ids)
-        if group and (len(group) + 1) * length > PREFILL_PADDING * (real + length):
+    for chunk in sorted(chunks, key=lambda c: c.length):
+        if group and (len(group) + 1) * chunk.length > PREFILL_PADDING * (real + chunk.length):
             groups.append(group)
             group, real = [], 0
-        group.append(seq)
-        real += length
+        group.append(chunk)
+        real += chunk.length
     if group:
         groups.append(group)
     return groups

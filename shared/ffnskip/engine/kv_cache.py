@@ -45,20 +45,35 @@ class KVCache:
         last = self.in_use - 1
         moved = None
         if row != last:
-            filled = self.lengths[last]
-            self.keys[:, row, :, :filled] = self.keys[:, last, :, :filled]
-            self.values[:, row, :, :filled] = self.values[:, last, :, :filled]
-            self.lengths[row] = filled
+            self.copy_row(last, row)
             moved = last
         self.lengths[last] = 0
         self.in_use -= 1
         return moved
 
-    def write_prefill(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [kv_heads, T, head_dim] for positions [0, T)."""
-        length = k.shape[1]
-        self.keys[layer, row, :, :length] = k
-        self.values[layer, row, :, :length] = v
+    def copy_row(self, source: int, target: int) -> None:
+        """Give `target` the filled positions (and length) of `source`."""
+        filled = self.lengths[source]
+        self.keys[:, target, :, :filled] = self.keys[:, source, :, :filled]
+        self.values[:, target, :, :filled] = self.values[:, source, :, :filled]
+        self.lengths[target] = filled
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange two rows' filled positions and lengths."""
+        if a == b:
+            return
+        filled = max(self.lengths[a], self.lengths[b])
+        for table in (self.keys, self.values):
+            held = table[:, a, :, :filled].clone()
+            table[:, a, :, :filled] = table[:, b, :, :filled]
+            table[:, b, :, :filled] = held
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
+    def write_prefill(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """k, v: [kv_heads, T, head_dim] for positions [start, start + T)."""
+        end = start + k.shape[1]
+        self.keys[layer, row, :, start:end] = k
+        self.values[layer, row, :, start:end] = v
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s keys and values [max_batch, kv_heads, max_seq_len + 1, head_dim]."""

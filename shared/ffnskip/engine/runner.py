@@ -81,25 +81,44 @@ class ModelRunner:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, rows: Seq[int], prompts: Seq[Seq[int]]) -> torch.Tensor:
-        """Run the full model over prompts together, each into its cache row; their last logits [N, V].
+    def prefill(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]], starts: Optional[Seq[int]] = None,
+                logits_of: Optional[Seq[int]] = None) -> torch.Tensor:
+        """Run the full model over prompt chunks together, each into its cache row at positions
+        [start, start + len) after the `start` positions it holds already (a prompt prefilled in
+        chunks); the logits [len(logits_of), V] of the last token of the chunks `logits_of`
+        (indices into `chunks`; all of them by default).
 
-        The prompts are right-padded to the longest: under the causal mask a real token sees only
-        the positions before it, all real, and only each prompt's own positions reach the cache."""
-        lengths = [len(prompt) for prompt in prompts]
+        The chunks are right-padded to the longest: under the causal mask a real token sees only
+        the positions before it, all real, and only each chunk's own positions reach the cache.
+        Chunks that all start at 0 attend among themselves; otherwise each attends to its row's
+        cached keys up to its own position."""
+        starts = [0] * len(chunks) if starts is None else list(starts)
+        lengths = [len(chunk) for chunk in chunks]
         longest = max(lengths)
-        ids = torch.tensor([list(prompt) + [0] * (longest - len(prompt)) for prompt in prompts], device=self.device)
+        ids = torch.tensor([list(chunk) + [0] * (longest - len(chunk)) for chunk in chunks], device=self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + self._arange(longest)[None]
         x = self.embed(ids)
-        cos, sin = self.rotary(x, torch.arange(longest, device=self.device)[None], end=longest)
+        cos, sin = self.rotary(x, positions, end=max(starts) + longest)
+        mask, row_index = None, None
+        if any(starts):  # the chunk's queries read the row's earlier positions from the cache
+            span = max(start + length for start, length in zip(starts, lengths))  # no padding: the cache may end there
+            mask = torch.where(self._arange(span) <= positions[:, :, None], 0.0, float("-inf")).to(x.dtype)[:, None]
+            row_index = torch.tensor(list(rows), device=self.device)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
-            for i, (row, length) in enumerate(zip(rows, lengths)):
-                cache.write_prefill(index, row, k[i, :, :length], v[i, :, :length])
-            h = x + layer.output(layer.attention(q, k, v, None, causal=True))
+            for i, (row, start, length) in enumerate(zip(rows, starts, lengths)):
+                cache.write_prefill(index, row, k[i, :, :length], v[i, :, :length], start)
+            if row_index is not None:
+                keys, values = cache.layer(index)
+                k, v = keys[row_index, :, :span], values[row_index, :, :span]
+            h = x + layer.output(layer.attention(q, k, v, mask, causal=mask is None))
             x = h + layer.mlp(h)
-        for row, length in zip(rows, lengths):
-            cache.lengths[row] = length
-        last = x[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        for row, start, length in zip(rows, starts, lengths):
+            cache.lengths[row] = start + length
+        wanted = list(range(len(chunks))) if logits_of is None else list(logits_of)
+        if not wanted:
+            return x.new_empty(0, self.head.vocab_size)
+        last = x[torch.tensor(wanted, device=self.device), torch.tensor([lengths[i] - 1 for i in wanted], device=self.device)]
         return self.head(last[:, None])
 
     @torch.inference_mode()

@@ -62,6 +62,7 @@ class Sequence:
     text: str = ""
     pending: str = ""  # text held back because it may be the start of a stop string
     row: Optional[int] = None
+    prefilled: int = 0  # prompt tokens in its cache row (a long prompt prefills in chunks, over several steps)
     finish_reason: Optional[str] = None
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
@@ -78,6 +79,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether part of its prompt is still to be prefilled (it has no token yet)."""
+        return self.prefilled < len(self.prompt_ids)
 
     @property
     def past_warm_up(self) -> bool:
