@@ -79,6 +79,23 @@ def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, t
     assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
 
 
+def test_loading_packages_leaves_nothing_in_the_temp_directory(compiled_engine, tiny_loaded, tmp_path, monkeypatch):
+    """AOTInductor's loader unpacks each package under TMPDIR and removes it only when destroyed,
+    which a killed process never is: a decoder's loads must leave nothing there."""
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()  # Inductor's own cache directory stays where it is
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    again = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
+    again.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
+    assert list(tmp_path.iterdir()) == []
+    ours = again.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])  # the packages run without their files
+    assert [r.token_ids for r in ours] == [r.token_ids for r in compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])]
+
+
 def test_released_raw_weights_keep_the_results_and_free_the_models_copy(tiny_dir, package_cache, compiled_engine):
     loaded = load_model(str(tiny_dir), device="cpu", dtype="float32", cache_dir=package_cache)  # its own model: changed here
     engine = Engine(loaded, max_batch=4, max_seq_len=64, compile=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -108,6 +109,27 @@ def decode_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
     of once it runs on these copies alone)."""
     params = {name: param.detach() for name, param in module.named_parameters()}
     return [blocked(params[name]) if params[name].dim() == 2 else params[name].clone() for name in names]
+
+
+def load_package(path: Path) -> PackageRun:
+    """The C++ runner of an AOTInductor package, called with a plain list (consumed: a new one per
+    call). The loader unpacks a package into a new directory under TMPDIR and deletes it only when
+    the loader is destroyed, which never happens in a process that is killed: a machine that ran the
+    tests and restarted stacks for a day held 256 of them, 7 GB. Its library is mapped once loaded,
+    so the package is unpacked into a directory of ours, removed as soon as it is loaded."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # local: Inductor costs every importer
+
+    cache_dir()  # Inductor fixes its cache directory from TMPDIR on first use: not from ours
+    previous = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="ffnskip-package-") as scratch:
+        os.environ["TMPDIR"] = scratch
+        try:
+            return torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
 
 
 class _Shared(nn.Module):
@@ -253,8 +275,7 @@ class CompiledSegments:
         if not path.exists():
             self._compile(padded, name, path)
             self.compiled += 1
-        # the C++ runner, called with a plain list (the list is consumed: a new one per call)
-        return torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+        return load_package(path)
 
     def _compile(self, padded: int, name: str, path: Path) -> None:
         module, args, dynamic = self._traceable(padded, name)
