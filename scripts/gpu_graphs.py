@@ -1,6 +1,24 @@
 """How gpu_bench.py runs the engine's device step (ffnskip.engine.device_step.DeviceStep): eagerly,
 as one CUDA graph with a conditional IF node per gated FFN, or as graph segments with a host read
-per gated layer."""
+per gated layer.
+
+`--mechanism auto` (default on CUDA) first probes CUDA-graph conditional nodes: torch 2.13
+exposes `torch.cuda.CUDAGraph.begin_capture_to_if_node(pred)` /
+`end_capture_to_conditional_node()` (the primitive under `torch.cond` in CUDA graphs). `pred` is
+a 0-dim bool CUDA tensor that a kernel inside the graph writes into the conditional handle at
+replay, so the FFN body of each gated layer is an IF node whose predicate is computed on the
+device. A whole decode step, all layers, is one graph with no host sync: any sync during capture
+would have raised. It needs torch built with CUDA >= 12.4 and a driver with conditional nodes; the
+probe captures a matmul in an IF node and checks it with the predicate true and false.
+  mechanism "conditional": one graph per (pattern, batch), IF nodes for the gated FFNs.
+  mechanism "segmented" (fallback when the probe fails, or by flag): the step is captured
+  as a chain of graphs cut at every gated FFN; the host reads the predicate (one device->host
+  sync per gated layer) and replays the FFN graph only when it is true. The JSON then reports
+  `sync_us_per_layer`: the same chain replayed with and without those reads, divided by the
+  gated layers.
+  mechanism "eager" (CPU, or by flag): the same step run op by op; the branch reads the
+  predicate on the host (free on CPU, a sync on CUDA).
+"""
 
 from __future__ import annotations
 
