@@ -33,7 +33,7 @@ import torch
 
 from ffnskip.engine.device_skips import DeviceSkips, RowTensors
 from ffnskip.engine.kv_cache import KVCache
-from ffnskip.engine.runner import ModelRunner
+from ffnskip.engine.runner import ModelRunner, causal_mask
 from ffnskip.engine.segments import attention_step, residual_similarity
 
 
@@ -149,7 +149,7 @@ class DeviceStep:
         positions = self.positions
         live = self.write_positions != cache.scratch_position  # [P]: the rows that are sequences
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [P, 1, hd]
-        mask = torch.where(self._span <= positions[:, None], 0.0, float("-inf")).to(runner.dtype)[:, None, None, :]
+        mask = causal_mask(self._span, positions, runner.dtype)[:, None, None, :]
         x = runner.embed(self.tokens[:, None])  # [P, 1, D]
         decide = DeviceSkips(self.rows) if skips else None
         for index, layer in enumerate(runner.layers):

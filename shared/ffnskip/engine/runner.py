@@ -102,7 +102,7 @@ class ModelRunner:
         mask, row_index = None, None
         if any(starts):  # the chunk's queries read the row's earlier positions from the cache
             span = max(start + length for start, length in zip(starts, lengths))  # no padding: the cache may end there
-            mask = torch.where(self._arange(span) <= positions[:, :, None], 0.0, float("-inf")).to(x.dtype)[:, None]
+            mask = causal_mask(self._arange(span), positions, x.dtype)[:, None]
             row_index = torch.tensor(list(rows), device=self.device)
         for index, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
@@ -139,8 +139,8 @@ class ModelRunner:
         x = self.embed(inputs[0, :, None])
         row_positions = inputs[1]
         cos, sin = self.rotary(x, row_positions[:, None], end=span)
-        # an additive mask made once per step (SDPA would convert a boolean one in every layer)
-        mask = torch.where(self._arange(span) <= row_positions[:, None], 0.0, float("-inf")).to(x.dtype)
+        # made once per step, not per layer
+        mask = causal_mask(self._arange(span), row_positions, x.dtype)
         step = StepInputs(batch=batch, padded=padded, cos=cos, sin=sin, mask=mask[:, None, None, :],
                           write_positions=inputs[2])
         logits = self._layers(cache, skips, x, step)
@@ -165,6 +165,12 @@ class ModelRunner:
                 x, similarity = segments.ffn(index, h, segments.row_mask(step.padded, decision.rows))
             skips.observe(index, real(h), real(x), None if similarity is None else real(similarity))
         return segments.head(x)
+
+
+def causal_mask(keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [*positions.shape, S]: 0 where the key position (`keys` [S]) is at
+    most the query's position, -inf after it (SDPA would convert a boolean mask in every layer)."""
+    return torch.where(keys <= positions[..., None], 0.0, float("-inf")).to(dtype)
 
 
 def _storages(modules: Seq[nn.Module]) -> dict[int, torch.UntypedStorage]:
