@@ -54,6 +54,8 @@ class Submission:
     first_token_at: Optional[float] = None
     seq: Optional[Sequence] = None  # set by the engine thread when admitted
     tokens_at_cancel: Optional[int] = None  # tokens it had when its caller's cancel reached the decoder
+    prompt_ids: Optional[list[int]] = None  # a prompt given as token ids (then prompt and messages are None)
+    resumed: tuple[int, ...] = ()  # tokens another decoder delivered: generation continues after them
 
     def deliver(self, item: Item) -> None:
         try:
@@ -210,7 +212,8 @@ class EngineLoop:
         try:
             submission.seq = self.engine.add(prompt=submission.prompt, messages=submission.messages,
                                              sampling=submission.sampling, skip=submission.skip,
-                                             request_id=submission.request_id)
+                                             request_id=submission.request_id, prompt_ids=submission.prompt_ids,
+                                             resumed=submission.resumed)
         except FfnSkipError as exc:
             submission.deliver(exc)
             return

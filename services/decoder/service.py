@@ -7,7 +7,8 @@ import time
 from typing import AsyncIterator, Optional
 
 from ffnskip.engine import GenerationResult, TokenEvent
-from ffnskip.errors import Cancelled, DeadlineExceeded, FfnSkipError, NotFound
+from ffnskip.engine.sampling import TokenLogprob
+from ffnskip.errors import Cancelled, DeadlineExceeded, FailedPrecondition, FfnSkipError, InvalidArgument, NotFound
 from ffnskip.rpc.generation import prompt_of, sampling_of, shown, skip_of, stats_to_proto
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.engine_loop import EngineLoop, Submission
@@ -24,13 +25,32 @@ class DecoderService:
     def submission(self, request: pb.GenerateRequest, request_id: str, time_remaining: Optional[float], aio_loop) -> Submission:
         if request.model != self.settings.model_name:
             raise NotFound(f"model: this decoder serves {self.settings.model_name!r}, not {shown(request.model)}")
-        prompt, messages = prompt_of(request)
+        prompt, messages, prompt_ids = prompt_of(request)
         sampling = sampling_of(request.sampling, self.settings.default_max_new_tokens, self.settings.max_new_tokens_cap)
         active = self.profiles.current  # snapshot: a swap never changes this request
         skip = skip_of(request.skip, active.params, self.settings.limits)
+        resumed = self._resumed(request, active.version, sampling.max_new_tokens)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         return Submission(request_id=request_id, prompt=prompt, messages=messages, sampling=sampling, skip=skip,
-                          profile_version=active.version, deadline=deadline, loop=aio_loop)
+                          profile_version=active.version, deadline=deadline, loop=aio_loop, prompt_ids=prompt_ids,
+                          resumed=resumed)
+
+    def _resumed(self, request: pb.GenerateRequest, version: int, max_new_tokens: int) -> tuple[int, ...]:
+        """The tokens another decoder delivered, when the gateway continues its stream here:
+        only under the profile version the stream started with (another would change the
+        answer mid-way). They count against max_new_tokens, the request's total."""
+        if not request.HasField("resume"):
+            return ()
+        if request.resume.profile_version != version:
+            raise FailedPrecondition(f"resume.profile_version: this decoder serves profile version {version}, "
+                                     f"the stream started with {request.resume.profile_version}")
+        resumed = tuple(request.resume.token_ids)
+        if len(resumed) >= max_new_tokens:
+            raise InvalidArgument("resume.token_ids", f"{len(resumed)} tokens leave none of max_new_tokens ({max_new_tokens})")
+        vocab = self.loop.engine.runner.head.vocab_size
+        if any(not 0 <= token < vocab for token in resumed):  # an id outside the embedding would fail the whole step
+            raise InvalidArgument("resume.token_ids", f"token ids must be in [0, {vocab})")
+        return resumed
 
     async def run(self, submission: Submission) -> AsyncIterator[TokenEvent | pb.GenerateResponse]:
         """Yield token events, then the final response; raise the taxonomy on failure.
@@ -67,10 +87,24 @@ class DecoderService:
                                queue_ms=max(0.0, ttft_s - result.ttft_s) * 1e3),
             profile_version=submission.profile_version, served_by=self.settings.decoder_id,
             token_ids=result.token_ids, request_id=submission.request_id, policy=submission.skip.policy,
-            prompt_tokens=len(submission.seq.prompt_ids) if submission.seq is not None else 0,
+            prompt_tokens=result.prompt_tokens, seed=result.seed,
+            logprobs=[self._logprob(entry) for entry in result.logprobs],
+            prompt_logprobs=[self._logprob(entry) for entry in result.prompt_logprobs],
         )
 
     def chunk(self, submission: Submission, event: TokenEvent) -> pb.GenerateStreamResponse:
         return pb.GenerateStreamResponse(token=pb.TokenChunk(
             index=event.index, token_id=event.token_id, text=event.text, skipped_layers=event.skipped_layers,
-            elapsed_ms=(time.perf_counter() - submission.received_at) * 1e3))
+            elapsed_ms=(time.perf_counter() - submission.received_at) * 1e3,
+            logprob=self._logprob(event.logprob) if event.logprob is not None else None))
+
+    def _logprob(self, entry: TokenLogprob) -> pb.TokenLogprob:
+        """A token's log-probability on the wire, each token with its text."""
+        tokenizer = self.loop.engine.tokenizer
+
+        def text(token_id: int) -> str:
+            return str(tokenizer.decode([token_id]))
+
+        return pb.TokenLogprob(
+            token_id=entry.token_id, token=text(entry.token_id), logprob=entry.logprob,
+            top=[pb.TopLogprob(token_id=token_id, token=text(token_id), logprob=value) for token_id, value in entry.top])

@@ -1,8 +1,10 @@
 """What every generation request goes through before routing, whichever front end (the gRPC
 API or the HTTP API) received it: the gateway's input checks (a refusal is counted in the
-telemetry), the request id its log lines carry, and the prompt sampler."""
+telemetry), the request id its log lines carry, the sampling seed, and the prompt sampler."""
 
 from __future__ import annotations
+
+import secrets
 
 from ffnskip.errors import FfnSkipError
 from ffnskip.logs import bind_request_id, new_request_id, request_id_var
@@ -25,5 +27,10 @@ def admit(request: generation_pb2.GenerateRequest, telemetry: Telemetry, sampler
         bind_request_id(request.request_id)
     else:
         request.request_id = request_id_var.get() or new_request_id()  # the id the logs carry
+    if not request.sampling.HasField("seed"):
+        # pinned here, not drawn by each decoder: every attempt of the request (a resume on
+        # another pod above all) samples with the same seed, so a resumed answer is the one
+        # the first pod would have given; the summary reports it
+        request.sampling.seed = secrets.randbits(63)
     sampler.offer(request)
     return request

@@ -4,6 +4,7 @@ variables in settings.ENV_VARS; nothing else reads the environment)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,22 @@ def tls_credentials(settings: GatewaySettings) -> Optional[grpc.ServerCredential
     except OSError as exc:
         raise InvalidArgument("FFNSKIP_TLS_CERT", f"cannot read {exc.filename}: {exc.strerror}") from None
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+def http_ssl_context(settings: GatewaySettings) -> Optional[ssl.SSLContext]:
+    """The HTTP port's TLS: the gRPC port's certificate and key (one Secret serves both ports)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no client certificates: API keys authenticate
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])  # aiohttp speaks HTTP/1.1 only: no h2 for ALPN to pick
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):  # readable, but not a PEM pair (a wrong file, or key and cert disagree)
+            raise InvalidArgument("FFNSKIP_TLS_KEY", f"not a PEM certificate and its key ({exc.reason})") from None
+        raise InvalidArgument("FFNSKIP_TLS_CERT", f"cannot read {exc.filename}: {exc.strerror}") from None
+    return context
 
 
 async def model_health(server: Server, models: set[str], endpoints: Sequence[Endpoint]) -> None:
@@ -94,7 +111,8 @@ async def build(settings: GatewaySettings) -> Gateway:
     discovery = RegistryDiscovery(DecoderRegistry(redis_client), settings.discovery_interval_s,
                                   settings.discovery_stale_s, on_change=on_change)
     timeouts = Timeouts(settings.attempt_timeout_s, settings.first_token_timeout_s, settings.stall_timeout_s)
-    proxy = Proxy(Router(discovery, settings.quarantine_s), pool, telemetry, settings.max_attempts, timeouts)
+    proxy = Proxy(Router(discovery, settings.quarantine_s), pool, telemetry, settings.max_attempts, timeouts,
+                  resume=settings.stream_resume)
     sampler = PromptSampler(redis_client, settings.prompt_sample_rate, settings.prompt_sample_stream,
                             settings.prompt_sample_maxlen)
     servicer = GatewayServicer(proxy, sampler, settings.max_new_tokens, fleet, flusher)
@@ -102,12 +120,14 @@ async def build(settings: GatewaySettings) -> Gateway:
     http = None
     if settings.http_port:  # the same proxy, sampler, limits and keys as the gRPC API
         http = OpenAIApi(proxy, sampler, settings.max_new_tokens, None if settings.auth_disabled else settings.keys,
-                         settings.max_message_bytes, settings.drain_timeout_s)
+                         settings.max_message_bytes, settings.drain_timeout_s, keepalive_s=settings.http_keepalive_s,
+                         body_timeout_s=settings.http_body_timeout_s)
     return Gateway(settings, server, telemetry, discovery, flusher, pool, redis_client, http)
 
 
 async def serve(settings: GatewaySettings) -> None:
     credentials = tls_credentials(settings)
+    http_tls = http_ssl_context(settings) if settings.http_port else None  # refused files stop us before anything starts
     gw = await build(settings)
     metrics_server = None
     if settings.metrics_port:
@@ -115,7 +135,7 @@ async def serve(settings: GatewaySettings) -> None:
     await gw.discovery.start()
     gw.flusher.start()
     port = await gw.server.start(f"{settings.host}:{settings.port}", credentials)
-    http_port = await gw.http.start(settings.http_host, settings.http_port) if gw.http is not None else None
+    http_port = await gw.http.start(settings.http_host, settings.http_port, http_tls) if gw.http is not None else None
     await gw.server.set_ready(True)
     log.info("gateway serving", port=port, http_port=http_port, gateway_id=settings.replica_id, tls=credentials is not None,
              auth="off" if settings.auth_disabled else repr(settings.keys), metrics_port=settings.metrics_port or None,

@@ -8,6 +8,10 @@ request id, prompt sampling), the same key check (auth.authorize) and Proxy.stre
 (routing, failover, telemetry). An error becomes its gRPC status through the one status
 table and then its HTTP status through ffnskip.rpc.status.HTTP_STATUS. A client that
 disconnects cancels its handler's task, and with it the upstream call, as a gRPC cancel does.
+
+A slow client holds nothing for long: a connection idle (or with its headers unfinished) for the
+keep-alive timeout is closed, and a body not received whole within the body timeout is a 408.
+With the gateway's TLS settings the port serves HTTPS (main.http_ssl_context).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import math
+import ssl
+import sys
 import time
 from typing import Awaitable, Callable, Optional
 
@@ -28,8 +34,9 @@ from ffnskip.rpc.status import HTTP_STATUS, RETRY_AFTER_HEADER, status_for
 from ffnskip.v1 import generation_pb2
 from services.gateway.admission import admit
 from services.gateway.auth import API, KeyRing, authorize
-from services.gateway.openai_mapping import (CHAT, COMPLETION, ParsedRequest, chunk, client_error, error_body,
-                                             error_type, parse, whole_response)
+from services.gateway.openai_fields import CHAT, COMPLETION
+from services.gateway.openai_mapping import ParsedRequest, client_error, error_body, error_type, parse
+from services.gateway.openai_responses import chunk, whole_response
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.proxy import Proxy, UpstreamError
 from services.gateway.servicer import SERVED_BY_HEADER
@@ -39,6 +46,8 @@ log = get_logger("ffnskip.gateway.http")
 TIMEOUT_HEADER = "x-ffnskip-timeout"  # the call's deadline in seconds (gRPC clients set a deadline instead)
 MAX_TIMEOUT_S = 86_400.0
 CLIENT_GONE = "client_gone"  # request key: the client disconnected mid-stream
+LINGER_S = 10.0  # aiohttp's default lingering_time, capped by the body timeout
+_MAX_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)()  # the interpreter's limit (3.10.7+)
 _ERROR_CODES = {grpc.StatusCode.UNAUTHENTICATED: "invalid_api_key", grpc.StatusCode.NOT_FOUND: "model_not_found"}
 
 
@@ -46,13 +55,15 @@ class OpenAIApi:
     """The HTTP front end of one gateway process."""
 
     def __init__(self, proxy: Proxy, sampler: PromptSampler, max_new_tokens: int, keys: Optional[KeyRing],
-                 max_body_bytes: int, drain_timeout_s: float) -> None:
+                 max_body_bytes: int, drain_timeout_s: float, *, keepalive_s: float, body_timeout_s: float) -> None:
         self.proxy = proxy
         self.sampler = sampler
         self.max_new_tokens = max_new_tokens
         self.keys = keys  # None: authentication is off
         self.max_body_bytes = max_body_bytes
         self.drain_timeout_s = drain_timeout_s
+        self.keepalive_s = keepalive_s  # idle between requests, or the request line and headers unfinished
+        self.body_timeout_s = body_timeout_s  # the whole body, from the end of the headers
         self.ready = False  # /health: true between start and the drain
         self._runner: Optional[web.AppRunner] = None
 
@@ -64,13 +75,19 @@ class OpenAIApi:
         app.router.add_get("/health", self._health)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Serve on host:port (0 = any free port); returns the bound port."""
-        # handler_cancellation: a client that goes away cancels its handler (and so its decode)
+    async def start(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+        """Serve on host:port (0 = any free port), over TLS with `ssl_context`; returns the bound port."""
+        # handler_cancellation: a client that goes away cancels its handler (and so its decode).
+        # keepalive_timeout: aiohttp's timer runs from the connection's start and from each response
+        # and is not reset by bytes that do not complete a request, so it also bounds the request line
+        # and headers (aiohttp has no header timeout of its own; max_line_size / max_field_size keep
+        # their 8 KiB defaults). lingering_time: a body left unread (refused before reading it, or a
+        # 408) is drained at most this long before the connection closes.
         self._runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=self.drain_timeout_s)
+                                     shutdown_timeout=self.drain_timeout_s, keepalive_timeout=self.keepalive_s,
+                                     lingering_time=min(LINGER_S, self.body_timeout_s))
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         self.ready = True
         return int(self._runner.addresses[0][1])
 
@@ -139,9 +156,13 @@ class OpenAIApi:
             async with contextlib.aclosing(self.proxy.stream(parsed.request, time_remaining, commit)) as messages:
                 async for message in messages:
                     if message.HasField("token"):
-                        if message.token.text:
-                            streamed += message.token.text
-                            await _send(response, chunk(parsed, created, text=message.token.text))
+                        token = message.token
+                        if token.HasField("logprob"):  # a chunk per token, its text possibly empty
+                            await _send(response, chunk(parsed, created, text=token.text, logprob=token.logprob,
+                                                        text_offset=len(streamed)))
+                        elif token.text:
+                            await _send(response, chunk(parsed, created, text=token.text))
+                        streamed += token.text
                         continue
                     summary = message.summary
                     if summary.text.startswith(streamed) and len(summary.text) > len(streamed):
@@ -174,11 +195,16 @@ class OpenAIApi:
             raise
 
     async def _body(self, request: web.Request) -> object:
-        raw = await request.read()  # over client_max_size: aiohttp's 413, answered by _errors
+        try:  # over client_max_size: aiohttp's 413; both answered by _errors
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:  # a client trickling or stalling its body must not hold a handler
+            raise web.HTTPRequestTimeout() from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgument("body", f"not valid JSON ({type(exc).__name__})") from None
+        except ValueError:  # int() of a literal over sys.get_int_max_str_digits(): the input is not echoed
+            raise InvalidArgument("body", f"not valid JSON (a number of more than {_MAX_DIGITS} digits)") from None
 
     @web.middleware
     async def _errors(self, request: web.Request,
@@ -195,11 +221,15 @@ class OpenAIApi:
             log.info("http", method=request.method, path=request.path, status=HTTP_STATUS[grpc.StatusCode.CANCELLED],
                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
             raise
-        except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
+        except web.HTTPException as exc:  # aiohttp's own (unknown route, wrong method, body too large), _body's 408
             status = exc.status
-            code = "request_too_large" if status == 413 else None
-            reason = f"request body larger than {self.max_body_bytes} bytes" if status == 413 else exc.reason
-            response = web.json_response(error_body(reason, error_type(status), None, code), status=status)
+            code = {408: "request_timeout", 413: "request_too_large"}.get(status)
+            reason = {408: f"request body not received within {self.body_timeout_s:g} s",
+                      413: f"request body larger than {self.max_body_bytes} bytes"}.get(status, exc.reason)
+            param = "body" if status in (408, 413) else None
+            response = web.json_response(error_body(reason, error_type(status), param, code), status=status)
+            if status == 408:  # RFC 9110: a 408 closes the connection (Connection: close)
+                response.force_close()
         except (FfnSkipError, UpstreamError) as exc:
             status, body, headers = self._error(request, exc)
             response = web.json_response(body, status=status, headers=headers)

@@ -14,15 +14,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ffnskip.config import MAX_TOP_LOGPROBS
 from ffnskip.errors import InvalidArgument
-from ffnskip.rpc.generation import shown
+from ffnskip.rpc.generation import MAX_MESSAGES, MAX_PROMPT_TOKENS, MAX_STOP_STRINGS, shown
 from ffnskip.v1 import generation_pb2
+from services.gateway.openai_fields import CHAT, refusal
 
-CHAT = "chat"
-COMPLETION = "completion"
 SKIP_FIELDS = ("policy", "threshold", "max_skip", "warm_up", "quorum")  # the `ffnskip` extension object
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
-_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+MAX_CONTENT_PARTS = 1024  # of one message, checked before they are joined
 # "field: problem", as every InvalidArgument (and the decoder's refusals) words it
 _FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)?(?:\[\d+\])?): (?P<problem>.*)$", re.DOTALL)
 
@@ -36,58 +36,111 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     max_tokens_field: str  # the name the client gave the token limit (errors name it)
+    echo: bool = False  # completions: the prompt goes before the answer
+    echo_text: str = ""  # the prompt as text (a token-id prompt: empty, its tokens' texts are used)
 
 
 def parse(body: Any, kind: str, max_new_tokens: int) -> ParsedRequest:
-    """The GenerateRequest of an OpenAI request body; unknown fields are ignored, a bad value
-    is InvalidArgument naming the client's field. `max_new_tokens` is the gateway's cap (a
-    larger limit would not fit the proto's field either)."""
+    """The GenerateRequest of an OpenAI request body; a field this server does not serve, or
+    a bad value, is InvalidArgument naming the client's field (openai_fields tables them).
+    `max_new_tokens` is the gateway's cap (a larger limit would not fit the proto's field)."""
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
+    refused = refusal(body, kind)
+    if refused is not None:
+        raise InvalidArgument(*refused)
     request = generation_pb2.GenerateRequest(model=_string(body, "model", required=True) or "")
+    echo = False
     if kind == CHAT:
         request.messages.extend(_messages(body))
     else:
-        request.prompt = _prompt(body)
-    n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise InvalidArgument("n", f"only n=1 is served, got {n}")
-    for name in ("logprobs", "top_logprobs", "echo"):  # results we cannot give: refused, not silently dropped
-        if body.get(name) not in (None, False, 0):
-            raise InvalidArgument(name, "is not supported by this server")
-    best_of = _integer(body, "best_of")
-    if best_of is not None and best_of != 1:
-        raise InvalidArgument("best_of", f"only best_of=1 is served, got {best_of}")
+        prompt = _prompt(body)
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.prompt_token_ids.extend(prompt)
+        echo = _boolean(body, "echo") or False
+    for name in ("n", "best_of"):
+        count = _integer(body, name)
+        if count is not None and count != 1:
+            raise InvalidArgument(name, f"only {name}=1 is served, got {count}")
+    for name, default in (("skip_special_tokens", True), ("spaces_between_special_tokens", True), ("store", False)):
+        if _boolean(body, name) not in (None, default):
+            raise InvalidArgument(name, f"only {str(default).lower()} is served")
+    tier = _string(body, "service_tier")
+    if tier not in (None, "auto", "default"):
+        raise InvalidArgument("service_tier", f"only auto or default is served, got {shown(tier or '')}")
+    _string(body, "user")
 
+    sampling = request.sampling
     limit_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     limit = _integer(body, limit_field)
-    sampling = request.sampling
     if limit is not None:  # unset: the server's default, as for a gRPC request
         if limit < 1:
             raise InvalidArgument(limit_field, f"must be >= 1, got {limit}")
         if limit > max_new_tokens:
             raise InvalidArgument(limit_field, f"must be <= {max_new_tokens}, got {limit}")
         sampling.max_new_tokens = limit
-    temperature = _number(body, "temperature")
-    if temperature is not None:
-        sampling.temperature = temperature
-    top_p = _number(body, "top_p")
-    if top_p is not None:
-        sampling.top_p = top_p
+    for name in ("temperature", "presence_penalty", "frequency_penalty"):
+        number = _number(body, name)
+        if number is not None:
+            setattr(sampling, name, number)
+    for name in ("top_p", "min_p", "repetition_penalty"):  # optional fields: unset keeps "off"
+        number = _number(body, name)
+        if number is not None:
+            setattr(sampling, name, number)
+    for name in ("top_k", "min_tokens"):
+        count = _integer(body, name)
+        if count is not None:
+            if not 0 <= count < 2 ** 31:
+                raise InvalidArgument(name, f"must be in [0, 2^31), got {count}")
+            setattr(sampling, name, count)
     seed = _integer(body, "seed")
     if seed is not None:
         if not 0 <= seed < 2 ** 64:
             raise InvalidArgument("seed", f"must be in [0, 2^64), got {seed}")
         sampling.seed = seed
+    sampling.ignore_eos = _boolean(body, "ignore_eos") or False
     sampling.stop.extend(_stop(body))
+    _logprobs(body, kind, echo, sampling)
+    if echo and request.prompt_token_ids:  # the echoed text is the prompt tokens' texts, sent with their logprobs
+        sampling.prompt_logprobs = True
     _skip_overrides(body, request.skip)
 
     stream = _boolean(body, "stream") or False
+    if stream and echo:
+        raise InvalidArgument("echo", "is not served with stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidArgument("stream_options", "must be an object")
+    if options and set(options) - {"include_usage"}:
+        raise InvalidArgument("stream_options", f"only include_usage is served, got {sorted(options)}")
     include_usage = bool(options and _boolean(options, "include_usage", "stream_options.include_usage"))
-    return ParsedRequest(kind, request, stream, include_usage, limit_field)
+    return ParsedRequest(kind, request, stream, include_usage, limit_field, echo, request.prompt if echo else "")
+
+
+def _logprobs(body: dict, kind: str, echo: bool, sampling: generation_pb2.SamplingOptions) -> None:
+    """Chat: `logprobs` true and `top_logprobs` alternatives. Completions: `logprobs` N = each
+    token's log-probability with N alternatives (the prompt's too with `echo`)."""
+    if kind == CHAT:
+        sampling.logprobs = _boolean(body, "logprobs") or False
+        top = _integer(body, "top_logprobs")
+        if top is not None:
+            if not sampling.logprobs:
+                raise InvalidArgument("top_logprobs", "needs logprobs: true")
+            if not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+            sampling.top_logprobs = top
+        return
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return
+    top = _integer(body, "logprobs")
+    if top is None or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r:.32}")
+    sampling.logprobs = True
+    sampling.top_logprobs = top
+    sampling.prompt_logprobs = echo
 
 
 def client_field(proto_field: str, parsed: Optional[ParsedRequest]) -> str:
@@ -100,6 +153,8 @@ def client_field(proto_field: str, parsed: Optional[ParsedRequest]) -> str:
         return name + bracket + index
     if head == "skip" and rest:
         return f"ffnskip.{rest}"
+    if head in ("prompt_ids", "prompt_token_ids"):  # the engine's and the proto's names of a token-id prompt
+        return "prompt"
     if head == "prompt" and parsed is not None and parsed.kind == CHAT:
         return "messages"
     if head == "request_id":
@@ -134,88 +189,26 @@ def error_type(http_status: int) -> str:
     return "invalid_request_error"
 
 
-# -- responses ------------------------------------------------------------------------------
-
-def completion_id(parsed: ParsedRequest) -> str:
-    return f"{'chatcmpl' if parsed.kind == CHAT else 'cmpl'}-{parsed.request.request_id}"
-
-
-def finish_reason(summary: generation_pb2.GenerateResponse) -> str:
-    return _FINISH_REASONS.get(summary.finish_reason, summary.finish_reason)
-
-
-def usage(summary: generation_pb2.GenerateResponse) -> dict:
-    completion = summary.skip_stats.generated_tokens
-    return {"prompt_tokens": summary.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": summary.prompt_tokens + completion}
-
-
-def skip_extension(summary: generation_pb2.GenerateResponse) -> dict:
-    """Our statistics of the request, the `ffnskip` field of a response (or final chunk)."""
-    stats, latency = summary.skip_stats, summary.latency
-    return {
-        "policy": summary.policy, "profile_version": summary.profile_version, "served_by": summary.served_by,
-        "skip_ratio": stats.skip_ratio, "decode_skip_ratio": stats.decode_skip_ratio,
-        "ffn_blocks_total": stats.ffn_blocks_total, "ffn_blocks_skipped": stats.ffn_blocks_skipped,
-        "per_layer_skips": list(stats.per_layer_skips), "generated_tokens": stats.generated_tokens,
-        "ttft_ms": latency.ttft_ms, "total_ms": latency.total_ms, "tokens_per_s": latency.tokens_per_s,
-        "queue_ms": latency.queue_ms,
-    }
-
-
-def whole_response(parsed: ParsedRequest, summary: generation_pb2.GenerateResponse, created: int) -> dict:
-    """The non-streaming response object."""
-    if parsed.kind == CHAT:
-        choice: dict = {"index": 0, "message": {"role": "assistant", "content": summary.text},
-                        "logprobs": None, "finish_reason": finish_reason(summary)}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": summary.text, "logprobs": None, "finish_reason": finish_reason(summary)}
-        obj = "text_completion"
-    return {"id": completion_id(parsed), "object": obj, "created": created, "model": parsed.request.model,
-            "system_fingerprint": None, "choices": [choice], "usage": usage(summary),
-            "ffnskip": skip_extension(summary)}
-
-
-def chunk(parsed: ParsedRequest, created: int, text: Optional[str] = None, role: bool = False,
-          summary: Optional[generation_pb2.GenerateResponse] = None, with_usage: bool = False) -> dict:
-    """One streamed chunk: a text piece, the assistant role (a chat's first chunk), the finish
-    (`summary`: finish_reason and our statistics), or, with `with_usage` alone, the usage chunk
-    (no choices), as OpenAI sends them."""
-    obj = "chat.completion.chunk" if parsed.kind == CHAT else "text_completion"
-    out: dict = {"id": completion_id(parsed), "object": obj, "created": created, "model": parsed.request.model,
-                 "system_fingerprint": None}
-    if with_usage and summary is not None and text is None and not role:
-        out["choices"] = []
-        out["usage"] = usage(summary)
-        return out
-    reason = finish_reason(summary) if summary is not None else None
-    if parsed.kind == CHAT:
-        delta: dict = {}
-        if role:
-            delta = {"role": "assistant", "content": ""}
-        elif text is not None:
-            delta = {"content": text}
-        out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
-    else:
-        out["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]
-    if parsed.include_usage:
-        out["usage"] = None  # OpenAI: null on every chunk but the usage chunk
-    if summary is not None:
-        out["ffnskip"] = skip_extension(summary)
-    return out
-
-
 # -- field readers: JSON null means "not given" ---------------------------------------------
 
-def _string(body: dict, name: str, required: bool = False) -> Optional[str]:
+def _string(body: dict, name: str, required: bool = False, field: Optional[str] = None) -> Optional[str]:
     value = body.get(name)
     if value is None:
         if required:
-            raise InvalidArgument(name, "is required")
+            raise InvalidArgument(field or name, "is required")
         return None
     if not isinstance(value, str):
-        raise InvalidArgument(name, f"must be a string, got {_type(value)}")
+        raise InvalidArgument(field or name, f"must be a string, got {_type(value)}")
+    return _text(value, field or name)
+
+
+def _text(value: str, field: str) -> str:
+    """A JSON string that is valid Unicode text: JSON may escape a lone surrogate (\\ud800),
+    which no UTF-8 text (and so no protobuf string) can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(field, "is not valid Unicode text (a lone surrogate escape)") from None
     return value
 
 
@@ -259,11 +252,13 @@ def _messages(body: dict) -> list[generation_pb2.ChatMessage]:
         raise InvalidArgument("messages", "is required")
     if not isinstance(messages, list) or not messages:
         raise InvalidArgument("messages", "must be a non-empty array of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:  # before any message is built
+        raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidArgument(f"messages[{i}]", "must be an object with role and content")
-        role = _string(message, "role") if "role" in message else None
+        role = _string(message, "role", field=f"messages[{i}].role") if "role" in message else None
         if role is None:
             raise InvalidArgument(f"messages[{i}].role", "is required")
         out.append(generation_pb2.ChatMessage(role=_ROLE_ALIASES.get(role, role), content=_content(message, i)))
@@ -274,30 +269,39 @@ def _content(message: dict, i: int) -> str:
     """A message's text: a string, or an array of text parts (joined)."""
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{i}].content")
     if isinstance(content, list):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise InvalidArgument(f"messages[{i}].content", f"at most {MAX_CONTENT_PARTS} parts, got {len(content)}")
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else None
                 raise InvalidArgument(f"messages[{i}].content[{j}]", "only text parts are served" +
                                       (f", got type {shown(kind)}" if isinstance(kind, str) else ""))
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"messages[{i}].content[{j}].text"))
         return "".join(texts)
     raise InvalidArgument(f"messages[{i}].content", f"must be a string or an array of text parts, got {_type(content)}")
 
 
-def _prompt(body: dict) -> str:
+def _prompt(body: dict) -> str | list[int]:
+    """A string, or token ids; either may come as a batch of one."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]  # a batch of one
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        raise InvalidArgument("prompt", f"one prompt per request is served, got {len(prompt)}")
     if prompt is None:
         raise InvalidArgument("prompt", "is required")
-    if not isinstance(prompt, str):
-        raise InvalidArgument("prompt", "must be a string (token arrays are not served)")
-    return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) != 1:
+            raise InvalidArgument("prompt", f"one prompt per request is served, got {len(prompt)}")
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return _text(prompt, "prompt")
+    if isinstance(prompt, list) and prompt:
+        if len(prompt) > MAX_PROMPT_TOKENS:
+            raise InvalidArgument("prompt", f"at most {MAX_PROMPT_TOKENS} tokens, got {len(prompt)}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2 ** 31 for t in prompt):
+            raise InvalidArgument("prompt", "token ids must be integers >= 0")
+        return prompt
+    raise InvalidArgument("prompt", "must be a string or a non-empty array of token ids")
 
 
 def _stop(body: dict) -> list[str]:
@@ -305,11 +309,14 @@ def _stop(body: dict) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        return [_text(stop, "stop")]
     if isinstance(stop, list):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
         for i, item in enumerate(stop):
             if not isinstance(item, str):
                 raise InvalidArgument(f"stop[{i}]", f"must be a string, got {_type(item)}")
+            _text(item, f"stop[{i}]")
         return list(stop)
     raise InvalidArgument("stop", f"must be a string or an array of strings, got {_type(stop)}")
 
@@ -325,7 +332,7 @@ def _skip_overrides(body: dict, skip: generation_pb2.SkipOverrides) -> None:
     if policy is not None:
         if not isinstance(policy, str):
             raise InvalidArgument("ffnskip.policy", f"must be a string, got {_type(policy)}")
-        skip.policy = policy
+        skip.policy = _text(policy, "ffnskip.policy")
     for name in ("threshold", "quorum"):
         value = overrides.get(name)
         if value is not None:

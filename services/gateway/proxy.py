@@ -1,16 +1,25 @@
-"""Forwarding a generation to a decoder pod, with failover.
+"""Forwarding a generation to a decoder pod, with failover and mid-stream resume.
 
 One request = at most `max_attempts` attempts, each on a different pod chosen by the
-routing policy, each with its own deadline inside the client's. Before any token was
-passed on, an attempt is retried elsewhere when its pod
-- fails with UNAVAILABLE, or sends nothing within the first-token timeout (the pod is
-  quarantined for a few seconds, so the next requests avoid it without each paying a
-  failed attempt), or
+routing policy, each with its own deadline inside the client's. An attempt is given up for
+another pod when its pod
+- fails with UNAVAILABLE (a crash, a dropped connection, a draining pod), sends nothing
+  within the first-token timeout, or falls silent between tokens for longer than the stall
+  timeout (the pod is quarantined for a few seconds, so the next requests avoid it without
+  each paying a failed attempt), or
 - is full (RESOURCE_EXHAUSTED): another pod may have room; only when every pod tried is
   full does the client see RESOURCE_EXHAUSTED, with the shortest retry-after.
-Any other failure, or any failure after the first token (a pod silent for longer than
-the stall timeout included), ends the call with an explicit status: a client never sees
-duplicated tokens or a truncated success.
+Before any token was passed on, the next attempt sends the same request. After tokens were
+passed on, with resume on, the next attempt is a resume: the same request plus `resume`
+(the token ids passed on so far and the profile version of the pod that started the
+stream), to a pod serving that profile version. That pod replays them and continues with
+the same seed (admission pins it), so the client sees one stream, token indexes
+continuing, and one summary describing the whole answer (`whole_answer`). With resume off,
+or no attempt or pod left, the call ends with an explicit UNAVAILABLE "incomplete": a client
+never sees duplicated tokens or a truncated success. Any other failure ends the call with
+its status.
+
+What reaches the client names no pod and no address: those go to the log lines only.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncGenerator, Awaitable, Callable, Iterator, Optional
 
 import grpc
@@ -37,7 +46,7 @@ log = get_logger("ffnskip.gateway.proxy")
 
 
 class UpstreamError(Exception):
-    """A decoder's error status, passed on to the client as it is (code, message, trailers)."""
+    """A decoder's error status, passed on to the client (code, message, trailers)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple = ()) -> None:
         super().__init__(message)
@@ -48,15 +57,18 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True)
 class Retry:
-    """An attempt that failed before any token was passed on, in a way another pod may not."""
+    """An attempt that failed in a way another pod may not."""
 
     code: grpc.StatusCode
-    details: str
+    reason: str  # the failure's kind, for the client: no pod id, no address
+    details: str  # what the pod or the transport said: for the log only
     retry_after_s: int = 0  # RESOURCE_EXHAUSTED: the pod's own hint
+    stalled: bool = False  # silent between tokens
 
     @property
     def pod_suspect(self) -> bool:
-        return self.code != grpc.StatusCode.RESOURCE_EXHAUSTED  # a full pod is healthy
+        # a full pod, or one serving another profile version, is healthy
+        return self.code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,22 @@ class Timeouts:
     attempt_s: float = 600.0
     first_token_s: float = 30.0
     stall_s: float = 10.0
+
+
+@dataclass
+class Relayed:
+    """What one call has passed on to its client, over all its attempts."""
+
+    started: float
+    chunks: list[generation_pb2.TokenChunk] = field(default_factory=list)
+    first_at: Optional[float] = None  # when the first message went out
+    last_at: float = 0.0  # when the last one did
+    profile_version: Optional[int] = None  # of the pod that passed on the first token: resumes keep it
+    resumes: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [chunk.token_id for chunk in self.chunks]
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
@@ -138,7 +166,8 @@ class Router:
     def serves(self, model: str) -> bool:
         return bool(self.live(model))
 
-    def choose(self, model: str, tried: set[str]) -> Endpoint:
+    def choose(self, model: str, tried: set[str], profile_version: Optional[int] = None) -> Endpoint:
+        """A pod for `model` not in `tried` (serving `profile_version`, when given)."""
         now = self._clock()
         endpoints = self.discovery.endpoints()
         if not self.serves(model):
@@ -149,9 +178,9 @@ class Router:
             raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
         suspect = {d for d, until in self._quarantined.items() if until > now}
         rotation = next(self._rotation)
-        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation)
+        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation, profile_version)
         if chosen is None and suspect - tried:  # a suspect pod is better than none
-            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation)
+            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation, profile_version)
         if chosen is None:
             raise errors.Unavailable(f"no healthy decoder for model {model!r} right now (tried {len(tried)}); retry")
         return chosen
@@ -175,33 +204,44 @@ Commit = Callable[[str], Awaitable[None]]
 
 class Proxy:
     def __init__(self, router: Router, pool: ChannelPool, telemetry: Telemetry, max_attempts: int,
-                 timeouts: Timeouts = Timeouts(), clock: Callable[[], float] = time.monotonic) -> None:
+                 timeouts: Timeouts = Timeouts(), clock: Callable[[], float] = time.monotonic,
+                 resume: bool = True) -> None:
         self.router = router
         self.pool = pool
         self.telemetry = telemetry
         self.max_attempts = max_attempts
         self.timeouts = timeouts
+        self.resume = resume  # continue a stream that failed mid-way on another pod (FFNSKIP_STREAM_RESUME)
         self._clock = clock
 
     async def stream(
         self, request: generation_pb2.GenerateRequest, time_remaining: Callable[[], Optional[float]],
         on_commit: Optional[Commit] = None,
     ) -> AsyncGenerator[generation_pb2.GenerateStreamResponse, None]:
-        """The decoder's messages for `request`: tokens, then the summary (whose served_by
-        names the pod). `on_commit(decoder_id)` runs before the first message is passed on."""
+        """The messages for `request`: tokens, then the summary (whose served_by names the
+        last pod). `on_commit(decoder_id)` runs once, before the first message is passed on."""
         started = self._clock()
         model = request.model
         label_model = model if self.router.serves(model) else NO_MODEL  # no unbounded labels from client input
         decoder = NO_DECODER
         tried: set[str] = set()
         failures: list[Retry] = []
+        relayed = Relayed(started=started, last_at=started)
+        failed_mid_stream: Optional[str] = None  # the pod a resume takes over from
         try:
             for attempt in range(1, self.max_attempts + 1):
-                endpoint = self._choose(model, tried, failures)
+                endpoint = self._choose(model, tried, failures, relayed)
                 decoder = endpoint.decoder_id
                 tried.add(decoder)
+                if not relayed.chunks:  # pinned by the pod that will pass on the first token
+                    relayed.profile_version = endpoint.profile_version
+                if failed_mid_stream is not None:
+                    relayed.resumes += 1
+                    self.telemetry.resume(model, failed_mid_stream)
+                    failed_mid_stream = None
                 retry: Optional[Retry] = None
-                attempt_messages = self._attempt(request, endpoint, started, time_remaining, on_commit)
+                attempt_messages = self._attempt(_for_attempt(request, relayed), endpoint, relayed, time_remaining,
+                                                 on_commit)
                 async with contextlib.aclosing(attempt_messages):  # its cleanup runs now, not at GC
                     async for message in attempt_messages:
                         if isinstance(message, Retry):
@@ -213,74 +253,109 @@ class Proxy:
                 failures.append(retry)
                 if retry.pod_suspect:
                     self.router.quarantine(decoder)
-                if attempt == self.max_attempts:
-                    raise _gave_up(model, failures, decoder)
-                self.telemetry.failover(model, decoder)
-                log.warning("decoder failed before the first token; trying another", decoder=decoder,
-                            attempt=attempt, code=retry.code.name, error=retry.details)
-                decoder = NO_DECODER
+                fields = dict(decoder=decoder, address=endpoint.address, attempt=attempt, code=retry.code.name,
+                              error=retry.details)
+                if relayed.chunks:
+                    if not self.resume:
+                        log.warning("decoder failed mid-stream; resume is off", tokens=len(relayed.chunks), **fields)
+                        raise _incomplete(relayed, [retry], resumable=False)
+                    if attempt == self.max_attempts:
+                        log.warning("decoder failed mid-stream; no attempt left", tokens=len(relayed.chunks), **fields)
+                        raise _incomplete(relayed, failures, resumable=True)
+                    log.warning("decoder failed mid-stream; resuming on another", tokens=len(relayed.chunks), **fields)
+                    failed_mid_stream = decoder  # and the error label, should no pod take over
+                else:
+                    if attempt == self.max_attempts:
+                        log.warning("decoder failed before the first token; no attempt left", **fields)
+                        raise _gave_up(model, failures)
+                    self.telemetry.failover(model, decoder)
+                    log.warning("decoder failed before the first token; trying another", **fields)
+                    decoder = NO_DECODER
         except BaseException as exc:
             self.telemetry.error(label_model, decoder, code_of(exc).name)
             raise
 
-    def _choose(self, model: str, tried: set[str], failures: list[Retry]) -> Endpoint:
+    def _choose(self, model: str, tried: set[str], failures: list[Retry], relayed: Relayed) -> Endpoint:
+        if relayed.chunks:  # a resume: a pod serving the profile version the stream started with
+            try:
+                return self.router.choose(model, tried, relayed.profile_version)
+            except errors.FfnSkipError as exc:
+                log.warning("no decoder to resume the stream on", tried=sorted(tried), error=exc.message,
+                            profile_version=relayed.profile_version)
+                raise _incomplete(relayed, failures, resumable=True) from None
         try:
             return self.router.choose(model, tried)
         except errors.Unavailable:
             if failures:
-                raise _gave_up(model, failures, None) from None
+                raise _gave_up(model, failures) from None
             raise
 
-    async def _attempt(self, request, endpoint: Endpoint, started: float,
+    async def _attempt(self, request: generation_pb2.GenerateRequest, endpoint: Endpoint, relayed: Relayed,
                        time_remaining: Callable[[], Optional[float]], on_commit: Optional[Commit]):
-        """Yields the decoder's messages; yields a Retry as its last item when the attempt
-        failed before any message was passed on in a way another pod may not; raises otherwise."""
+        """Yields the pod's messages (recorded in `relayed`); yields a Retry as its last item
+        when the attempt failed in a way another pod may not; raises otherwise."""
         decoder, model = endpoint.decoder_id, request.model
+        resuming = request.HasField("resume")
         remaining = time_remaining()
         timeout = self.timeouts.attempt_s if remaining is None else min(self.timeouts.attempt_s, remaining)
         if timeout <= 0:
             raise errors.DeadlineExceeded("the call's deadline passed before a decoder could take it")
-        passed = 0  # messages passed on to the client
+        resumed = len(relayed.chunks)  # tokens passed on before this attempt
+        # a resumed pod counts its elapsed_ms from its own start: the client's count goes on from ours
+        offset_ms = (self._clock() - relayed.started) * 1e3 if resuming else 0.0
+        passed = 0  # messages of this attempt passed on
         with self.pool.stub(endpoint.address) as stub:
             call = stub.GenerateStream(request, timeout=timeout, metadata=(("x-request-id", request.request_id),))
             self.router.acquire(decoder)
             self.telemetry.started(model, decoder)
-            last = started
             try:
                 while True:
+                    # a resume starts with a prefill, as a first attempt does
                     silence_s = self.timeouts.first_token_s if passed == 0 else self.timeouts.stall_s
                     try:
                         message = await asyncio.wait_for(call.read(), silence_s)
                     except asyncio.TimeoutError:
-                        if passed == 0:  # stream() quarantines the pod and tries another
-                            yield Retry(grpc.StatusCode.UNAVAILABLE, f"no first token within {silence_s:g} s")
-                            return
-                        self.router.quarantine(decoder)
-                        raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
-                                            f"decoder {decoder} stalled: no token for {silence_s:g} s after {passed} "
-                                            f"tokens, the response is incomplete; retry") from None
+                        if passed == 0:
+                            yield Retry(grpc.StatusCode.UNAVAILABLE, f"no first token within {silence_s:g} s",
+                                        f"silent for {silence_s:g} s before its first message")
+                        else:
+                            yield Retry(grpc.StatusCode.UNAVAILABLE, f"no token for {silence_s:g} s",
+                                        f"stalled for {silence_s:g} s after {passed} messages", stalled=True)
+                        return
                     if message is grpc.aio.EOF:
-                        break
+                        yield Retry(grpc.StatusCode.UNAVAILABLE, "the stream ended without a summary",
+                                    f"ended the stream without a summary after {passed} messages")
+                        return
                     now = self._clock()
-                    if passed == 0 and on_commit is not None:
+                    if relayed.first_at is None and on_commit is not None:
                         await on_commit(decoder)
                     if message.HasField("summary"):
-                        self._record_success(model, decoder, message.summary, now - started)
-                    elif passed == 0:
-                        self.telemetry.first_token(model, decoder, now - started)
+                        if relayed.resumes:
+                            message.summary.CopyFrom(whole_answer(message.summary, relayed, resumed, now))
+                        self._record_success(model, decoder, message.summary, now - relayed.started)
                     else:
-                        self.telemetry.next_token(model, decoder, now - last)
-                    passed, last = passed + 1, now
+                        if relayed.first_at is None:
+                            self.telemetry.first_token(model, decoder, now - relayed.started)
+                        else:  # a resume's first token included: the client waited that long
+                            self.telemetry.next_token(model, decoder, now - relayed.last_at)
+                        message.token.index = len(relayed.chunks) + 1  # the call's count, whatever the pod
+                        message.token.elapsed_ms += offset_ms
+                        relayed.chunks.append(message.token)
+                    if relayed.first_at is None:
+                        relayed.first_at = now
+                    relayed.last_at = now
+                    passed += 1
                     yield message
                     if message.HasField("summary"):
                         return
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
-                                    f"decoder {decoder} ended the stream without a summary after {passed} messages; retry")
             except grpc.aio.AioRpcError as err:
-                if passed == 0 and err.code() in _RETRYABLE:
-                    yield Retry(err.code(), err.details() or err.code().name, _retry_after(err))
+                retry = _retry_for(err, refusal_of_resume=resuming and passed == 0)
+                if retry is not None:
+                    yield retry
                     return
-                raise _upstream(err, decoder, passed) from None
+                log.warning("decoder call failed", decoder=decoder, address=endpoint.address, code=err.code().name,
+                            error=err.details() or "", tokens=len(relayed.chunks), resuming=resuming)
+                raise _upstream(err, len(relayed.chunks), refusal_of_resume=resuming and passed == 0) from None
             finally:
                 call.cancel()  # a no-op when finished; stops the pod's work when the client went away
                 self.router.release(decoder)
@@ -294,7 +369,99 @@ class Proxy:
             stats.skip_ratio, stats.decode_skip_ratio)
 
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+def _for_attempt(request: generation_pb2.GenerateRequest, relayed: Relayed) -> generation_pb2.GenerateRequest:
+    """The request an attempt sends: as received, or with `resume` once tokens were passed on."""
+    if not relayed.chunks:
+        return request
+    resumed = generation_pb2.GenerateRequest()
+    resumed.CopyFrom(request)
+    resumed.resume.token_ids[:] = relayed.token_ids
+    resumed.resume.profile_version = relayed.profile_version or 0
+    return resumed
+
+
+def whole_answer(last: generation_pb2.GenerateResponse, relayed: Relayed, resumed: int,
+                 now: float) -> generation_pb2.GenerateResponse:
+    """The summary of a resumed stream, describing the whole answer.
+
+    `last` is the last pod's summary, `resumed` the tokens passed on before its attempt.
+    The last pod replayed them (ffnskip.engine.sequence.Sequence.resume), so
+    its summary already covers them in token_ids, text, prompt_tokens and in the skip
+    denominators (generated_tokens, ffn_blocks_total, the tokens after warm-up), but it counts
+    them as run in full and has no logprobs for them. The gateway passed on every chunk, each
+    with the layers its pod skipped, so it adds those skips and logprobs. The latency is the
+    gateway's (the first pod's own numbers died with it); served_by is the last pod.
+    """
+    whole = generation_pb2.GenerateResponse()
+    whole.CopyFrom(last)
+    whole.resumes = relayed.resumes
+    chunks = relayed.chunks
+    earlier = chunks[:resumed]
+    earlier_ids = [c.token_id for c in earlier]
+    if list(last.token_ids[:resumed]) != earlier_ids:  # a pod that reported only its own tokens
+        whole.token_ids[:] = [*earlier_ids, *last.token_ids]
+    earlier_text = "".join(c.text for c in earlier)
+    if not last.text.startswith(earlier_text):  # likewise for its text
+        whole.text = earlier_text + last.text
+    tokens = len(whole.token_ids)
+
+    stats = whole.skip_stats
+    skips = [layer for c in earlier for layer in c.skipped_layers]
+    layers = max(len(stats.per_layer_skips), max(skips, default=-1) + 1)
+    if skips:
+        per_layer = [*stats.per_layer_skips, *[0] * (layers - len(stats.per_layer_skips))]
+        for layer in skips:
+            per_layer[layer] += 1
+        # warm-up tokens run in full, so every skip is after warm-up: the last pod's decode ratio
+        # gives its decode-block denominator, which covers all tokens (it counted the resumed ones)
+        if stats.decode_skip_ratio > 0:
+            decode_blocks = round(stats.ffn_blocks_skipped / stats.decode_skip_ratio)
+        else:  # it skipped nothing: warm-up ended at the latest before the first token that skipped
+            first_skip = next(i for i, c in enumerate(chunks) if c.skipped_layers)
+            decode_blocks = layers * (tokens - first_skip)
+        skipped = stats.ffn_blocks_skipped + len(skips)
+        del stats.per_layer_skips[:]
+        stats.per_layer_skips.extend(per_layer)
+        stats.ffn_blocks_skipped = skipped
+        stats.decode_skip_ratio = skipped / decode_blocks if decode_blocks else 0.0
+    stats.generated_tokens = tokens
+    stats.ffn_blocks_total = layers * tokens
+    stats.skip_ratio = stats.ffn_blocks_skipped / stats.ffn_blocks_total if stats.ffn_blocks_total else 0.0
+
+    earlier_logprobs = [c.logprob for c in earlier if c.HasField("logprob")]
+    if earlier_logprobs and len(last.logprobs) < tokens:  # the pod has those of its own tokens only
+        del whole.logprobs[:]
+        whole.logprobs.extend([*earlier_logprobs, *last.logprobs])
+
+    total_s = now - relayed.started
+    first_at = relayed.first_at if relayed.first_at is not None else now
+    whole.latency.ttft_ms = (first_at - relayed.started) * 1e3
+    whole.latency.total_ms = total_s * 1e3
+    whole.latency.tokens_per_s = tokens / total_s if total_s > 0 else 0.0  # queue_ms stays the last pod's wait
+    return whole
+
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "full"}
+# Codes whose message the decoder writes for the caller (it names a field or a limit). Others
+# (UNAVAILABLE, INTERNAL, UNKNOWN, ...) may carry transport details, addresses included: the
+# client gets a plain message and the log the details.
+_CALLER_FACING = {
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def _retry_for(err: grpc.aio.AioRpcError, refusal_of_resume: bool) -> Optional[Retry]:
+    code = err.code()
+    details = err.details() or code.name
+    if code in _RETRYABLE:
+        return Retry(code, _RETRYABLE[code], details,
+                     _retry_after(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0)
+    if refusal_of_resume and code == grpc.StatusCode.FAILED_PRECONDITION:  # its profile changed since it registered
+        return Retry(code, "no decoder serves the stream's profile version", details)
+    return None
 
 
 def _retry_after(err: grpc.aio.AioRpcError) -> int:
@@ -304,7 +471,11 @@ def _retry_after(err: grpc.aio.AioRpcError) -> int:
     return 1
 
 
-def _gave_up(model: str, failures: list[Retry], decoder: Optional[str]) -> Exception:
+def _reasons(failures: list[Retry]) -> str:
+    return ", ".join(dict.fromkeys(f.reason for f in failures))  # each kind once, in order
+
+
+def _gave_up(model: str, failures: list[Retry]) -> Exception:
     """The status after every attempt failed before its first token: RESOURCE_EXHAUSTED
     (with the shortest retry-after) when every pod tried was full, else UNAVAILABLE."""
     if all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
@@ -312,13 +483,32 @@ def _gave_up(model: str, failures: list[Retry], decoder: Optional[str]) -> Excep
         return UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"every decoder of model {model!r} tried ({len(failures)}) is full; retry after {after} s",
                              ((RETRY_AFTER_HEADER, str(after)),))
-    last = f"last, {decoder}: {failures[-1].details}" if decoder else f"last: {failures[-1].details}"
-    return errors.Unavailable(f"no decoder of model {model!r} answered in {len(failures)} attempts ({last}); retry")
+    return errors.Unavailable(f"no decoder could serve the request: {_reasons(failures)} "
+                              f"({len(failures)} attempts); retry")
 
 
-def _upstream(err: grpc.aio.AioRpcError, decoder: str, tokens: int) -> UpstreamError:
+def _incomplete(relayed: Relayed, failures: list[Retry], resumable: bool) -> UpstreamError:
+    """UNAVAILABLE for a stream that failed after tokens were passed on and was not completed."""
+    tokens = len(relayed.chunks)
+    if not resumable:
+        last = failures[-1]
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                             f"the decoder {'stalled' if last.stalled else 'failed'} after {tokens} tokens "
+                             f"({last.reason}), the response is incomplete; retry")
+    return UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                         f"the stream failed after {tokens} tokens and no decoder could continue it "
+                         f"({_reasons(failures)}; {len(failures)} attempts), the response is incomplete; retry")
+
+
+def _upstream(err: grpc.aio.AioRpcError, tokens: int, refusal_of_resume: bool) -> UpstreamError:
+    code = err.code()
+    if refusal_of_resume and code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        # about the resume, not the caller's request (which a pod accepted): the stream is cut short
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                             f"the stream failed after {tokens} tokens and could not be continued "
+                             f"(refused: {code.name}), the response is incomplete; retry")
     trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_HEADER)
-    details = err.details() or err.code().name
+    details = (err.details() or code.name) if code in _CALLER_FACING else f"the decoder failed ({code.name})"
     if tokens:
-        details = f"decoder {decoder} failed after {tokens} tokens, the response is incomplete: {details}"
-    return UpstreamError(err.code(), details, trailers)
+        details = f"the response is incomplete after {tokens} tokens: {details}"
+    return UpstreamError(code, details, trailers)

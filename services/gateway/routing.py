@@ -38,11 +38,14 @@ class Endpoint:
         return now < self.expires_at
 
 
-def routable(endpoints: Sequence[Endpoint], model: str, now: float, exclude: Collection[str] = ()) -> list[Endpoint]:
-    """Endpoints of `model` that may take a new request: live, not draining, not excluded."""
+def routable(endpoints: Sequence[Endpoint], model: str, now: float, exclude: Collection[str] = (),
+             profile_version: Optional[int] = None) -> list[Endpoint]:
+    """Endpoints of `model` that may take a new request: live, not draining, not excluded, and
+    serving `profile_version` when one is given (a resumed stream must keep its profile)."""
     return [
         e for e in endpoints
         if e.model_id == model and not e.draining and e.live(now) and e.decoder_id not in exclude
+        and (profile_version is None or e.profile_version == profile_version)
     ]
 
 
@@ -53,9 +56,11 @@ def pick(
     now: float,
     exclude: Collection[str] = (),
     rotation: int = 0,
+    profile_version: Optional[int] = None,
 ) -> Optional[Endpoint]:
-    """The endpoint for the next request of `model`, or None when none may take it."""
-    candidates = routable(endpoints, model, now, exclude)
+    """The endpoint for the next request of `model` (of `profile_version`, when given), or None
+    when none may take it."""
+    candidates = routable(endpoints, model, now, exclude, profile_version)
     if not candidates:
         return None
 

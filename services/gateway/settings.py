@@ -18,18 +18,22 @@ from ffnskip.settings import Env
 from ffnskip.store.connection import RedisSettings
 from services.gateway.auth import KeyRing
 
+MAX_HTTP_TIMEOUT_S = 3600.0  # the HTTP timeouts exist to bound a slow client: never off
+
 ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_GATEWAY_HOST",  # bind address of the gRPC port (default 0.0.0.0)
     "FFNSKIP_GATEWAY_PORT",  # gRPC port (default 50051; 0 = any free port)
     "FFNSKIP_GATEWAY_ID",  # this replica's id in telemetry (default gateway-<hostname>-<port>)
     "FFNSKIP_HTTP_HOST",  # bind address of the OpenAI-compatible HTTP API (default 0.0.0.0)
     "FFNSKIP_HTTP_PORT",  # its port (default 0 = off; ffnskip up and the Kubernetes manifests turn it on)
+    "FFNSKIP_HTTP_KEEPALIVE_S",  # an HTTP connection idle (or with headers unfinished) this long is closed (default 75)
+    "FFNSKIP_HTTP_BODY_TIMEOUT_S",  # a request body must arrive whole within this, else 408 (default 30)
     "FFNSKIP_METRICS_HOST",  # bind address of the Prometheus /metrics HTTP endpoint (default 0.0.0.0)
     "FFNSKIP_METRICS_PORT",  # its port (default 9090; 0 = off)
     "FFNSKIP_API_KEYS",  # comma-separated API keys (plain, or sha256:<hex> digests)
     "FFNSKIP_OPS_KEYS",  # comma-separated ops keys (GetTelemetry); also valid as API keys
     "FFNSKIP_AUTH_DISABLED",  # "true" serves without keys (local development only)
-    "FFNSKIP_TLS_CERT",  # PEM certificate chain file: TLS on the gRPC port (with FFNSKIP_TLS_KEY)
+    "FFNSKIP_TLS_CERT",  # PEM certificate chain file: TLS on the gRPC and HTTP ports (with FFNSKIP_TLS_KEY)
     "FFNSKIP_TLS_KEY",  # PEM private key file
     "FFNSKIP_REDIS_URL",  # redis://host:port/db (registry, telemetry, prompt samples)
     "FFNSKIP_REDIS_PASSWORD",
@@ -40,6 +44,7 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_FIRST_TOKEN_TIMEOUT_S",  # a decoder silent this long before the first token: try another (default 30)
     "FFNSKIP_STALL_TIMEOUT_S",  # silent this long between tokens: UNAVAILABLE "incomplete" (default 10)
     "FFNSKIP_QUARANTINE_S",  # a decoder that failed or stalled gets no new requests this long (default 5)
+    "FFNSKIP_STREAM_RESUME",  # a stream whose decoder fails mid-answer continues on another (default true)
     "FFNSKIP_DISCOVERY_INTERVAL_S",  # registry refresh period (default 0.5)
     "FFNSKIP_DISCOVERY_STALE_S",  # during a Redis outage, route to last-known decoders this long (default 60)
     "FFNSKIP_MAX_NEW_TOKENS",  # cap on sampling.max_new_tokens (default 4096)
@@ -62,6 +67,10 @@ class GatewaySettings:
     gateway_id: str = ""
     http_host: str = "0.0.0.0"
     http_port: int = 0  # 0 = no HTTP API
+    # Above the 60 s idle timeout of common proxies (ingress-nginx upstream keep-alive, cloud load
+    # balancers), so the proxy, not the gateway, closes an idle connection and never reuses a closed one.
+    http_keepalive_s: float = 75.0
+    http_body_timeout_s: float = 30.0
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090
     keys: KeyRing = field(default_factory=KeyRing, repr=False)
@@ -74,6 +83,7 @@ class GatewaySettings:
     first_token_timeout_s: float = 30.0
     stall_timeout_s: float = 10.0
     quarantine_s: float = 5.0
+    stream_resume: bool = True
     discovery_interval_s: float = 0.5
     discovery_stale_s: float = 60.0
     max_new_tokens: int = 4096
@@ -107,6 +117,9 @@ class GatewaySettings:
                             ("FFNSKIP_TELEMETRY_FLUSH_S", self.telemetry_flush_s),
                             ("FFNSKIP_TELEMETRY_TTL_S", self.telemetry_ttl_s)):
             _check(value > 0, name, f"must be > 0, got {value}")
+        for name, value in (("FFNSKIP_HTTP_KEEPALIVE_S", self.http_keepalive_s),
+                            ("FFNSKIP_HTTP_BODY_TIMEOUT_S", self.http_body_timeout_s)):
+            _check(0 < value <= MAX_HTTP_TIMEOUT_S, name, f"must be in (0, {MAX_HTTP_TIMEOUT_S:g}], got {value}")
         _check(self.quarantine_s >= 0, "FFNSKIP_QUARANTINE_S", f"must be >= 0, got {self.quarantine_s}")
         _check(self.drain_timeout_s >= 0, "FFNSKIP_DRAIN_TIMEOUT_S", f"must be >= 0, got {self.drain_timeout_s}")
         _check(self.max_new_tokens >= 1, "FFNSKIP_MAX_NEW_TOKENS", f"must be >= 1, got {self.max_new_tokens}")
@@ -129,6 +142,8 @@ class GatewaySettings:
             gateway_id=env.text("FFNSKIP_GATEWAY_ID", cls.gateway_id),
             http_host=env.text("FFNSKIP_HTTP_HOST", cls.http_host),
             http_port=env.integer("FFNSKIP_HTTP_PORT", cls.http_port),
+            http_keepalive_s=env.number("FFNSKIP_HTTP_KEEPALIVE_S", cls.http_keepalive_s),
+            http_body_timeout_s=env.number("FFNSKIP_HTTP_BODY_TIMEOUT_S", cls.http_body_timeout_s),
             metrics_host=env.text("FFNSKIP_METRICS_HOST", cls.metrics_host),
             metrics_port=env.integer("FFNSKIP_METRICS_PORT", cls.metrics_port),
             keys=KeyRing.from_strings(env.text("FFNSKIP_API_KEYS", ""), env.text("FFNSKIP_OPS_KEYS", "")),
@@ -141,6 +156,7 @@ class GatewaySettings:
             first_token_timeout_s=env.number("FFNSKIP_FIRST_TOKEN_TIMEOUT_S", cls.first_token_timeout_s),
             stall_timeout_s=env.number("FFNSKIP_STALL_TIMEOUT_S", cls.stall_timeout_s),
             quarantine_s=env.number("FFNSKIP_QUARANTINE_S", cls.quarantine_s),
+            stream_resume=env.flag("FFNSKIP_STREAM_RESUME", cls.stream_resume),
             discovery_interval_s=env.number("FFNSKIP_DISCOVERY_INTERVAL_S", cls.discovery_interval_s),
             discovery_stale_s=env.number("FFNSKIP_DISCOVERY_STALE_S", cls.discovery_stale_s),
             max_new_tokens=env.integer("FFNSKIP_MAX_NEW_TOKENS", cls.max_new_tokens),

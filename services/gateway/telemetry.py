@@ -75,6 +75,8 @@ class Telemetry:
         self._errors = Counter(PREFIX + "request_errors", "Requests that ended with an error status.", [*labels, "code"], registry=r)
         self._failovers = Counter(PREFIX + "request_failovers", "Attempts on a decoder that failed with UNAVAILABLE "
                                   "before the first token and were retried elsewhere.", labels, registry=r)
+        self._resumes = Counter(PREFIX + "request_resumes", "Streams continued on another decoder after this one "
+                                "failed or stalled mid-stream (labelled with the one that failed).", labels, registry=r)
         self._tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", labels, registry=r)
         self._blocks = Counter(PREFIX + "ffn_blocks", "FFN blocks of generated tokens (layers x tokens).", labels, registry=r)
         self._skipped = Counter(PREFIX + "ffn_blocks_skipped", "FFN blocks skipped.", labels, registry=r)
@@ -116,6 +118,10 @@ class Telemetry:
     def failover(self, model: str, decoder: str) -> None:
         self._failovers.labels(model, decoder).inc()
         self._add(field(model, decoder, "failovers"))
+
+    def resume(self, model: str, decoder: str) -> None:
+        self._resumes.labels(model, decoder).inc()
+        self._add(field(model, decoder, "resumes"))
 
     def error(self, model: str, decoder: str, code: str) -> None:
         self._errors.labels(model, decoder, code).inc()

@@ -27,17 +27,18 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 def build_request(
     model: str, prompt: Optional[str] = None, chat: Optional[str] = None,
     messages: Sequence[tuple[str, str]] = (), max_new_tokens: int = 0, temperature: float = 0.0,
-    top_p: Optional[float] = None, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+    top_p: Optional[float] = None, top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = (),
     policy: str = "", threshold: Optional[float] = None, max_skip: Optional[int] = None,
     warm_up: Optional[int] = None, quorum: Optional[float] = None, request_id: str = "",
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest: `prompt` (plain text), or `chat` (one user turn), or `messages`
-    ((role, content) pairs). Unset optional fields keep the server's defaults."""
+    ((role, content) pairs). Unset optional fields keep the server's defaults (no seed: a
+    fresh one per request, reported in the response)."""
     turns = [generation_pb2.ChatMessage(role=role, content=content) for role, content in messages]
     if chat is not None:
         turns.append(generation_pb2.ChatMessage(role="user", content=chat))
     sampling = generation_pb2.SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
-                                              top_k=top_k, seed=seed, stop=list(stop))
+                                              top_k=top_k, seed=seed, stop=list(stop))  # None: unset
     if top_p is not None:
         sampling.top_p = top_p
     skip = generation_pb2.SkipOverrides(policy=policy)

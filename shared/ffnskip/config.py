@@ -114,15 +114,27 @@ DENSE = SkipParams(policy=Policy.DENSE)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are chosen and when a sequence stops. temperature 0 = greedy."""
+    """How tokens are chosen and when a sequence stops. temperature 0 = greedy.
+
+    The logits are adjusted first (penalties; end-of-sequence masked before `min_tokens`), then
+    a greedy row takes the most likely token and a sampled row draws after temperature, top_k,
+    top_p and min_p. `seed` None = a fresh random seed per sequence (reported back)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # end-of-sequence and stop strings are ignored until this many tokens
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
+    presence_penalty: float = 0.0  # OpenAI's: once per distinct generated token
+    frequency_penalty: float = 0.0  # OpenAI's: once per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and generated tokens (1 = off)
+    logprobs: bool = False  # record each generated token's log-probability
+    top_logprobs: int = 0  # with logprobs or prompt_logprobs: this many alternatives per position
+    prompt_logprobs: bool = False  # record each prompt token's log-probability
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -133,13 +145,35 @@ class SamplingParams:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise InvalidArgument("seed", f"must be in [0, 2^64), got {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop", "stop strings must be non-empty")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidArgument("min_tokens", f"must be in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise InvalidArgument(name, f"must be in [-2, 2], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0):
+            raise InvalidArgument("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the logits depend on the tokens so far (a penalty is set)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ def fleet(tmp_path_factory):
 
 def test_two_decoders_share_the_load(fleet):
     with fleet.client() as client, ThreadPoolExecutor(8) as pool:
+        # ready gateway = one decoder discovered: the burst must see both (a loaded machine registers d1 late)
+        wait_for(lambda: set(decoders_listed(client)) == {"d1", "d2"}, 30, "the gateway to discover both decoders")
         replies = list(pool.map(lambda _: client.generate(request()), range(8)))
         # the burst's load reaches the gateway with the decoders' heartbeats: idle means reported idle
         wait_for(lambda: [d.load for d in decoders_listed(client).values()] == [0.0, 0.0], 30,
@@ -181,14 +183,11 @@ def test_killing_a_decoder_mid_traffic(fleet):
             thread.join(timeout=90)
         assert not any(thread.is_alive() for thread in threads), "a client call hangs"
 
-        for outcome in outcomes:
-            if outcome["code"] == grpc.StatusCode.OK:  # a success is always a whole response (d3 may
-                assert outcome["summary"] is not None  # have finished one before it was killed)
-                assert outcome["summary"].skip_stats.generated_tokens == outcome["tokens"]
-            else:  # an error only after tokens came from the killed pod, with an explicit status
-                assert (outcome["code"], outcome["pod"]) == (grpc.StatusCode.UNAVAILABLE, "d3"), outcome
-                assert outcome["tokens"] > 0 and "incomplete" in outcome["details"]
-        assert any(o["code"] == grpc.StatusCode.UNAVAILABLE for o in outcomes)
+        for outcome in outcomes:  # the stream d3 was serving continues on another pod (resume is on)
+            assert outcome["code"] == grpc.StatusCode.OK, outcome
+            assert outcome["summary"] is not None  # a whole response
+            assert outcome["summary"].skip_stats.generated_tokens == outcome["tokens"]
+        assert any(o["pod"] == "d3" and o["summary"].resumes == 1 for o in outcomes)
         with fleet.client(key=OPS_KEY) as ops:
             d3 = {g.decoder: g for g in ops.telemetry(MODEL).groups}["d3"]
         assert d3.failovers >= 1  # requests waiting on d3 went to another pod

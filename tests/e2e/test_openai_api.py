@@ -24,6 +24,8 @@ from ffnskip.bench.load import run_load
 from ffnskip.client import build_request
 from ffnskip.stack.procs import free_port
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
+from services.gateway.openai_fields import REFUSED
+from tests.unit.test_openai_mapping import REFUSING
 from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, Fleet, decoders_listed, wait_for
 from tests.helpers.tiny import save_tiny_model
 from tests.redis_server import running_redis
@@ -179,7 +181,7 @@ def test_bad_input_is_400_naming_the_field(http, kwargs, param):
     assert error.body["message"].startswith(f"{param}: ") and len(error.body["message"]) < 300, error.body
 
 
-@pytest.mark.parametrize("prompt, param", [("  ", "prompt"), (["one", "two"], "prompt"), ([1, 2, 3], "prompt")])
+@pytest.mark.parametrize("prompt, param", [("  ", "prompt"), (["one", "two"], "prompt"), ([1, 2, 10**6], "prompt")])
 def test_bad_completion_prompt(http, prompt, param):
     with pytest.raises(openai.BadRequestError) as caught:
         http.openai().completions.create(model=MODEL, prompt=prompt, max_tokens=4)
@@ -340,6 +342,88 @@ def test_load_over_http(http):
                                   duration_s=120, max_new_tokens=4, http=True))
     assert report.errors == {} and report.ok == report.requests == 8
     assert report.served_by == {"d1": 8} and report.tokens > 0 and set(report.ttft_s) == {"p50", "p95", "p99"}
+
+
+def _post(http: HttpFleet, path: str, body: bytes | dict) -> tuple[int, dict]:
+    """A raw POST, as a client other than `openai` sends it: (status, JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{http.http_port}{path}", data=data,
+                                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_unseeded_sampled_answers_differ_and_a_seed_replays_one(http):
+    client = http.openai()
+    request = dict(model=MODEL, messages=chat(), max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    first, second = (client.chat.completions.create(**request) for _ in range(2))
+    assert first.choices[0].message.content != second.choices[0].message.content
+    seed = first.model_extra["ffnskip"]["seed"]
+    assert seed != second.model_extra["ffnskip"]["seed"]
+    replay = client.chat.completions.create(**request, seed=seed)
+    assert replay.choices[0].message.content == first.choices[0].message.content
+    grpc_reply = http.fleet.client().generate(build_request(MODEL, chat=PROMPT, max_new_tokens=16, temperature=1.0,
+                                                            seed=seed))
+    assert grpc_reply.seed == seed
+
+
+def test_ignore_eos_gives_exactly_max_tokens(http):
+    """As load tools send it (guidellm, `vllm bench serve`): ignore_eos with stop null."""
+    for path, prompt in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions", {"messages": chat()})):
+        status, body = _post(http, path, {"model": MODEL, **prompt, "max_tokens": 24, "ignore_eos": True, "stop": None,
+                                          "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 24, body
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_each_refused_field_is_400_naming_it(http, name):
+    status, body = _post(http, "/v1/chat/completions", {"model": MODEL, "messages": chat(), name: REFUSING[name]})
+    assert status == 400 and body["error"]["param"] == name, body
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 1' + b"1" * 5000 + b"}", "body"),
+    (b'{"model": "tiny", "prompt": "x \\ud800"}', "prompt"),
+    (b'{"model": "tiny\\udc00", "prompt": "x"}', "model"),
+    (b'{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),
+    (b'{"model": "tiny", "prompt": "x", "frobnicate": true}', "frobnicate"),
+])
+def test_malformed_bodies_are_400_without_a_server_error(http, raw, param):
+    status, body = _post(http, "/v1/completions", raw)
+    assert status == 400 and body["error"]["param"] == param, body
+    log = http.fleet.gateways["gw-a"].log_tail(200_000)
+    assert '"level": "error"' not in log and "Traceback" not in log
+
+
+def test_echo_and_logprobs_score_a_token_id_prompt(http):
+    """What lm-evaluation-harness asks for its log-likelihood tasks, against the decoder's own
+    prompt log-probabilities over gRPC."""
+    ids = [40, 71, 72, 73, 84, 85]
+    status, body = _post(http, "/v1/completions", {"model": MODEL, "prompt": [ids], "echo": True, "logprobs": 1,
+                                                   "max_tokens": 1, "temperature": 0})
+    assert status == 200, body
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in logprobs["token_logprobs"][1:])
+    assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
+    request = build_request(MODEL, max_new_tokens=1)
+    request.prompt_token_ids.extend(ids)
+    request.sampling.prompt_logprobs = True
+    reply = http.fleet.client().generate(request)
+    assert [e.logprob for e in reply.prompt_logprobs[1:]] == pytest.approx(logprobs["token_logprobs"][1:len(ids)])
+    assert body["choices"][0]["text"].startswith("".join(logprobs["tokens"][:len(ids)]))
+
+
+def test_chat_logprobs_follow_the_streamed_tokens(http):
+    stream = http.openai().chat.completions.create(model=MODEL, messages=chat(), max_tokens=8, logprobs=True,
+                                                   top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    entries = [entry for part in stream if part.choices and part.choices[0].logprobs
+               for entry in part.choices[0].logprobs.content]
+    assert len(entries) == 8 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)  # greedy: the top token
 
 
 def test_no_prompt_or_key_in_the_gateway_log(http):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -58,6 +59,12 @@ class Fleet:
     def client(self, key: str = API_KEY, gateway: str = "gw-a") -> GatewayClient:
         return GatewayClient(self.gateways[gateway].address, api_key=key, timeout_s=60.0)
 
+    def metrics(self, gateway: str = "gw-a") -> str:
+        """The gateway's Prometheus exposition."""
+        url = f"http://127.0.0.1:{self.metrics_ports[gateway]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
     def stop(self) -> None:
         for child in [*self.gateways.values(), *self.decoders.values()]:
             child.signal(signal.SIGCONT)  # a frozen child cannot drain
@@ -87,6 +94,6 @@ def request(max_new_tokens: int = 6, prompt: str = "hello there", **kwargs) -> o
     return build_request(MODEL, chat=prompt, max_new_tokens=max_new_tokens, **kwargs)
 
 
-def decoders_listed(client: GatewayClient) -> dict:
+def decoders_listed(client: GatewayClient, model: str = MODEL) -> dict:
     models = {m.model: m for m in client.list_models().models}
-    return {d.decoder_id: d for d in models[MODEL].decoders} if MODEL in models else {}
+    return {d.decoder_id: d for d in models[model].decoders} if model in models else {}

@@ -27,7 +27,8 @@ KUBERNETES_VERSION = "1.32"  # the schema version every rendered resource must v
 NAMESPACE = "ffnskip"
 SERVICES = ("calibrator", "decoder", "gateway")
 OVERLAYS = ("dev", "gpu")
-OPTIONAL_COMPONENTS = ("managed-redis", "gateway-tls", "gateway-ingress")  # calibrator-gpu: in gpu
+# calibrator-gpu and gateway-http-ingress: in gpu. gateway-tls last: it patches the ingresses.
+OPTIONAL_COMPONENTS = ("managed-redis", "gateway-ingress", "gateway-tls")
 VARIANTS = ("dev", "gpu", "gpu-all")
 GPU_VARIANTS = ("gpu", "gpu-all")
 SERVICE_PROBE_NAMES = {LIVENESS, READINESS}
@@ -36,8 +37,8 @@ SERVICE_PROBE_NAMES = {LIVENESS, READINESS}
 # service's ENV_VARS must be set by the manifests (a new setting fails here until it is wired).
 UNSET_ON_PURPOSE = {
     "FFNSKIP_REDIS_DB": "the database number is part of FFNSKIP_REDIS_URL",
-    "FFNSKIP_TLS_CERT": "gateway TLS is optional: components/gateway-tls sets it",
-    "FFNSKIP_TLS_KEY": "gateway TLS is optional: components/gateway-tls sets it",
+    "FFNSKIP_TLS_CERT": "gateway TLS (gRPC and HTTP ports) is optional: components/gateway-tls sets it",
+    "FFNSKIP_TLS_KEY": "gateway TLS (gRPC and HTTP ports) is optional: components/gateway-tls sets it",
 }
 REQUIRED = {  # must be set in every variant, whatever the defaults say
     "calibrator": {"FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_MODELS", "FFNSKIP_DRAIN_TIMEOUT_S"},

@@ -131,6 +131,33 @@ def test_decoders_and_gateway_agree(rendered, variant):
     assert decoder.model == decoder.model_name
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gateway_tls_covers_both_public_ports(rendered, variant):
+    """With TLS settings the gateway serves gRPC and HTTP over TLS from one mounted Secret, and
+    everything in front of those ports (Service appProtocol, the ingresses) speaks TLS to them."""
+    docs = rendered[variant]
+    settings = service_settings(docs, "gateway")
+    http_entry = next(p for p in find_one(docs, "Service", "ffnskip-gateway")["spec"]["ports"] if p["name"] == "http")
+    assert http_entry["appProtocol"] == ("https" if settings.tls_cert else "http")
+    backends = {d["metadata"]["name"]: d["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"]
+                for d in docs if d["kind"] == "Ingress"}
+    expected = {"ffnskip-gateway": "GRPCS", "ffnskip-gateway-http": "HTTPS"} if settings.tls_cert else \
+        {"ffnskip-gateway": "GRPC", "ffnskip-gateway-http": "HTTP"}
+    for name, protocol in backends.items():
+        assert protocol == expected[name], f"Ingress {name}: backend-protocol {protocol}"
+    if not settings.tls_cert:
+        return
+    pod = find_one(docs, "Deployment", "ffnskip-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in service_container(docs, "gateway")["volumeMounts"]}
+    for path in (settings.tls_cert, settings.tls_key):
+        directory, _, key = path.rpartition("/")
+        mount = mounts[directory]
+        assert mount.get("readOnly") is True, path
+        assert volumes[mount["name"]]["secret"]["secretName"] == "ffnskip-gateway-tls", path
+        assert key in ("tls.crt", "tls.key"), f"{path}: not a key of a kubernetes.io/tls Secret"
+
+
 def _job_pod(doc: dict) -> dict:
     spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
     return spec

@@ -192,7 +192,8 @@ def _pod_labels(docs: list[dict]) -> dict[str, dict]:
 
 
 def _allowed_sources(docs: list[dict], target: str, port: int) -> set[str]:
-    """Workloads of the namespace whose pods may open `port` on `target`'s pods."""
+    """Who may open `port` on `target`'s pods: workloads of the namespace by name, "*" (any
+    source), or a peer outside it as "namespace:<selector>" / "ipBlock:<cidr>"."""
     pods = _pod_labels(docs)
     sources: set[str] = set()
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
@@ -208,9 +209,17 @@ def _allowed_sources(docs: list[dict], target: str, port: int) -> set[str]:
             for peer in peers or []:
                 if "podSelector" in peer and "namespaceSelector" not in peer:
                     sources |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
+                elif "ipBlock" in peer:
+                    sources.add(f"ipBlock:{json.dumps(peer['ipBlock'], sort_keys=True)}")
                 else:
-                    sources.add("outside")
+                    sources.add(f"namespace:{json.dumps(peer, sort_keys=True)}")
     return sources
+
+
+def _gateway_ingress_rules(docs: list[dict]) -> list[dict]:
+    pods = _pod_labels(docs)
+    return [rule for policy in docs if policy["kind"] == "NetworkPolicy" and "Ingress" in policy["spec"]["policyTypes"]
+            and _selects(policy["spec"]["podSelector"], pods["ffnskip-gateway"]) for rule in policy["spec"].get("ingress", [])]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -221,11 +230,42 @@ def test_network_policies(rendered, variant):
     assert _allowed_sources(docs, "ffnskip-decoder", 50052) == {"ffnskip-gateway"}, "only the gateway reaches decoders"
     http_port = service_settings(docs, "gateway").http_port
     assert http_port and _allowed_sources(docs, "ffnskip-gateway", http_port) == _allowed_sources(
-        docs, "ffnskip-gateway", 50051), "the HTTP API is as reachable as the gRPC API"
+        docs, "ffnskip-gateway", 50051), "the HTTP API is reachable exactly where the gRPC API is"
+    for rule in _gateway_ingress_rules(docs):  # one rule for both, so narrowing one narrows the other
+        ports = {p["port"] for p in rule.get("ports", [])}
+        assert ports and (http_port in ports) == (50051 in ports), f"a rule admits one public port alone: {rule}"
+    if variant in GPU_VARIANTS:  # the HTTP ingress's controller runs in another namespace: it must get in
+        sources = _allowed_sources(docs, "ffnskip-gateway", http_port)
+        assert "*" in sources or any(s.startswith("namespace:") for s in sources), sources
     assert _allowed_sources(docs, "ffnskip-calibrator", 50053) == {"ffnskip-recalibrate"}
     if variant != "gpu-all":
         assert _allowed_sources(docs, "ffnskip-redis", 6379) == {f"ffnskip-{s}" for s in SERVICES}, \
             "only the services reach Redis"
+
+
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_the_http_api_has_a_tls_ingress(rendered, variant):
+    """The gpu overlay exposes the OpenAI-compatible HTTP port through an Ingress with TLS."""
+    docs = rendered[variant]
+    gateway = service_settings(docs, "gateway")
+    ingress = find_one(docs, "Ingress", "ffnskip-gateway-http")
+    spec, notes = ingress["spec"], ingress["metadata"]["annotations"]
+    assert spec["ingressClassName"] == "nginx"
+    service_ports = {p["name"]: p["port"] for p in find_one(docs, "Service", "ffnskip-gateway")["spec"]["ports"]}
+    tls_hosts = {host for entry in spec["tls"] for host in entry["hosts"] if entry.get("secretName")}
+    for rule in spec["rules"]:
+        assert rule["host"] in tls_hosts, f"{rule['host']}: served without TLS"
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == "ffnskip-gateway" and service_ports[backend["port"]["name"]] == gateway.http_port
+    assert notes["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    # through to the gateway: HTTPS when its port serves TLS (the gateway-tls component in gpu-all)
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == ("HTTPS" if gateway.tls_cert else "HTTP")
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off", "streamed tokens must not be held back"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600, "a stream lasts a generation"
+    size = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size.endswith("m") and int(size[:-1]) << 20 > gateway.max_message_bytes, "the gateway answers a 413, not nginx"
+    assert gateway.http_keepalive_s > 60, "above ingress-nginx's 60 s upstream keep-alive: the proxy closes first"
 
 
 def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict]]:

@@ -3,13 +3,17 @@ tests/e2e/test_openai_api.py, drives both through the real `openai` client)."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.status import HTTP_STATUS, STATUS_TABLE
 from ffnskip.v1 import generation_pb2
-from services.gateway.openai_mapping import CHAT, COMPLETION, chunk, client_error, parse, whole_response
+from services.gateway.openai_fields import CHAT, COMPLETION, REFUSED
+from services.gateway.openai_mapping import client_error, parse
+from services.gateway.openai_responses import chunk, whole_response
 
 
 def test_every_status_has_one_http_status():
@@ -43,7 +47,13 @@ def test_unset_fields_keep_the_server_defaults():
     ([], "body"),
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "made_up_option": 1}, "made_up_option"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}] * 257}, "messages"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 17}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": -1}, "min_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": True}, "top_p"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", 3]}, "stop[1]"),
@@ -82,3 +92,96 @@ def test_responses_carry_usage_and_skip_statistics():
     assert chunk(parsed, 0, summary=summary, with_usage=True) == {
         "id": "cmpl-r1", "object": "text_completion", "created": 0, "model": "m", "system_fingerprint": None,
         "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}}
+
+
+# a value each refused field is refused with (openai_fields.REFUSED)
+REFUSING = {
+    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+    "functions": [{"name": "f"}], "function_call": {"name": "f"}, "response_format": {"type": "json_object"},
+    "logit_bias": {"50256": -100}, "suffix": "end", "audio": {"voice": "x"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "web_search_options": {},
+    "guided_json": {}, "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "g", "structured_outputs": {},
+    "grammar": "root ::= x", "json_schema": {"type": "object"}, "use_beam_search": True, "length_penalty": 2.0,
+    "stop_token_ids": [2], "include_stop_str_in_output": True, "truncate_prompt_tokens": 8,
+    "prompt_logprobs": 1, "return_tokens_as_token_ids": True, "typical_p": 0.5, "tfs_z": 0.5, "mirostat": 2,
+    "n_probs": 3,
+}
+
+
+def test_every_refused_field_has_a_refusing_value_here():
+    assert set(REFUSING) == set(REFUSED)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+@pytest.mark.parametrize("kind", [CHAT, COMPLETION])
+def test_each_refused_field_is_refused_by_name(name, kind):
+    body = {"model": "m", name: REFUSING[name]}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if kind == CHAT else {"prompt": "x"})
+    with pytest.raises(InvalidArgument) as caught:
+        parse(body, kind, 256)
+    assert caught.value.field == name
+
+
+def test_harmless_values_of_refusable_fields_pass():
+    parse({"model": "m", "prompt": "x", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+           "logit_bias": {}, "suffix": "", "modalities": ["text"], "use_beam_search": False, "store": False,
+           "service_tier": "auto", "parallel_tool_calls": False, "user": "u-1", "metadata": {"k": "v"}},
+          COMPLETION, 256)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": "m\ud800", "prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "a\udfffb"}, "prompt"),
+    ({"model": "m", "prompt": "x", "stop": ["ok", "\ud800"]}, "stop[1]"),
+    ({"model": "m", "prompt": "x", "stop": "\ud800"}, "stop"),
+    ({"model": "m", "prompt": [1, 2, -3]}, "prompt"),
+    ({"model": "m", "prompt": [[1, 2], [3]]}, "prompt"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": True, "stream": True}, "echo"),
+    ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+])
+def test_malformed_completion_input_names_its_field(body, field):
+    body = json.loads(json.dumps(body))  # "\\ud800" on the wire, as a client escapes it
+    with pytest.raises(InvalidArgument) as caught:
+        parse(body, COMPLETION, 256)
+    assert caught.value.field == field
+
+
+def test_a_lone_surrogate_in_chat_content_is_refused():
+    body = json.loads('{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}')
+    with pytest.raises(InvalidArgument) as caught:
+        parse(body, CHAT, 256)
+    assert caught.value.field == "messages[0].content"
+
+
+def test_token_id_prompts_echo_and_logprobs_map_to_the_request():
+    parsed = parse({"model": "m", "prompt": [[5, 6, 7]], "echo": True, "logprobs": 2, "max_tokens": 1,
+                    "ignore_eos": True, "min_tokens": 1, "top_k": 4, "min_p": 0.1, "repetition_penalty": 1.2,
+                    "presence_penalty": 0.5, "frequency_penalty": -0.5}, COMPLETION, 256)
+    request, sampling = parsed.request, parsed.request.sampling
+    assert list(request.prompt_token_ids) == [5, 6, 7] and not request.prompt and parsed.echo
+    assert (sampling.logprobs, sampling.top_logprobs, sampling.prompt_logprobs) == (True, 2, True)
+    assert (sampling.ignore_eos, sampling.min_tokens, sampling.top_k) == (True, 1, 4)
+    assert sampling.min_p == pytest.approx(0.1) and sampling.repetition_penalty == pytest.approx(1.2)
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -0.5)
+    assert not sampling.HasField("seed")  # unset: the decoder draws a fresh one
+
+
+def test_echoed_logprobs_have_openai_s_legacy_shape():
+    parsed = parse({"model": "m", "prompt": "ab", "echo": True, "logprobs": 1, "max_tokens": 1}, COMPLETION, 9)
+    pb = generation_pb2
+    summary = pb.GenerateResponse(
+        text="c", finish_reason="length", seed=42,
+        prompt_logprobs=[pb.TokenLogprob(token_id=1, token="a"),
+                         pb.TokenLogprob(token_id=2, token="b", logprob=-1.5, top=[pb.TopLogprob(token="x", logprob=-0.5)])],
+        logprobs=[pb.TokenLogprob(token_id=3, token="c", logprob=-0.25, top=[pb.TopLogprob(token="c", logprob=-0.25)])])
+    choice = whole_response(parsed, summary, 0)["choices"][0]
+    assert choice["text"] == "abc"
+    assert choice["logprobs"] == {"tokens": ["a", "b", "c"], "token_logprobs": [None, -1.5, -0.25],
+                                  "top_logprobs": [None, {"x": -0.5}, {"c": -0.25}], "text_offset": [0, 1, 2]}
+    assert whole_response(parsed, summary, 0)["ffnskip"]["seed"] == 42
+    chat = parse({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1},
+                 CHAT, 9)
+    content = whole_response(chat, summary, 0)["choices"][0]["logprobs"]["content"]
+    assert content == [{"token": "c", "logprob": -0.25, "bytes": [99],
+                        "top_logprobs": [{"token": "c", "logprob": -0.25, "bytes": [99]}]}]

@@ -75,3 +75,42 @@ def test_health_reflection_and_drain() -> None:
                 assert (await liveness.read()).status == SERVING
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_request_that_cannot_be_parsed_is_invalid_argument(streaming: bool) -> None:
+    """Bad UTF-8 in a string field (what a lone surrogate becomes on the wire), or a garbled
+    message: INVALID_ARGUMENT naming the request, where gRPC alone answers UNKNOWN."""
+    from ffnskip.v1 import generation_pb2
+
+    async def answer(request, context):
+        return generation_pb2.GenerateResponse(text=request.model)
+
+    async def stream(request, context):
+        yield generation_pb2.GenerateResponse(text=request.model)
+
+    async def scenario() -> None:
+        server = Server(["test.Parse"])
+        parse = generation_pb2.GenerateRequest.FromString
+        out = generation_pb2.GenerateResponse.SerializeToString
+        handler = (grpc.unary_stream_rpc_method_handler(stream, parse, out) if streaming
+                   else grpc.unary_unary_rpc_method_handler(answer, parse, out))
+        server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Parse", {"Call": handler}),))
+        port = await server.start("127.0.0.1:0")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = (channel.unary_stream if streaming else channel.unary_unary)("/test.Parse/Call")
+
+            async def send(raw: bytes):
+                if streaming:
+                    return [generation_pb2.GenerateResponse.FromString(m) async for m in call(raw, timeout=5)][0]
+                return generation_pb2.GenerateResponse.FromString(await call(raw, timeout=5))
+
+            assert (await send(generation_pb2.GenerateRequest(model="fine").SerializeToString())).text == "fine"
+            for raw in (b"\x0a\x03t\xffy", b"\x0a\x7fshort"):  # model = bad UTF-8; a length past the end
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await send(raw)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert caught.value.details().startswith("request: could not be parsed")
+        await server.grpc.stop(None)
+
+    asyncio.run(scenario())

@@ -40,7 +40,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per request)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 

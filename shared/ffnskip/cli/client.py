@@ -67,7 +67,7 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per request)")
     parser.add_argument("--stop", action="append", default=[])
     parser.add_argument("--policy", default="", help="adaptive, aligned, dense, random, non_adaptive, static")
     parser.add_argument("--threshold", type=float)

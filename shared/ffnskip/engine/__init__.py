@@ -3,7 +3,8 @@
 This package imports torch and transformers, never grpc, redis or protobuf.
 """
 
-from ffnskip.engine.engine import Engine, GenerationResult, TokenEvent
+from ffnskip.engine.engine import Engine
+from ffnskip.engine.results import GenerationResult, TokenEvent
 from ffnskip.engine.loading import LoadedModel, load_model
 
 __all__ = ["Engine", "GenerationResult", "TokenEvent", "LoadedModel", "load_model"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence as Seq
 
 import torch
@@ -21,57 +21,14 @@ from ffnskip.engine.loading import LoadedModel
 from ffnskip.engine.policies import RowPlan, SkipPlanner
 from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.prompts import encode_prompt, eos_ids
-from ffnskip.engine.sampling import sample
+from ffnskip.engine.results import GenerationResult, TokenEvent
+from ffnskip.engine.sampling import TokenLogprob, logprobs_of, sample
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
 from ffnskip.engine.stats import SkipStats, weight_bytes
 from ffnskip.errors import InvalidArgument
 
 
 PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    seq_id: int  # the sequence's own id (Sequence.seq_id): request ids are labels and may repeat
-    request_id: str
-    index: int  # 1-based position among the generated tokens
-    token_id: int
-    text: str  # the piece this token releases (may be empty)
-    skipped_layers: list[int]
-    finish_reason: Optional[str] = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class GenerationResult:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    skip_stats: SkipStats
-    skip_records: list[list[int]]
-    ttft_s: float
-    total_s: float
-    similarity: list[Optional[list[float]]] = field(default_factory=list)
-    policy: str = "dense"  # the skip policy it ran under
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "text": self.text,
-            "tokens": self.token_ids,
-            "finish_reason": self.finish_reason,
-            "skip_stats": self.skip_stats.to_dict(),
-            "skip_records": self.skip_records,
-            "timings": {"ttft_s": self.ttft_s, "total_s": self.total_s, "tokens_per_s": self.tokens_per_s},
-        }
 
 
 class Engine:
@@ -140,15 +97,22 @@ class Engine:
     def add(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
             sampling: SamplingParams = SamplingParams(), skip: SkipParams = DENSE,
             request_id: str = "", prompt_ids: Optional[list[int]] = None,
-            teacher: Optional[Teacher] = None) -> Sequence:
+            teacher: Optional[Teacher] = None, resumed: Seq[int] = ()) -> Sequence:
         """Validate and queue a request (a prompt, chat messages or token ids); it is
         prefilled at the next step that has a free row. `teacher` sees each position's logits
-        and picks its token (teacher forcing, for the quality measures)."""
+        and picks its token (teacher forcing, for the quality measures). `resumed`: the tokens
+        another decoder generated and delivered for this request; generation continues after
+        them (Sequence.resume)."""
         resolved = skip.resolved(self.num_layers)
         if prompt_ids is None:
             prompt_ids = encode_prompt(self.tokenizer, prompt, messages)
         elif not prompt_ids:
             raise InvalidArgument("prompt_ids", "must not be empty")
+        else:
+            vocab = self.runner.head.vocab_size
+            bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidArgument("prompt_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
         self._check_lengths(len(prompt_ids), sampling.max_new_tokens)
         seq = Sequence(
             prompt_ids=prompt_ids, sampling=sampling, skip=resolved,
@@ -156,6 +120,8 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             eos_ids=self.eos_ids, request_id=request_id, teacher=teacher,
         )
+        if resumed:
+            seq.resume(list(resumed))
         self.waiting.append(seq)
         return seq
 
@@ -211,33 +177,49 @@ class Engine:
         costs little more than one on a CPU's GEMMs, and padding to the group's longest stays
         within PREFILL_PADDING of the real tokens). A sequence whose prompt is then complete
         samples its first token and joins the decoding rows."""
-        first_tokens: list[tuple[Sequence, int]] = []
+        first_tokens: list[tuple[Sequence, int, Optional[TokenLogprob]]] = []
         for group in prefill_groups(self._next_chunks()):
             completing = [i for i, chunk in enumerate(group) if chunk.completes]
             started = time.perf_counter()
-            logits = self.runner.prefill(self.cache, [chunk.row for chunk in group], [chunk.tokens for chunk in group],
-                                         [chunk.start for chunk in group], completing)
+            states = self.runner.prefill_states(self.cache, [chunk.row for chunk in group],
+                                                [chunk.tokens for chunk in group], [chunk.start for chunk in group])
+            logits = self.runner.last_logits(states, [chunk.length for chunk in group], completing)
+            for i, chunk in enumerate(group):
+                if chunk.seq.sampling.prompt_logprobs:
+                    self._record_prompt_logprobs(chunk, states[i, :chunk.length])
             ready = [group[i].seq for i in completing]
-            sampled = taught(ready, logits, sample(logits, [s.sampling for s in ready], [s.sample_generator for s in ready]))
+            sampled = taught(ready, logits, sample(logits, ready))
             elapsed = time.perf_counter() - started
             for chunk in group:
                 chunk.seq.forward_seconds += elapsed
                 chunk.seq.prefilled += chunk.length
-            first_tokens += zip(ready, sampled)
-        for seq, _ in first_tokens:
+            first_tokens += zip(ready, sampled, _logprobs(ready, logits, sampled))
+        for seq, _, _ in first_tokens:
             self._join_decoding(seq)
-        return [self._emit(seq, token, [], None) for seq, token in first_tokens]
+        return [self._emit(seq, token, [], None, logprob) for seq, token, logprob in first_tokens]
+
+    def _record_prompt_logprobs(self, chunk: PrefillChunk, states: torch.Tensor) -> None:
+        """The log-probability of each prompt token in this chunk given the ones before it
+        (the chunk's position p predicts token p + 1; the first prompt token has none)."""
+        seq, prompt = chunk.seq, chunk.seq.prompt_ids
+        if chunk.start == 0:
+            seq.prompt_logprobs.append(TokenLogprob(prompt[0], None))
+        predicted = min(chunk.start + chunk.length, len(prompt) - 1) - chunk.start  # positions whose next token is in the prompt
+        if predicted > 0:
+            logits = self.runner.position_logits(states[:predicted])
+            targets = prompt[chunk.start + 1:chunk.start + 1 + predicted]
+            seq.prompt_logprobs += logprobs_of(logits, targets, seq.sampling.top_logprobs)
 
     def _next_chunks(self) -> list[PrefillChunk]:
         """This step's prompt chunks, in admission order: whole prompts while they fit in
         `prefill_chunk` tokens; a prompt longer than that goes alone, one chunk a step (a prompt
         split where a step's budget ends would make that step longer and get no token sooner)."""
         if self.prefill_chunk is None:
-            return [PrefillChunk(seq, seq.prefilled, len(seq.prompt_ids) - seq.prefilled) for seq in self.prefilling]
+            return [PrefillChunk(seq, seq.prefilled, len(seq.context_ids) - seq.prefilled) for seq in self.prefilling]
         left = self.prefill_chunk
         chunks: list[PrefillChunk] = []
         for seq in self.prefilling:
-            remaining = len(seq.prompt_ids) - seq.prefilled
+            remaining = len(seq.context_ids) - seq.prefilled
             if remaining > left:
                 if not chunks:
                     chunks.append(PrefillChunk(seq, seq.prefilled, left))
@@ -265,7 +247,8 @@ class Engine:
                                         record_similarity=any(s.skip.policy is Policy.OBSERVE for s in batch))
         logits = self.runner.decode(self.cache, [s.generated[-1] for s in batch],
                                     [s.last_position for s in batch], skips)
-        tokens = taught(batch, logits, sample(logits, [s.sampling for s in batch], [s.sample_generator for s in batch]))
+        tokens = taught(batch, logits, sample(logits, batch))
+        logprobs = _logprobs(batch, logits, tokens)
         outcome = skips.outcome()
         self.decode_layer_steps += self.num_layers
         self.decode_ffn_reads += outcome.ffn_reads
@@ -274,12 +257,16 @@ class Engine:
         for i, seq in enumerate(batch):
             seq.forward_seconds += elapsed
             similarity = outcome.similarity[i] if outcome.similarity is not None else None
-            events.append(self._emit(seq, tokens[i], outcome.skipped[i], similarity))
+            events.append(self._emit(seq, tokens[i], outcome.skipped[i], similarity, logprobs[i]))
         return events
 
-    def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity: Optional[list[float]]) -> TokenEvent:
+    def _emit(self, seq: Sequence, token: int, skipped: list[int], similarity: Optional[list[float]],
+              logprob: Optional[TokenLogprob]) -> TokenEvent:
         piece = seq.append(token, skipped, similarity)
-        return TokenEvent(seq.seq_id, seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        return TokenEvent(seq.seq_id, seq.request_id, len(seq.generated), token, piece, skipped, seq.finish_reason,
+                          logprob)
 
     def _drop_cancelled_waiting(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.finished)
@@ -320,7 +307,8 @@ class Engine:
             skip_stats=SkipStats.from_records(seq.skip_records, self.num_layers, seq.skip.warm_up),
             skip_records=seq.skip_records,
             ttft_s=(seq.first_token_at or end) - seq.submitted_at, total_s=end - seq.submitted_at,
-            similarity=seq.similarity, policy=seq.skip.policy.value,
+            similarity=seq.similarity, policy=seq.skip.policy.value, seed=seq.seed, prompt_tokens=len(seq.prompt_ids),
+            logprobs=list(seq.logprobs), prompt_logprobs=list(seq.prompt_logprobs),
         )
 
     def generate(self, prompts: Seq[str | list[dict]], sampling: SamplingParams = SamplingParams(),
@@ -339,6 +327,17 @@ class Engine:
             for event in self.step():
                 if event.seq_id == seq.seq_id:
                     yield event
+
+
+def _logprobs(seqs: Seq[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[Optional[TokenLogprob]]:
+    """Each chosen token's log-probability for the sequences that asked for it (None for the rest)."""
+    asked = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs]
+    out: list[Optional[TokenLogprob]] = [None] * len(seqs)
+    if asked:
+        top = max(seqs[i].sampling.top_logprobs for i in asked)
+        for i, logprob in zip(asked, logprobs_of(logits[asked], [tokens[i] for i in asked], top)):
+            out[i] = replace(logprob, top=logprob.top[:seqs[i].sampling.top_logprobs])
+    return out
 
 
 def taught(seqs: Seq[Sequence], logits: torch.Tensor, sampled: list[int]) -> list[int]:
@@ -364,12 +363,12 @@ class PrefillChunk:
 
     @property
     def tokens(self) -> list[int]:
-        return self.seq.prompt_ids[self.start:self.start + self.length]
+        return self.seq.context_ids[self.start:self.start + self.length]
 
     @property
     def completes(self) -> bool:
         """Whether the prompt is whole in the cache after this chunk."""
-        return self.start + self.length == len(self.seq.prompt_ids)
+        return self.start + self.length == len(self.seq.context_ids)
 
 
 def prefill_groups(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:

@@ -83,10 +83,36 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]], starts: Optional[Seq[int]] = None,
                 logits_of: Optional[Seq[int]] = None) -> torch.Tensor:
+        """Run the full model over prompt chunks together (prefill_states); the logits
+        [len(logits_of), V] of the last token of the chunks `logits_of` (indices into `chunks`;
+        all of them by default)."""
+        states = self.prefill_states(cache, rows, chunks, starts)
+        return self.last_logits(states, [len(chunk) for chunk in chunks],
+                                range(len(chunks)) if logits_of is None else logits_of)
+
+    @torch.inference_mode()
+    def last_logits(self, states: torch.Tensor, lengths: Seq[int], wanted: Seq[int]) -> torch.Tensor:
+        """The logits [len(wanted), V] of the last real position of the chunks `wanted` of
+        prefill_states' output."""
+        wanted = list(wanted)
+        if not wanted:
+            return states.new_empty(0, self.head.vocab_size)
+        index = torch.tensor(wanted, device=self.device)
+        return self.head(states[index, torch.tensor([lengths[i] - 1 for i in wanted], device=self.device)][:, None])
+
+    @torch.inference_mode()
+    def position_logits(self, states: torch.Tensor, slice_tokens: int = 256) -> torch.Tensor:
+        """The logits [L, V] of every position of one chunk's states [L, H] (prompt
+        log-probabilities), the head run on slices so a long prompt's transient stays bounded."""
+        return torch.cat([self.head(states[i:i + slice_tokens, None]) for i in range(0, states.shape[0], slice_tokens)])
+
+    @torch.inference_mode()
+    def prefill_states(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]],
+                       starts: Optional[Seq[int]] = None) -> torch.Tensor:
         """Run the full model over prompt chunks together, each into its cache row at positions
         [start, start + len) after the `start` positions it holds already (a prompt prefilled in
-        chunks); the logits [len(logits_of), V] of the last token of the chunks `logits_of`
-        (indices into `chunks`; all of them by default).
+        chunks); the last layer's hidden states [len(chunks), longest, H] (padding rows beyond
+        each chunk's length).
 
         The chunks are right-padded to the longest: under the causal mask a real token sees only
         the positions before it, all real, and only each chunk's own positions reach the cache.
@@ -115,11 +141,7 @@ class ModelRunner:
             x = h + layer.mlp(h)
         for row, start, length in zip(rows, starts, lengths):
             cache.lengths[row] = start + length
-        wanted = list(range(len(chunks))) if logits_of is None else list(logits_of)
-        if not wanted:
-            return x.new_empty(0, self.head.vocab_size)
-        last = x[torch.tensor(wanted, device=self.device), torch.tensor([lengths[i] - 1 for i in wanted], device=self.device)]
-        return self.head(last[:, None])
+        return x
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips) -> torch.Tensor:

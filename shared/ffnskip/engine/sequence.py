@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
@@ -11,7 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ffnskip.config import SamplingParams, SkipParams
+from ffnskip.errors import InvalidArgument
 from ffnskip.engine.policies import RowPlan
+from ffnskip.engine.sampling import TokenLogprob
 
 _ids = itertools.count(1)
 
@@ -69,12 +72,34 @@ class Sequence:
     finished_at: Optional[float] = None
     forward_seconds: float = 0.0
     teacher: Optional[Teacher] = None
+    resumed: int = 0  # generated tokens another decoder delivered before this one continued
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated here, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.request_id:
             self.request_id = f"req-{self.seq_id}"
-        self.sample_generator = torch.Generator().manual_seed(self.sampling.seed)
+        # no seed given: a fresh one, so unseeded sampled answers differ (reported, to replay one)
+        self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
         self.skip_generator = torch.Generator().manual_seed(self.skip.seed)
+
+    def resume(self, delivered: list[int]) -> None:
+        """Continue after `delivered`, the tokens another decoder generated and delivered: they
+        are replayed through the text and stop-string state (so this sequence releases exactly
+        the text that follows) and prefilled after the prompt; its next token is generated
+        token len(delivered) + 1."""
+        for token_id in delivered:
+            self.append(token_id, [], None)
+            if self.finished:
+                raise InvalidArgument("resume.token_ids", f"the generation had finished ({self.finish_reason}) "
+                                      f"at token {len(self.generated)} of {len(delivered)}")
+        self.resumed = len(delivered)
+        self.first_token_at = None
+
+    @property
+    def context_ids(self) -> list[int]:
+        """The tokens its prefill puts in the cache: the prompt, and any resumed tokens."""
+        return self.prompt_ids + self.generated[:self.resumed] if self.resumed else self.prompt_ids
 
     @property
     def finished(self) -> bool:
@@ -83,7 +108,7 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         """Whether part of its prompt is still to be prefilled (it has no token yet)."""
-        return self.prefilled < len(self.prompt_ids)
+        return self.prefilled < len(self.context_ids)
 
     @property
     def past_warm_up(self) -> bool:
@@ -103,7 +128,7 @@ class Sequence:
         self.generated.append(token_id)
         self.skip_records.append(skipped)
         self.similarity.append(similarity)
-        if token_id in self.eos_ids and not self.sampling.ignore_eos:
+        if token_id in self.eos_ids and not self.sampling.ignore_eos and len(self.generated) > self.sampling.min_tokens:
             return self._finish("eos", now, flush=True)
         piece = self._release(self.detokenizer.push(token_id))
         if self.finished:
@@ -115,6 +140,10 @@ class Sequence:
     def _release(self, piece: str) -> str:
         """Apply stop strings: emit text unless it could still become a stop string."""
         candidate = self.pending + piece
+        if len(self.generated) < self.sampling.min_tokens:  # stop strings count from min_tokens on
+            self.text += candidate
+            self.pending = ""
+            return candidate
         for stop in self.sampling.stop:
             cut = (self.text + candidate).find(stop)
             if cut >= 0:

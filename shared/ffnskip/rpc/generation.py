@@ -18,6 +18,7 @@ OVERRIDABLE_POLICIES = tuple(policy for policy in Policy if policy is not Policy
 # Bounds on client input: what a request may hold, and what an error may echo of it.
 MAX_PROMPT_CHARS = 200_000  # the prompt, or all chat messages' contents together
 MAX_MESSAGES = 256
+MAX_PROMPT_TOKENS = 65_536  # a prompt given as token ids
 MAX_MODEL_CHARS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -40,10 +41,18 @@ class OverrideLimits:
     min_quorum: float = 0.25  # a lower quorum skips for rows that did not ask to
 
 
-def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list[dict]]]:
-    """(prompt, messages): exactly one is set."""
-    if request.prompt and request.messages:
-        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list[dict]], Optional[list[int]]]:
+    """(prompt, messages, prompt token ids): exactly one is set."""
+    given = [name for name, present in (("prompt", bool(request.prompt)), ("messages", bool(request.messages)),
+                                        ("prompt_token_ids", bool(request.prompt_token_ids))) if present]
+    if len(given) > 1:
+        raise InvalidArgument(given[0], f"give one of prompt, messages and prompt_token_ids, not {' and '.join(given)}")
+    if request.prompt_token_ids:
+        if len(request.prompt_token_ids) > MAX_PROMPT_TOKENS:
+            raise InvalidArgument("prompt_token_ids", f"at most {MAX_PROMPT_TOKENS} tokens, got {len(request.prompt_token_ids)}")
+        if any(token < 0 for token in request.prompt_token_ids):
+            raise InvalidArgument("prompt_token_ids", "token ids must be >= 0")
+        return None, None, list(request.prompt_token_ids)
     if request.messages:
         if len(request.messages) > MAX_MESSAGES:
             raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}")
@@ -57,12 +66,12 @@ def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list
             if chars > MAX_PROMPT_CHARS:
                 raise InvalidArgument(f"messages[{i}].content", f"the messages together exceed {MAX_PROMPT_CHARS} characters")
             messages.append({"role": m.role, "content": m.content})
-        return None, messages
+        return None, messages, None
     if not request.prompt.strip():
-        raise InvalidArgument("prompt", "must not be empty (or give messages)")
+        raise InvalidArgument("prompt", "must not be empty (or give messages or prompt_token_ids)")
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-    return request.prompt, None
+    return request.prompt, None, None
 
 
 def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_new_tokens_cap: int) -> SamplingParams:
@@ -76,11 +85,18 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
     for i, stop in enumerate(options.stop):
         if len(stop) > MAX_STOP_CHARS:
             raise InvalidArgument(f"sampling.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(stop)}")
+    if options.top_logprobs and not (options.logprobs or options.prompt_logprobs):
+        raise InvalidArgument("sampling.top_logprobs", "needs logprobs or prompt_logprobs")
     try:
         return SamplingParams(
             max_new_tokens=max_new, temperature=options.temperature,
             top_p=options.top_p if options.HasField("top_p") else 1.0, top_k=options.top_k,
-            seed=options.seed, stop=tuple(options.stop), ignore_eos=options.ignore_eos,
+            seed=options.seed if options.HasField("seed") else None, stop=tuple(options.stop),
+            ignore_eos=options.ignore_eos, min_tokens=options.min_tokens,
+            min_p=options.min_p if options.HasField("min_p") else 0.0,
+            presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty,
+            repetition_penalty=options.repetition_penalty if options.HasField("repetition_penalty") else 1.0,
+            logprobs=options.logprobs, top_logprobs=options.top_logprobs, prompt_logprobs=options.prompt_logprobs,
         )
     except InvalidArgument as exc:
         raise InvalidArgument(f"sampling.{exc.field}", exc.problem) from exc

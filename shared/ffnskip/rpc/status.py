@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ffnskip import errors
 from ffnskip.logs import bind_request_id, bound_request_id, get_logger, request_id_from_metadata, request_id_var
@@ -101,9 +102,35 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             wrapped = wrap.stream(behavior) if inspect.isasyncgenfunction(behavior) else wrap.unary(behavior)
             if wrapped is None:
                 return handler  # a synchronous behavior: leave it as it is
-            return factory(wrapped, request_deserializer=handler.request_deserializer,
+            return factory(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
                            response_serializer=handler.response_serializer)
         return handler
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What a request that could not be parsed becomes, so that the handler refuses it with
+    INVALID_ARGUMENT (gRPC itself would answer UNKNOWN and log the parse error as a failure)."""
+
+    problem: str
+
+
+def _tolerant(deserializer: Optional[Callable[[bytes], Any]]) -> Optional[Callable[[bytes], Any]]:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:  # bad UTF-8 in a string field, a truncated or garbled message
+            return MalformedRequest(str(exc).rpartition(": ")[2] or "not a valid message")
+
+    return parse
+
+
+def _refuse_malformed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise errors.InvalidArgument("request", f"could not be parsed ({request.problem})")
 
 
 _FACTORIES = {
@@ -129,6 +156,7 @@ class _Wrapper:
                 started = time.perf_counter()
                 context.set_trailing_metadata((("x-request-id", self.request_id),))
                 try:
+                    _refuse_malformed(request)
                     response = await behavior(request, context)
                 except Exception as exc:  # CancelledError is a BaseException and passes through
                     await self._abort(context, exc, started)
@@ -147,6 +175,7 @@ class _Wrapper:
             started = time.perf_counter()
             context.set_trailing_metadata((("x-request-id", self.request_id),))
             try:
+                _refuse_malformed(request)
                 async for item in behavior(request, context):
                     yield item
             except Exception as exc:
