@@ -36,7 +36,7 @@ On-device skip decision
 -----------------------
 `--mechanism` (auto: conditional on CUDA when the probe passes, else segmented; eager on CPU)
 says how the step runs: one CUDA graph with IF nodes, a chain of graphs with a host read per gated
-layer, or op by op (scripts/gpu_graphs.py explains each). The JSON's "mechanism" field says which
+layer, or op by op (ffnskip/bench/gpu/graphs.py explains each). The JSON's "mechanism" field says which
 one ran. On CUDA the script also replays every captured graph against the eager step from the
 same state ("self_check": largest logit difference and whether the per-layer, per-row FFN
 counters agree).
@@ -73,18 +73,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from ffnskip.bench.gpu.graphs import EagerRunner, SegmentedRunner, build_runner, probe_conditional_nodes
+from ffnskip.bench.gpu.workload import CONFIGS, PATTERNS, BenchPlan, default_plan, pattern_rows, random_model, step_bytes
 from ffnskip.engine.device_step import DeviceStep
 from ffnskip.engine.runner import ModelRunner
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, also when imported by path
-from gpu_graphs import EagerRunner, SegmentedRunner, build_runner, probe_conditional_nodes  # noqa: E402
-from gpu_workload import (CONFIGS, PATTERNS, BenchPlan, default_plan, pattern_rows, random_model,  # noqa: E402
-                          step_bytes)
 
 # --------------------------------------------------------------------------- measuring
 

@@ -56,6 +56,7 @@ class Submission:
     tokens_at_cancel: Optional[int] = None  # tokens it had when its caller's cancel reached the decoder
     prompt_ids: Optional[list[int]] = None  # a prompt given as token ids (then prompt and messages are None)
     resumed: tuple[int, ...] = ()  # tokens another decoder delivered: generation continues after them
+    resumed_skips: tuple[tuple[int, ...], ...] = ()  # the layers each of them skipped
 
     def deliver(self, item: Item) -> None:
         try:
@@ -160,10 +161,6 @@ class EngineLoop:
     def waiting(self) -> int:
         return len(self._inbox) + len(self.engine.waiting)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._active) + len(self._inbox)
-
     def stalled_s(self) -> float:
         """Seconds the engine thread has had work without finishing a pass (0 when idle):
         a step that never returns, a deadlock, a dead thread."""
@@ -213,11 +210,13 @@ class EngineLoop:
             submission.seq = self.engine.add(prompt=submission.prompt, messages=submission.messages,
                                              sampling=submission.sampling, skip=submission.skip,
                                              request_id=submission.request_id, prompt_ids=submission.prompt_ids,
-                                             resumed=submission.resumed)
+                                             resumed=submission.resumed, resumed_skips=submission.resumed_skips)
         except FfnSkipError as exc:
             submission.deliver(exc)
             return
         self._active[submission.seq.seq_id] = submission
+        if submission.seq.finished:  # resumed after its last token: only the summary was missing
+            self._finish(submission)
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -235,7 +234,7 @@ class EngineLoop:
             submission = self._active.get(event.seq_id)
             if submission is None:
                 continue
-            if event.index == 1:
+            if submission.first_token_at is None:  # a resumed request's first is not token 1
                 submission.first_token_at = time.perf_counter()
             submission.deliver(event)
             if event.finished:

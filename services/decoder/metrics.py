@@ -58,10 +58,10 @@ class DecoderMetrics:
         if tokens_after_cancel is not None:
             self._after_cancel.observe(tokens_after_cancel)
         self._success.labels(model_name=self.model_name, finished_reason=result.finish_reason).inc()
-        self._tokens.inc(len(result.token_ids))
-        self._blocks.inc(result.skip_stats.ffn_blocks_total)
-        self._skipped.inc(result.skip_stats.ffn_blocks_skipped)
-        stats, policy = result.skip_stats, {"model_name": self.model_name, "policy": result.policy}
+        stats, policy = result.own_stats, {"model_name": self.model_name, "policy": result.policy}  # this pod's work
+        self._tokens.inc(stats.generated_tokens)
+        self._blocks.inc(stats.ffn_blocks_total)
+        self._skipped.inc(stats.ffn_blocks_skipped)
         self._decode_blocks.labels(**policy).inc(stats.decode_tokens * stats.num_layers)
         self._decode_skipped.labels(**policy).inc(stats.decode_ffn_blocks_skipped)
 

@@ -8,7 +8,7 @@ from typing import AsyncIterator, Optional
 
 from ffnskip.engine import GenerationResult, TokenEvent
 from ffnskip.engine.sampling import TokenLogprob
-from ffnskip.errors import Cancelled, DeadlineExceeded, FailedPrecondition, FfnSkipError, InvalidArgument, NotFound
+from ffnskip.errors import Cancelled, DeadlineExceeded, FailedPrecondition, FfnSkipError, NotFound
 from ffnskip.rpc.generation import prompt_of, sampling_of, shown, skip_of, stats_to_proto
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.engine_loop import EngineLoop, Submission
@@ -29,28 +29,23 @@ class DecoderService:
         sampling = sampling_of(request.sampling, self.settings.default_max_new_tokens, self.settings.max_new_tokens_cap)
         active = self.profiles.current  # snapshot: a swap never changes this request
         skip = skip_of(request.skip, active.params, self.settings.limits)
-        resumed = self._resumed(request, active.version, sampling.max_new_tokens)
+        resumed, resumed_skips = self._resumed(request, active.version)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         return Submission(request_id=request_id, prompt=prompt, messages=messages, sampling=sampling, skip=skip,
                           profile_version=active.version, deadline=deadline, loop=aio_loop, prompt_ids=prompt_ids,
-                          resumed=resumed)
+                          resumed=resumed, resumed_skips=resumed_skips)
 
-    def _resumed(self, request: pb.GenerateRequest, version: int, max_new_tokens: int) -> tuple[int, ...]:
-        """The tokens another decoder delivered, when the gateway continues its stream here:
-        only under the profile version the stream started with (another would change the
-        answer mid-way). They count against max_new_tokens, the request's total."""
+    def _resumed(self, request: pb.GenerateRequest, version: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """The tokens another decoder delivered and the layers each skipped, when the gateway
+        continues its stream here: only under the profile version the stream started with
+        (another would change the answer mid-way). They count against max_new_tokens, the
+        request's total; the engine checks them."""
         if not request.HasField("resume"):
-            return ()
+            return (), ()
         if request.resume.profile_version != version:
             raise FailedPrecondition(f"resume.profile_version: this decoder serves profile version {version}, "
                                      f"the stream started with {request.resume.profile_version}")
-        resumed = tuple(request.resume.token_ids)
-        if len(resumed) >= max_new_tokens:
-            raise InvalidArgument("resume.token_ids", f"{len(resumed)} tokens leave none of max_new_tokens ({max_new_tokens})")
-        vocab = self.loop.engine.runner.head.vocab_size
-        if any(not 0 <= token < vocab for token in resumed):  # an id outside the embedding would fail the whole step
-            raise InvalidArgument("resume.token_ids", f"token ids must be in [0, {vocab})")
-        return resumed
+        return tuple(request.resume.token_ids), tuple(tuple(s.layers) for s in request.resume.skipped_layers)
 
     async def run(self, submission: Submission) -> AsyncIterator[TokenEvent | pb.GenerateResponse]:
         """Yield token events, then the final response; raise the taxonomy on failure.

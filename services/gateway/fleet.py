@@ -25,7 +25,7 @@ from ffnskip.v1 import gateway_pb2
 from services.gateway.telemetry import HISTOGRAMS, INF, parse_field
 
 log = get_logger("ffnskip.gateway.fleet")
-_SCALARS = ("generated_tokens", "ffn_blocks_total", "ffn_blocks_skipped", "failovers")
+_SCALARS = ("generated_tokens", "ffn_blocks_total", "ffn_blocks_skipped", "failovers", "resumes")
 
 
 class FleetTelemetry:
@@ -111,7 +111,7 @@ def _group(model: str, decoder: str, values: Mapping[tuple[str, str], float]) ->
         skip_ratio=scalars["ffn_blocks_skipped"] / scalars["ffn_blocks_total"] if scalars["ffn_blocks_total"] else 0.0,
         layer_skip_frequency=[layers.get(i, 0.0) / tokens if tokens else 0.0 for i in range(max(layers, default=-1) + 1)],
         generated_tokens=tokens, ffn_blocks_total=scalars["ffn_blocks_total"],
-        ffn_blocks_skipped=scalars["ffn_blocks_skipped"], failovers=scalars["failovers"],
+        ffn_blocks_skipped=scalars["ffn_blocks_skipped"], failovers=scalars["failovers"], resumes=scalars["resumes"],
     )
     for name in HISTOGRAMS:
         getattr(group, name).CopyFrom(distribution(name, values))  # proto fields share the metric names

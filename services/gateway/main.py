@@ -27,7 +27,9 @@ from services.gateway.fleet import FleetTelemetry, Flusher
 from services.gateway.openai_api import OpenAIApi
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.routing import Endpoint
-from services.gateway.proxy import ChannelPool, Proxy, Router, Timeouts, code_of
+from services.gateway.channels import ChannelPool
+from services.gateway.proxy import Proxy, Timeouts, code_of
+from services.gateway.routing import Router
 from services.gateway.servicer import GatewayServicer, method_roles
 from services.gateway.settings import GatewaySettings
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry

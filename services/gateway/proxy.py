@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
-from dataclasses import dataclass, field
-from typing import AsyncGenerator, Awaitable, Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import AsyncGenerator, Awaitable, Callable, Optional
 
 import grpc
 
 from ffnskip import errors
 from ffnskip.logs import get_logger
-from ffnskip.rpc.channels import message_limits
-from ffnskip.rpc.status import RETRY_AFTER_HEADER, STATUS_TABLE
-from ffnskip.v1 import decoder_pb2_grpc, generation_pb2
-from services.gateway.discovery import Discovery
-from services.gateway.routing import Endpoint, pick
+from ffnskip.rpc.status import RETRY_AFTER_HEADER, status_code_of
+from ffnskip.v1 import generation_pb2
+from services.gateway.channels import ChannelPool
+from services.gateway.resume import Relayed, resume_request, whole_answer
+from services.gateway.routing import Endpoint, Router
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
 
 log = get_logger("ffnskip.gateway.proxy")
@@ -80,123 +79,9 @@ class Timeouts:
     stall_s: float = 10.0
 
 
-@dataclass
-class Relayed:
-    """What one call has passed on to its client, over all its attempts."""
-
-    started: float
-    chunks: list[generation_pb2.TokenChunk] = field(default_factory=list)
-    first_at: Optional[float] = None  # when the first message went out
-    last_at: float = 0.0  # when the last one did
-    profile_version: Optional[int] = None  # of the pod that passed on the first token: resumes keep it
-    resumes: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [chunk.token_id for chunk in self.chunks]
-
-
 def code_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, UpstreamError):
-        return exc.code
-    if isinstance(exc, errors.FfnSkipError):
-        return next(STATUS_TABLE[c] for c in type(exc).__mro__ if c in STATUS_TABLE)
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ConnectionError)):  # the client went away
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
-
-
-class ChannelPool:
-    """One long-lived channel per decoder address, with keepalive (a silently dead pod
-    is detected mid-stream) and explicit message-size limits."""
-
-    def __init__(self, max_message_bytes: int, keepalive_s: float) -> None:
-        self._options = [
-            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 0),  # ping only while calls run: idle pods are not pestered
-            ("grpc.http2.max_pings_without_data", 0),
-            *message_limits(max_message_bytes),
-            ("grpc.enable_retries", 0),  # retries are ours, with the first-token rule
-            ("grpc.initial_reconnect_backoff_ms", 200),  # a restarted pod is found again quickly
-            ("grpc.max_reconnect_backoff_ms", 5_000),
-        ]
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._busy: dict[str, int] = {}  # calls running per address
-
-    @contextlib.contextmanager
-    def stub(self, address: str) -> Iterator[decoder_pb2_grpc.DecoderStub]:
-        """A stub on the address's channel, marked busy while the block runs."""
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
-        self._busy[address] = self._busy.get(address, 0) + 1
-        try:
-            yield decoder_pb2_grpc.DecoderStub(channel)
-        finally:
-            self._busy[address] -= 1
-            if not self._busy[address]:
-                del self._busy[address]
-
-    async def retain(self, addresses: set[str]) -> None:
-        """Close the channels of pods that left the registry (not while calls run on them:
-        a registry hiccup must not cut streams that are fine)."""
-        for address in [a for a in self._channels if a not in addresses and a not in self._busy]:
-            await self._channels.pop(address).close(grace=None)
-
-    async def close(self) -> None:
-        await self.retain(set())
-
-
-class Router:
-    """The routing policy plus the state it needs: in-flight counts and quarantine."""
-
-    def __init__(self, discovery: Discovery, quarantine_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.discovery = discovery
-        self.in_flight: dict[str, int] = {}
-        self._quarantine_s = quarantine_s
-        self._quarantined: dict[str, float] = {}
-        self._clock = clock
-        self._rotation = itertools.count()
-
-    def live(self, model: Optional[str] = None) -> list[Endpoint]:
-        now = self._clock()
-        return [e for e in self.discovery.endpoints() if e.live(now) and (model is None or e.model_id == model)]
-
-    def serves(self, model: str) -> bool:
-        return bool(self.live(model))
-
-    def choose(self, model: str, tried: set[str], profile_version: Optional[int] = None) -> Endpoint:
-        """A pod for `model` not in `tried` (serving `profile_version`, when given)."""
-        now = self._clock()
-        endpoints = self.discovery.endpoints()
-        if not self.serves(model):
-            served = sorted({e.model_id for e in self.live()})
-            if not served or not self.discovery.current():  # it cannot know: clients should retry
-                raise errors.Unavailable(f"no decoder of model {model!r} is known right now "
-                                         f"({'decoder registry unreachable' if not self.discovery.current() else 'none registered'}); retry")
-            raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
-        suspect = {d for d, until in self._quarantined.items() if until > now}
-        rotation = next(self._rotation)
-        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation, profile_version)
-        if chosen is None and suspect - tried:  # a suspect pod is better than none
-            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation, profile_version)
-        if chosen is None:
-            raise errors.Unavailable(f"no healthy decoder for model {model!r} right now (tried {len(tried)}); retry")
-        return chosen
-
-    def quarantine(self, decoder_id: str) -> None:
-        self._quarantined[decoder_id] = self._clock() + self._quarantine_s
-
-    def acquire(self, decoder_id: str) -> None:
-        self.in_flight[decoder_id] = self.in_flight.get(decoder_id, 0) + 1
-
-    def release(self, decoder_id: str) -> None:
-        left = self.in_flight.get(decoder_id, 0) - 1
-        if left > 0:
-            self.in_flight[decoder_id] = left
-        else:
-            self.in_flight.pop(decoder_id, None)
+    """The status a failed call ends with, for telemetry (without logging it)."""
+    return exc.code if isinstance(exc, UpstreamError) else status_code_of(exc)
 
 
 Commit = Callable[[str], Awaitable[None]]
@@ -240,7 +125,7 @@ class Proxy:
                     self.telemetry.resume(model, failed_mid_stream)
                     failed_mid_stream = None
                 retry: Optional[Retry] = None
-                attempt_messages = self._attempt(_for_attempt(request, relayed), endpoint, relayed, time_remaining,
+                attempt_messages = self._attempt(resume_request(request, relayed), endpoint, relayed, time_remaining,
                                                  on_commit)
                 async with contextlib.aclosing(attempt_messages):  # its cleanup runs now, not at GC
                     async for message in attempt_messages:
@@ -367,78 +252,6 @@ class Proxy:
             model, decoder, summary.finish_reason or "unknown", e2e_s, stats.generated_tokens,
             stats.ffn_blocks_total, stats.ffn_blocks_skipped, list(stats.per_layer_skips),
             stats.skip_ratio, stats.decode_skip_ratio)
-
-
-def _for_attempt(request: generation_pb2.GenerateRequest, relayed: Relayed) -> generation_pb2.GenerateRequest:
-    """The request an attempt sends: as received, or with `resume` once tokens were passed on."""
-    if not relayed.chunks:
-        return request
-    resumed = generation_pb2.GenerateRequest()
-    resumed.CopyFrom(request)
-    resumed.resume.token_ids[:] = relayed.token_ids
-    resumed.resume.profile_version = relayed.profile_version or 0
-    return resumed
-
-
-def whole_answer(last: generation_pb2.GenerateResponse, relayed: Relayed, resumed: int,
-                 now: float) -> generation_pb2.GenerateResponse:
-    """The summary of a resumed stream, describing the whole answer.
-
-    `last` is the last pod's summary, `resumed` the tokens passed on before its attempt.
-    The last pod replayed them (ffnskip.engine.sequence.Sequence.resume), so
-    its summary already covers them in token_ids, text, prompt_tokens and in the skip
-    denominators (generated_tokens, ffn_blocks_total, the tokens after warm-up), but it counts
-    them as run in full and has no logprobs for them. The gateway passed on every chunk, each
-    with the layers its pod skipped, so it adds those skips and logprobs. The latency is the
-    gateway's (the first pod's own numbers died with it); served_by is the last pod.
-    """
-    whole = generation_pb2.GenerateResponse()
-    whole.CopyFrom(last)
-    whole.resumes = relayed.resumes
-    chunks = relayed.chunks
-    earlier = chunks[:resumed]
-    earlier_ids = [c.token_id for c in earlier]
-    if list(last.token_ids[:resumed]) != earlier_ids:  # a pod that reported only its own tokens
-        whole.token_ids[:] = [*earlier_ids, *last.token_ids]
-    earlier_text = "".join(c.text for c in earlier)
-    if not last.text.startswith(earlier_text):  # likewise for its text
-        whole.text = earlier_text + last.text
-    tokens = len(whole.token_ids)
-
-    stats = whole.skip_stats
-    skips = [layer for c in earlier for layer in c.skipped_layers]
-    layers = max(len(stats.per_layer_skips), max(skips, default=-1) + 1)
-    if skips:
-        per_layer = [*stats.per_layer_skips, *[0] * (layers - len(stats.per_layer_skips))]
-        for layer in skips:
-            per_layer[layer] += 1
-        # warm-up tokens run in full, so every skip is after warm-up: the last pod's decode ratio
-        # gives its decode-block denominator, which covers all tokens (it counted the resumed ones)
-        if stats.decode_skip_ratio > 0:
-            decode_blocks = round(stats.ffn_blocks_skipped / stats.decode_skip_ratio)
-        else:  # it skipped nothing: warm-up ended at the latest before the first token that skipped
-            first_skip = next(i for i, c in enumerate(chunks) if c.skipped_layers)
-            decode_blocks = layers * (tokens - first_skip)
-        skipped = stats.ffn_blocks_skipped + len(skips)
-        del stats.per_layer_skips[:]
-        stats.per_layer_skips.extend(per_layer)
-        stats.ffn_blocks_skipped = skipped
-        stats.decode_skip_ratio = skipped / decode_blocks if decode_blocks else 0.0
-    stats.generated_tokens = tokens
-    stats.ffn_blocks_total = layers * tokens
-    stats.skip_ratio = stats.ffn_blocks_skipped / stats.ffn_blocks_total if stats.ffn_blocks_total else 0.0
-
-    earlier_logprobs = [c.logprob for c in earlier if c.HasField("logprob")]
-    if earlier_logprobs and len(last.logprobs) < tokens:  # the pod has those of its own tokens only
-        del whole.logprobs[:]
-        whole.logprobs.extend([*earlier_logprobs, *last.logprobs])
-
-    total_s = now - relayed.started
-    first_at = relayed.first_at if relayed.first_at is not None else now
-    whole.latency.ttft_ms = (first_at - relayed.started) * 1e3
-    whole.latency.total_ms = total_s * 1e3
-    whole.latency.tokens_per_s = tokens / total_s if total_s > 0 else 0.0  # queue_ms stays the last pod's wait
-    return whole
 
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "full"}

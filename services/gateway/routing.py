@@ -1,5 +1,6 @@
-"""The routing policy: a pure function from the known endpoints and this gateway's
-in-flight counts to one endpoint. No I/O, no clock: the caller passes `now`.
+"""The routing policy: `pick`, a pure function from the known endpoints and this gateway's
+in-flight counts to one endpoint (no I/O, no clock: the caller passes `now`), and `Router`,
+which holds the state it reads (in-flight counts, quarantined pods) and the discovery snapshot.
 
 Least load is the gateway's own in-flight count per decoder (it is exact and current;
 the load a decoder reports with its heartbeat lags by a heartbeat), tie-broken by that
@@ -9,8 +10,15 @@ spreads over the pods instead of always landing on the first id.
 
 from __future__ import annotations
 
+import itertools
+import time
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Optional, Sequence
+
+from ffnskip import errors
+
+if TYPE_CHECKING:  # discovery builds Endpoints: a runtime import would be a circle
+    from services.gateway.discovery import Discovery
 
 
 @dataclass(frozen=True)
@@ -70,3 +78,54 @@ def pick(
     best = min(key(e) for e in candidates)
     tied = sorted((e for e in candidates if key(e) == best), key=lambda e: e.decoder_id)
     return tied[rotation % len(tied)]
+
+
+class Router:
+    """The routing policy plus the state it needs: in-flight counts and quarantine."""
+
+    def __init__(self, discovery: Discovery, quarantine_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.discovery = discovery
+        self.in_flight: dict[str, int] = {}
+        self._quarantine_s = quarantine_s
+        self._quarantined: dict[str, float] = {}
+        self._clock = clock
+        self._rotation = itertools.count()
+
+    def live(self, model: Optional[str] = None) -> list[Endpoint]:
+        now = self._clock()
+        return [e for e in self.discovery.endpoints() if e.live(now) and (model is None or e.model_id == model)]
+
+    def serves(self, model: str) -> bool:
+        return bool(self.live(model))
+
+    def choose(self, model: str, tried: set[str], profile_version: Optional[int] = None) -> Endpoint:
+        """A pod for `model` not in `tried` (serving `profile_version`, when given)."""
+        now = self._clock()
+        endpoints = self.discovery.endpoints()
+        if not self.serves(model):
+            served = sorted({e.model_id for e in self.live()})
+            if not served or not self.discovery.current():  # it cannot know: clients should retry
+                raise errors.Unavailable(f"no decoder of model {model!r} is known right now "
+                                         f"({'decoder registry unreachable' if not self.discovery.current() else 'none registered'}); retry")
+            raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
+        suspect = {d for d, until in self._quarantined.items() if until > now}
+        rotation = next(self._rotation)
+        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation, profile_version)
+        if chosen is None and suspect - tried:  # a suspect pod is better than none
+            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation, profile_version)
+        if chosen is None:
+            raise errors.Unavailable(f"no healthy decoder for model {model!r} right now (tried {len(tried)}); retry")
+        return chosen
+
+    def quarantine(self, decoder_id: str) -> None:
+        self._quarantined[decoder_id] = self._clock() + self._quarantine_s
+
+    def acquire(self, decoder_id: str) -> None:
+        self.in_flight[decoder_id] = self.in_flight.get(decoder_id, 0) + 1
+
+    def release(self, decoder_id: str) -> None:
+        left = self.in_flight.get(decoder_id, 0) - 1
+        if left > 0:
+            self.in_flight[decoder_id] = left
+        else:
+            self.in_flight.pop(decoder_id, None)

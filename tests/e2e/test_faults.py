@@ -310,7 +310,12 @@ def test_a_decoder_continues_a_resumed_stream_only_under_its_profile_version(fau
         assert [m.token.index for m in messages[:-1]] == list(range(6, 13))  # it goes on as token 6
         assert [m.token.token_id for m in messages[:-1]] == list(whole.token_ids[5:])  # greedy: the same tokens
         assert list(messages[-1].summary.token_ids) == list(whole.token_ids) and messages[-1].summary.text == whole.text
-        resumed.resume.token_ids[:] = whole.token_ids  # nothing left to generate
+        # the first decoder died between its last token and its summary: the summary alone comes back
+        resumed.resume.token_ids[:] = whole.token_ids
+        messages = list(stub.GenerateStream(resumed, timeout=60))
+        assert len(messages) == 1 and messages[0].summary.text == whole.text
+        assert messages[0].summary.finish_reason == whole.finish_reason
+        resumed.resume.token_ids[:] = [*whole.token_ids, 7]  # tokens past the end of the generation
         with pytest.raises(grpc.RpcError) as err:
             list(stub.GenerateStream(resumed, timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume.token_ids" in err.value.details()

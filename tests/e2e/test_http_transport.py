@@ -34,7 +34,9 @@ from services.gateway.discovery import StaticDiscovery
 from services.gateway.main import http_ssl_context
 from services.gateway.openai_api import OpenAIApi
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.proxy import ChannelPool, Proxy, Router
+from services.gateway.channels import ChannelPool
+from services.gateway.proxy import Proxy
+from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
 from services.gateway.telemetry import Telemetry
 from tests.redis_server import running_redis

@@ -44,8 +44,6 @@ from tests.helpers.fleet import API_KEY, Fleet, wait_for
 from tests.helpers.profiles import build_profile
 from tests.redis_server import running_redis
 
-pytestmark = pytest.mark.model
-
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
 TASK_DIR = "tests/data/lm_eval"  # relative: the tasks' data_files are, to the repository root lm-eval runs in

@@ -58,7 +58,7 @@ def test_profile_step_times_every_segment_call_and_restores_the_segments(tiny_en
 
 
 def test_engine_rows_step_side_by_side_on_one_shared_model(tiny_loaded):
-    from ffnskip.bench.engine import BenchConfig, BenchRunner, run_groups
+    from ffnskip.bench.inprocess import BenchConfig, BenchRunner, run_groups
     from ffnskip.config import DENSE, SamplingParams, SkipParams
     from ffnskip.engine import Engine
 

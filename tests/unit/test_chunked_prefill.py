@@ -27,7 +27,8 @@ def whole(loaded, prompt: str, max_new_tokens: int) -> list[int]:
 def check_rows(engine: Engine) -> None:
     """Rows are a contiguous prefix, decoding sequences first."""
     assert [s.row for s in engine.running] == list(range(len(engine.running)))
-    assert [s.prefilling for s in engine.running] == [False] * engine.decoding + [True] * len(engine.prefilling)
+    scheduler = engine.scheduler
+    assert [s.prefilling for s in engine.running] == [False] * scheduler.decoding + [True] * len(scheduler.prefilling)
     assert engine.cache.in_use == len(engine.running)
 
 

@@ -20,3 +20,20 @@ def test_decode_skips_are_counted_per_served_policy(tiny_engine):
     assert value("decode_ffn_blocks_skipped", "static") == 16
     assert value("decode_ffn_blocks", "dense") == 12 * layers  # no warm-up asked: every token counts
     assert value("decode_ffn_blocks_skipped", "dense") == 0
+
+
+def test_a_resumed_request_counts_only_the_tokens_generated_here(tiny_engine):
+    """The replayed tokens were generated (and their FFNs run) by the decoder that failed."""
+    metrics = DecoderMetrics("tiny", running=lambda: 0, waiting=lambda: 0, profile_version=lambda: 0)
+    static = SkipParams(policy=Policy.STATIC, static_layers=(2,), cold_start=1, cold_end=5, warm_up=4)
+    seq = tiny_engine.add(prompt="hello there", sampling=SamplingParams(max_new_tokens=12, ignore_eos=True),
+                          skip=static, resumed=[5] * 6, resumed_skips=[[]] * 4 + [[2]] * 2)
+    while not seq.finished:
+        tiny_engine.step()
+    result = tiny_engine.result(seq)
+    metrics.finished(result)
+    assert result.skip_stats.generated_tokens == 12 and result.skip_stats.ffn_blocks_skipped == 8  # the whole answer
+    assert metrics.registry.get_sample_value("ffnskip:generation_tokens_total", {"model_name": "tiny"}) == 6
+    decode = lambda name: metrics.registry.get_sample_value(  # noqa: E731
+        f"ffnskip:{name}_total", {"model_name": "tiny", "policy": "static"})
+    assert decode("decode_ffn_blocks") == 6 * tiny_engine.num_layers and decode("decode_ffn_blocks_skipped") == 6

@@ -140,7 +140,7 @@ def test_prompts_admitted_together_prefill_in_one_forward_as_they_would_alone(ti
 
 
 def test_prefill_groups_keep_the_padding_small():
-    from ffnskip.engine.engine import PrefillChunk, prefill_groups
+    from ffnskip.engine.scheduler import PrefillChunk, prefill_groups
 
     chunks = [PrefillChunk(None, 0, n) for n in (40, 10, 12, 11, 38)]  # type: ignore[arg-type]
     groups = prefill_groups(chunks)

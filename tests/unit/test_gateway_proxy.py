@@ -17,7 +17,10 @@ from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.discovery import StaticDiscovery
 from services.gateway.fleet import quantile, summarise
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.proxy import ChannelPool, Proxy, Relayed, Router, Timeouts, whole_answer
+from services.gateway.channels import ChannelPool
+from services.gateway.proxy import Proxy, Timeouts
+from services.gateway.resume import Relayed, whole_answer
+from services.gateway.routing import Router
 from services.gateway.routing import Endpoint
 from services.gateway.servicer import GatewayServicer
 from services.gateway.telemetry import Telemetry, field
@@ -27,8 +30,8 @@ MODEL = "m"
 
 class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
     """Token i (0-based) is id i with text "t{i} ", skipping `skip_layer` once past `warm_up`;
-    a resumed call continues after the delivered tokens, and its summary covers them (ids,
-    text, denominators) but counts them as run in full, as the engine's does."""
+    a resumed call continues after the delivered tokens, and its summary covers them with the
+    layers the request says they skipped, as the engine's does."""
 
     def __init__(self, name: str, mode: str = "ok", tokens: int = 3, version: Optional[int] = None,
                  warm_up: int = 0, skip_layer: int = 1, die_after: int = 0) -> None:
@@ -62,7 +65,8 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
                 if self.mode == "stalls_after_token":  # a frozen pod: the connection stays up, nothing comes
                     await self._hang()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "socket closed")
-        records = [[] if i < resumed else self._skips(i) for i in range(self.tokens)]
+        records = [list(request.resume.skipped_layers[i].layers) if i < resumed else self._skips(i)
+                   for i in range(self.tokens)]
         skipped = sum(len(r) for r in records)
         decode_tokens = max(0, self.tokens - self.warm_up)
         stats = pb.SkipStats(skip_ratio=skipped / (4 * self.tokens),
@@ -192,6 +196,7 @@ def test_a_failure_mid_stream_is_resumed_on_another_pod_of_the_same_profile_vers
             assert other.calls == 0  # another profile version never continues a stream
             resume = spare.requests[0].resume
             assert list(resume.token_ids) == [0, 1, 2] and resume.profile_version == 7
+            assert [list(s.layers) for s in resume.skipped_layers] == [[], [], [1]]  # as "a" streamed them
             first, second = dying.requests[0], spare.requests[0]
             assert first.sampling.HasField("seed") and second.sampling.seed == first.sampling.seed  # pinned once
             assert not first.HasField("resume")
@@ -209,6 +214,7 @@ def test_a_failure_mid_stream_is_resumed_on_another_pod_of_the_same_profile_vers
             groups = counters(telemetry)
             assert groups[(MODEL, "a")].errors == 0 and groups[(MODEL, "c")].generated_tokens == 6
             assert telemetry.counters[field(MODEL, "a", "resumes")] == 1
+            assert groups[(MODEL, "a")].resumes == 1  # GetTelemetry sums them
             assert telemetry.registry.get_sample_value(
                 "ffnskip:request_resumes_total", {"model_name": MODEL, "decoder": "a"}) == 1
             assert router.in_flight == {"b": 1, "c": 1}
@@ -300,19 +306,16 @@ def test_transport_details_never_reach_the_client():
     asyncio.run(scenario())
 
 
-def test_the_whole_answer_when_the_last_pod_skipped_nothing():
-    chunks = [pb.TokenChunk(index=i + 1, token_id=i, text=f"t{i} ", skipped_layers=[0, 1] if i == 2 else [])
+def test_the_whole_answer_puts_the_earlier_logprobs_first_and_the_clients_latency():
+    chunks = [pb.TokenChunk(index=i + 1, token_id=i, text=f"t{i} ", logprob=pb.TokenLogprob(token_id=i, logprob=-i))
               for i in range(4)]
-    last = pb.GenerateResponse(text="t0 t1 t2 t3 ", token_ids=[0, 1, 2, 3], skip_stats=pb.SkipStats(
-        per_layer_skips=[0, 0, 0, 0], generated_tokens=4, ffn_blocks_total=16))
+    last = pb.GenerateResponse(text="t0 t1 t2 t3 ", token_ids=[0, 1, 2, 3], latency=pb.Latency(queue_ms=3.0),
+                               logprobs=[pb.TokenLogprob(token_id=3, logprob=-3)])
     relayed = Relayed(started=0.0, chunks=chunks, first_at=1.0, resumes=1)
     whole = whole_answer(last, relayed, resumed=3, now=4.0)
-    stats = whole.skip_stats
-    assert list(stats.per_layer_skips) == [1, 1, 0, 0] and stats.skip_ratio == pytest.approx(2 / 16)
-    # tokens 1-2 ran in full, so warm-up ended by token 3 at the latest: 2 skips over 2 tokens x 4 layers
-    assert stats.decode_skip_ratio == pytest.approx(2 / 8)
+    assert [e.token_id for e in whole.logprobs] == [0, 1, 2, 3]
     assert whole.latency.ttft_ms == 1000.0 and whole.latency.total_ms == 4000.0 and whole.latency.tokens_per_s == 1.0
-    assert whole.text == "t0 t1 t2 t3 " and whole.resumes == 1
+    assert whole.latency.queue_ms == 3.0 and whole.text == "t0 t1 t2 t3 " and whole.resumes == 1
 
 
 def test_attempts_are_bounded():

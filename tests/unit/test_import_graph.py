@@ -1,6 +1,9 @@
 """The package's shape: no import cycle among ffnskip modules (module-level imports, the
 ones that run at import time), the engine free of grpc, redis and protobuf and of our own
-settings (it is told them), and a short top level beside the packages."""
+settings (it is told them), a short top level beside the packages; the command line on top
+(only ffnskip.cli reads flags, and nothing outside it imports it); modules short enough to read
+(at most MAX_LINES lines); and scripts that import the installed package as it is, without
+editing sys.path."""
 
 from __future__ import annotations
 
@@ -10,7 +13,11 @@ from pathlib import Path
 import ffnskip
 
 ROOT = Path(ffnskip.__file__).parent
+REPO = ROOT.parent.parent
 GENERATED = "ffnskip.v1"
+CLI = "ffnskip.cli"
+CODE_DIRS = ("shared", "services", "scripts")  # what the line limit and the sys.path rule cover
+MAX_LINES = 400
 
 
 def module_name(path: Path) -> str:
@@ -109,3 +116,89 @@ def test_the_engine_reads_no_settings_of_its_own() -> None:
 def test_a_short_top_level() -> None:
     top = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__")
     assert len(top) <= 10, top
+
+
+def code_files(*dirs: str) -> list[Path]:
+    """Python files under the repository's `dirs`, less the generated protobuf modules."""
+    generated = ROOT / "v1"
+    return sorted(p for d in dirs for p in (REPO / d).rglob("*.py") if generated not in p.parents)
+
+
+def imported_names(tree: ast.AST) -> set[str]:
+    """Every module an import statement names, anywhere in the file (functions included), with
+    `from package import module` spelled `package.module`."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def in_cli(path: Path) -> bool:
+    return ROOT / "cli" in path.parents
+
+
+def test_only_the_command_line_imports_the_command_line() -> None:
+    """ffnskip.cli is the top of the tree: library modules, services and scripts take typed
+    arguments and never import it (not even inside a function)."""
+    offenders = [f"{path.relative_to(REPO)} imports {name}"
+                 for path in code_files(*CODE_DIRS) if not in_cli(path)
+                 for name in sorted(imported_names(ast.parse(path.read_text())))
+                 if name == CLI or name.startswith(CLI + ".")]
+    assert not offenders, offenders
+
+
+def test_only_the_command_line_reads_flags() -> None:
+    """Commands are registered, and an argparse.Namespace handled, in ffnskip.cli only: the
+    modules below it are given dataclasses of options (StackOptions, BenchOptions, ...)."""
+    offenders = []
+    for path in code_files("shared"):
+        if in_cli(path):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            namespace = (isinstance(node, ast.Attribute) and node.attr == "Namespace"
+                         and isinstance(node.value, ast.Name) and node.value.id == "argparse")
+            namespace |= (isinstance(node, ast.ImportFrom) and node.module == "argparse"
+                          and any(alias.name == "Namespace" for alias in node.names))
+            registers = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                         and node.func.attr in ("add_parser", "add_subparsers"))
+            if namespace or registers:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    """A module over MAX_LINES lines does more than one job: split it by job (generated
+    protobuf modules aside)."""
+    lengths = {path: len(path.read_text().splitlines()) for path in code_files(*CODE_DIRS)}
+    offenders = sorted((f"{path.relative_to(REPO)} ({n} lines)" for path, n in lengths.items() if n > MAX_LINES))
+    assert not offenders, f"over {MAX_LINES} lines: {', '.join(offenders)}"
+
+
+def sys_path_uses(tree: ast.AST) -> list[int]:
+    """Lines that touch sys.path (insert, append, assign, `from sys import path`)."""
+    lines = [node.lineno for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and node.attr == "path"
+             and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    lines += [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "sys"
+              and any(alias.name == "path" for alias in node.names)]
+    return sorted(lines)
+
+
+def test_no_sys_path_edits() -> None:
+    """Scripts (and the package and services) import ffnskip as it is installed: a helper a
+    script needs lives in the package (e.g. ffnskip.bench.gpu for scripts/gpu_bench.py)."""
+    offenders = [f"{path.relative_to(REPO)}:{line}" for path in code_files(*CODE_DIRS)
+                 for line in sys_path_uses(ast.parse(path.read_text()))]
+    assert not offenders, offenders
+
+
+def test_the_checks_find_what_they_look_for() -> None:
+    planted = ast.parse("import sys\nsys.path.insert(0, 'x')\nfrom sys import path\n"
+                        "def f():\n    from ffnskip.cli.ops import follow_job\n    from ffnskip import cli\n")
+    assert sys_path_uses(planted) == [2, 3]
+    assert {"ffnskip.cli.ops", "ffnskip.cli"} <= imported_names(planted)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ffnskip.bench import peer
+from ffnskip.bench import gguf_export, inprocess_peer
 from tests.helpers.tiny import SPECIALS, byte_tokenizer, tiny_config
 
 LAYER_TENSORS = {
@@ -58,7 +58,7 @@ def test_f32_file_holds_the_engine_models_weights(tiny_engine, tiny_loaded, refe
     # written after Engine fused q/k/v and gate/up: the HF modules must still give the true weights
     model = tiny_loaded.model
     config = model.config
-    path = peer.write_gguf(model, tiny_loaded.tokenizer, tmp_path / "tiny.gguf", "f32")
+    path = gguf_export.write_gguf(model, tiny_loaded.tokenizer, tmp_path / "tiny.gguf", "f32")
     reader = gguf.GGUFReader(path)
     names = hf_names(config.num_hidden_layers, tied=False)
     assert {t.name for t in reader.tensors} == set(names)
@@ -70,14 +70,14 @@ def test_f32_file_holds_the_engine_models_weights(tiny_engine, tiny_loaded, refe
         if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
             heads = config.num_attention_heads if ".attn_q." in tensor.name else config.num_key_value_heads
             assert not np.array_equal(data, expected), f"{tensor.name} was not permuted"
-            assert np.array_equal(peer.unpermute_rope_rows(data, heads), expected), tensor.name
+            assert np.array_equal(gguf_export.unpermute_rope_rows(data, heads), expected), tensor.name
         else:
             assert np.array_equal(data, expected), tensor.name
 
 
 def test_bf16_file_keeps_norms_f32(tiny_loaded, reference, tmp_path):
     model = tiny_loaded.model
-    path = peer.write_gguf(model, tiny_loaded.tokenizer, tmp_path / "tiny-bf16.gguf", "bf16")
+    path = gguf_export.write_gguf(model, tiny_loaded.tokenizer, tmp_path / "tiny-bf16.gguf", "bf16")
     reader = gguf.GGUFReader(path)
     names = hf_names(model.config.num_hidden_layers, tied=False)
     assert {t.name for t in reader.tensors} == set(names)
@@ -93,13 +93,14 @@ def test_bf16_file_keeps_norms_f32(tiny_loaded, reference, tmp_path):
         bits = np.asarray(tensor.data).view(np.uint16).reshape(expected.shape)  # the reader gives raw bytes
         if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
             heads = model.config.num_attention_heads if ".attn_q." in tensor.name else model.config.num_key_value_heads
-            bits = peer.unpermute_rope_rows(bits, heads)
+            bits = gguf_export.unpermute_rope_rows(bits, heads)
         assert np.array_equal(bits, bf16_bits(expected)), tensor.name
 
 
 def test_hyperparameters_and_vocabulary(tiny_loaded, tmp_path):
     config = tiny_loaded.model.config
-    reader = gguf.GGUFReader(peer.write_gguf(tiny_loaded.model, tiny_loaded.tokenizer, tmp_path / "t.gguf", "f32"))
+    reader = gguf.GGUFReader(gguf_export.write_gguf(tiny_loaded.model, tiny_loaded.tokenizer, tmp_path / "t.gguf",
+                                                    "f32"))
     head_dim = config.hidden_size // config.num_attention_heads
     assert field(reader, "general.architecture") == "llama"
     assert field(reader, "general.file_type") == gguf.LlamaFileType.ALL_F32
@@ -149,7 +150,7 @@ def test_tied_model_padding_and_merges(tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    reader = gguf.GGUFReader(peer.write_gguf(model, tokenizer, tmp_path / "tied.gguf", "f32"))
+    reader = gguf.GGUFReader(gguf_export.write_gguf(model, tokenizer, tmp_path / "tied.gguf", "f32"))
     assert {t.name for t in reader.tensors} == set(hf_names(2, tied=True))
     assert field(reader, "tokenizer.ggml.merges") == ["Ġ t"]
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -164,32 +165,33 @@ def test_too_small_vocabulary_is_refused(tmp_path):
     config = tiny_config(num_layers=1)
     config.vocab_size = 100  # fewer rows than the byte tokenizer has tokens
     with pytest.raises(ValueError, match="embedding rows"):
-        peer.write_gguf(LlamaForCausalLM(config), byte_tokenizer(), tmp_path / "x.gguf", "f32")
+        gguf_export.write_gguf(LlamaForCausalLM(config), byte_tokenizer(), tmp_path / "x.gguf", "f32")
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
 
 
 def test_permute_pairs_rows_for_interleaved_rope():
     # one head of 4 rows: HF rotates (0, 2) and (1, 3), llama.cpp (0, 1) and (2, 3)
     w = torch.arange(8.0).reshape(4, 2)
-    assert peer.permute_rope_rows(w, 1).tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]
+    assert gguf_export.permute_rope_rows(w, 1).tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]
     two_heads = torch.randn(16, 3)
-    assert torch.equal(peer.unpermute_rope_rows(peer.permute_rope_rows(two_heads, 2), 2), two_heads)
-    assert not torch.equal(peer.permute_rope_rows(two_heads, 2), peer.permute_rope_rows(two_heads, 1))
+    assert torch.equal(gguf_export.unpermute_rope_rows(gguf_export.permute_rope_rows(two_heads, 2), 2), two_heads)
+    assert not torch.equal(gguf_export.permute_rope_rows(two_heads, 2), gguf_export.permute_rope_rows(two_heads, 1))
 
 
 def test_gguf_path_for_and_ensure_writes_once(tiny_loaded, tmp_path, monkeypatch):
-    a = peer.gguf_path_for(tmp_path, "abc", "f32")
+    a = gguf_export.gguf_path_for(tmp_path, "abc", "f32")
     assert a.parent == tmp_path and a.suffix == ".gguf"
-    assert len({a, peer.gguf_path_for(tmp_path, "abc", "bf16"), peer.gguf_path_for(tmp_path, "abd", "f32")}) == 3
-    assert a == peer.gguf_path_for(tmp_path, "abc", "f32")
+    assert len({a, gguf_export.gguf_path_for(tmp_path, "abc", "bf16"),
+                gguf_export.gguf_path_for(tmp_path, "abd", "f32")}) == 3
+    assert a == gguf_export.gguf_path_for(tmp_path, "abc", "f32")
     with pytest.raises(ValueError):
-        peer.gguf_path_for(tmp_path, "abc", "f16")
+        gguf_export.gguf_path_for(tmp_path, "abc", "f16")
     writes = []
-    real_write = peer.write_gguf
-    monkeypatch.setattr(peer, "write_gguf", lambda *args: writes.append(args) or real_write(*args))
+    real_write = gguf_export.write_gguf
+    monkeypatch.setattr(gguf_export, "write_gguf", lambda *args: writes.append(args) or real_write(*args))
     model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
-    assert peer.ensure_gguf(model, tokenizer, "abc", tmp_path, "f32") == a
-    assert peer.ensure_gguf(model, tokenizer, "abc", tmp_path, "f32") == a
+    assert gguf_export.ensure_gguf(model, tokenizer, "abc", tmp_path, "f32") == a
+    assert gguf_export.ensure_gguf(model, tokenizer, "abc", tmp_path, "f32") == a
     assert len(writes) == 1 and a.is_file()
 
 
@@ -235,7 +237,7 @@ FAKE_LLAMA_CPP = types.SimpleNamespace(Llama=FakeLlama, llama_get_logits_ith=fak
 def test_greedy_feeds_prompt_ignores_eos_and_counts_exactly(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", FAKE_LLAMA_CPP)
     FakeLlama.instances.clear()
-    p = peer.LlamaCppPeer(Path("m.gguf"), n_ctx=64)
+    p = inprocess_peer.LlamaCppPeer(Path("m.gguf"), n_ctx=64)
     llm = FakeLlama.instances[0]
     assert llm.kwargs["n_threads"] == torch.get_num_threads() and llm.kwargs["n_ctx"] == 64
     tokens, seconds, decode_seconds = p.greedy([5, 7], 4)
@@ -251,6 +253,6 @@ def test_greedy_feeds_prompt_ignores_eos_and_counts_exactly(monkeypatch):
 
 def test_peer_available_reflects_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace())
-    assert peer.peer_available() is True
+    assert inprocess_peer.peer_available() is True
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # a None entry makes the import fail
-    assert peer.peer_available() is False
+    assert inprocess_peer.peer_available() is False

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ffnskip.config import DENSE, SamplingParams
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.sampling import adjusted, sample
 from ffnskip.errors import InvalidArgument
@@ -58,10 +58,29 @@ def test_a_resumed_generation_continues_as_the_uninterrupted_one(tiny_engine, te
     assert "".join(e.text for e in events) == whole_result.text[len(text_before):]
 
 
-def test_resuming_a_finished_generation_is_refused(tiny_engine):
+def test_a_generation_resumed_after_its_last_token_is_finished_at_once(tiny_engine):
     sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    seq = tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 6, 7, 8])
+    assert seq.finished and seq.finish_reason == "length" and not tiny_engine.waiting
+    assert tiny_engine.result(seq).token_ids == [5, 6, 7, 8]
+    with pytest.raises(InvalidArgument, match="resume.token_ids"):  # tokens past the end
+        tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 6, 7, 8, 9])
+
+
+def test_resumed_tokens_keep_their_skips_in_the_statistics(tiny_engine):
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    seq = tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 6, 7],
+                          resumed_skips=[[], [2], [1, 3]])
+    while not seq.finished:
+        tiny_engine.step()
+    result = tiny_engine.result(seq)
+    assert result.skip_stats.ffn_blocks_skipped == 3 and result.skip_stats.per_layer_skips[1:4] == [1, 1, 1]
+    assert result.resumed == 3 and result.own_stats.generated_tokens == 3 and result.own_stats.ffn_blocks_skipped == 0
+    for bad, field_name in (([[]], "resume.skipped_layers"), ([[], [], [99]], "resume.skipped_layers")):
+        with pytest.raises(InvalidArgument, match=field_name):
+            tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 6, 7], resumed_skips=bad)
     with pytest.raises(InvalidArgument, match="resume.token_ids"):
-        tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 6, 7, 8])
+        tiny_engine.add(prompt=PROMPT, sampling=sampling, skip=DENSE, resumed=[5, 10_000])
 
 
 @dataclass
@@ -148,3 +167,26 @@ def test_prompt_logprobs_are_the_same_in_chunks(tiny_loaded):
 def test_a_token_id_outside_the_vocabulary_is_refused(tiny_engine):
     with pytest.raises(InvalidArgument, match="prompt_ids"):
         tiny_engine.add(prompt_ids=[1, 10_000], sampling=SamplingParams(), skip=DENSE)
+
+
+@pytest.mark.parametrize("skip", [
+    SkipParams(policy=Policy.STATIC, static_layers=(2, 3), cold_start=1, cold_end=5, warm_up=2),
+    SkipParams(policy=Policy.ADAPTIVE, threshold=0.5, max_skip=2, cold_start=1, cold_end=5, warm_up=2),
+], ids=["static", "adaptive"])
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+def test_a_resumed_skipping_generation_continues_exactly(tiny_loaded, skip, prefill_chunk):
+    """The delivered tokens are prefilled skipping what their decode steps skipped, and the last
+    one is decoded as it was: the cache, the skip decisions and the tokens are the same."""
+    sampling = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    whole_engine = Engine(tiny_loaded, max_batch=2, max_seq_len=128)
+    seq = whole_engine.add(prompt=PROMPT, sampling=sampling, skip=skip)
+    while not seq.finished:
+        whole_engine.step()
+    assert any(seq.skip_records), "the policy must skip for this test to mean anything"
+    engine = Engine(tiny_loaded, max_batch=2, max_seq_len=128, prefill_chunk=prefill_chunk)
+    resumed = engine.add(prompt=PROMPT, sampling=sampling, skip=skip, resumed=seq.generated[:7],
+                         resumed_skips=seq.skip_records[:7])
+    while not resumed.finished:
+        engine.step()
+    assert resumed.generated == seq.generated
+    assert resumed.skip_records == seq.skip_records

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from ffnskip.errors import InvalidArgument
-from ffnskip.stack.up import require_free_port
+from ffnskip.stack.local import require_free_port
 
 
 def test_a_port_in_use_is_refused_with_the_flag_to_change():

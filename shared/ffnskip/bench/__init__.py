@@ -1,3 +1,7 @@
-"""Benchmarking: the engine bench (`engine`) and its report (`report`), the service
-bench against a running decoder (`service`), the llama.cpp peer (`peer`), the gateway
-load generator (`load`) and the decode-step profiler (`step_profile`)."""
+"""Benchmarking: the in-process engine bench (`inprocess`, its rows in `configs` and its table in
+`report`, its llama.cpp rows through llama-cpp-python in `inprocess_peer`), the service bench
+against a running decoder or gateway (`service`, its timed calls in `calls`, llama.cpp's server beside
+it in `service_peer`, which runs it through `llama_server`), the GGUF files both peers read
+(`gguf_export`), the gateway load generator (`load`), the decode-step profiler (`step_profile`)
+and the GPU bench's workload and graphs (`gpu`, run by scripts/gpu_bench.py). The command line
+that reads their flags is ffnskip.cli.bench."""

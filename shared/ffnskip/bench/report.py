@@ -10,7 +10,7 @@ from typing import Optional
 
 
 def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
-    """One row per config from its runs (`bench.RunResult`, one per rep)."""
+    """One row per config from its runs (`inprocess.RunResult`, one per rep)."""
     rows = []
     for config in configs:
         runs = results[config.key]

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import grpc
@@ -84,37 +85,60 @@ def generation_stub(channel: grpc.Channel):
     return decoder_pb2_grpc.DecoderStub(channel)
 
 
-def run(args) -> int:
+@dataclass(frozen=True)
+class ServiceBenchOptions:
+    """What `ffnskip bench --target` runs: its flags, typed (ffnskip.cli.bench reads them)."""
+
+    target: str  # HOST:PORT of a running gateway or decoder
+    model: str = "smollm2-135m"
+    device: str = "auto"  # the bare engine's (engine_baseline)
+    dtype: str = "auto"  # the bare engine's and llama-server's GGUF
+    new_tokens: int = 128  # per request, EOS ignored
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    policies: tuple[str, ...] = ("dense", "adaptive")  # "profile" = the decoder's active profile as is
+    requests_per_level: int = 8
+    timeout_s: float = 600.0
+    api_key: Optional[str] = None  # bearer key, when the target is a gateway
+    llama_server: bool = False  # llama.cpp's server on the same weights after the service rows, side by side
+    peer_threads: Optional[int] = None  # llama-server's threads; None: torch's thread count in this process
+    metrics_url: Optional[str] = None  # the decoder's Prometheus endpoint: its resident memory after the rows
+    engine_baseline: bool = False  # also the bare engine in-process on the same prompts
+    json: bool = False  # print the report as JSON instead of the table
+
+
+def run(options: ServiceBenchOptions) -> int:
+    """Bench the target at each concurrency (and llama-server beside it, when asked), print the
+    table (the JSON report with `json`); -> 0."""
     from ffnskip.rpc.channels import insecure_channel
 
-    levels = [int(c) for c in args.concurrency.split(",")]
-    policies = args.service_policies.split(",")
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
-    if args.peer not in (None, False, SERVER_PEER):
-        raise InvalidArgument("peer", f"with --target the peer is llama.cpp's server: --peer {SERVER_PEER}")
-    if args.peer_threads is not None and args.peer != SERVER_PEER:
+    o = options
+    levels = list(o.concurrency)
+    policies = list(o.policies)
+    metadata = [("authorization", f"Bearer {o.api_key}")] if o.api_key else None
+    if o.peer_threads is not None and not o.llama_server:
         raise InvalidArgument("peer_threads", f"is llama-server's: only with --peer {SERVER_PEER}")
     # the model is loaded and its GGUF written before anything is timed: both take the CPU
-    peer = ServerPeer(args.model, args.dtype, args.peer_threads) if args.peer == SERVER_PEER else None
-    count = {c: max(args.requests_per_level, c * 2) for c in levels}
-    report: dict[str, Any] = {"target": args.target, "model": args.model, "new_tokens": args.new_tokens}
+    peer = ServerPeer(o.model, o.dtype, o.peer_threads) if o.llama_server else None
+    count = {c: max(o.requests_per_level, c * 2) for c in levels}
+    report: dict[str, Any] = {"target": o.target, "model": o.model, "new_tokens": o.new_tokens}
     rows = []
-    with insecure_channel(args.target) as channel:
+    with insecure_channel(o.target) as channel:
         stub = generation_stub(channel)
         if peer is not None:  # before the timed rows: a peer doing other work fails here, not after them
             # EOS ends these on both sides: the two ignore it differently (llama_server.completion_body)
-            check = build_requests(args.model, CHECK_PROMPTS, CHECK_TOKENS, "dense", ignore_eos=False)
+            check = build_requests(o.model, CHECK_PROMPTS, CHECK_TOKENS, "dense", ignore_eos=False)
             try:
-                service_tokens = [list(stub.Generate(r, timeout=args.timeout, metadata=metadata).token_ids) for r in check]
+                service_tokens = [list(stub.Generate(r, timeout=o.timeout_s, metadata=metadata).token_ids)
+                                  for r in check]
             except grpc.RpcError as err:
-                raise FfnSkipError(f"greedy check: {args.target} answered {err.code().name}: {err.details()}") from None
-            report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, args.timeout)
+                raise FfnSkipError(f"greedy check: {o.target} answered {err.code().name}: {err.details()}") from None
+            report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, o.timeout_s)
 
         def service_rows(concurrency: int) -> None:
             for policy in policies:
-                requests = build_requests(args.model, count[concurrency], args.new_tokens,
+                requests = build_requests(o.model, count[concurrency], o.new_tokens,
                                           "" if policy == "profile" else policy)
-                row = run_level(lambda r: stream_once(stub, r, metadata, args.timeout), requests, concurrency)
+                row = run_level(lambda r: stream_once(stub, r, metadata, o.timeout_s), requests, concurrency)
                 row["policy"] = policy
                 rows.append(row)
                 print(f"c={concurrency} {policy}: {row['tokens_per_s']} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
@@ -123,17 +147,17 @@ def run(args) -> int:
             for concurrency in levels:
                 service_rows(concurrency)
         else:  # level by level, the service's rows and then llama-server's: one idles while the other runs
-            same = {c: build_requests(args.model, count[c], args.new_tokens, "dense") for c in levels}
-            report["llama_server"] = peer.rows(same, args.new_tokens, args.timeout, lambda row: print(
+            same = {c: build_requests(o.model, count[c], o.new_tokens, "dense") for c in levels}
+            report["llama_server"] = peer.rows(same, o.new_tokens, o.timeout_s, lambda row: print(
                 f"c={row['concurrency']} llama-server: {row['tokens_per_s']} tok/s, errors {row['errors']}",
                 file=sys.stderr, flush=True), before_level=service_rows)
     report["rows"] = rows if peer is None else with_ratios(rows, report["llama_server"]["rows"])
-    if args.metrics_url:  # after the rows, while nothing else runs
-        report["service_resident_bytes"] = resident_bytes(args.metrics_url)
-    if args.engine_baseline:
-        requests = build_requests(args.model, args.requests_per_level, args.new_tokens, "dense")
-        report["engine_dense_tokens_per_s"] = round(engine_baseline(args.model, requests, args.device, args.dtype), 2)
-    if args.json:
+    if o.metrics_url:  # after the rows, while nothing else runs
+        report["service_resident_bytes"] = resident_bytes(o.metrics_url)
+    if o.engine_baseline:
+        requests = build_requests(o.model, o.requests_per_level, o.new_tokens, "dense")
+        report["engine_dense_tokens_per_s"] = round(engine_baseline(o.model, requests, o.device, o.dtype), 2)
+    if o.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:

@@ -1,7 +1,7 @@
 """The llama-server peer of the service bench (`ffnskip bench --target ... --peer llama-server`).
 
 llama.cpp's server runs the very weights the service serves (a GGUF written from the
-same model by `ffnskip.bench.peer.ensure_gguf`), fed the token ids the decoder itself
+same model by `ffnskip.bench.gguf_export.ensure_gguf`), fed the token ids the decoder itself
 feeds for the same chat messages, so both do the same work: the same prompts, the same
 number of greedy tokens (EOS ignored), the same concurrency levels. A greedy check first
 compares the two's tokens on a few prompts: the same weights and prompt must give the
@@ -77,7 +77,7 @@ class ServerPeer:
     def __init__(self, model: str, dtype: str, threads: Optional[int]) -> None:
         import torch  # here: only a run with this peer loads a model
 
-        from ffnskip.bench.peer import ensure_gguf
+        from ffnskip.bench.gguf_export import ensure_gguf
         from ffnskip.engine import load_model
 
         self.binary = find_llama_server()  # first: a missing binary is told before minutes of work

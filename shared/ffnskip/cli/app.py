@@ -12,11 +12,9 @@ import os
 import sys
 from typing import Optional
 
-from ffnskip.bench import engine as bench
-from ffnskip.cli import calibrate, client, evaluate, generate, ops
+from ffnskip.cli import bench, calibrate, client, evaluate, generate, ops, up
 from ffnskip.cli.args import add_model_args
 from ffnskip.errors import FfnSkipError
-from ffnskip.stack import up
 from ffnskip.settings import cache_root
 
 

@@ -1,4 +1,4 @@
-"""The FFN-skip decode engine: model loading, the skip loop, sampling and batching.
+"""The FFN-skip decode engine: model loading, scheduling, the skip loop, sampling and batching.
 
 This package imports torch and transformers, never grpc, redis or protobuf.
 """

@@ -1,10 +1,15 @@
 """One preallocated KV cache with a row per running sequence.
 
-Rows in use are kept as a contiguous prefix [0, n) so that a decode step works on
-views (cache[:n]) with no gather; when a sequence leaves, the last row moves into
-its hole (only the filled positions are copied). Every row has one position past
-max_seq_len, the scratch position: padding rows of a batch bucket write there, so
-a step may write every row of its bucket without touching a sequence's keys.
+Rows in use are kept as a contiguous prefix [0, n), the decoding sequences' rows
+[0, decoding) first, so that a decode step works on views (cache[:decoding]) with no
+gather. The cache owns the row moves that keep it so (only the filled positions are
+copied): when a row is freed, the last decoding row fills a decoding row's hole and the
+last row in use the hole that leaves (release_row); a prompt that completes changes
+places with the first prefilling row (swap_rows). The scheduler (scheduler.py) decides
+which rows are taken, freed and swapped, and moves its sequences alike. Every row has
+one position past max_seq_len, the scratch position: padding rows of a batch bucket
+write there, so a step may write every row of its bucket without touching a sequence's
+keys.
 """
 
 from __future__ import annotations
@@ -34,22 +39,22 @@ class KVCache:
 
     def take_row(self) -> int:
         if self.in_use >= self.max_batch:
-            raise RuntimeError("no free KV cache row")  # the scheduler admits by free_rows
+            raise RuntimeError("no free KV cache row")  # the scheduler admits by free_rows (scheduler.py)
         row = self.in_use
         self.in_use += 1
         self.lengths[row] = 0
         return row
 
-    def release_row(self, row: int) -> int | None:
-        """Free `row`; return the row that moved into it (the old last row), if any."""
-        last = self.in_use - 1
-        moved = None
-        if row != last:
-            self.copy_row(last, row)
-            moved = last
-        self.lengths[last] = 0
+    def release_row(self, row: int, decoding: int = 0) -> list[tuple[int, int]]:
+        """Free `row`, moving rows into the hole as freeing_moves says; returns those moves,
+        (from, to) in order, for the scheduler to move its sequences alike."""
+        assert 0 <= row < self.in_use, f"row {row} is not in use"
+        moves = freeing_moves(row, decoding, self.in_use)
+        for source, target in moves:
+            self.copy_row(source, target)
         self.in_use -= 1
-        return moved
+        self.lengths[self.in_use] = 0
+        return moves
 
     def copy_row(self, source: int, target: int) -> None:
         """Give `target` the filled positions (and length) of `source`."""
@@ -78,3 +83,19 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s keys and values [max_batch, kv_heads, max_seq_len + 1, head_dim]."""
         return self._layers[index]
+
+
+def freeing_moves(row: int, decoding: int, in_use: int) -> list[tuple[int, int]]:
+    """The row moves (from, to), in order, that fill the hole `row` leaves among the rows in
+    use [0, in_use), keeping them a contiguous prefix whose first `decoding` rows (the decoding
+    sequences'; the rest still prefill) stay contiguous too: a hole among the decoding rows is
+    filled by the last decoding row, and the hole that leaves (or a prefilling row's) by the
+    last row in use. `decoding` 0: the rows are one part, the last row fills the hole."""
+    last = in_use - 1
+    moves = []
+    if row < decoding - 1:
+        moves.append((decoding - 1, row))
+        row = decoding - 1
+    if row != last:
+        moves.append((last, row))
+    return moves

@@ -41,6 +41,14 @@ class GenerationResult:
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated here (not resumed ones)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    resumed: int = 0  # leading tokens another decoder generated (replayed here, not generated)
+
+    @property
+    def own_stats(self) -> SkipStats:
+        """The skip statistics of the tokens generated here (a resumed request's replayed ones excluded)."""
+        stats = self.skip_stats
+        warm_up = stats.generated_tokens - stats.decode_tokens
+        return SkipStats.from_records(self.skip_records[self.resumed:], stats.num_layers, max(0, warm_up - self.resumed))
 
     @property
     def tokens_per_s(self) -> float:

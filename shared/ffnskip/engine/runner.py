@@ -108,7 +108,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_states(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]],
-                       starts: Optional[Seq[int]] = None) -> torch.Tensor:
+                       starts: Optional[Seq[int]] = None,
+                       skipped: Optional[Seq[Optional[Seq[Seq[int]]]]] = None) -> torch.Tensor:
         """Run the full model over prompt chunks together, each into its cache row at positions
         [start, start + len) after the `start` positions it holds already (a prompt prefilled in
         chunks); the last layer's hidden states [len(chunks), longest, H] (padding rows beyond
@@ -117,10 +118,15 @@ class ModelRunner:
         The chunks are right-padded to the longest: under the causal mask a real token sees only
         the positions before it, all real, and only each chunk's own positions reach the cache.
         Chunks that all start at 0 attend among themselves; otherwise each attends to its row's
-        cached keys up to its own position."""
+        cached keys up to its own position.
+
+        `skipped[i][t]`, when given, lists the layers whose FFN position t of chunk i skips (a
+        resumed answer's tokens, prefilled as the decode steps that generated them ran them,
+        so the cache holds what it held on the decoder that failed)."""
         starts = [0] * len(chunks) if starts is None else list(starts)
         lengths = [len(chunk) for chunk in chunks]
         longest = max(lengths)
+        keep = self._ffn_keep(skipped, longest) if skipped is not None and any(skipped) else None
         ids = torch.tensor([list(chunk) + [0] * (longest - len(chunk)) for chunk in chunks], device=self.device)
         positions = torch.tensor(starts, device=self.device)[:, None] + self._arange(longest)[None]
         x = self.embed(ids)
@@ -138,10 +144,22 @@ class ModelRunner:
                 keys, values = cache.layer(index)
                 k, v = keys[row_index, :, :span], values[row_index, :, :span]
             h = x + layer.output(layer.attention(q, k, v, mask, causal=mask is None))
-            x = h + layer.mlp(h)
+            if keep is not None and not bool(keep[index].all()):
+                x = h + layer.mlp(h) * keep[index][..., None]
+            else:
+                x = h + layer.mlp(h)
         for row, start, length in zip(rows, starts, lengths):
             cache.lengths[row] = start + length
         return x
+
+    def _ffn_keep(self, skipped: Seq[Optional[Seq[Seq[int]]]], longest: int) -> torch.Tensor:
+        """[layers, chunks, longest]: 1 where a position runs the layer's FFN, 0 where it skips it."""
+        keep = torch.ones(self.num_layers, len(skipped), longest, dtype=self.dtype)
+        for i, positions in enumerate(skipped):
+            for t, layers in enumerate(positions or ()):
+                for layer in layers:
+                    keep[layer, i, t] = 0.0
+        return keep.to(self.device)
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips) -> torch.Tensor:

@@ -83,23 +83,49 @@ class Sequence:
         self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
         self.skip_generator = torch.Generator().manual_seed(self.skip.seed)
 
-    def resume(self, delivered: list[int]) -> None:
-        """Continue after `delivered`, the tokens another decoder generated and delivered: they
-        are replayed through the text and stop-string state (so this sequence releases exactly
-        the text that follows) and prefilled after the prompt; its next token is generated
-        token len(delivered) + 1."""
-        for token_id in delivered:
-            self.append(token_id, [], None)
+    def resume(self, delivered: list[int], skipped: Optional[list[list[int]]] = None, num_layers: int = 0) -> None:
+        """Continue after `delivered`, the tokens another decoder generated and delivered (with
+        `skipped`, the layers each skipped, so the skip statistics cover the whole answer): they
+        are replayed through the text and stop-string state, so this sequence releases exactly
+        the text that follows, and prefilled after the prompt; its next token is generated
+        token len(delivered) + 1. Tokens that already end the generation (end-of-sequence, a
+        stop string, max_new_tokens: the first decoder failed before its summary) leave it
+        finished, with nothing left to generate."""
+        skipped = skipped if skipped is not None else [[] for _ in delivered]
+        if len(skipped) != len(delivered):
+            raise InvalidArgument("resume.skipped_layers", f"{len(skipped)} entries for {len(delivered)} tokens")
+        if any(not 0 <= layer < num_layers for layers in skipped for layer in layers):
+            raise InvalidArgument("resume.skipped_layers", f"layers must be in [0, {num_layers})")
+        for index, (token_id, layers) in enumerate(zip(delivered, skipped)):
             if self.finished:
-                raise InvalidArgument("resume.token_ids", f"the generation had finished ({self.finish_reason}) "
-                                      f"at token {len(self.generated)} of {len(delivered)}")
+                raise InvalidArgument("resume.token_ids", f"the generation ended ({self.finish_reason}) at token "
+                                      f"{index} of the {len(delivered)} delivered")
+            self.append(token_id, sorted(layers), None)
         self.resumed = len(delivered)
         self.first_token_at = None
 
     @property
     def context_ids(self) -> list[int]:
-        """The tokens its prefill puts in the cache: the prompt, and any resumed tokens."""
-        return self.prompt_ids + self.generated[:self.resumed] if self.resumed else self.prompt_ids
+        """The tokens its prefill puts in the cache: the prompt, and a resumed sequence's
+        delivered tokens but the last, which its first decode step consumes as the failed
+        decoder's step did (the same skip decision, the next token sampled the same way)."""
+        return self.prompt_ids + self.generated[:self.resumed - 1] if self.resumed else self.prompt_ids
+
+    @property
+    def samples_after_prefill(self) -> bool:
+        """Whether its prefill's last logits give its next token (not for a resumed sequence)."""
+        return not self.resumed
+
+    def context_skips(self, start: int, length: int) -> Optional[list[list[int]]]:
+        """The layers skipped at context positions [start, start + length): none in the prompt; at
+        a delivered token's position, those the forward that generated the next token skipped.
+        None when nothing is skipped."""
+        if not self.resumed:
+            return None
+        prompt = len(self.prompt_ids)
+        skips = [self.skip_records[position - prompt + 1] if position >= prompt else []
+                 for position in range(start, start + length)]
+        return skips if any(skips) else None
 
     @property
     def finished(self) -> bool:

@@ -7,22 +7,22 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ffnskip.evaluation.data import Item
+from ffnskip.evaluation.item_generation import ItemGenerator
 from ffnskip.evaluation.methods import Setting, describe
 from ffnskip.evaluation.qa import expected_batches
-from ffnskip.evaluation.runner import Runner
 from ffnskip.evaluation.scoring import agreement_stats, pooled_ratios, rounded
 from ffnskip.evaluation.session import Session
 
 
 def run_agreement(session: Session, items: list[Item], methods: list[str], targets: list[float], max_new_tokens: int,
                   data: str, argv: Sequence[str]) -> Optional[dict]:
-    runner = Runner(session.loaded, session.state, max_new_tokens, session.options.seed, task="prompts")
-    settings = session.prepare("agreement", [(runner, items)], expected_batches(session, methods, targets),
+    generator = ItemGenerator(session.loaded, session.state, max_new_tokens, session.options.seed, task="prompts")
+    settings = session.prepare("agreement", [(generator, items)], expected_batches(session, methods, targets),
                                session.calibration_todo(methods, targets),
                                lambda: session.settings(methods, targets))
     if settings is None:
         return None
-    records = session.run(runner, settings, items)
+    records = session.run(generator, settings, items)
     report = session.header("agreement", argv, data, items, max_new_tokens)
     report["methods"], report["targets"] = methods, targets
     report["calibration"] = session.calibrator.summary()

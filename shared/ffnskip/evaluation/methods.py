@@ -121,7 +121,7 @@ def base_method(method: str) -> str:
 
 def build_setting(method: str, target: float, calibrator, warm_up: int, batch_size: int,
                   aligned_batch: int, quorum: float) -> Setting:
-    """`calibrator` (evaluation.calibrate.Calibrator) supplies the measured model facts."""
+    """`calibrator` (evaluation.calibrated_settings.Calibrator) supplies the measured model facts."""
     kind = base_method(method)
     if kind == "dense":
         return Setting("dense", 0.0, DENSE, batch_size=batch_size)  # one dense run for every warm-up

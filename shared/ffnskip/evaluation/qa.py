@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from ffnskip.evaluation.data import Item
 from ffnskip.evaluation.methods import Setting, describe, targets_of
-from ffnskip.evaluation.runner import Runner
+from ffnskip.evaluation.item_generation import ItemGenerator
 from ffnskip.evaluation.scoring import (agreement_stats, answer_position, is_correct, paired_counts, pooled_ratios,
                                         rounded, wilson_interval)
 from ffnskip.evaluation.session import Session
@@ -23,13 +23,13 @@ def expected_batches(session: Session, methods: Sequence[str], targets: Sequence
 
 def run_qa(session: Session, items: list[Item], methods: list[str], targets: list[float], max_new_tokens: int,
            data: str, argv: Sequence[str]) -> Optional[dict]:
-    runner = Runner(session.loaded, session.state, max_new_tokens, session.options.seed, task="qa")
-    settings = session.prepare("qa", [(runner, items)], expected_batches(session, methods, targets),
+    generator = ItemGenerator(session.loaded, session.state, max_new_tokens, session.options.seed, task="qa")
+    settings = session.prepare("qa", [(generator, items)], expected_batches(session, methods, targets),
                                session.calibration_todo(methods, targets),
                                lambda: session.settings(methods, targets))
     if settings is None:
         return None
-    records = session.run(runner, settings, items)
+    records = session.run(generator, settings, items)
     report = session.header("qa", argv, data, items, max_new_tokens)
     report["methods"], report["targets"] = methods, targets
     report["calibration"] = session.calibrator.summary()

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ffnskip.evaluation.calibrate import Calibrator
+from ffnskip.evaluation.calibrated_settings import Calibrator
 from ffnskip.evaluation.data import Item, load_prompt_items
+from ffnskip.evaluation.item_generation import ItemGenerator, estimate_seconds, log
 from ffnskip.evaluation.methods import TUNED, Setting, base_method, quorum_of, settings_for, split_spec, targets_of
-from ffnskip.evaluation.runner import Runner, estimate_seconds, log
 from ffnskip.evaluation.state import StateFile
 from ffnskip.settings import cache_root
 
@@ -69,7 +69,7 @@ class Session:
 
     # -- time estimate and progress -----------------------------------------------------------
 
-    def prepare(self, what: str, runs: Sequence[tuple[Runner, Sequence[Item]]], expected_batches: Sequence[int],
+    def prepare(self, what: str, runs: Sequence[tuple[ItemGenerator, Sequence[Item]]], expected_batches: Sequence[int],
                 calibration_chunks: int, build: Callable[[], list[Setting]]) -> Optional[list[Setting]]:
         """Estimate, calibrate (through `build`), estimate what remains; None with --plan."""
         o = self.options
@@ -91,11 +91,11 @@ class Session:
             self._announce(what, 0, jobs)
         return None if o.plan_only else settings
 
-    def _measure(self, runs: Sequence[tuple[Runner, Sequence[Item]]], batch_sizes) -> None:
-        runner, items = runs[0]
+    def _measure(self, runs: Sequence[tuple[ItemGenerator, Sequence[Item]]], batch_sizes) -> None:
+        generator, items = runs[0]
         for size in sorted(batch_sizes):
             if size not in self.timing:
-                self.timing[size] = runner.probe(size, items)
+                self.timing[size] = generator.probe(size, items)
 
     def _announce(self, what: str, calibration_chunks: int, jobs: Sequence[tuple[int, int, int]]) -> None:
         batch = self.options.aligned_batch
@@ -120,16 +120,17 @@ class Session:
             self._bar.close()
             self._bar = None
 
-    def run(self, runner: Runner, settings: Sequence[Setting], items: Sequence[Item]) -> dict[str, list[dict]]:
+    def run(self, generator: ItemGenerator, settings: Sequence[Setting],
+            items: Sequence[Item]) -> dict[str, list[dict]]:
         """Generate what is missing for every setting (one progress bar) and return records per setting key."""
-        pending = {s.key: runner.pending(s, items) for s in settings}
+        pending = {s.key: generator.pending(s, items) for s in settings}
         total = sum(len(c.items) for chunks in pending.values() for c in chunks)
-        bar = self._new_bar(total=total, unit="item", desc=f"{runner.task}")
+        bar = self._new_bar(total=total, unit="item", desc=f"{generator.task}")
         out = {}
         try:
             for setting in settings:
-                bar.set_description(f"{runner.task} {setting.key}")
-                out[setting.key] = runner.results(setting, items, on_chunk=lambda c: bar.update(len(c.items)))
+                bar.set_description(f"{generator.task} {setting.key}")
+                out[setting.key] = generator.results(setting, items, on_chunk=lambda c: bar.update(len(c.items)))
         finally:
             bar.close()
         return out

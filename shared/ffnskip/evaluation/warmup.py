@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from ffnskip.evaluation.data import Item
+from ffnskip.evaluation.item_generation import ItemGenerator
 from ffnskip.evaluation.methods import Setting, with_warm_up
-from ffnskip.evaluation.runner import Runner
 from ffnskip.evaluation.scoring import agreement_stats, is_correct, pooled_ratios, rounded, wilson_interval
 from ffnskip.evaluation.session import Session
 
@@ -18,9 +18,9 @@ def run_warmup(session: Session, method: str, target: float, warm_ups: list[int]
                qa_items: list[Item], max_new_tokens: int, qa_max_new_tokens: int, data: str, qa_data: str,
                argv: Sequence[str]) -> Optional[dict]:
     o = session.options
-    prompt_runner = Runner(session.loaded, session.state, max_new_tokens, o.seed, task="prompts")
-    qa_runner = Runner(session.loaded, session.state, qa_max_new_tokens, o.seed, task="qa")
-    runs = [(prompt_runner, prompts)] + ([(qa_runner, qa_items)] if qa_items else [])
+    prompt_generator = ItemGenerator(session.loaded, session.state, max_new_tokens, o.seed, task="prompts")
+    qa_generator = ItemGenerator(session.loaded, session.state, qa_max_new_tokens, o.seed, task="qa")
+    runs = [(prompt_generator, prompts)] + ([(qa_generator, qa_items)] if qa_items else [])
     batch = o.aligned_batch if method.startswith("aligned") else o.batch_size
 
     def build() -> list[Setting]:
@@ -32,8 +32,8 @@ def run_warmup(session: Session, method: str, target: float, warm_ups: list[int]
                                session.calibration_todo(["dense", method], [target]), build)
     if settings is None:
         return None
-    prompt_records = session.run(prompt_runner, settings, prompts)
-    qa_records = session.run(qa_runner, settings, qa_items) if qa_items else {}
+    prompt_records = session.run(prompt_generator, settings, prompts)
+    qa_records = session.run(qa_generator, settings, qa_items) if qa_items else {}
     report = session.header("warmup", argv, data, prompts, max_new_tokens)
     report.update(method=method, target_skip=target, warm_ups=warm_ups, qa_data=qa_data if qa_items else None,
                   qa_n_items=len(qa_items), qa_max_new_tokens=qa_max_new_tokens)

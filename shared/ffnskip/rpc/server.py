@@ -99,9 +99,6 @@ class Server:
         log.info("signal received, draining", signal=signal.Signals(sig).name)
         self._signal.set()
 
-    def request_stop(self) -> None:
-        self._signal.set()
-
     async def wait_for_signal(self) -> None:
         self.install_signal_handlers()
         await self._signal.wait()

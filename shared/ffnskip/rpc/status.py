@@ -8,6 +8,7 @@ generic message and the request id, the traceback goes to the log, never to the 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import time
@@ -68,10 +69,20 @@ class RpcStatus:
     trailing_metadata: tuple[tuple[str, str], ...] = ()
 
 
+def status_code_of(exc: BaseException) -> grpc.StatusCode:
+    """The code an exception stands for: its taxonomy's, CANCELLED for a caller that went
+    away, INTERNAL for anything else (a bug)."""
+    if isinstance(exc, errors.FfnSkipError):
+        return next(STATUS_TABLE[cls] for cls in type(exc).__mro__ if cls in STATUS_TABLE)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, ConnectionError)):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
 def status_for(exc: BaseException) -> RpcStatus:
     """The status a handler's exception is answered with (logging the unexpected ones)."""
     if isinstance(exc, errors.FfnSkipError):
-        code = next(STATUS_TABLE[cls] for cls in type(exc).__mro__ if cls in STATUS_TABLE)
+        code = status_code_of(exc)
         metadata: tuple[tuple[str, str], ...] = ()
         if isinstance(exc, errors.ResourceExhausted):
             metadata = ((RETRY_AFTER_HEADER, str(max(1, math.ceil(exc.retry_after_s)))),)

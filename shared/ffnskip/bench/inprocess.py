@@ -17,7 +17,6 @@ generated tokens, is reported next to it.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import os
@@ -27,16 +26,32 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
-from ffnskip.cli.args import add_model_args
 from ffnskip.bench.configs import BenchConfig, default_configs, eval_rows, profile_rows, run_groups
-from ffnskip.bench.llama_server import SERVER_PEER
 from ffnskip.bench.report import print_table, summarise
 from ffnskip.config import SamplingParams
 from ffnskip.settings import cache_root
 
 if TYPE_CHECKING:
-    from ffnskip.bench.peer import LlamaCppPeer  # imported when a peer is opened: llama.cpp is an extra
+    from ffnskip.bench.inprocess_peer import LlamaCppPeer  # imported when a peer is opened: llama.cpp is an extra
 
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `ffnskip bench` (in process) runs: its flags, typed (ffnskip.cli.bench reads them)."""
+
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtypes: tuple[str, ...] = ("auto",)  # each a set of rows; rows other than float32 report their agreement with it
+    batches: tuple[int, ...] = (1, 8)
+    new_tokens: int = 128  # tokens per sequence, EOS ignored
+    reps: int = 2  # interleaved repetitions; rows report the median
+    policies: tuple[str, ...] = ()  # row names or shell patterns to keep (dense always); () = every row
+    profiles: tuple[str, ...] = ()  # calibrated profile files: their cal_* rows
+    from_eval: tuple[str, ...] = ()  # `ffnskip eval qa|agreement --json` outputs: a METHOD@TARGET row per setting
+    compile: bool = True  # the decode segments as AOTInductor packages
+    peer: Optional[bool] = None  # llama.cpp rows: True asked for, False none, None when llama-cpp-python is installed
+    profile_step: bool = False  # also profile one dense decode step
+    json: bool = False  # print the report as JSON instead of the table
 
 
 @dataclass(frozen=True)
@@ -50,93 +65,41 @@ class RunResult:
     avoided: float = 0.0  # share of decode-step FFN weight reads avoided (no row ran the layer)
 
 
-def register(commands) -> None:
-    parser = commands.add_parser("bench", help="tokens/s of dense vs skip policies, with the realised fraction of the ideal speedup")
-    add_model_args(parser)
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (EOS ignored, also through --target)")
-    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions; rows report the median")
-    parser.add_argument("--policies", help="comma-separated row names or patterns (hf_generate, dense, static_8, 'aligned*', '*@*')")
-    parser.add_argument("--profile", action="append", default=[], metavar="PROFILE_JSON",
-                        help="add rows for a calibrated profile (`ffnskip calibrate --out`): cal_static, or "
-                             "cal_adaptive and cal_aligned_q50/q75; repeatable")
-    parser.add_argument("--from-eval", action="append", default=[], metavar="EVAL_JSON",
-                        help="add a row METHOD@TARGET for every setting of an `ffnskip eval qa|agreement --json` "
-                             "output, with exactly its parameters; repeatable")
-    parser.add_argument("--dtypes", help="comma-separated precisions, each a set of rows (e.g. float32,bfloat16); "
-                                         "default: --dtype. Rows other than float32 report their dense greedy "
-                                         "tokens' agreement with float32")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the engine's decode segments as AOTInductor packages (compiled once per model and "
-                             "precision into $FFNSKIP_CACHE/compiled, loaded after; the time is reported, not timed)")
-    # one flag for both benches' llama.cpp peer: a bare --peer here, --peer llama-server with --target
-    parser.add_argument("--peer", nargs="?", const=True, default=None, choices=[SERVER_PEER],
-                        help="llama.cpp rows (llamacpp_f32/_bf16, batch 1) on GGUF files written from the same weights; "
-                             "default: when llama-cpp-python is installed (pip install '.[peer]'). With --target: "
-                             "--peer llama-server runs llama.cpp's server on the same weights after the service rows "
-                             "and prints both side by side")
-    parser.add_argument("--no-peer", dest="peer", action="store_const", const=False, help="no llama.cpp rows")
-    parser.add_argument("--profile-step", action="store_true", help="also profile one dense decode step and print where the time goes")
-    parser.add_argument("--json", action="store_true")
-    service = parser.add_argument_group("service benchmark (with --target)")
-    service.add_argument("--target", help="HOST:PORT of a running gateway or decoder: benchmark it over gRPC instead of in-process")
-    service.add_argument("--concurrency", default="1,4,16")
-    service.add_argument("--service-policies", default="dense,adaptive", help="'profile' = the decoder's active profile as is")
-    service.add_argument("--requests-per-level", type=int, default=8)
-    service.add_argument("--timeout", type=float, default=600.0)
-    service.add_argument("--api-key", help="bearer key, when the target is a gateway")
-    service.add_argument("--engine-baseline", action="store_true", help="also run the bare engine in-process on the same prompts")
-    service.add_argument("--peer-threads", type=int, metavar="N",
-                         help="llama-server's threads (with --peer llama-server); default: torch's thread count in "
-                              "this process, which the decoder's own default matches on the same machine")
-    service.add_argument("--metrics-url", metavar="URL",
-                         help="the decoder's Prometheus endpoint (http://HOST:PORT/metrics): report its resident "
-                              "memory after the service rows")
-    parser.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(options: BenchOptions) -> int:
+    """Run every row `options.reps` times, then print the table (the JSON report with `json`); -> 0."""
+    import torch  # here, not at import: the command line imports this module
+    from ffnskip.bench.step_profile import profile_decode_step
     from ffnskip.errors import InvalidArgument
 
-    if args.target:
-        from ffnskip.bench import service as service_bench
-
-        return service_bench.run(args)
-    if args.peer == SERVER_PEER:
-        raise InvalidArgument("peer", f"{SERVER_PEER} is the peer of the service bench (--target HOST:PORT); "
-                                      "the in-process bench takes a bare --peer (llama-cpp-python rows)")
-    import torch  # here, not at import: every CLI command imports this module
-    from ffnskip.bench.step_profile import profile_decode_step
-
-    if args.new_tokens < 2:
+    if options.new_tokens < 2:
         raise InvalidArgument("new_tokens", "must be at least 2: a run is timed over its decode steps")
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = list(options.batches)
     runners = {}
-    for requested in (args.dtypes or args.dtype).split(","):
-        runner = _runner(args, requested, batches)
+    for requested in options.dtypes:
+        runner = _runner(options, requested, batches)
         runners[runner.dtype] = runner  # keyed by the resolved precision ("auto" is float32 on a CPU)
     first = next(iter(runners.values()))
     loaded = first.engine.loaded
-    extra = [row for path in args.profile for row in profile_rows(path, loaded)]
-    extra += [row for path in args.from_eval for row in eval_rows(path, loaded)]
+    extra = [row for path in options.profiles for row in profile_rows(path, loaded)]
+    extra += [row for path in options.from_eval for row in eval_rows(path, loaded)]
     extra = list(dict(extra).items())  # a setting named twice (qa and agreement outputs) is one row
     configs = [replace(c, dtype=dtype) for dtype in runners for c in default_configs(loaded.num_layers, batches, extra)]
-    if args.policies:  # names or shell patterns: "dense,*@*" = dense and every --from-eval row
-        wanted = args.policies.split(",")
+    if options.policies:  # names or shell patterns: "dense,*@*" = dense and every --from-eval row
+        wanted = options.policies
         configs = [c for c in configs if c.name == "dense" or any(fnmatch.fnmatchcase(c.name, w) for w in wanted)]
     if 1 in batches:
         configs += [BenchConfig(peer_row_name(dtype), 1, None, dtype) for dtype, r in runners.items() if r.peer]
     results: dict[tuple[str, int, str], list[RunResult]] = {}
-    for rep in range(args.reps):
+    for rep in range(options.reps):
         for group in run_groups(configs):
             for config, result in zip(group, runners[group[0].dtype].run(group)):
                 results.setdefault(config.key, []).append(result)
-                print(f"rep {rep + 1}/{args.reps} {config.name} b{config.batch} {config.dtype}: "
-                      f"{config.batch * args.new_tokens / result.seconds:.1f} tok/s", file=sys.stderr, flush=True)
-    rows = summarise(configs, results, runners, args.new_tokens)
+                print(f"rep {rep + 1}/{options.reps} {config.name} b{config.batch} {config.dtype}: "
+                      f"{config.batch * options.new_tokens / result.seconds:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = summarise(configs, results, runners, options.new_tokens)
     report = {"model": loaded.model_id, "device": str(loaded.device), "dtype": ",".join(runners),
-              "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
-              "compiled": args.compile, "warm_up_seconds": {d: round(r.warm_up_seconds, 1) for d, r in runners.items()},
+              "threads": torch.get_num_threads(), "new_tokens": options.new_tokens, "reps": options.reps,
+              "compiled": options.compile, "warm_up_seconds": {d: round(r.warm_up_seconds, 1) for d, r in runners.items()},
               "packages_compiled": {d: r.packages_compiled for d, r in runners.items()},
               "ffn_share": first.engine.weight_bytes.ffn_share, "weight_bytes_per_step": first.engine.weight_bytes.total,
               "rows": rows}
@@ -144,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if bandwidth is not None:  # the batch-1 ceiling: every weight byte read once per token
         report["memory_read_gb_per_s"] = round(bandwidth, 1)
         report["bandwidth_limit_tokens_per_s"] = round(bandwidth * 1e9 / first.engine.weight_bytes.total, 1)
-    if args.profile_step:
+    if options.profile_step:
         report["decode_step_profile"] = profile_decode_step(first.engine, first.prompts[0])
-    if args.json:
+    if options.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
@@ -167,28 +130,30 @@ def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
         return engine.warm_up(batches, on_compiled=bar.update), bar.n
 
 
-def _runner(args: argparse.Namespace, dtype: str, batches: list[int]) -> "BenchRunner":
-    from ffnskip.bench import peer
+def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> "BenchRunner":
+    from ffnskip.bench import gguf_export, inprocess_peer
     from ffnskip.engine import Engine, load_model
     from ffnskip.errors import InvalidArgument
 
-    loaded = load_model(args.model, device=args.device, dtype=dtype, cache_dir=cache_root(os.environ))
+    loaded = load_model(options.model, device=options.device, dtype=dtype, cache_dir=cache_root(os.environ))
     dtype = str(loaded.dtype).removeprefix("torch.")
     prompts = bench_prompts(loaded.tokenizer, max(batches))
-    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + args.new_tokens + 1,
-                    compile=args.compile)
-    runner = BenchRunner(engine, prompts, args.new_tokens)
+    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + options.new_tokens + 1,
+                    compile=options.compile)
+    runner = BenchRunner(engine, prompts, options.new_tokens)
     runner.warm_up_seconds, runner.packages_compiled = _warm_up(engine, batches, dtype)
-    if args.peer or (args.peer is None and dtype in PEER_PRECISIONS and 1 in batches and peer.peer_available()):
+    if options.peer or (options.peer is None and dtype in PEER_PRECISIONS and 1 in batches
+                         and inprocess_peer.peer_available()):
         if dtype not in PEER_PRECISIONS:
             raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {dtype}")
-        if not peer.peer_available():
+        if not inprocess_peer.peer_available():
             raise InvalidArgument("peer", "llama-cpp-python is not installed: pip install '.[peer]'")
         try:
-            path = peer.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.cache_dir / "gguf", PEER_PRECISIONS[dtype])
-            runner.peer = peer.LlamaCppPeer(path, n_ctx=engine.max_seq_len)
+            path = gguf_export.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.cache_dir / "gguf",
+                                           PEER_PRECISIONS[dtype])
+            runner.peer = inprocess_peer.LlamaCppPeer(path, n_ctx=engine.max_seq_len)
         except ValueError as err:  # a model llama.cpp cannot load: without rows when they were not asked for
-            if args.peer:
+            if options.peer:
                 raise InvalidArgument("peer", str(err)) from None
             print(f"no llama.cpp rows: {err}", file=sys.stderr)
     return runner

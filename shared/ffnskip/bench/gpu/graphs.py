@@ -1,4 +1,4 @@
-"""How gpu_bench.py runs the engine's device step (ffnskip.engine.device_step.DeviceStep): eagerly,
+"""How scripts/gpu_bench.py runs the engine's device step (ffnskip.engine.device_step.DeviceStep): eagerly,
 as one CUDA graph with a conditional IF node per gated FFN, or as graph segments with a host read
 per gated layer.
 

@@ -1,4 +1,4 @@
-"""What gpu_bench.py runs: a random-weight Llama of a named shape wrapped in the engine's
+"""What scripts/gpu_bench.py runs: a random-weight Llama of a named shape wrapped in the engine's
 ModelRunner, the skip patterns it compares as the engine's skip parameters, and the weight bytes
 a decode step reads."""
 

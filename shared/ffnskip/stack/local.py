@@ -1,20 +1,20 @@
-"""`ffnskip up`: the whole stack on loopback, for a newcomer's first command.
+"""The whole stack on loopback (`ffnskip up`, whose flags ffnskip.cli.up reads into StackOptions).
 
-A private redis-server (its data in --data-dir, so a profile survives between runs), the
+A private redis-server (its data in `data_dir`, so a profile survives between runs), the
 calibrator, N decoders and the gateway. If the model has no active profile, a first
 calibration to the default quality budget is queued (a job with activate_on_success) and
 the decoders serve dense meanwhile, so the first answer does not wait for it; they switch
 to the profile when it is activated. One real request goes through the gateway and its
 answer is printed with the skip stats and latency, and the stack keeps serving while the
-calibration's progress shows (or, with --once, follows the calibration to its end and exits). While it serves, a child that exits (a crash, a kill)
-is restarted with exponential backoff, on its own port with its own id; only SIGINT
-(Ctrl-C) or SIGTERM stops the stack, in order: the gateway drains, the decoders
-drain, the calibrator, and Redis last (its data is in an append-only file).
+calibration's progress shows (or, with `once`, follows the calibration to its end and exits).
+While it serves, a child that exits (a crash, a kill) is restarted with exponential backoff,
+on its own port with its own id; only SIGINT (Ctrl-C) or SIGTERM stops the stack, in order:
+the gateway drains, the decoders drain, the calibrator, and Redis last (its data is in an
+append-only file).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import signal
@@ -22,12 +22,12 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import grpc
 
-from ffnskip.cli.ops import follow_job
 from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.config import QualityBudget
 from ffnskip.errors import FfnSkipError, InvalidArgument
@@ -39,36 +39,38 @@ START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 
 
-def register(commands) -> None:
-    up = commands.add_parser("up", help="start redis, the calibrator, decoders and the gateway on loopback; "
-                                        "serve a request; keep serving (restarting children that exit) "
-                                        "until Ctrl-C")
-    up.add_argument("--model", default="smollm2-135m", help="model spec (default: the embedded SmolLM2-135M)")
-    up.add_argument("--decoders", type=int, default=1, help="decoder processes (default 1)")
-    up.add_argument("--gateway-port", type=int, default=50051, help="gateway gRPC port on 127.0.0.1 (0 = any free)")
-    up.add_argument("--http-port", type=int, default=8080,
-                    help="gateway OpenAI-compatible HTTP API port on 127.0.0.1 (0 = any free)")
-    up.add_argument("--metrics-port", type=int, default=0, help="gateway /metrics port (default: any free)")
-    up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the first request's chat message")
-    up.add_argument("--max-new-tokens", type=int, default=64)
-    up.add_argument("--target-skip", type=float, help="target decode skip ratio of a needed calibration")
-    up.add_argument("--calibration-tokens", type=int, default=32,
-                    help="tokens per prompt of a needed calibration (default 32, a quick first profile; "
-                         "`ffnskip ops calibrate` recalibrates with more)")
-    up.add_argument("--data-dir", type=Path, help="redis data and logs (default $FFNSKIP_CACHE/stack)")
-    up.add_argument("--once", action="store_true", help="exit after the first request (tests, scripts)")
-    up.set_defaults(handler=run_up)
+@dataclass(frozen=True)
+class StackOptions:
+    """What `ffnskip up` starts and asks: its flags, typed (ffnskip.cli.up reads them)."""
+
+    model: str = "smollm2-135m"  # model spec (the embedded SmolLM2-135M)
+    decoders: int = 1  # decoder processes, 1 to 16
+    gateway_port: int = 50051  # gateway gRPC port on 127.0.0.1 (0 = any free)
+    http_port: int = 8080  # the gateway's OpenAI-compatible HTTP API on 127.0.0.1 (0 = any free)
+    metrics_port: int = 0  # the gateway's /metrics (0 = any free)
+    device: str = "auto"
+    prompt: str = DEFAULT_PROMPT  # the first request's chat message
+    max_new_tokens: int = 64
+    target_skip: Optional[float] = None  # target decode skip ratio of a needed calibration (None: the quality budget)
+    calibration_tokens: int = 32  # tokens per prompt of a needed calibration
+    data_dir: Optional[Path] = None  # redis data and logs (None: $FFNSKIP_CACHE/stack)
+    once: bool = False  # exit after the first request (and the first calibration, if one runs)
 
 
-def run_up(args: argparse.Namespace) -> int:
-    if not 1 <= args.decoders <= 16:
-        raise InvalidArgument("decoders", f"must be in [1, 16], got {args.decoders}")
-    for flag, port in (("gateway_port", args.gateway_port), ("http_port", args.http_port)):
+JobFollower = Callable[[Any, str], int]  # (calibrator stub, job id) -> 0 when the job succeeded
+
+
+def run_stack(options: StackOptions, follow_job: JobFollower) -> int:
+    """Start the stack, serve its first request, then serve until SIGINT or SIGTERM (or, with
+    `once`, follow the first calibration to its end) and stop it; -> the exit status.
+    `follow_job` shows a calibration's progress (the command line's progress bar)."""
+    if not 1 <= options.decoders <= 16:
+        raise InvalidArgument("decoders", f"must be in [1, 16], got {options.decoders}")
+    for flag, port in (("gateway_port", options.gateway_port), ("http_port", options.http_port)):
         require_free_port(flag, port)
 
-    data_dir = (args.data_dir or cache_root(os.environ) / "stack").expanduser().resolve()
-    stack = Stack(args, data_dir)
+    data_dir = (options.data_dir or cache_root(os.environ) / "stack").expanduser().resolve()
+    stack = Stack(options, data_dir, follow_job)
     # While starting, SIGINT and SIGTERM raise KeyboardInterrupt (also when a shell started
     # us in the background with SIGINT ignored), so a half-started stack is stopped cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -76,7 +78,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         stack.start()
         stack.first_request()
-        if not args.once:
+        if not options.once:
             return serve_until_stopped(stack)
         stack.follow_calibration()  # a --once run still leaves the profile for the next start
     except KeyboardInterrupt:
@@ -160,9 +162,10 @@ class StopSignals:
 
 
 class Stack:
-    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
-        self.args = args
-        self.model = args.model
+    def __init__(self, options: StackOptions, data_dir: Path, follow_job: JobFollower) -> None:
+        self.options = options
+        self.follow_job = follow_job
+        self.model = options.model
         self.log_dir = data_dir / "logs"
         self.redis = RedisChild(data_dir / "redis", self.log_dir)
         self.api_key = os.environ.get("FFNSKIP_API_KEYS", "").split(",")[0].strip() or "dev-" + secrets.token_urlsafe(24)
@@ -171,8 +174,8 @@ class Stack:
         self.gateway: Optional[Child] = None
         self.decoders: list[Child] = []
         self.decoder_metrics_ports: list[int] = []  # each decoder's /metrics (its memory too: process_*)
-        self.metrics_port = args.metrics_port or free_port()
-        self.http_port = args.http_port or free_port()
+        self.metrics_port = options.metrics_port or free_port()
+        self.http_port = options.http_port or free_port()
         self.supervisor: Optional[Supervisor] = None
         self.calibration_job: Optional[str] = None  # the first calibration, while it runs
 
@@ -189,7 +192,7 @@ class Stack:
         return "\n".join(["processes (one that exits is restarted, with backoff):", *rows])
 
     def _env(self, **values: str) -> dict[str, str]:
-        return {"FFNSKIP_REDIS_URL": self.redis.url, "FFNSKIP_DEVICE": self.args.device, **values}
+        return {"FFNSKIP_REDIS_URL": self.redis.url, "FFNSKIP_DEVICE": self.options.device, **values}
 
     def start(self) -> None:
         print(f"starting the stack for {self.model} (logs in {self.log_dir})", flush=True)
@@ -211,7 +214,7 @@ class Stack:
         self.gateway.wait_serving(60.0, service=f"model:{self.model}")  # the gateway has found a decoder
 
     def _start_gateway(self) -> None:
-        port = self.args.gateway_port or free_port()
+        port = self.options.gateway_port or free_port()
         self.gateway = Child.service("gateway", "services.gateway.main", self._env(
             FFNSKIP_GATEWAY_HOST="127.0.0.1", FFNSKIP_GATEWAY_PORT=str(port), FFNSKIP_GATEWAY_ID="gateway-local",
             FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(self.metrics_port),
@@ -219,14 +222,14 @@ class Stack:
             FFNSKIP_API_KEYS=self.api_key, FFNSKIP_OPS_KEYS=self.ops_key), port, self.log_dir).start()
 
     def _start_decoders(self) -> None:
-        for i in range(self.args.decoders):
+        for i in range(self.options.decoders):
             port, metrics_port = free_port(), free_port()
             self.decoder_metrics_ports.append(metrics_port)
             self.decoders.append(Child.service(f"decoder-{i}", "services.decoder.main", self._env(
                 FFNSKIP_DECODER_HOST="127.0.0.1", FFNSKIP_DECODER_PORT=str(port), FFNSKIP_DECODER_ID=f"decoder-{i}",
                 FFNSKIP_ADVERTISE_ADDRESS=f"127.0.0.1:{port}", FFNSKIP_MODEL=self.model, FFNSKIP_MODEL_NAME=self.model,
                 FFNSKIP_METRICS_HOST="127.0.0.1", FFNSKIP_METRICS_PORT=str(metrics_port),
-                FFNSKIP_THREADS=str(threads_per_process(self.args.decoders))),
+                FFNSKIP_THREADS=str(threads_per_process(self.options.decoders))),
                 port, self.log_dir).start())
 
     def _active_profile(self) -> Optional[int]:
@@ -246,10 +249,10 @@ class Stack:
         assert self.calibrator is not None
         budget = QualityBudget()
         request = calibrator_pb2.SubmitCalibrationRequest(
-            model=self.model, activate_on_success=True, tokens_per_prompt=self.args.calibration_tokens)
-        if self.args.target_skip is not None:  # the alternative objective, asked for
-            request.target_skip_ratio = self.args.target_skip
-            objective = f"target decode skip ratio {self.args.target_skip}"
+            model=self.model, activate_on_success=True, tokens_per_prompt=self.options.calibration_tokens)
+        if self.options.target_skip is not None:  # the alternative objective, asked for
+            request.target_skip_ratio = self.options.target_skip
+            objective = f"target decode skip ratio {self.options.target_skip}"
         else:
             request.max_kl, request.max_relative_nll = budget.max_kl, budget.max_relative_nll
             objective = f"quality budget: KL <= {budget.max_kl} nats/token, relative NLL <= {budget.max_relative_nll}"
@@ -263,8 +266,8 @@ class Stack:
         return job_id
 
     def follow_calibration(self) -> None:
-        """Follow the first calibration to its end with the ops CLI's progress bar (as `ffnskip ops
-        watch` does), then say what is served. Ctrl-C cancels the job, so no worker picks an
+        """Follow the first calibration to its end with `follow_job` (the command line's progress
+        bar, as `ffnskip ops watch` shows it), then say what is served. Ctrl-C cancels the job, so no worker picks an
         abandoned job up later."""
 
         if self.calibration_job is None or self.calibrator is None:
@@ -272,7 +275,7 @@ class Stack:
         with grpc.insecure_channel(self.calibrator.address) as channel:
             stub = calibrator_pb2_grpc.CalibratorStub(channel)
             try:
-                code = follow_job(stub, self.calibration_job)
+                code = self.follow_job(stub, self.calibration_job)
             except KeyboardInterrupt:  # Ctrl-C while following the job
                 self.cancel_calibration()
                 raise
@@ -299,8 +302,8 @@ class Stack:
 
     def first_request(self) -> None:
         assert self.gateway is not None
-        request = build_request(self.model, chat=self.args.prompt, max_new_tokens=self.args.max_new_tokens)
-        print(f"\n> {self.args.prompt}\n", flush=True)
+        request = build_request(self.model, chat=self.options.prompt, max_new_tokens=self.options.max_new_tokens)
+        print(f"\n> {self.options.prompt}\n", flush=True)
         started = time.monotonic()
         with GatewayClient(self.gateway.address, api_key=self.api_key, timeout_s=300.0) as client:
             summary = None

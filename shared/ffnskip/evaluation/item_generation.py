@@ -30,7 +30,9 @@ class Chunk:
     digest: str
 
 
-class Runner:
+class ItemGenerator:
+    """The items of one data kind (`task`) generated under each Setting, chunked and cached."""
+
     def __init__(self, loaded, state: StateFile, max_new_tokens: int, seed: int, task: str) -> None:
         self.loaded = loaded
         self.state = state
