@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import grpc
 
 from ffnskip.client import GatewayClient, build_request
@@ -195,7 +196,7 @@ def main() -> int:
 
         print("\nphase                  (the calls running at some time in it; a phase is named by its end)")
         bounds = list(marks.items())
-        for (name, start), (next_name, end) in zip(bounds, bounds[1:]):
+        for (_, start), (next_name, end) in zip(bounds, bounds[1:]):
             calls = [c for c in load.calls if c.started < end and c.ended > start]
             row = summarise(next_name, calls)
             if row["codes"].get("NOT_FOUND"):

@@ -72,8 +72,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -185,7 +186,7 @@ def bench_batch(model_runner: ModelRunner, plan: BenchPlan, batch: int, args, de
         meta.setdefault("self_check", {})[str(batch)] = checks
 
     # variants timed: (label, runner, rows, threshold or None, segmented read flag)
-    variants: list[tuple[str, Any, Optional[str], Optional[float], bool]] = [
+    variants: list[tuple[str, Any, str | None, float | None, bool]] = [
         ("dense", runners["dense"], None, None, True), ("static", runners["static"], "static", None, True),
         ("adaptive", runners["adaptive"], "adaptive", threshold, True),
         ("check", runners["adaptive"], "adaptive", 2.0, True), ("cos", runners["cos"], None, None, True)]
@@ -275,7 +276,7 @@ def table(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(CONFIGS), default="1b")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (one graph bucket each)")
@@ -304,11 +305,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device (this torch: %s)" % torch.__version__)
+        sys.exit(f"--device cuda: no CUDA device (this torch: {torch.__version__})")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
     num_layers = CONFIGS[args.model]["num_hidden_layers"]

@@ -48,7 +48,8 @@ def main() -> int:
         jobs = [Q.Job(p, SamplingParams(max_new_tokens=args.tokens, temperature=temperature, seed=i)) for i, p in enumerate(prompts)]
         report(f"dense sampled at temperature {temperature}", Q.run_jobs(judge, jobs, args.batch))
     half = engine("bfloat16")
-    report("dense in bfloat16, greedy", Q.run_jobs(half, [Q.Job(p, SamplingParams(max_new_tokens=args.tokens)) for p in prompts], args.batch))
+    greedy_jobs = [Q.Job(p, SamplingParams(max_new_tokens=args.tokens)) for p in prompts]
+    report("dense in bfloat16, greedy", Q.run_jobs(half, greedy_jobs, args.batch))
     kl = Q.divergence(half, prompts, references, DENSE, args.batch)
     print(f"dense in bfloat16, teacher-forced: KL {Q.pooled([row[after:] for row in kl.kl]).mean:.4f}, same top token "
           f"{Q.pooled([[float(t) for t in row[after:]] for row in kl.top]).mean:.4f}")

@@ -15,8 +15,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import redis
 
@@ -33,12 +33,12 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; `options` are redis.conf directives (name -> value)."""
 
-    def __init__(self, port: Optional[int] = None, start_timeout_s: float = 10.0, **options: str) -> None:
+    def __init__(self, port: int | None = None, start_timeout_s: float = 10.0, **options: str) -> None:
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self.options = {**DEFAULT_OPTIONS, **{name.replace("_", "-"): str(v) for name, v in options.items()}}
         self._dir = Path(tempfile.mkdtemp(prefix="ffnskip-redis-"))
-        self._process: Optional[subprocess.Popen] = None
+        self._process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -55,7 +55,7 @@ class RedisServer:
             command += [f"--{name}", value]
         return command
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         if self.running:
             return self
         self._process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -111,7 +111,7 @@ class RedisServer:
 @contextlib.contextmanager
 def running_redis(start_attempts: int = 3, **options: str) -> Iterator[RedisServer]:
     """A started server, stopped and removed on exit. Retries on a port grabbed in between."""
-    server: Optional[RedisServer] = None
+    server: RedisServer | None = None
     for attempt in range(start_attempts):
         server = RedisServer(**options)
         try:

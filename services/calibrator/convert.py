@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 from ffnskip import datasets
-from ffnskip.config import QualityBudget
 from ffnskip.calibration.calibrate import CalibrationRequest
-from ffnskip.config import Policy
+from ffnskip.config import Policy, QualityBudget
 from ffnskip.errors import InvalidArgument, NotFound
 from ffnskip.profile import Profile
-from ffnskip.rpc.convert import skip_params_to_proto
+from ffnskip.rpc.convert import policy_fields, policy_of, skip_params_to_proto
 from ffnskip.v1 import calibrator_pb2 as pb
 from services.calibrator.settings import CalibratorSettings
 
@@ -44,7 +43,8 @@ def job_request(message: pb.SubmitCalibrationRequest, settings: CalibratorSettin
     budget = {name: getattr(message, name) for name in ("max_kl", "max_relative_nll") if message.HasField(name)}
     if budget:
         request["quality_budget"] = budget
-    request["policy"] = message.policy or (Policy.STATIC.value if budget else DEFAULT_POLICY)
+    named = policy_of(message)  # policy_value, else (a client older than it) the deprecated string
+    request["policy"] = named.value if named else (Policy.STATIC.value if budget else DEFAULT_POLICY)
     if message.WhichOneof("source") == "prompts":
         prompts = list(message.prompts.prompts)
         for index, prompt in enumerate(prompts):
@@ -57,7 +57,7 @@ def job_request(message: pb.SubmitCalibrationRequest, settings: CalibratorSettin
     return request
 
 
-def idempotency_key(message: pb.SubmitCalibrationRequest) -> Optional[str]:
+def idempotency_key(message: pb.SubmitCalibrationRequest) -> str | None:
     key = message.idempotency_key
     if not key:
         return None
@@ -72,7 +72,7 @@ def dataset_prompts(name: str) -> list[str]:
     return datasets.texts(name, DATASET_FIELDS[name])
 
 
-def calibration_request(request: dict[str, Any], job_id: str = "", batch_size: Optional[int] = None) -> CalibrationRequest:
+def calibration_request(request: dict[str, Any], job_id: str = "", batch_size: int | None = None) -> CalibrationRequest:
     """The engine-side request for a queued job request."""
     prompts = request["prompts"] if "prompts" in request else dataset_prompts(request["dataset"])
     batching: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
@@ -103,7 +103,7 @@ def job_to_proto(record: dict[str, Any]) -> pb.Job:
         target_skip_ratio=float(request.get("target_skip_ratio") or 0.0),
         tokens_per_prompt=int(request.get("tokens_per_prompt") or 0),
         activate_on_success=bool(request.get("activate")), prompt_source=source,
-        policy=request.get("policy", DEFAULT_POLICY),
+        **policy_fields(request.get("policy", DEFAULT_POLICY)),
     )
     if record.get("eta_s") is not None:
         job.eta_s = record["eta_s"]

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import uuid
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from ffnskip.logs import get_logger
 from ffnskip.rpc.process import run_service
@@ -27,7 +27,7 @@ from services.calibrator.servicer import CalibratorServicer
 from services.calibrator.settings import CalibratorSettings
 from services.calibrator.worker import ModelCache, Worker
 
-log = get_logger("calibrator")
+log = get_logger(__name__)
 SERVICE_NAME = calibrator_pb2.DESCRIPTOR.services_by_name["Calibrator"].full_name
 
 
@@ -86,7 +86,7 @@ async def serve(settings: CalibratorSettings) -> None:
         os._exit(0)
 
 
-def main(environ: Optional[Mapping[str, str]] = None) -> int:
+def main(environ: Mapping[str, str] | None = None) -> int:
     return run_service("calibrator", CalibratorSettings.from_env, serve, environ)
 
 

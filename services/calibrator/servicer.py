@@ -7,7 +7,8 @@ carries the request id along). Errors are the taxonomy; StatusInterceptor maps t
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from ffnskip.errors import FailedPrecondition, InvalidArgument, NotFound
 from ffnskip.logs import get_logger
@@ -21,7 +22,7 @@ from ffnskip.v1 import calibrator_pb2_grpc
 from services.calibrator import convert
 from services.calibrator.settings import CalibratorSettings
 
-log = get_logger("calibrator.servicer")
+log = get_logger(__name__)
 T = TypeVar("T")
 
 
@@ -50,7 +51,7 @@ class CalibratorServicer(calibrator_pb2_grpc.CalibratorServicer):
 
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.Job]:
         job_id = convert.check_job_id(request.job_id)
-        last: Optional[pb.Job] = None
+        last: pb.Job | None = None
         while True:
             record = await self._call(self._jobs.get, job_id)
             job = convert.job_to_proto(record)
@@ -126,7 +127,7 @@ class CalibratorServicer(calibrator_pb2_grpc.CalibratorServicer):
             log.error("malformed profile in redis", model=model, version=version, error=err.message)
             raise FailedPrecondition(f"stored profile v{version} of model {model!r} is malformed: {err.message}") from None
 
-    def _active_version(self, model: str) -> Optional[int]:
+    def _active_version(self, model: str) -> int | None:
         try:
             return self._profiles.active_version(model)
         except InvalidArgument as err:
@@ -151,7 +152,7 @@ def _model(model: str) -> str:
         raise InvalidArgument("model", err.problem) from None
 
 
-def _change(model: str, active: int, previous: Optional[int]) -> pb.ProfileChange:
+def _change(model: str, active: int, previous: int | None) -> pb.ProfileChange:
     change = pb.ProfileChange(model=model, active_version=active)
     if previous is not None:
         change.previous_version = previous

@@ -25,16 +25,15 @@ booleans are 1/0, true/false, yes/no, on/off, and an error names the variable):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
 
 from ffnskip.config import EngineConfig
 from ffnskip.errors import InvalidArgument
 from ffnskip.settings import Env, cache_root
-from ffnskip.store import RedisSettings
+from ffnskip.store import REDIS_ENV_VARS, RedisSettings
 
-REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
 ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_CALIBRATOR_HOST",
     "FFNSKIP_CALIBRATOR_PORT",
@@ -60,7 +59,7 @@ class CalibratorSettings:
     dtype: str = "auto"
     workers: int = 1
     reclaim_idle_ms: int = 60_000
-    batch_size: Optional[int] = None  # None = the calibration's default
+    batch_size: int | None = None  # None = the calibration's default
     drain_timeout_s: float = 20.0
     log_level: str = "info"
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -95,7 +94,7 @@ class CalibratorSettings:
         return self.reclaim_idle_ms / 3000
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "CalibratorSettings":
+    def from_env(cls, environ: Mapping[str, str]) -> CalibratorSettings:
         """Every variable in ENV_VARS; the defaults are the dataclass's, the ranges __post_init__'s."""
         env = Env(environ)
         return cls(

@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ffnskip.calibration.calibrate import calibrate
 from ffnskip.errors import Cancelled, FailedPrecondition, FfnSkipError, NotFound, Unavailable
@@ -26,7 +26,7 @@ from ffnskip.store import ClaimedJob, JobQueue, ProfileStore
 from services.calibrator import convert
 from services.calibrator.settings import CalibratorSettings
 
-log = get_logger("calibrator.worker")
+log = get_logger(__name__)
 PUBLISH_ATTEMPTS = 8  # a computed profile is expensive: ride out a Redis restart before giving up
 
 
@@ -37,7 +37,7 @@ class _LeftForReclaim(Exception):
 class ModelCache:
     """Models by spec, each loaded once per process and shared by the workers (read-only weights)."""
 
-    def __init__(self, device: str, dtype: str, cache_dir: Path, loader: Optional[Callable] = None) -> None:
+    def __init__(self, device: str, dtype: str, cache_dir: Path, loader: Callable | None = None) -> None:
         self._device, self._dtype, self._cache_dir = device, dtype, cache_dir
         self._loader = loader
         self._models: dict = {}
@@ -69,7 +69,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claimed.job_id[:8]}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -186,7 +186,7 @@ class Worker:
 
         return should_cancel
 
-    def _publish(self, claimed: ClaimedJob, outcome, activate: bool, gone: Callable[[], bool]) -> Optional[int]:
+    def _publish(self, claimed: ClaimedJob, outcome, activate: bool, gone: Callable[[], bool]) -> int | None:
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
                 version = self._profiles.publish(outcome.profile, outcome.plot_png, activate=activate, job_id=claimed.job_id)

@@ -23,38 +23,38 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar, Union
-
-import structlog
+from typing import Any, TypeVar
 
 from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine import Engine, GenerationResult, TokenEvent
 from ffnskip.engine.sequence import Sequence
 from ffnskip.errors import FfnSkipError, ResourceExhausted, Unavailable
+from ffnskip.logs import get_logger
 
-log = structlog.get_logger("decoder.engine_loop")
-Item = Union[TokenEvent, GenerationResult, FfnSkipError]
+log = get_logger(__name__)
+Item = TokenEvent | GenerationResult | FfnSkipError
 T = TypeVar("T")
 
 
 @dataclass
 class Submission:
     request_id: str  # the caller's label, for logs and the response; not unique
-    prompt: Optional[str]
-    messages: Optional[list[dict]]
+    prompt: str | None
+    messages: list[dict] | None
     sampling: SamplingParams
     skip: SkipParams
     profile_version: int
-    deadline: Optional[float]  # time.monotonic() seconds
+    deadline: float | None  # time.monotonic() seconds
     loop: asyncio.AbstractEventLoop
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     received_at: float = field(default_factory=time.perf_counter)
-    first_token_at: Optional[float] = None
-    seq: Optional[Sequence] = None  # set by the engine thread when admitted
-    tokens_at_cancel: Optional[int] = None  # tokens it had when its caller's cancel reached the decoder
-    prompt_ids: Optional[list[int]] = None  # a prompt given as token ids (then prompt and messages are None)
+    first_token_at: float | None = None
+    seq: Sequence | None = None  # set by the engine thread when admitted
+    tokens_at_cancel: int | None = None  # tokens it had when its caller's cancel reached the decoder
+    prompt_ids: list[int] | None = None  # a prompt given as token ids (then prompt and messages are None)
     resumed: tuple[int, ...] = ()  # tokens another decoder delivered: generation continues after them
     resumed_skips: tuple[tuple[int, ...], ...] = ()  # the layers each of them skipped
 
@@ -69,12 +69,12 @@ class EngineLoop:
     engine: Engine  # set by the constructor, or by start() once the engine thread has built it
 
     def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int,
-                 on_result: Callable[[GenerationResult, Optional[int]], None] = lambda result, after: None,
+                 on_result: Callable[[GenerationResult, int | None], None] = lambda result, after: None,
                  on_step: Callable[[float], None] = lambda seconds: None) -> None:
         """`engine`: the engine, or a function that builds it on the engine thread (start waits for it)."""
         if isinstance(engine, Engine):
             self.engine = engine
-            self._build: Optional[Callable[[], Engine]] = None
+            self._build: Callable[[], Engine] | None = None
         else:
             self._build = engine
         self._built: Future[Engine] = Future()

@@ -29,7 +29,7 @@ from services.decoder.service import DecoderService
 from services.decoder.servicer import DecoderServicer
 from services.decoder.settings import DecoderSettings
 
-log = get_logger("decoder")
+log = get_logger(__name__)
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 

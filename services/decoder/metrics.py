@@ -3,7 +3,7 @@ autoscaler, and the per-pod token and skip counters."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
@@ -54,7 +54,7 @@ class DecoderMetrics:
     def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)
 
-    def finished(self, result: GenerationResult, tokens_after_cancel: Optional[int] = None) -> None:
+    def finished(self, result: GenerationResult, tokens_after_cancel: int | None = None) -> None:
         if tokens_after_cancel is not None:
             self._after_cancel.observe(tokens_after_cancel)
         self._success.labels(model_name=self.model_name, finished_reason=result.finish_reason).inc()

@@ -14,15 +14,14 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import structlog
-
 from ffnskip.config import Policy, SkipParams
 from ffnskip.errors import FfnSkipError, InvalidArgument, Unavailable
+from ffnskip.logs import get_logger
 from ffnskip.profile import Profile
 from ffnskip.store.profiles import ProfileStore
 from services.decoder.settings import ServingMode
 
-log = structlog.get_logger("decoder.profiles")
+log = get_logger(__name__)
 
 
 def serving_params(params: SkipParams, mode: ServingMode, quorum: float) -> SkipParams:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
-
-import structlog
+from collections.abc import Callable
 
 from ffnskip.errors import FfnSkipError
+from ffnskip.logs import get_logger
 from ffnskip.store.registry import DecoderRegistry
 
-log = structlog.get_logger("decoder.registration")
+log = get_logger(__name__)
 
 
 class Registration:

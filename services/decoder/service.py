@@ -4,11 +4,12 @@ submit to the engine loop, and turn engine items into responses."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from ffnskip.engine import GenerationResult, TokenEvent
 from ffnskip.engine.sampling import TokenLogprob
 from ffnskip.errors import Cancelled, DeadlineExceeded, FailedPrecondition, FfnSkipError, NotFound
+from ffnskip.rpc.convert import policy_fields
 from ffnskip.rpc.generation import prompt_of, sampling_of, shown, skip_of, stats_to_proto
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.engine_loop import EngineLoop, Submission
@@ -22,7 +23,7 @@ class DecoderService:
         self.loop = loop
         self.profiles = profiles
 
-    def submission(self, request: pb.GenerateRequest, request_id: str, time_remaining: Optional[float], aio_loop) -> Submission:
+    def submission(self, request: pb.GenerateRequest, request_id: str, time_remaining: float | None, aio_loop) -> Submission:
         if request.model != self.settings.model_name:
             raise NotFound(f"model: this decoder serves {self.settings.model_name!r}, not {shown(request.model)}")
         prompt, messages, prompt_ids = prompt_of(request)
@@ -81,7 +82,7 @@ class DecoderService:
                                tokens_per_s=tokens / total_s if total_s > 0 else 0.0,
                                queue_ms=max(0.0, ttft_s - result.ttft_s) * 1e3),
             profile_version=submission.profile_version, served_by=self.settings.decoder_id,
-            token_ids=result.token_ids, request_id=submission.request_id, policy=submission.skip.policy,
+            token_ids=result.token_ids, request_id=submission.request_id, **policy_fields(submission.skip.policy),
             prompt_tokens=result.prompt_tokens, seed=result.seed,
             logprobs=[self._logprob(entry) for entry in result.logprobs],
             prompt_logprobs=[self._logprob(entry) for entry in result.prompt_logprobs],

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import grpc
 
 from ffnskip.logs import new_request_id, request_id_var
+from ffnskip.rpc.convert import skip_params_to_proto
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.service import DecoderService
@@ -41,11 +42,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     async def Info(self, request, context):
         settings, loop = self.service.settings, self.service.loop
         active = self.service.profiles.current
-        params = asdict(active.params)
+        params = asdict(active.params)  # default_skip_json, deprecated: for readers older than default_skip
         params["static_layers"] = list(params["static_layers"])
         return decoder_pb2.InfoResponse(
             decoder_id=settings.decoder_id, model_id=settings.model_name, fingerprint=self.info["fingerprint"],
             profile_version=active.version, device=self.info["device"], dtype=self.info["dtype"],
             max_batch=settings.max_batch, max_queue=settings.max_queue, running=loop.running, waiting=loop.waiting,
             num_layers=self.info["num_layers"], draining=loop.draining, default_skip_json=json.dumps(params),
+            default_skip=skip_params_to_proto(active.params),
         )

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Mapping
 
 from ffnskip.config import Policy
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.generation import OVERRIDABLE_POLICIES, OverrideLimits
 from ffnskip.settings import Env, cache_root
-from ffnskip.store.connection import RedisSettings
+from ffnskip.store.connection import REDIS_ENV_VARS, RedisSettings
 
-REDIS_ENV_VARS = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
 ENV_VARS = (
     "FFNSKIP_DECODER_HOST", "FFNSKIP_DECODER_PORT", "FFNSKIP_ADVERTISE_ADDRESS", "FFNSKIP_DECODER_ID",
     "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_CACHE",
@@ -76,7 +75,7 @@ class DecoderSettings:
     redis: RedisSettings
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "DecoderSettings":
+    def from_env(cls, environ: Mapping[str, str]) -> DecoderSettings:
         """Every variable in ENV_VARS (ffnskip.settings rules: absent or empty ones keep the defaults)."""
         env = Env(environ)
         host = env.text("FFNSKIP_DECODER_HOST", "127.0.0.1")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import grpc
 
@@ -51,7 +52,7 @@ class KeyRing:
     ops: frozenset[str] = frozenset()
 
     @classmethod
-    def from_strings(cls, api_keys: str, ops_keys: str) -> "KeyRing":
+    def from_strings(cls, api_keys: str, ops_keys: str) -> KeyRing:
         return cls(_digests(api_keys, "FFNSKIP_API_KEYS"), _digests(ops_keys, "FFNSKIP_OPS_KEYS"))
 
     @property
@@ -61,7 +62,7 @@ class KeyRing:
     def __repr__(self) -> str:  # digests are not secrets, but there is no reason to print them
         return f"KeyRing(api={len(self.api)} keys, ops={len(self.ops)} keys)"
 
-    def role_of(self, key: str) -> Optional[str]:
+    def role_of(self, key: str) -> str | None:
         digest = hash_key(key)
         # compare_digest over every entry: no early exit that times which key matched
         is_ops = any([hmac.compare_digest(digest, d) for d in self.ops])
@@ -69,7 +70,7 @@ class KeyRing:
         return OPS if is_ops else API if is_api else None
 
 
-def bearer_token(metadata: Optional[Iterable[tuple[str, Any]]]) -> Optional[str]:
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     for key, value in metadata or ():
         if key.lower() == "authorization" and isinstance(value, str):
             scheme, _, token = value.strip().partition(" ")
@@ -78,7 +79,7 @@ def bearer_token(metadata: Optional[Iterable[tuple[str, Any]]]) -> Optional[str]
     return None
 
 
-def authorize(keys: KeyRing, metadata: Optional[Iterable[tuple[str, Any]]], needed: str) -> str:
+def authorize(keys: KeyRing, metadata: Iterable[tuple[str, Any]] | None, needed: str) -> str:
     """The caller's role, or Unauthenticated / PermissionDenied."""
     token = bearer_token(metadata)
     if token is None:
@@ -98,7 +99,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, keys: KeyRing, roles: Mapping[str, str],
-                 on_refused: Optional[Callable[[str, BaseException], None]] = None) -> None:
+                 on_refused: Callable[[str, BaseException], None] | None = None) -> None:
         self._keys = keys
         self._roles = dict(roles)
         self._on_refused = on_refused
@@ -106,7 +107,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
-    ) -> Optional[grpc.RpcMethodHandler]:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         needed = self._roles.get(details.method)
         if handler is None or needed is None:

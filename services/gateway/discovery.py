@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
@@ -22,7 +23,7 @@ from ffnskip.logs import get_logger
 from ffnskip.store.registry import DecoderRegistry
 from services.gateway.routing import Endpoint
 
-log = get_logger("ffnskip.gateway.discovery")
+log = get_logger(__name__)
 
 
 class Discovery(Protocol):
@@ -60,7 +61,7 @@ class RegistryDiscovery:
 
     def __init__(self, registry: DecoderRegistry, interval_s: float = 0.5, stale_s: float = 15.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Optional[Callable[[Sequence[Endpoint]], None]] = None) -> None:
+                 on_change: Callable[[Sequence[Endpoint]], None] | None = None) -> None:
         """`on_change(endpoints)` runs on the event loop after each change of the set."""
         self._registry = registry
         self._interval_s = interval_s
@@ -68,7 +69,7 @@ class RegistryDiscovery:
         self._clock = clock
         self._on_change = on_change
         self._snapshot: list[Endpoint] = []
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._failing = False
         self._first = True
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import defaultdict
-from typing import Callable, Mapping, Optional, Sequence, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import redis
 
@@ -24,7 +25,7 @@ from ffnskip.store.connection import redis_errors
 from ffnskip.v1 import gateway_pb2
 from services.gateway.telemetry import HISTOGRAMS, INF, parse_field
 
-log = get_logger("ffnskip.gateway.fleet")
+log = get_logger(__name__)
 _SCALARS = ("generated_tokens", "ffn_blocks_total", "ffn_blocks_skipped", "failovers", "resumes")
 
 
@@ -158,7 +159,7 @@ class Flusher:
         self.fleet = fleet
         self._snapshot = snapshot
         self._interval_s = interval_s
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._failing = False
 
     async def flush(self) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import grpc
 import redis
@@ -22,23 +22,23 @@ from ffnskip.store.connection import connect
 from ffnskip.store.registry import DecoderRegistry
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.auth import API, OPS, AuthInterceptor
+from services.gateway.channels import ChannelPool
 from services.gateway.discovery import RegistryDiscovery
 from services.gateway.fleet import FleetTelemetry, Flusher
 from services.gateway.openai_api import OpenAIApi
+from services.gateway.openai_mapping import http_body_limit
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.routing import Endpoint
-from services.gateway.channels import ChannelPool
 from services.gateway.proxy import Proxy, Timeouts, code_of
-from services.gateway.routing import Router
+from services.gateway.routing import Endpoint, Router
 from services.gateway.servicer import GatewayServicer, method_roles
 from services.gateway.settings import GatewaySettings
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
 
-log = get_logger("ffnskip.gateway")
+log = get_logger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
-def tls_credentials(settings: GatewaySettings) -> Optional[grpc.ServerCredentials]:
+def tls_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     try:
@@ -48,7 +48,7 @@ def tls_credentials(settings: GatewaySettings) -> Optional[grpc.ServerCredential
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def http_ssl_context(settings: GatewaySettings) -> Optional[ssl.SSLContext]:
+def http_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     """The HTTP port's TLS: the gRPC port's certificate and key (one Secret serves both ports)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
@@ -83,7 +83,7 @@ class Gateway:
     flusher: Flusher
     pool: ChannelPool
     redis_client: redis.Redis
-    http: Optional[OpenAIApi]  # the OpenAI-compatible HTTP API, when FFNSKIP_HTTP_PORT is set
+    http: OpenAIApi | None  # the OpenAI-compatible HTTP API, when FFNSKIP_HTTP_PORT is set
 
 
 async def build(settings: GatewaySettings) -> Gateway:
@@ -122,7 +122,8 @@ async def build(settings: GatewaySettings) -> Gateway:
     http = None
     if settings.http_port:  # the same proxy, sampler, limits and keys as the gRPC API
         http = OpenAIApi(proxy, sampler, settings.max_new_tokens, None if settings.auth_disabled else settings.keys,
-                         settings.max_message_bytes, settings.drain_timeout_s, keepalive_s=settings.http_keepalive_s,
+                         http_body_limit(settings.max_message_bytes), settings.drain_timeout_s,
+                         keepalive_s=settings.http_keepalive_s,
                          body_timeout_s=settings.http_body_timeout_s)
     return Gateway(settings, server, telemetry, discovery, flusher, pool, redis_client, http)
 

@@ -23,7 +23,7 @@ import math
 import ssl
 import sys
 import time
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -42,7 +42,7 @@ from services.gateway.proxy import Proxy, UpstreamError
 from services.gateway.servicer import SERVED_BY_HEADER
 from services.gateway.telemetry import NO_DECODER, NO_MODEL
 
-log = get_logger("ffnskip.gateway.http")
+log = get_logger(__name__)
 TIMEOUT_HEADER = "x-ffnskip-timeout"  # the call's deadline in seconds (gRPC clients set a deadline instead)
 MAX_TIMEOUT_S = 86_400.0
 CLIENT_GONE = "client_gone"  # request key: the client disconnected mid-stream
@@ -54,7 +54,7 @@ _ERROR_CODES = {grpc.StatusCode.UNAUTHENTICATED: "invalid_api_key", grpc.StatusC
 class OpenAIApi:
     """The HTTP front end of one gateway process."""
 
-    def __init__(self, proxy: Proxy, sampler: PromptSampler, max_new_tokens: int, keys: Optional[KeyRing],
+    def __init__(self, proxy: Proxy, sampler: PromptSampler, max_new_tokens: int, keys: KeyRing | None,
                  max_body_bytes: int, drain_timeout_s: float, *, keepalive_s: float, body_timeout_s: float) -> None:
         self.proxy = proxy
         self.sampler = sampler
@@ -65,7 +65,7 @@ class OpenAIApi:
         self.keepalive_s = keepalive_s  # idle between requests, or the request line and headers unfinished
         self.body_timeout_s = body_timeout_s  # the whole body, from the end of the headers
         self.ready = False  # /health: true between start and the drain
-        self._runner: Optional[web.AppRunner] = None
+        self._runner: web.AppRunner | None = None
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
@@ -75,7 +75,7 @@ class OpenAIApi:
         app.router.add_get("/health", self._health)
         return app
 
-    async def start(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Serve on host:port (0 = any free port), over TLS with `ssl_context`; returns the bound port."""
         # handler_cancellation: a client that goes away cancels its handler (and so its decode).
         # keepalive_timeout: aiohttp's timer runs from the connection's start and from each response
@@ -129,7 +129,7 @@ class OpenAIApi:
         admit(parsed.request, self.proxy.telemetry, self.sampler, self.max_new_tokens)
         if parsed.stream:
             return await self._stream(request, parsed, created, time_remaining)
-        summary: Optional[generation_pb2.GenerateResponse] = None
+        summary: generation_pb2.GenerateResponse | None = None
         async with contextlib.aclosing(self.proxy.stream(parsed.request, time_remaining)) as messages:
             async for message in messages:
                 if message.HasField("summary"):
@@ -139,7 +139,7 @@ class OpenAIApi:
                                  headers={SERVED_BY_HEADER: summary.served_by})
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, created: int,
-                      time_remaining: Callable[[], Optional[float]]) -> web.StreamResponse:
+                      time_remaining: Callable[[], float | None]) -> web.StreamResponse:
         """Server-sent events. Until the first token the response is not started, so an error
         is still a plain error response; after it, an error is an `error` event."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -254,11 +254,12 @@ class OpenAIApi:
         if isinstance(exc, NotFound) and param is None:
             param = "model"
         status = HTTP_STATUS.get(code, 500)
-        headers = {"Retry-After": str(v) for k, v in trailers if k == RETRY_AFTER_HEADER}
+        retry_after = [str(v) for k, v in trailers if k == RETRY_AFTER_HEADER]
+        headers = {"Retry-After": retry_after[-1]} if retry_after else {}
         return status, error_body(message, error_type(status), param, _ERROR_CODES.get(code, code.name.lower())), headers
 
 
-def _time_remaining(request: web.Request) -> Callable[[], Optional[float]]:
+def _time_remaining(request: web.Request) -> Callable[[], float | None]:
     """The call's remaining time from the optional timeout header (None: no deadline of its
     own, as a gRPC call without one; each attempt still has the gateway's attempt timeout)."""
     value = request.headers.get(TIMEOUT_HEADER)

@@ -9,7 +9,8 @@ something else than it reports. docs/api.md tables the same (a test holds them e
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 CHAT = "chat"
 COMPLETION = "completion"
@@ -96,7 +97,7 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def refusal(body: dict, kind: str) -> Optional[tuple[str, str]]:
+def refusal(body: dict, kind: str) -> tuple[str, str] | None:
     """(field, why) of the first field this server refuses in a request body, else None."""
     for name, value in body.items():
         rule = REFUSED.get(name)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ffnskip.config import MAX_TOP_LOGPROBS
 from ffnskip.errors import InvalidArgument
-from ffnskip.rpc.generation import MAX_MESSAGES, MAX_PROMPT_TOKENS, MAX_STOP_STRINGS, shown
+from ffnskip.rpc.convert import policy_fields
+from ffnskip.rpc.generation import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_STRINGS, shown
 from ffnskip.v1 import generation_pb2
 from services.gateway.openai_fields import CHAT, refusal
 
@@ -38,6 +39,17 @@ class ParsedRequest:
     max_tokens_field: str  # the name the client gave the token limit (errors name it)
     echo: bool = False  # completions: the prompt goes before the answer
     echo_text: str = ""  # the prompt as text (a token-id prompt: empty, its tokens' texts are used)
+
+
+# The largest body a valid request can need: the longest prompt with every character a JSON
+# escape (6 bytes) or a token-id prompt at its longest (11 bytes an id), plus its other fields.
+_LARGEST_VALID_BODY = max(MAX_PROMPT_CHARS * 6, MAX_PROMPT_TOKENS * 11) + (64 << 10)
+
+
+def http_body_limit(max_message_bytes: int) -> int:
+    """The HTTP API's body limit: the gRPC message limit, or the largest body a valid request
+    can need when that is smaller (a larger body is refused before it is read, not parsed)."""
+    return min(max_message_bytes, _LARGEST_VALID_BODY)
 
 
 def parse(body: Any, kind: str, max_new_tokens: int) -> ParsedRequest:
@@ -143,7 +155,7 @@ def _logprobs(body: dict, kind: str, echo: bool, sampling: generation_pb2.Sampli
     sampling.prompt_logprobs = echo
 
 
-def client_field(proto_field: str, parsed: Optional[ParsedRequest]) -> str:
+def client_field(proto_field: str, parsed: ParsedRequest | None) -> str:
     """The client's name of a GenerateRequest field path ("sampling.stop[2]" -> "stop[2]")."""
     head, _, rest = proto_field.partition(".")
     if head == "sampling" and rest:
@@ -162,7 +174,7 @@ def client_field(proto_field: str, parsed: Optional[ParsedRequest]) -> str:
     return proto_field
 
 
-def client_error(message: str, parsed: Optional[ParsedRequest]) -> tuple[Optional[str], str]:
+def client_error(message: str, parsed: ParsedRequest | None) -> tuple[str | None, str]:
     """(param, message) of an error message worded "field: problem", the field renamed to the
     client's; (None, message) for one that names no field."""
     match = _FIELD_PREFIX.match(message)
@@ -172,7 +184,7 @@ def client_error(message: str, parsed: Optional[ParsedRequest]) -> tuple[Optiona
     return param, f"{param}: {match['problem']}"
 
 
-def error_body(message: str, kind: str, param: Optional[str], code: Optional[str]) -> dict:
+def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -191,7 +203,7 @@ def error_type(http_status: int) -> str:
 
 # -- field readers: JSON null means "not given" ---------------------------------------------
 
-def _string(body: dict, name: str, required: bool = False, field: Optional[str] = None) -> Optional[str]:
+def _string(body: dict, name: str, required: bool = False, field: str | None = None) -> str | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -212,7 +224,7 @@ def _text(value: str, field: str) -> str:
     return value
 
 
-def _number(body: dict, name: str) -> Optional[float]:
+def _number(body: dict, name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
@@ -221,7 +233,7 @@ def _number(body: dict, name: str) -> Optional[float]:
     return float(value)
 
 
-def _integer(body: dict, name: str, field: Optional[str] = None) -> Optional[int]:
+def _integer(body: dict, name: str, field: str | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -232,7 +244,7 @@ def _integer(body: dict, name: str, field: Optional[str] = None) -> Optional[int
     return value
 
 
-def _boolean(body: dict, name: str, field: Optional[str] = None) -> Optional[bool]:
+def _boolean(body: dict, name: str, field: str | None = None) -> bool | None:
     value = body.get(name)
     if value is None:
         return None
@@ -322,7 +334,8 @@ def _stop(body: dict) -> list[str]:
 
 
 def _skip_overrides(body: dict, skip: generation_pb2.SkipOverrides) -> None:
-    """The `ffnskip` extension object: our per-request skip overrides."""
+    """The `ffnskip` extension object: our per-request skip overrides. Only the JSON types are
+    checked here; the values' ranges are ffnskip.rpc.generation.skip_of's, as for a gRPC request."""
     overrides = body.get("ffnskip")
     if overrides is None:
         return
@@ -332,7 +345,7 @@ def _skip_overrides(body: dict, skip: generation_pb2.SkipOverrides) -> None:
     if policy is not None:
         if not isinstance(policy, str):
             raise InvalidArgument("ffnskip.policy", f"must be a string, got {_type(policy)}")
-        skip.policy = _text(policy, "ffnskip.policy")
+        skip.MergeFrom(generation_pb2.SkipOverrides(**policy_fields(_text(policy, "ffnskip.policy"))))
     for name in ("threshold", "quorum"):
         value = overrides.get(name)
         if value is not None:
@@ -342,6 +355,6 @@ def _skip_overrides(body: dict, skip: generation_pb2.SkipOverrides) -> None:
     for name in ("max_skip", "warm_up"):
         number = _integer(overrides, name, f"ffnskip.{name}")
         if number is not None:
-            if not -2 ** 31 <= number < 2 ** 31:
+            if not -2 ** 31 <= number < 2 ** 31:  # what the int32 field can hold
                 raise InvalidArgument(f"ffnskip.{name}", f"out of range, got {number}")
             setattr(skip, name, number)

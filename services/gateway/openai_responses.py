@@ -4,8 +4,9 @@ in OpenAI's two shapes (chat's `content` entries; legacy completions' parallel l
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
+from ffnskip.rpc.convert import policy_of
 from ffnskip.v1 import generation_pb2
 from services.gateway.openai_fields import CHAT
 from services.gateway.openai_mapping import ParsedRequest
@@ -31,8 +32,8 @@ def skip_extension(summary: generation_pb2.GenerateResponse) -> dict:
     """Our statistics of the request, the `ffnskip` field of a response (or final chunk)."""
     stats, latency = summary.skip_stats, summary.latency
     return {
-        "policy": summary.policy, "profile_version": summary.profile_version, "served_by": summary.served_by,
-        "seed": summary.seed, "resumes": summary.resumes,
+        "policy": str(policy_of(summary) or ""), "profile_version": summary.profile_version,
+        "served_by": summary.served_by, "seed": summary.seed, "resumes": summary.resumes,
         "skip_ratio": stats.skip_ratio, "decode_skip_ratio": stats.decode_skip_ratio,
         "ffn_blocks_total": stats.ffn_blocks_total, "ffn_blocks_skipped": stats.ffn_blocks_skipped,
         "per_layer_skips": list(stats.per_layer_skips), "generated_tokens": stats.generated_tokens,
@@ -61,9 +62,9 @@ def whole_response(parsed: ParsedRequest, summary: generation_pb2.GenerateRespon
             "ffnskip": skip_extension(summary)}
 
 
-def chunk(parsed: ParsedRequest, created: int, text: Optional[str] = None, role: bool = False,
-          summary: Optional[generation_pb2.GenerateResponse] = None, with_usage: bool = False,
-          logprob: Optional[generation_pb2.TokenLogprob] = None, text_offset: int = 0) -> dict:
+def chunk(parsed: ParsedRequest, created: int, text: str | None = None, role: bool = False,
+          summary: generation_pb2.GenerateResponse | None = None, with_usage: bool = False,
+          logprob: generation_pb2.TokenLogprob | None = None, text_offset: int = 0) -> dict:
     """One streamed chunk: a text piece (with its token's log-probability when asked for), the
     assistant role (a chat's first chunk), the finish (`summary`: finish_reason and our
     statistics), or, with `with_usage` alone, the usage chunk (no choices), as OpenAI sends them."""

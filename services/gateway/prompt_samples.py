@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable, Optional
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -24,7 +24,7 @@ from ffnskip.logs import get_logger
 from ffnskip.store.connection import redis_errors
 from ffnskip.v1 import generation_pb2
 
-log = get_logger("ffnskip.gateway.prompt_samples")
+log = get_logger(__name__)
 
 
 def sample_fields(request: generation_pb2.GenerateRequest) -> dict[FieldT, EncodableT]:  # str -> str, typed for xadd
@@ -37,7 +37,7 @@ def sample_fields(request: generation_pb2.GenerateRequest) -> dict[FieldT, Encod
 
 
 class PromptSampler:
-    def __init__(self, redis_client: Optional[redis.Redis], rate: float, stream: str, maxlen: int,
+    def __init__(self, redis_client: redis.Redis | None, rate: float, stream: str, maxlen: int,
                  draw: Callable[[], float] = random.random) -> None:
         self._redis = redis_client
         self.rate = rate

@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncGenerator, Awaitable, Callable, Optional
 
 import grpc
 
@@ -41,7 +41,7 @@ from services.gateway.resume import Relayed, resume_request, whole_answer
 from services.gateway.routing import Endpoint, Router
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
 
-log = get_logger("ffnskip.gateway.proxy")
+log = get_logger(__name__)
 
 
 class UpstreamError(Exception):
@@ -100,8 +100,8 @@ class Proxy:
         self._clock = clock
 
     async def stream(
-        self, request: generation_pb2.GenerateRequest, time_remaining: Callable[[], Optional[float]],
-        on_commit: Optional[Commit] = None,
+        self, request: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None],
+        on_commit: Commit | None = None,
     ) -> AsyncGenerator[generation_pb2.GenerateStreamResponse, None]:
         """The messages for `request`: tokens, then the summary (whose served_by names the
         last pod). `on_commit(decoder_id)` runs once, before the first message is passed on."""
@@ -112,7 +112,7 @@ class Proxy:
         tried: set[str] = set()
         failures: list[Retry] = []
         relayed = Relayed(started=started, last_at=started)
-        failed_mid_stream: Optional[str] = None  # the pod a resume takes over from
+        failed_mid_stream: str | None = None  # the pod a resume takes over from
         try:
             for attempt in range(1, self.max_attempts + 1):
                 endpoint = self._choose(model, tried, failures, relayed)
@@ -124,7 +124,7 @@ class Proxy:
                     relayed.resumes += 1
                     self.telemetry.resume(model, failed_mid_stream)
                     failed_mid_stream = None
-                retry: Optional[Retry] = None
+                retry: Retry | None = None
                 attempt_messages = self._attempt(resume_request(request, relayed), endpoint, relayed, time_remaining,
                                                  on_commit)
                 async with contextlib.aclosing(attempt_messages):  # its cleanup runs now, not at GC
@@ -176,7 +176,7 @@ class Proxy:
             raise
 
     async def _attempt(self, request: generation_pb2.GenerateRequest, endpoint: Endpoint, relayed: Relayed,
-                       time_remaining: Callable[[], Optional[float]], on_commit: Optional[Commit]):
+                       time_remaining: Callable[[], float | None], on_commit: Commit | None):
         """Yields the pod's messages (recorded in `relayed`); yields a Retry as its last item
         when the attempt failed in a way another pod may not; raises otherwise."""
         decoder, model = endpoint.decoder_id, request.model
@@ -266,7 +266,7 @@ _CALLER_FACING = {
 }
 
 
-def _retry_for(err: grpc.aio.AioRpcError, refusal_of_resume: bool) -> Optional[Retry]:
+def _retry_for(err: grpc.aio.AioRpcError, refusal_of_resume: bool) -> Retry | None:
     code = err.code()
     details = err.details() or code.name
     if code in _RETRYABLE:

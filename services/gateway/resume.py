@@ -11,7 +11,6 @@ the latency as the client saw it, and the number of resumes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ffnskip.v1 import generation_pb2
 
@@ -22,9 +21,9 @@ class Relayed:
 
     started: float
     chunks: list[generation_pb2.TokenChunk] = field(default_factory=list)
-    first_at: Optional[float] = None  # when the first message went out
+    first_at: float | None = None  # when the first message went out
     last_at: float = 0.0  # when the last one did
-    profile_version: Optional[int] = None  # of the pod that passed on the first token: resumes keep it
+    profile_version: int | None = None  # of the pod that passed on the first token: resumes keep it
     resumes: int = 0
 
     @property

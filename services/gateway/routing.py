@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ffnskip import errors
 
@@ -30,12 +31,12 @@ class Endpoint:
     model_id: str
     capacity: int = 1
     load: float = 0.0
-    profile_version: Optional[int] = None
+    profile_version: int | None = None
     draining: bool = False
     expires_at: float = float("inf")
 
     @classmethod
-    def from_registry(cls, info: Mapping[str, Any], expires_at: float) -> "Endpoint":
+    def from_registry(cls, info: Mapping[str, Any], expires_at: float) -> Endpoint:
         return cls(
             decoder_id=str(info["id"]), address=str(info["address"]), model_id=str(info["model_id"]),
             capacity=int(info["capacity"]), load=float(info["load"]),
@@ -47,7 +48,7 @@ class Endpoint:
 
 
 def routable(endpoints: Sequence[Endpoint], model: str, now: float, exclude: Collection[str] = (),
-             profile_version: Optional[int] = None) -> list[Endpoint]:
+             profile_version: int | None = None) -> list[Endpoint]:
     """Endpoints of `model` that may take a new request: live, not draining, not excluded, and
     serving `profile_version` when one is given (a resumed stream must keep its profile)."""
     return [
@@ -64,8 +65,8 @@ def pick(
     now: float,
     exclude: Collection[str] = (),
     rotation: int = 0,
-    profile_version: Optional[int] = None,
-) -> Optional[Endpoint]:
+    profile_version: int | None = None,
+) -> Endpoint | None:
     """The endpoint for the next request of `model` (of `profile_version`, when given), or None
     when none may take it."""
     candidates = routable(endpoints, model, now, exclude, profile_version)
@@ -91,22 +92,22 @@ class Router:
         self._clock = clock
         self._rotation = itertools.count()
 
-    def live(self, model: Optional[str] = None) -> list[Endpoint]:
+    def live(self, model: str | None = None) -> list[Endpoint]:
         now = self._clock()
         return [e for e in self.discovery.endpoints() if e.live(now) and (model is None or e.model_id == model)]
 
     def serves(self, model: str) -> bool:
         return bool(self.live(model))
 
-    def choose(self, model: str, tried: set[str], profile_version: Optional[int] = None) -> Endpoint:
+    def choose(self, model: str, tried: set[str], profile_version: int | None = None) -> Endpoint:
         """A pod for `model` not in `tried` (serving `profile_version`, when given)."""
         now = self._clock()
         endpoints = self.discovery.endpoints()
         if not self.serves(model):
             served = sorted({e.model_id for e in self.live()})
             if not served or not self.discovery.current():  # it cannot know: clients should retry
-                raise errors.Unavailable(f"no decoder of model {model!r} is known right now "
-                                         f"({'decoder registry unreachable' if not self.discovery.current() else 'none registered'}); retry")
+                why = "decoder registry unreachable" if not self.discovery.current() else "none registered"
+                raise errors.Unavailable(f"no decoder of model {model!r} is known right now ({why}); retry")
             raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
         suspect = {d for d, until in self._quarantined.items() if until > now}
         rotation = next(self._rotation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -20,7 +20,7 @@ SERVED_BY_HEADER = "x-served-by"
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, proxy: Proxy, sampler: PromptSampler, max_new_tokens: int,
-                 fleet: Optional[FleetTelemetry] = None, flusher: Optional[Flusher] = None) -> None:
+                 fleet: FleetTelemetry | None = None, flusher: Flusher | None = None) -> None:
         self.proxy = proxy
         self.sampler = sampler
         self.max_new_tokens = max_new_tokens

@@ -9,13 +9,13 @@ included, ever holds one.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.channels import PUBLIC_MAX_MESSAGE_BYTES
 from ffnskip.settings import Env
-from ffnskip.store.connection import RedisSettings
+from ffnskip.store.connection import REDIS_ENV_VARS, RedisSettings
 from services.gateway.auth import KeyRing
 
 MAX_HTTP_TIMEOUT_S = 3600.0  # the HTTP timeouts exist to bound a slow client: never off
@@ -35,10 +35,7 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_AUTH_DISABLED",  # "true" serves without keys (local development only)
     "FFNSKIP_TLS_CERT",  # PEM certificate chain file: TLS on the gRPC and HTTP ports (with FFNSKIP_TLS_KEY)
     "FFNSKIP_TLS_KEY",  # PEM private key file
-    "FFNSKIP_REDIS_URL",  # redis://host:port/db (registry, telemetry, prompt samples)
-    "FFNSKIP_REDIS_PASSWORD",
-    "FFNSKIP_REDIS_TLS",
-    "FFNSKIP_REDIS_DB",
+    *REDIS_ENV_VARS,  # FFNSKIP_REDIS_URL (redis://host:port/db), _PASSWORD, _TLS, _DB: registry, telemetry, samples
     "FFNSKIP_MAX_ATTEMPTS",  # decoders tried per request before UNAVAILABLE (default 3)
     "FFNSKIP_ATTEMPT_TIMEOUT_S",  # one attempt's deadline, within the client's (default 600)
     "FFNSKIP_FIRST_TOKEN_TIMEOUT_S",  # a decoder silent this long before the first token: try another (default 30)
@@ -75,8 +72,8 @@ class GatewaySettings:
     metrics_port: int = 9090
     keys: KeyRing = field(default_factory=KeyRing, repr=False)
     auth_disabled: bool = False
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     redis: RedisSettings = field(default_factory=RedisSettings)
     max_attempts: int = 3
     attempt_timeout_s: float = 600.0
@@ -133,7 +130,7 @@ class GatewaySettings:
         return self.gateway_id or f"gateway-{socket.gethostname()}-{self.port}"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "GatewaySettings":
+    def from_env(cls, environ: Mapping[str, str]) -> GatewaySettings:
         """Every variable in ENV_VARS; the defaults are the dataclass's, the ranges __post_init__'s."""
         env = Env(environ)
         return cls(

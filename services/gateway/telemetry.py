@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from typing import Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -56,7 +56,7 @@ def bucket_label(bounds: Sequence[float], value: float) -> str:
 
 
 class Telemetry:
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.counters: dict[str, float] = {}
         labels = ["model_name", "decoder"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Optional
 
 
-async def cancel_and_wait(task: Optional[asyncio.Task]) -> None:
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
     """Cancel a background task and wait until it has really stopped."""
     if task is None:
         return

@@ -14,22 +14,23 @@ Errors arrive as grpc.RpcError with the standard codes (see gateway.proto).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
 from ffnskip.rpc.channels import PUBLIC_MAX_MESSAGE_BYTES, message_limits
+from ffnskip.rpc.convert import policy_fields, policy_of
 from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def build_request(
-    model: str, prompt: Optional[str] = None, chat: Optional[str] = None,
+    model: str, prompt: str | None = None, chat: str | None = None,
     messages: Sequence[tuple[str, str]] = (), max_new_tokens: int = 0, temperature: float = 0.0,
-    top_p: Optional[float] = None, top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = (),
-    policy: str = "", threshold: Optional[float] = None, max_skip: Optional[int] = None,
-    warm_up: Optional[int] = None, quorum: Optional[float] = None, request_id: str = "",
+    top_p: float | None = None, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
+    policy: str = "", threshold: float | None = None, max_skip: int | None = None,
+    warm_up: int | None = None, quorum: float | None = None, request_id: str = "",
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest: `prompt` (plain text), or `chat` (one user turn), or `messages`
     ((role, content) pairs). Unset optional fields keep the server's defaults (no seed: a
@@ -41,7 +42,7 @@ def build_request(
                                               top_k=top_k, seed=seed, stop=list(stop))  # None: unset
     if top_p is not None:
         sampling.top_p = top_p
-    skip = generation_pb2.SkipOverrides(policy=policy)
+    skip = generation_pb2.SkipOverrides(**policy_fields(policy))
     for name, value in (("threshold", threshold), ("max_skip", max_skip), ("warm_up", warm_up), ("quorum", quorum)):
         if value is not None:
             setattr(skip, name, value)
@@ -49,7 +50,7 @@ def build_request(
                                           skip=skip, request_id=request_id)
 
 
-def auth_metadata(api_key: Optional[str]) -> tuple[tuple[str, str], ...]:
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
@@ -60,8 +61,8 @@ def channel_options(max_message_bytes: int = PUBLIC_MAX_MESSAGE_BYTES) -> list[t
 class GatewayClient:
     """A synchronous client (thread-safe: one channel, many calls)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: Optional[str] = None, tls: bool = False,
-                 root_certificates: Optional[bytes] = None, timeout_s: Optional[float] = 300.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, timeout_s: float | None = 300.0) -> None:
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self.channel = grpc.secure_channel(address, credentials, options=channel_options())
@@ -72,11 +73,11 @@ class GatewayClient:
         self.timeout_s = timeout_s
 
     def generate(self, request: generation_pb2.GenerateRequest,
-                 timeout_s: Optional[float] = None) -> generation_pb2.GenerateResponse:
+                 timeout_s: float | None = None) -> generation_pb2.GenerateResponse:
         return self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
 
     def stream(self, request: generation_pb2.GenerateRequest,
-               timeout_s: Optional[float] = None) -> Iterator[generation_pb2.GenerateStreamResponse]:
+               timeout_s: float | None = None) -> Iterator[generation_pb2.GenerateStreamResponse]:
         """Token messages, then the summary. The returned iterator is also the call:
         `.initial_metadata()` holds x-served-by, `.cancel()` stops the generation."""
         return self.stub.GenerateStream(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
@@ -91,7 +92,7 @@ class GatewayClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "GatewayClient":
+    def __enter__(self) -> GatewayClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,7 +131,7 @@ def describe(summary: generation_pb2.GenerateResponse, client_s: float) -> str:
     stats, latency = summary.skip_stats, summary.latency
     profile = f"profile v{summary.profile_version}" if summary.profile_version else "no profile"
     return "\n".join([
-        f"served by {summary.served_by} ({summary.policy}, {profile}), finish reason {summary.finish_reason}",
+        f"served by {summary.served_by} ({policy_of(summary)}, {profile}), finish reason {summary.finish_reason}",
         f"skip: {stats.skip_ratio:.1%} of FFN blocks ({stats.ffn_blocks_skipped}/{stats.ffn_blocks_total}), "
         f"{stats.decode_skip_ratio:.1%} after warm-up; per layer {list(stats.per_layer_skips)}",
         f"latency: first token {latency.ttft_ms:.0f} ms, total {latency.total_ms:.0f} ms, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from ffnskip.errors import InvalidArgument
 
@@ -40,7 +40,7 @@ class Policy(str, Enum):
         return self in (Policy.ADAPTIVE, Policy.ALIGNED)
 
     @staticmethod
-    def parse(value: object, field: str = "policy") -> "Policy":
+    def parse(value: object, field: str = "policy") -> Policy:
         """A policy from its name; InvalidArgument naming `field` otherwise."""
         try:
             return Policy(value)
@@ -62,9 +62,9 @@ class SkipParams:
 
     policy: Policy = Policy.ADAPTIVE  # a policy's name is accepted and made a Policy
     cold_start: int = 1
-    cold_end: Optional[int] = None
+    cold_end: int | None = None
     threshold: float = 0.97
-    max_skip: Optional[int] = 4
+    max_skip: int | None = 4
     warm_up: int = 16
     probability: float = 0.25  # random / non_adaptive
     static_layers: tuple[int, ...] = ()  # static
@@ -91,7 +91,7 @@ class SkipParams:
             raise InvalidArgument("static_layers", "layer indices must be >= 0")
         object.__setattr__(self, "static_layers", tuple(sorted(set(self.static_layers))))
 
-    def resolved(self, num_layers: int) -> "SkipParams":
+    def resolved(self, num_layers: int) -> SkipParams:
         """Check against a model with `num_layers` layers and fill in cold_end."""
         cold_end = max(num_layers - 1, self.cold_start + 1) if self.cold_end is None else self.cold_end
         if cold_end > num_layers:
@@ -103,7 +103,7 @@ class SkipParams:
             raise InvalidArgument("static_layers", f"layers {bad} do not exist in a {num_layers}-layer model")
         return replace(self, cold_end=cold_end)
 
-    def with_overrides(self, **overrides: object) -> "SkipParams":
+    def with_overrides(self, **overrides: object) -> SkipParams:
         """A copy with the given non-None fields replaced (validated again)."""
         changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **changes) if changes else self
@@ -124,7 +124,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0  # end-of-sequence and stop strings are ignored until this many tokens
@@ -184,7 +184,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_batch: int = 16
-    max_seq_len: Optional[int] = 2048  # None = the model's context window
+    max_seq_len: int | None = 2048  # None = the model's context window
 
     def __post_init__(self) -> None:
         if not self.model:

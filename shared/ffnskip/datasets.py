@@ -6,7 +6,6 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from ffnskip.errors import InvalidArgument, NotFound
 
@@ -37,7 +36,7 @@ def read_jsonl(name_or_path: str) -> list[dict]:
     return rows
 
 
-def texts(name_or_path: str, field: str, limit: Optional[int] = None) -> list[str]:
+def texts(name_or_path: str, field: str, limit: int | None = None) -> list[str]:
     values: list[str] = []
     for row in read_jsonl(name_or_path):
         value = row.get(field)

@@ -19,13 +19,13 @@ import logging
 import re
 import sys
 import uuid
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Iterator, Optional
 
 import structlog
 
 REQUEST_ID_HEADER = "x-request-id"
-request_id_var: ContextVar[Optional[str]] = ContextVar("ffnskip_request_id", default=None)
+request_id_var: ContextVar[str | None] = ContextVar("ffnskip_request_id", default=None)
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # echoed into logs: no spaces, quotes or newlines
 
@@ -73,6 +73,13 @@ def configure_logging(level: str = "info", stream=None, cache_loggers: bool = Tr
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """The logger of the module `name`: every module calls `get_logger(__name__)`, so a line's
+    `logger` is the module that wrote it (`ffnskip.rpc.server`, `services.decoder.profiles`). A
+    service's main module runs as `__main__` (`python -m services.decoder.main`); its lines
+    carry its module's name all the same."""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
     return structlog.get_logger(name)
 
 

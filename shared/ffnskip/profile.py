@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from ffnskip.config import Policy, SkipParams
 from ffnskip.errors import InvalidArgument
@@ -121,7 +122,7 @@ class LayerStats:
             raise InvalidArgument("mean", f"must lie in [min, max] = [{self.min}, {self.max}], got {self.mean}")
 
     @classmethod
-    def from_dict(cls, data: object, where: str = "layer_stats") -> "LayerStats":
+    def from_dict(cls, data: object, where: str = "layer_stats") -> LayerStats:
         names = [f.name for f in fields(cls)]
         checked = _check_keys(where, data, names)
         try:
@@ -143,7 +144,7 @@ class Profile:
     cold_start: int
     cold_end: int
     threshold: float
-    max_skip: Optional[int]
+    max_skip: int | None
     warm_up: int
     target_skip_ratio: float
     measured_skip_ratio: float
@@ -261,7 +262,7 @@ class Profile:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: object) -> "Profile":
+    def from_dict(cls, data: object) -> Profile:
         names = [f.name for f in fields(cls)]
         checked = dict(_check_keys("profile", data, names, optional=("quality",)))
         raw_layers = checked["layers"]
@@ -275,7 +276,7 @@ class Profile:
         return cls(**checked)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Profile":
+    def from_json(cls, text: str | bytes) -> Profile:
         try:
             data = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -296,7 +297,7 @@ class Profile:
             static_layers=self.static_layers,
         ).resolved(self.num_layers)
 
-    def with_version(self, version: int) -> "Profile":
+    def with_version(self, version: int) -> Profile:
         return replace(self, version=version)
 
 

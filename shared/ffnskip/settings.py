@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union, overload
+from typing import overload
 
 from ffnskip.errors import InvalidArgument
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
-Bound = Union[int, float]
+Bound = int | float
 
 
 def threads_per_process(processes: int) -> int:
@@ -47,7 +48,7 @@ class Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def value(self, name: str) -> Optional[str]:
+    def value(self, name: str) -> str | None:
         """The stripped value, or None when the variable is absent, empty or only whitespace."""
         raw = self._environ.get(name)
         if raw is None:
@@ -57,9 +58,9 @@ class Env:
     @overload
     def text(self, name: str, default: str) -> str: ...
     @overload
-    def text(self, name: str, default: None) -> Optional[str]: ...
+    def text(self, name: str, default: None) -> str | None: ...
 
-    def text(self, name: str, default: Optional[str]) -> Optional[str]:
+    def text(self, name: str, default: str | None) -> str | None:
         value = self.value(name)
         return default if value is None else value
 
@@ -80,14 +81,14 @@ class Env:
         return tuple(item.strip() for item in value.split(",") if item.strip())
 
     @overload
-    def integer(self, name: str, default: int, *, minimum: Optional[int] = None,
-                maximum: Optional[int] = None) -> int: ...
+    def integer(self, name: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None) -> int: ...
     @overload
-    def integer(self, name: str, default: None, *, minimum: Optional[int] = None,
-                maximum: Optional[int] = None) -> Optional[int]: ...
+    def integer(self, name: str, default: None, *, minimum: int | None = None,
+                maximum: int | None = None) -> int | None: ...
 
-    def integer(self, name: str, default: Optional[int], *, minimum: Optional[int] = None,
-                maximum: Optional[int] = None) -> Optional[int]:
+    def integer(self, name: str, default: int | None, *, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
         """A whole number, checked against the inclusive bounds when it is set (the default is not checked)."""
         value = self.value(name)
         if value is None:
@@ -99,8 +100,8 @@ class Env:
         _check_bounds(name, parsed, value, minimum=minimum, above=None, maximum=maximum)
         return parsed
 
-    def number(self, name: str, default: float, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
-               above: Optional[float] = None) -> float:
+    def number(self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None,
+               above: float | None = None) -> float:
         """A real number; `minimum` and `maximum` are inclusive bounds, `above` an exclusive lower one.
 
         NaN is refused: it would pass every comparison-based check downstream.
@@ -130,8 +131,8 @@ class Env:
         raise InvalidArgument(name, f"must be one of {', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)}, got {value!r}")
 
 
-def _check_bounds(name: str, value: Bound, written: str, *, minimum: Optional[Bound], above: Optional[Bound],
-                  maximum: Optional[Bound]) -> None:
+def _check_bounds(name: str, value: Bound, written: str, *, minimum: Bound | None, above: Bound | None,
+                  maximum: Bound | None) -> None:
     """Raise naming the variable when `value` (as `written`) is outside the bounds."""
     if minimum is not None and above is not None:
         raise ValueError("give at most one of minimum and above")
@@ -152,5 +153,5 @@ def _check_bounds(name: str, value: Bound, written: str, *, minimum: Optional[Bo
     raise InvalidArgument(name, f"must be {rule}, got {written}")
 
 
-def _shown(bound: Optional[Bound]) -> str:
+def _shown(bound: Bound | None) -> str:
     return f"{bound:g}" if isinstance(bound, float) else str(bound)

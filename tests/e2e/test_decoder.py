@@ -9,10 +9,12 @@ import urllib.request
 import grpc
 import pytest
 
+from ffnskip.config import Policy
+from ffnskip.rpc.convert import default_skip_of, policy_of
 from ffnskip.store.connection import RedisSettings, connect
 from ffnskip.store.profiles import ProfileStore
 from ffnskip.store.registry import DecoderRegistry
-from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
+from ffnskip.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
 from tests.helpers.polling import wait_for
 from tests.helpers.profiles import build_profile
@@ -71,7 +73,8 @@ def publish(redis_url: str, fingerprint: str, **fields) -> int:
 
 def test_stream_tokens_in_order_with_final_stats(stack):
     stub = stack["stub"]
-    messages = list(stub.GenerateStream(request(20, skip=pb.SkipOverrides(policy="adaptive", warm_up=4, max_skip=4, threshold=0.97)), timeout=120))
+    skip = pb.SkipOverrides(policy="adaptive", warm_up=4, max_skip=4, threshold=0.97)
+    messages = list(stub.GenerateStream(request(20, skip=skip), timeout=120))
     tokens, summary = messages[:-1], messages[-1]
     assert all(m.HasField("token") for m in tokens) and summary.HasField("summary")
     assert [m.token.index for m in tokens] == list(range(1, len(tokens) + 1))
@@ -83,6 +86,7 @@ def test_stream_tokens_in_order_with_final_stats(stack):
     assert stats.ffn_blocks_skipped == sum(len(m.token.skipped_layers) for m in tokens) == sum(stats.per_layer_skips)
     assert all(not m.token.skipped_layers for m in tokens[:4])  # warm-up
     assert final.policy == "adaptive" and final.served_by == "decoder-a"
+    assert final.policy_value == common_pb2.SKIP_POLICY_ADAPTIVE and policy_of(final) is Policy.ADAPTIVE
     assert final.prompt_tokens > len(CHAT[0].content.split())  # the chat template's rendering, as tokenized
     assert final.latency.ttft_ms > 0 and final.latency.total_ms >= final.latency.ttft_ms
 
@@ -100,6 +104,14 @@ def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as response:
         lines = response.read().decode().splitlines()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and not line.startswith("#")}
+
+
+def test_info_gives_the_default_skip_in_the_enum_and_the_deprecated_json(stack):
+    reply = info(stack["stub"])
+    assert reply.HasField("default_skip") and reply.default_skip_json
+    older_reader = decoder_pb2.InfoResponse(default_skip_json=reply.default_skip_json)  # what it reads
+    params = default_skip_of(reply)
+    assert params is not None and default_skip_of(older_reader) == params
 
 
 def test_registered_in_redis_for_the_gateway(stack):

@@ -14,10 +14,9 @@ import grpc
 import pytest
 
 from ffnskip import cli
-from ffnskip.client import served_by
 from ffnskip.bench.load import run_load
-from tests.helpers.fleet import (API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet,
-                                 wait_for)
+from ffnskip.client import served_by
+from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import grpc
 import pytest
@@ -30,11 +30,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.stack.procs import Child, free_port
+from services.gateway.channels import ChannelPool
 from services.gateway.discovery import StaticDiscovery
 from services.gateway.main import http_ssl_context
 from services.gateway.openai_api import OpenAIApi
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.channels import ChannelPool
 from services.gateway.proxy import Proxy
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
@@ -52,7 +52,7 @@ class ServedApi:
     """OpenAIApi on 127.0.0.1 in an event loop of its own thread (the test's clients block)."""
 
     def __init__(self, keepalive_s: float = KEEPALIVE_S, body_timeout_s: float = BODY_TIMEOUT_S,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -115,7 +115,7 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-def post(path: str, body: bytes, content_length: Optional[int] = None) -> bytes:
+def post(path: str, body: bytes, content_length: int | None = None) -> bytes:
     length = len(body) if content_length is None else content_length
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n\r\n").encode() + body

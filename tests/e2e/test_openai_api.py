@@ -13,8 +13,8 @@ import signal
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import grpc
 import openai
@@ -25,10 +25,10 @@ from ffnskip.client import build_request
 from ffnskip.stack.procs import free_port
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from services.gateway.openai_fields import REFUSED
-from tests.unit.test_openai_mapping import REFUSING
 from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, Fleet, decoders_listed, wait_for
 from tests.helpers.tiny import save_tiny_model
 from tests.redis_server import running_redis
+from tests.unit.test_openai_mapping import REFUSING
 
 PROMPT = "Tell me about the sea."
 CANCELLED = 'ffnskip:request_success_total{finished_reason="cancelled",model_name="tiny"}'
@@ -40,7 +40,7 @@ class HttpFleet:
     def __init__(self, fleet: Fleet, http_port: int, decoder_metrics_port: int, redis_url: str) -> None:
         self.fleet, self.http_port, self.decoder_metrics_port, self.redis_url = fleet, http_port, decoder_metrics_port, redis_url
 
-    def openai(self, key: str = API_KEY, port: Optional[int] = None) -> openai.OpenAI:
+    def openai(self, key: str = API_KEY, port: int | None = None) -> openai.OpenAI:
         # no retries: each test sees the status the gateway answered, not the client's retry of it
         return openai.OpenAI(base_url=f"http://127.0.0.1:{port or self.http_port}/v1", api_key=key, max_retries=0,
                              timeout=60.0)
@@ -221,6 +221,16 @@ def test_a_body_over_the_limit_is_413(http):
     with pytest.raises(openai.APIStatusError) as caught:
         http.openai().chat.completions.create(model=MODEL, messages=chat("x" * 5_000_000), max_tokens=4)
     assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
+
+
+def test_the_body_limit_is_sized_to_the_largest_valid_request(http):
+    """Under the 4 MiB message limit, a body larger than any valid request can be is refused
+    unread; the longest prompt with every character escaped still gets through to validation."""
+    status, body = _post(http, "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * 2_000_000 + b'"}')
+    assert status == 413 and body["error"]["param"] == "body", body
+    escaped = json.dumps({"model": MODEL, "prompt": "\u00e9" * 200_000}).encode()  # 6 bytes a character
+    status, body = _post(http, "/v1/completions", escaped)
+    assert status == 400 and body["error"]["param"] == "prompt", body  # too many tokens for the tiny model
 
 
 def test_deadline_is_504_or_an_error_event(http):

@@ -6,9 +6,9 @@ after stopping every process they started."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from ffnskip.client import GatewayClient, build_request
 from ffnskip.settings import threads_per_process
@@ -74,8 +74,8 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def two_decoder_fleet(tmp: Path, decoder_env: Optional[dict[str, str]] = None,
-                      gateway_env: Optional[dict[str, str]] = None) -> Iterator[tuple[Fleet, RedisServer]]:
+def two_decoder_fleet(tmp: Path, decoder_env: dict[str, str] | None = None,
+                      gateway_env: dict[str, str] | None = None) -> Iterator[tuple[Fleet, RedisServer]]:
     """Decoders d1 and d2 and gateway gw-a over a redis-server of their own, all ready."""
     model_dir = save_tiny_model(tmp / "tiny")
     with running_redis() as redis_server:

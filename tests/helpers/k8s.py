@@ -101,7 +101,7 @@ def service_container(docs: list[dict], service: str) -> dict:
 
 # ------------------------------------------------------------------------------ the services
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def settings_class(service: str) -> type:
     module = importlib.import_module(f"services.{service}.settings")
     classes = [obj for obj in vars(module).values()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], Optional[T]], timeout_s: float = 30.0, what: str = "condition") -> T:
+def wait_for(condition: Callable[[], T | None], timeout_s: float = 30.0, what: str = "condition") -> T:
     """Poll `condition` until it returns something truthy (returned); fail at the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

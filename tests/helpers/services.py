@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +19,7 @@ from tests.redis_server import free_port  # noqa: F401  (re-exported for service
 REPO = Path(__file__).resolve().parents[2]
 
 
-def wait_serving(address: str, timeout_s: float, service: str = "", process: Optional[subprocess.Popen] = None) -> None:
+def wait_serving(address: str, timeout_s: float, service: str = "", process: subprocess.Popen | None = None) -> None:
     """Block until the health service at `address` answers SERVING for `service`."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -46,21 +45,21 @@ class ServiceProcess:
     def __init__(self, module: str, env: dict[str, str], port: int, log_path: Path) -> None:
         self.module, self.port, self.log_path = module, port, log_path
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> "ServiceProcess":
+    def start(self, timeout_s: float = 180.0) -> ServiceProcess:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=REPO, env=self.env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         try:
             wait_serving(self.address, timeout_s, process=self.process)
-        except Exception:
+        except Exception as exc:
             self.kill()
-            raise RuntimeError(f"{self.module} did not start; log:\n{self.log()[-3000:]}")
+            raise RuntimeError(f"{self.module} did not start; log:\n{self.log()[-3000:]}") from exc
         return self
 
     def log(self) -> str:

@@ -3,8 +3,8 @@ serving a tiny random Llama model, gRPC over sockets; readiness via grpc.health.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -13,8 +13,7 @@ import redis
 from ffnskip.profile import Profile
 from ffnskip.store import JobQueue, ProfileStore, RedisSettings, connect
 from ffnskip.v1 import calibrator_pb2 as pb
-from ffnskip.v1 import common_pb2
-from ffnskip.v1 import calibrator_pb2_grpc
+from ffnskip.v1 import calibrator_pb2_grpc, common_pb2
 from tests.helpers.calibrator import PNG_MAGIC, start_calibrator
 from tests.helpers.profiles import build_profile
 from tests.helpers.tiny import save_tiny_model
@@ -88,12 +87,14 @@ def test_static_job_publishes_a_fixed_ffn_set(service: dict) -> None:
     job_id = submit(stub, model, policy="static", target_skip_ratio=0.3)
     final = watch(stub, job_id)[-1]
     assert final.state == pb.JOB_STATE_SUCCEEDED and final.policy == "static", final
+    assert final.policy_value == common_pb2.SKIP_POLICY_STATIC  # the encoding, beside the deprecated name
     profile = store.get(model, final.profile_version)
     assert profile.policy == "static" and profile.job_id == job_id
     assert len(profile.static_layers) == 2  # round(0.3 x 6 layers)
     assert all(profile.cold_start <= layer < profile.cold_end for layer in profile.static_layers)
     summary = stub.GetProfile(pb.GetProfileRequest(model=model, version=final.profile_version), timeout=30).summary
-    assert summary.skip_params.policy == common_pb2.SKIP_POLICY_STATIC and list(summary.skip_params.static_layers) == list(profile.static_layers)
+    assert summary.skip_params.policy == common_pb2.SKIP_POLICY_STATIC
+    assert list(summary.skip_params.static_layers) == list(profile.static_layers)
 
 
 def test_list_activate_and_rollback(service: dict) -> None:
@@ -170,6 +171,9 @@ BAD_SUBMISSIONS = [
     ("negative target", dict(target_skip_ratio=-0.1), grpc.StatusCode.INVALID_ARGUMENT, "target_skip_ratio"),
     ("too few tokens", dict(tokens_per_prompt=2), grpc.StatusCode.INVALID_ARGUMENT, "tokens_per_prompt"),
     ("unknown policy", dict(policy="random"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
+    ("uncalibrated policy value", dict(policy_value=common_pb2.SKIP_POLICY_RANDOM), grpc.StatusCode.INVALID_ARGUMENT,
+     "policy"),
+    ("unknown policy value", dict(policy_value=99), grpc.StatusCode.INVALID_ARGUMENT, "policy_value"),
     ("unknown dataset", dict(dataset="/etc/passwd"), grpc.StatusCode.NOT_FOUND, "dataset"),
     ("bad idempotency key", dict(idempotency_key="has space"), grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key"),
 ]

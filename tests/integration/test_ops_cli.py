@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ffnskip.profile import Profile
 from ffnskip.store import ProfileStore, RedisSettings, connect
-from tests.helpers.profiles import build_profile
 from tests.helpers.calibrator import PNG_MAGIC, start_calibrator
+from tests.helpers.profiles import build_profile
 from tests.helpers.services import REPO, free_port
 from tests.helpers.tiny import save_tiny_model
 from tests.redis_server import running_redis

@@ -11,9 +11,9 @@ import time
 import pytest
 import redis
 
-from tests.helpers.profiles import build_profile
 from ffnskip.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ffnskip.store import ProfileStore, RedisSettings, connect
+from tests.helpers.profiles import build_profile
 from tests.redis_server import RedisServer
 
 MODEL = "tiny-llama"
@@ -105,7 +105,7 @@ def test_rollback_walks_back_the_activation_stack(store: ProfileStore) -> None:
 
 
 def test_events_reach_a_subscriber_and_reconnects_resync(store: ProfileStore, redis_server: RedisServer) -> None:
-    received: "queue.Queue[dict]" = queue.Queue()
+    received: queue.Queue[dict] = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(target=store.subscribe, args=(received.put, stop), kwargs={"poll_s": 0.1})
     thread.start()

@@ -13,6 +13,8 @@ from ffnskip.cli import main
 from ffnskip.config import EngineConfig, SamplingParams, SkipParams
 from ffnskip.engine import load_model
 from ffnskip.errors import InvalidArgument, NotFound
+from ffnskip.rpc.generation import OverrideLimits, skip_of, validate_request
+from ffnskip.v1 import generation_pb2 as pb
 
 
 @pytest.mark.parametrize(
@@ -34,6 +36,62 @@ def test_skip_params(kwargs, field):
     with pytest.raises(InvalidArgument) as caught:
         SkipParams(**kwargs)
     assert caught.value.field == field and field in str(caught.value)
+
+
+OVERRIDE_LIMITS = OverrideLimits(min_threshold=0.5, max_skip=8, min_warm_up=2, min_quorum=0.25)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (pb.SkipOverrides(threshold=0.0), "threshold"),
+        (pb.SkipOverrides(threshold=1.5), "threshold"),
+        (pb.SkipOverrides(threshold=float("nan")), "threshold"),
+        (pb.SkipOverrides(quorum=0.0), "quorum"),
+        (pb.SkipOverrides(quorum=1.5), "quorum"),
+        (pb.SkipOverrides(warm_up=-1), "warm_up"),
+        (pb.SkipOverrides(max_skip=-2), "max_skip"),
+        (pb.SkipOverrides(policy="observe"), "policy"),
+        (pb.SkipOverrides(policy="x" * 1000), "policy"),
+    ],
+)
+def test_skip_overrides_out_of_range_are_refused_with_or_without_limits(overrides, field):
+    """A range is SkipParams's (one statement of it): the gateway's pass (no limits) and the
+    decoder's (its limits) refuse the same values, in the same words."""
+    problems = set()
+    for limits in (None, OVERRIDE_LIMITS):
+        with pytest.raises(InvalidArgument) as caught:
+            skip_of(overrides, SkipParams(), limits)
+        assert caught.value.field == f"skip.{field}" and len(caught.value.message) < 200
+        problems.add(caught.value.problem)
+    assert len(problems) == 1
+    with pytest.raises(InvalidArgument) as caught:
+        validate_request(pb.GenerateRequest(model="m", prompt="hi", skip=overrides))
+    assert caught.value.field == f"skip.{field}"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (pb.SkipOverrides(threshold=0.25), "threshold"),
+        (pb.SkipOverrides(max_skip=9), "max_skip"),
+        (pb.SkipOverrides(warm_up=1), "warm_up"),
+        (pb.SkipOverrides(quorum=0.125), "quorum"),
+    ],
+)
+def test_the_decoders_limits_narrow_what_a_request_may_change(overrides, field):
+    skip_of(overrides, SkipParams())  # in range: the gateway passes it on
+    validate_request(pb.GenerateRequest(model="m", prompt="hi", skip=overrides))
+    with pytest.raises(InvalidArgument) as caught:
+        skip_of(overrides, SkipParams(), OVERRIDE_LIMITS)
+    assert caught.value.field == f"skip.{field}"
+
+
+def test_skip_overrides_inside_the_limits_apply():
+    base = SkipParams(threshold=0.9, max_skip=4, warm_up=16)
+    assert skip_of(pb.SkipOverrides(), base, OVERRIDE_LIMITS) == base
+    params = skip_of(pb.SkipOverrides(threshold=0.5, max_skip=-1, warm_up=2, quorum=0.25), base, OVERRIDE_LIMITS)
+    assert (params.threshold, params.max_skip, params.warm_up, params.quorum) == (0.5, None, 2, 0.25)
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from ffnskip.calibration.calibrate import CalibrationRequest, calibrate, cold_regions
+from ffnskip.calibration.tuning import candidate_run_lengths, predicted_ratio, static_candidates, threshold_for
 from ffnskip.errors import Cancelled, InvalidArgument
 from ffnskip.profile import Profile
-from ffnskip.calibration.tuning import candidate_run_lengths, predicted_ratio, static_candidates, threshold_for
 
 
 def test_cold_regions_always_include_first_and_last_layer():

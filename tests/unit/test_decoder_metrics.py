@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ffnskip.config import SamplingParams, SkipParams, Policy
+from ffnskip.config import Policy, SamplingParams, SkipParams
 from services.decoder.metrics import DecoderMetrics
 
 

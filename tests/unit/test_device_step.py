@@ -6,8 +6,6 @@ does what a graph capture does."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,7 +78,7 @@ def positions_at(step: int) -> list[int]:
     return [len(prompt) + step for prompt in PROMPTS]
 
 
-def compare(runner: ModelRunner, plans: list[RowPlan], bucket: int, gated: Optional[list[bool]] = None) -> list:
+def compare(runner: ModelRunner, plans: list[RowPlan], bucket: int, gated: list[bool] | None = None) -> list:
     """Teacher-forced steps through both paths; asserts they agree; -> the host's skipped layers per step."""
     batch = len(PROMPTS)
     host_cache, device_cache = prefilled(runner, batch), prefilled(runner, bucket)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-import grpc
 
 from ffnskip.config import DENSE, SamplingParams
 from ffnskip.engine import Engine, GenerationResult, TokenEvent

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from ffnskip.cli import main
+from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine import Engine
+from ffnskip.errors import InvalidArgument
 from ffnskip.evaluation.data import load_qa_items
 from ffnskip.evaluation.layerdrop import block_influence, layers_to_drop, pruned_model
 from ffnskip.evaluation.methods import parse_methods, parse_targets, window_candidates
 from ffnskip.evaluation.scoring import is_correct, mcnemar_exact, paired_counts, pooled_ratios, wilson_interval
 from ffnskip.evaluation.state import StateFile
-from ffnskip.config import SamplingParams, SkipParams
-from ffnskip.errors import InvalidArgument
 
 QUESTIONS = [{"id": f"q{i}", "question": f"What is thing number {i}?", "answers": ["zzz-never"]} for i in range(5)]
 CALIBRATION = [{"id": f"c{i}", "text": f"A short passage number {i} about rivers, hills and towns."} for i in range(6)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -14,14 +14,13 @@ import pytest
 from ffnskip.rpc.server import Server
 from ffnskip.v1 import decoder_pb2_grpc, gateway_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
+from services.gateway.channels import ChannelPool
 from services.gateway.discovery import StaticDiscovery
 from services.gateway.fleet import quantile, summarise
 from services.gateway.prompt_samples import PromptSampler
-from services.gateway.channels import ChannelPool
 from services.gateway.proxy import Proxy, Timeouts
 from services.gateway.resume import Relayed, whole_answer
-from services.gateway.routing import Router
-from services.gateway.routing import Endpoint
+from services.gateway.routing import Endpoint, Router
 from services.gateway.servicer import GatewayServicer
 from services.gateway.telemetry import Telemetry, field
 
@@ -33,7 +32,7 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
     a resumed call continues after the delivered tokens, and its summary covers them with the
     layers the request says they skipped, as the engine's does."""
 
-    def __init__(self, name: str, mode: str = "ok", tokens: int = 3, version: Optional[int] = None,
+    def __init__(self, name: str, mode: str = "ok", tokens: int = 3, version: int | None = None,
                  warm_up: int = 0, skip_layer: int = 1, die_after: int = 0) -> None:
         self.name, self.mode, self.tokens, self.version = name, mode, tokens, version
         self.warm_up, self.skip_layer = warm_up, skip_layer

@@ -17,8 +17,8 @@ from tests.helpers.k8s import (  # noqa: F401 (rendered is a fixture)
     FAKE_FIELDS,
     FROM_SECRETS,
     REQUIRED,
-    SERVICES,
     SERVICE_PROBE_NAMES,
+    SERVICES,
     UNSET_ON_PURPOSE,
     VARIANTS,
     container_env,
@@ -31,7 +31,6 @@ from tests.helpers.k8s import (  # noqa: F401 (rendered is a fixture)
     service_settings,
     settings_default,
 )
-
 
 # ------------------------------------------------------------------- agreement with the code
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import http.server
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from ffnskip.errors import InvalidArgument
 from ffnskip.bench.load import check_loopback, percentiles, run_load
+from ffnskip.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "127.0.0.2:9"])

@@ -1,6 +1,6 @@
 """Logs carry no user data: tracebacks without frame locals, and a stream closed by its
 client finalises its handler without a context-variable error (whose traceback used to
-carry the request, prompt included)."""
+carry the request, prompt included). And every line names the module that wrote it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import gc
 import io
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -57,6 +57,36 @@ def test_tracebacks_carry_no_frame_locals(log_stream) -> None:
     logged = log_stream.getvalue()
     assert "boom" in logged and "handle" in logged  # the traceback is there
     assert PROMPT not in logged
+
+
+def test_every_logger_is_named_after_its_module(log_stream, monkeypatch) -> None:
+    import ast
+    import importlib.machinery
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    import ffnskip
+
+    repo = Path(ffnskip.__file__).parents[2]
+    calls = {}
+    for path in [*(repo / "shared" / "ffnskip").rglob("*.py"), *(repo / "services").rglob("*.py")]:
+        if "v1" in path.relative_to(repo).parts or path.name == "logs.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) \
+                    and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr) == "get_logger":
+                calls[f"{path.relative_to(repo)}: {ast.unparse(node)}"] = ast.unparse(node) == "get_logger(__name__)"
+    assert len(calls) > 10 and all(calls.values()), [call for call, ok in calls.items() if not ok]
+    # a service's main module runs as __main__ (python -m services.decoder.main): its module's name all the same
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.machinery.ModuleSpec("services.decoder.main", None)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    get_logger("__main__").info("ready")
+    get_logger(__name__).info("ready")
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    assert [line["logger"] for line in lines] == ["services.decoder.main", __name__]
 
 
 def test_fingerprint_gives_size_and_hash_only() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.status import HTTP_STATUS, STATUS_TABLE
-from ffnskip.v1 import generation_pb2
+from ffnskip.v1 import common_pb2, generation_pb2
 from services.gateway.openai_fields import CHAT, COMPLETION, REFUSED
 from services.gateway.openai_mapping import client_error, parse
 from services.gateway.openai_responses import chunk, whole_response
@@ -34,6 +34,7 @@ def test_a_chat_body_maps_field_by_field():
     assert (request.sampling.max_new_tokens, request.sampling.seed, list(request.sampling.stop)) == (5, 7, ["END"])
     assert request.sampling.temperature == pytest.approx(0.5) and request.sampling.top_p == pytest.approx(0.9)
     assert (request.skip.policy, request.skip.max_skip, request.skip.warm_up) == ("adaptive", -1, 2)
+    assert request.skip.policy_value == common_pb2.SKIP_POLICY_ADAPTIVE  # the encoding; the name for older decoders
     assert parsed.stream and parsed.include_usage and parsed.max_tokens_field == "max_completion_tokens"
 
 
@@ -92,6 +93,17 @@ def test_responses_carry_usage_and_skip_statistics():
     assert chunk(parsed, 0, summary=summary, with_usage=True) == {
         "id": "cmpl-r1", "object": "text_completion", "created": 0, "model": "m", "system_fingerprint": None,
         "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}}
+
+
+@pytest.mark.parametrize("fields", [
+    {"policy_value": common_pb2.SKIP_POLICY_STATIC},  # a decoder that sends the encoding alone
+    {"policy": "static"},  # a decoder older than it: the deprecated name alone
+    {"policy": "static", "policy_value": common_pb2.SKIP_POLICY_STATIC},  # today's decoders: both
+])
+def test_the_response_names_the_policy_from_either_field(fields):
+    parsed = parse({"model": "m", "prompt": "p"}, COMPLETION, 9)
+    summary = generation_pb2.GenerateResponse(text="abc", finish_reason="eos", **fields)
+    assert whole_response(parsed, summary, 0)["ffnskip"]["policy"] == "static"
 
 
 # a value each refused field is refused with (openai_fields.REFUSED)

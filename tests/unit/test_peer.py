@@ -200,7 +200,7 @@ class FakeLlama:
     output depends on the whole context (as a stale KV cache would), and it passes EOS (2)."""
 
     vocab = 13
-    instances: list["FakeLlama"] = []
+    instances: list[FakeLlama] = []
 
     def __init__(self, model_path: str, n_ctx: int, n_threads: int, **kwargs) -> None:
         self.kwargs = dict(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, **kwargs)
@@ -210,7 +210,7 @@ class FakeLlama:
         FakeLlama.instances.append(self)
 
     @property
-    def ctx(self) -> "FakeLlama":
+    def ctx(self) -> FakeLlama:
         return self
 
     def n_vocab(self) -> int:

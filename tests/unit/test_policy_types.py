@@ -4,6 +4,7 @@ included, by name), and the decision kinds of a step."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,8 +12,17 @@ import torch
 from ffnskip.config import POLICIES, Policy, SkipParams
 from ffnskip.engine.policies import AdaptiveStep, FfnRows, PlannedStep, RowPlan, SkipPlanner
 from ffnskip.errors import InvalidArgument
-from ffnskip.rpc.convert import policy_from_proto, policy_to_proto, skip_params_from_proto, skip_params_to_proto
-from ffnskip.v1 import common_pb2
+from ffnskip.rpc.convert import (
+    default_skip_of,
+    policy_fields,
+    policy_from_proto,
+    policy_of,
+    policy_to_proto,
+    skip_params_from_proto,
+    skip_params_to_proto,
+)
+from ffnskip.rpc.generation import skip_of
+from ffnskip.v1 import calibrator_pb2, common_pb2, decoder_pb2, generation_pb2
 
 
 def test_a_policy_is_its_name_everywhere():
@@ -38,6 +48,74 @@ def test_skip_params_keep_aligned_and_its_quorum_on_the_wire():
     with pytest.raises(InvalidArgument) as caught:
         skip_params_from_proto(common_pb2.SkipParams(policy=99, threshold=0.9), "summary.skip_params")
     assert caught.value.field == "summary.skip_params.policy"
+
+
+# ------------------------------------------------ one encoding on the wire: the enum, the names deprecated
+
+POLICY_MESSAGES = [generation_pb2.SkipOverrides, generation_pb2.GenerateResponse,
+                   calibrator_pb2.SubmitCalibrationRequest, calibrator_pb2.Job]
+
+
+@pytest.mark.parametrize("message_type", POLICY_MESSAGES, ids=lambda t: t.__name__)
+def test_a_message_names_its_policy_by_the_enum_and_an_older_ones_name_still_reads(message_type):
+    sent = message_type(**policy_fields(Policy.STATIC))
+    assert (sent.policy_value, sent.policy) == (common_pb2.SKIP_POLICY_STATIC, "static")  # both, for old readers
+    assert policy_of(sent) is Policy.STATIC
+    assert policy_of(message_type(policy_value=common_pb2.SKIP_POLICY_STATIC)) is Policy.STATIC  # new only
+    assert policy_of(message_type(policy="static")) is Policy.STATIC  # old only
+    assert policy_of(message_type(policy="dense", policy_value=common_pb2.SKIP_POLICY_ALIGNED)) is Policy.ALIGNED
+    assert policy_of(message_type()) is None
+    for bad, field in ((message_type(policy_value=99), "x.policy_value"), (message_type(policy="greedy"), "x.policy")):
+        with pytest.raises(InvalidArgument) as caught:
+            policy_of(bad, "x.policy")
+        assert caught.value.field == field
+
+
+def test_a_name_no_policy_has_travels_as_the_name_for_the_receiver_to_refuse():
+    assert policy_fields("aligned") == {"policy": "aligned", "policy_value": common_pb2.SKIP_POLICY_ALIGNED}
+    assert policy_fields("greedy") == {"policy": "greedy"} and policy_fields("") == {"policy": ""}
+
+
+@pytest.mark.parametrize("overrides", [
+    generation_pb2.SkipOverrides(policy_value=common_pb2.SKIP_POLICY_STATIC),  # a client sending the enum alone
+    generation_pb2.SkipOverrides(policy="static"),  # a client older than it
+    generation_pb2.SkipOverrides(**policy_fields("static")),  # today's clients: both
+])
+def test_skip_overrides_take_the_policy_from_either_field(overrides):
+    assert skip_of(overrides, SkipParams(policy=Policy.ADAPTIVE)).policy is Policy.STATIC
+    assert skip_of(generation_pb2.SkipOverrides(), SkipParams(policy=Policy.RANDOM)).policy is Policy.RANDOM  # neither
+
+
+def test_decoder_info_gives_its_default_skip_in_either_field():
+    params = SkipParams(policy=Policy.STATIC, cold_end=7, threshold=0.9, max_skip=None, static_layers=(3, 1))
+    document = {**asdict(params), "static_layers": list(params.static_layers)}  # the decoder's deprecated JSON
+    new = decoder_pb2.InfoResponse(default_skip=skip_params_to_proto(params))
+    old = decoder_pb2.InfoResponse(default_skip_json=json.dumps(document))
+    both = decoder_pb2.InfoResponse(default_skip=skip_params_to_proto(params), default_skip_json=json.dumps(
+        {**document, "threshold": 0.5}))
+    assert default_skip_of(new) == default_skip_of(old) == default_skip_of(both) == params
+    assert default_skip_of(decoder_pb2.InfoResponse()) is None
+    for bad, field in (('{"threshold": 2}', "default_skip_json.threshold"), ("[1]", "default_skip_json"),
+                       ("{", "default_skip_json")):
+        with pytest.raises(InvalidArgument) as caught:
+            default_skip_of(decoder_pb2.InfoResponse(default_skip_json=bad))
+        assert caught.value.field == field
+
+
+def test_calibration_jobs_take_the_policy_from_either_field():
+    from services.calibrator.convert import job_request, job_to_proto
+    from services.calibrator.settings import CalibratorSettings
+
+    settings = CalibratorSettings(models=("m",))
+    prompts = calibrator_pb2.PromptList(prompts=["one", "two", "three"])
+    for fields in ({"policy_value": common_pb2.SKIP_POLICY_STATIC}, {"policy": "static"}, policy_fields("static")):
+        request = job_request(calibrator_pb2.SubmitCalibrationRequest(model="m", prompts=prompts, **fields), settings)
+        assert request["policy"] == "static"
+        job = job_to_proto({"id": "j", "request": request})
+        assert (job.policy_value, job.policy) == (common_pb2.SKIP_POLICY_STATIC, "static")
+    request = job_request(calibrator_pb2.SubmitCalibrationRequest(model="m", prompts=prompts), settings)
+    assert request["policy"] == "adaptive"
+    assert policy_of(job_to_proto({"id": "j", "request": {"model": "m"}})) is Policy.ADAPTIVE  # queued before policies
 
 
 def plan(policy: Policy, **kwargs) -> RowPlan:

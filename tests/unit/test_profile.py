@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from tests.helpers.profiles import build_profile
+from ffnskip.calibration.plots import plot_layer_similarity
 from ffnskip.config import SkipParams
 from ffnskip.errors import InvalidArgument
-from ffnskip.calibration.plots import plot_layer_similarity
 from ffnskip.profile import LayerStats, Profile
+from tests.helpers.profiles import build_profile
 
 
 def test_round_trip_is_exact_and_stable() -> None:

@@ -70,7 +70,7 @@ def test_pooled_weights_tokens_and_treats_prompts_as_clusters():
 def test_longest_prefix_finds_the_edge_with_few_probes():
     for edge in range(0, 29):
         asked: list[int] = []
-        found = longest_prefix(lambda n: asked.append(n) is None and n <= edge, 28)
+        found = longest_prefix(lambda n, asked=asked, edge=edge: asked.append(n) is None and n <= edge, 28)
         assert found == edge
         assert len(asked) <= 2 * math.ceil(math.log2(29)) + 1
     assert longest_prefix(lambda n: True, 0) == 0

@@ -6,8 +6,7 @@ import pytest
 
 from ffnskip.errors import NotFound, Unavailable
 from services.gateway.discovery import StaticDiscovery
-from services.gateway.routing import Router
-from services.gateway.routing import Endpoint, pick, routable
+from services.gateway.routing import Endpoint, Router, pick, routable
 
 NOW = 100.0
 

@@ -5,7 +5,6 @@ rows and the prefilling rows stay contiguous (running[i].row == i throughout).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from ffnskip.errors import InvalidArgument
 class FakeSeq:
     name: str
     prompt: int  # prompt tokens
-    row: Optional[int] = None
+    row: int | None = None
     prefilled: int = 0
     finished: bool = False
 

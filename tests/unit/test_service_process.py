@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import pytest
 import structlog
@@ -21,7 +21,7 @@ class Settings:
     log_level: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
         if "FFNSKIP_BROKEN" in env:
             raise InvalidArgument("FFNSKIP_BROKEN", "must not be set")
         return cls(env.get("FFNSKIP_LOG_LEVEL", "info"))

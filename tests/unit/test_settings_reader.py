@@ -8,7 +8,7 @@ import pytest
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.settings import Env
-from ffnskip.store.connection import RedisSettings
+from ffnskip.store.connection import REDIS_ENV_VARS, RedisSettings
 from services.calibrator.settings import CalibratorSettings
 from services.decoder.settings import DecoderSettings
 from services.gateway.settings import GatewaySettings
@@ -104,6 +104,21 @@ def test_redis_settings_follow_the_rules() -> None:
         with pytest.raises(InvalidArgument) as caught:
             RedisSettings.from_env({name: value})
         assert caught.value.field == name
+
+
+def test_redis_variables_are_named_once_and_listed_by_every_service() -> None:
+    import inspect
+    import re
+
+    from services.calibrator import settings as calibrator_settings
+    from services.decoder import settings as decoder_settings
+    from services.gateway import settings as gateway_settings
+
+    read = re.findall(r'"(FFNSKIP_[A-Z0-9_]+)"', inspect.getsource(RedisSettings.from_env))
+    assert set(REDIS_ENV_VARS) == set(read) and len(REDIS_ENV_VARS) == len(set(REDIS_ENV_VARS))
+    for module in (calibrator_settings, decoder_settings, gateway_settings):  # listed, not copied
+        assert set(REDIS_ENV_VARS) <= set(module.ENV_VARS), module.__name__
+        assert '"FFNSKIP_REDIS_' not in inspect.getsource(module), module.__name__
 
 
 def test_every_service_reads_empty_values_as_defaults() -> None:

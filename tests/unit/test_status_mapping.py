@@ -5,7 +5,8 @@ INTERNAL without its message, and the traceback goes to the log."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -18,11 +19,14 @@ pytestmark = pytest.mark.timeout(60)
 SECRET = "s3cret-connection-string"
 
 CASES: dict[str, tuple[Callable[[], Exception], grpc.StatusCode, str]] = {
-    "invalid_argument": (lambda: errors.InvalidArgument("prompts[3]", "too long"), grpc.StatusCode.INVALID_ARGUMENT, "prompts[3]: too long"),
+    "invalid_argument": (lambda: errors.InvalidArgument("prompts[3]", "too long"), grpc.StatusCode.INVALID_ARGUMENT,
+                         "prompts[3]: too long"),
     "not_found": (lambda: errors.NotFound("model 'x' is unknown"), grpc.StatusCode.NOT_FOUND, "model 'x' is unknown"),
     "already_exists": (lambda: errors.AlreadyExists("profile v3 exists"), grpc.StatusCode.ALREADY_EXISTS, "profile v3 exists"),
-    "failed_precondition": (lambda: errors.FailedPrecondition("nothing to roll back"), grpc.StatusCode.FAILED_PRECONDITION, "nothing to roll back"),
-    "resource_exhausted": (lambda: errors.ResourceExhausted("queue full", retry_after_s=2.5), grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+    "failed_precondition": (lambda: errors.FailedPrecondition("nothing to roll back"), grpc.StatusCode.FAILED_PRECONDITION,
+                            "nothing to roll back"),
+    "resource_exhausted": (lambda: errors.ResourceExhausted("queue full", retry_after_s=2.5), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           "queue full"),
     "unavailable": (lambda: errors.Unavailable("redis down"), grpc.StatusCode.UNAVAILABLE, "redis down"),
     "deadline_exceeded": (lambda: errors.DeadlineExceeded("too slow"), grpc.StatusCode.DEADLINE_EXCEEDED, "too slow"),
     "cancelled": (lambda: errors.Cancelled("client went away"), grpc.StatusCode.CANCELLED, "client went away"),

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import TypeVar
 
 Request = TypeVar("Request")
 
@@ -26,7 +27,7 @@ class CallResult:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     gaps_s: list[float] = field(default_factory=list)
-    decode_skip_ratio: Optional[float] = None  # None: the server does not skip (llama-server)
+    decode_skip_ratio: float | None = None  # None: the server does not skip (llama-server)
     last_token_at: float = field(default=0.0, repr=False)
 
     def add_tokens(self, count: int, now: float, started: float) -> None:

@@ -3,8 +3,9 @@ profile's rows, an `ffnskip eval` output's rows, and how rows group to run side 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ffnskip.config import DENSE, Policy, SkipParams
 
@@ -15,7 +16,7 @@ STATIC_8_OF_30 = (4, 7, 10, 13, 16, 19, 22, 25)
 class BenchConfig:
     name: str
     batch: int
-    skip: Optional[SkipParams]  # None = plain transformers generate
+    skip: SkipParams | None  # None = plain transformers generate
     dtype: str = "float32"
 
     @property

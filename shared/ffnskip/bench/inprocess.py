@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from ffnskip.bench.configs import BenchConfig, default_configs, eval_rows, profile_rows, run_groups
 from ffnskip.bench.report import print_table, summarise
@@ -49,7 +49,7 @@ class BenchOptions:
     profiles: tuple[str, ...] = ()  # calibrated profile files: their cal_* rows
     from_eval: tuple[str, ...] = ()  # `ffnskip eval qa|agreement --json` outputs: a METHOD@TARGET row per setting
     compile: bool = True  # the decode segments as AOTInductor packages
-    peer: Optional[bool] = None  # llama.cpp rows: True asked for, False none, None when llama-cpp-python is installed
+    peer: bool | None = None  # llama.cpp rows: True asked for, False none, None when llama-cpp-python is installed
     profile_step: bool = False  # also profile one dense decode step
     json: bool = False  # print the report as JSON instead of the table
 
@@ -59,7 +59,7 @@ class RunResult:
     """One timed run of a row."""
 
     seconds: float  # the whole request, prefill included
-    decode_seconds: Optional[float]  # from the first generated token to the last (None: not measurable)
+    decode_seconds: float | None  # from the first generated token to the last (None: not measurable)
     skip_ratio: float = 0.0  # skipped FFN blocks / (L x generated tokens), pooled over the batch
     decode_skip_ratio: float = 0.0  # the same over tokens after warm-up
     avoided: float = 0.0  # share of decode-step FFN weight reads avoided (no row ran the layer)
@@ -68,6 +68,7 @@ class RunResult:
 def run(options: BenchOptions) -> int:
     """Run every row `options.reps` times, then print the table (the JSON report with `json`); -> 0."""
     import torch  # here, not at import: the command line imports this module
+
     from ffnskip.bench.step_profile import profile_decode_step
     from ffnskip.errors import InvalidArgument
 
@@ -130,7 +131,7 @@ def _warm_up(engine, batches: list[int], dtype: str) -> tuple[float, int]:
         return engine.warm_up(batches, on_compiled=bar.update), bar.n
 
 
-def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> "BenchRunner":
+def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> BenchRunner:
     from ffnskip.bench import gguf_export, inprocess_peer
     from ffnskip.engine import Engine, load_model
     from ffnskip.errors import InvalidArgument
@@ -166,7 +167,7 @@ def peer_row_name(dtype: str) -> str:
     return f"llamacpp_{PEER_PRECISIONS[dtype]}"
 
 
-def read_bandwidth_gb_s(device, megabytes: int = 256, reps: int = 7) -> Optional[float]:
+def read_bandwidth_gb_s(device, megabytes: int = 256, reps: int = 7) -> float | None:
     """Sustained read bandwidth: the median time of summing a buffer much larger than the caches
     (CPU only; on a GPU the decode step's own numbers say more)."""
     import torch
@@ -201,7 +202,7 @@ class BenchRunner:
         self.warm_up_seconds = 0.0  # loading (and compiling what is not on disk) the decode segments
         self.packages_compiled = 0
         self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens
-        self.peer: Optional[LlamaCppPeer] = None  # on the same weights, when its rows are wanted
+        self.peer: LlamaCppPeer | None = None  # on the same weights, when its rows are wanted
         self.peer_tokens: list[int] = []
         self.engines: dict = {}  # row name -> its engine (side_by_side)
 

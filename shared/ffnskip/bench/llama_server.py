@@ -15,9 +15,10 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Iterable, Iterator, Optional
+from typing import IO, Any
 
 from ffnskip.bench.calls import CallResult
 from ffnskip.errors import FfnSkipError
@@ -111,7 +112,7 @@ def sse_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
     # an event without its closing blank line is incomplete and dropped, as the SSE standard says
 
 
-def tokens_generated(event: dict[str, Any]) -> Optional[int]:
+def tokens_generated(event: dict[str, Any]) -> int | None:
     """How many tokens the request has generated so far, by a streamed event; None when the
     event does not say. A token that ends inside a multi-byte character is sent only with
     the next one, so the count, not the event, is what tells how many arrived."""
@@ -124,7 +125,7 @@ class LlamaServer:
     GET /health with 200, stop() terminates it (and kills it if it lingers); as a context
     manager, from entry to exit."""
 
-    def __init__(self, gguf: Path, *, slots: int, threads: int, ctx_size: int, binary: Optional[Path] = None,
+    def __init__(self, gguf: Path, *, slots: int, threads: int, ctx_size: int, binary: Path | None = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.gguf = Path(gguf)
         self.slots = slots
@@ -133,15 +134,15 @@ class LlamaServer:
         self.binary = binary
         self.start_timeout_s = start_timeout_s
         self.port = 0
-        self.process: Optional[subprocess.Popen] = None
-        self._log: Optional[IO[bytes]] = None
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         self.start()
         return self
 
-    def __exit__(self, kind: Optional[type[BaseException]], error: Optional[BaseException],
-                 traceback: Optional[TracebackType]) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         self.stop()
 
     @property
@@ -178,7 +179,7 @@ class LlamaServer:
                                        f"{self.start_timeout_s:.0f} s; the end of its log:\n{self.log_tail()}")
             time.sleep(HEALTH_POLL_S)
 
-    def _health(self) -> Optional[int]:
+    def _health(self) -> int | None:
         """The status of GET /health (503 while the model loads), None while nothing listens."""
         connection = http.client.HTTPConnection(HOST, self.port, timeout=5.0)
         try:
@@ -196,7 +197,7 @@ class LlamaServer:
         text = self._log.read().decode("utf-8", errors="replace")
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
-    def peak_resident_bytes(self) -> Optional[int]:
+    def peak_resident_bytes(self) -> int | None:
         """The server's peak resident memory so far (VmHWM; Linux), None where unknown."""
         if self.process is None:
             return None
@@ -233,7 +234,7 @@ class LlamaServer:
         request, one gap per later token, end to end until the final event."""
         started = time.perf_counter()
         result = CallResult(ok=False)
-        connection: Optional[http.client.HTTPConnection] = None
+        connection: http.client.HTTPConnection | None = None
         try:
             connection, response = self._post(completion_body(prompt_ids, new_tokens, stream=True), timeout_s)
             if response.status != 200:

@@ -19,8 +19,8 @@ import math
 import socket
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Callable, Optional, Sequence
 
 import aiohttp
 import grpc
@@ -92,7 +92,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {f"p{q}": ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] for q in (50, 95, 99)}
 
 
-async def run_load(address: str, model: str, api_key: Optional[str] = None, count: int = 100, concurrency: int = 4,
+async def run_load(address: str, model: str, api_key: str | None = None, count: int = 100, concurrency: int = 4,
                    duration_s: float = 60.0, max_new_tokens: int = 32, prompts: Sequence[str] = DEFAULT_PROMPTS,
                    request_timeout_s: float = 60.0, http: bool = False) -> LoadReport:
     """`address`: the gateway's gRPC port, or with `http` its HTTP API's (host:port)."""
@@ -159,17 +159,17 @@ class _Failed(Exception):
 
 
 # One streamed request: yields (0, None) per token, then (generated tokens, serving pod) once; raises _Failed.
-Send = Callable[[str], AsyncIterator[tuple[int, Optional[str]]]]
+Send = Callable[[str], AsyncIterator[tuple[int, str | None]]]
 
 
 @contextlib.asynccontextmanager
-async def _sender(address: str, model: str, api_key: Optional[str], max_new_tokens: int, timeout_s: float,
+async def _sender(address: str, model: str, api_key: str | None, max_new_tokens: int, timeout_s: float,
                   http: bool) -> AsyncIterator[Send]:
     if not http:
         async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
 
-            async def send_grpc(prompt: str) -> AsyncIterator[tuple[int, Optional[str]]]:
+            async def send_grpc(prompt: str) -> AsyncIterator[tuple[int, str | None]]:
                 request = build_request(model, chat=prompt, max_new_tokens=max_new_tokens)
                 call = stub.GenerateStream(request, timeout=timeout_s, metadata=auth_metadata(api_key))
                 try:
@@ -187,7 +187,7 @@ async def _sender(address: str, model: str, api_key: Optional[str], max_new_toke
     async with aiohttp.ClientSession(f"http://{address}", headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
-        async def send_http(prompt: str) -> AsyncIterator[tuple[int, Optional[str]]]:
+        async def send_http(prompt: str) -> AsyncIterator[tuple[int, str | None]]:
             body = {"model": model, "messages": [{"role": "user", "content": prompt}],
                     "max_tokens": max_new_tokens, "stream": True}
             try:
@@ -212,7 +212,7 @@ async def _sender(address: str, model: str, api_key: Optional[str], max_new_toke
         yield send_http
 
 
-def _sse_data(line: bytes) -> Optional[dict]:
+def _sse_data(line: bytes) -> dict | None:
     """The JSON of a server-sent `data:` line; None for anything else (blank lines, [DONE])."""
     text = line.decode().strip()
     if not text.startswith("data:") or text == "data: [DONE]":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import resource
 import statistics
 from dataclasses import asdict
-from typing import Optional
 
 
 def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
@@ -56,7 +55,8 @@ def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
             "realised_fraction_request": round(statistics.median(request_pairs), 3) if request_pairs else None,
             "realised_fraction_request_pairs": [round(p, 3) for p in request_pairs],
             # against the reads actually avoided: what a bandwidth-bound step can at best save
-            "realised_fraction_of_avoided": round(wb.realised_fraction(avoided, dense_step_seconds, step_seconds), 3) if avoided > 0 else None,
+            "realised_fraction_of_avoided":
+                round(wb.realised_fraction(avoided, dense_step_seconds, step_seconds), 3) if avoided > 0 else None,
             # weights read per second in a decode step: W - avoided x F per step
             "weights_gb_per_s": round((wb.total - avoided * wb.ffn) / step_seconds / 1e9, 2),
             "agreement_with_float32": _agreement(runners, config),
@@ -67,14 +67,14 @@ def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
     return rows
 
 
-def _peer_equal(runner, config) -> Optional[bool]:
+def _peer_equal(runner, config) -> bool | None:
     """llama.cpp rows: its greedy tokens equal the engine's dense tokens at the same precision."""
     if not config.name.startswith("llamacpp") or 1 not in runner.dense_tokens:
         return None
     return runner.peer_tokens == runner.dense_tokens[1][0]
 
 
-def _agreement(runners, config) -> Optional[float]:
+def _agreement(runners, config) -> float | None:
     """Dense rows of other precisions: the share of greedy tokens generated before the first
     difference from float32's, averaged over the batch's sequences (once a token differs, the
     texts go their own ways and later positions say nothing)."""
@@ -118,7 +118,8 @@ def print_table(report: dict) -> None:
         print(f"{r['policy']:<18}{r['batch']:>6}{r['dtype']:>10}{r['skip_ratio']:>8.3f}{r['decode_skip_ratio']:>9.3f}{r['avoided_ffn_read_share']:>8.3f}"
               f"{r['tokens_per_s']:>9.1f}{fmt(r['vs_hf_generate'], '>7.3f')}{fmt(r['vs_llamacpp_f32'], '>9.3f')}"
               f"{r['step_ms']:>8.2f}{r['weights_gb_per_s']:>7.1f}{r['speedup_vs_dense']:>9.3f}{r['ideal_speedup']:>7.3f}"
-              f"{fmt(r['realised_fraction'], '>9.2f')}{_spread(r['realised_fraction_pairs']):>13}{fmt(r['realised_fraction_request'], '>14.2f')}"
+              f"{fmt(r['realised_fraction'], '>9.2f')}{_spread(r['realised_fraction_pairs']):>13}"
+              f"{fmt(r['realised_fraction_request'], '>14.2f')}"
               f"{fmt(r['agreement_with_float32'], '>7.3f')}")
     for r in report["rows"]:
         if r["tokens_equal_engine_dense"] is not None:

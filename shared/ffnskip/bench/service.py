@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import grpc
 
@@ -46,10 +46,11 @@ def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
 
 
 def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ignore_eos: bool = True):
+    from ffnskip.rpc.convert import policy_fields
     from ffnskip.v1 import generation_pb2 as pb
 
     prompts = texts("prompts", "prompt")
-    skip = pb.SkipOverrides(policy=policy) if policy else pb.SkipOverrides()
+    skip = pb.SkipOverrides(**policy_fields(policy))
     sampling = pb.SamplingOptions(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     return [pb.GenerateRequest(model=model, messages=[pb.ChatMessage(role="user", content=prompts[i % len(prompts)])],
                                sampling=sampling, skip=skip)
@@ -98,10 +99,10 @@ class ServiceBenchOptions:
     policies: tuple[str, ...] = ("dense", "adaptive")  # "profile" = the decoder's active profile as is
     requests_per_level: int = 8
     timeout_s: float = 600.0
-    api_key: Optional[str] = None  # bearer key, when the target is a gateway
+    api_key: str | None = None  # bearer key, when the target is a gateway
     llama_server: bool = False  # llama.cpp's server on the same weights after the service rows, side by side
-    peer_threads: Optional[int] = None  # llama-server's threads; None: torch's thread count in this process
-    metrics_url: Optional[str] = None  # the decoder's Prometheus endpoint: its resident memory after the rows
+    peer_threads: int | None = None  # llama-server's threads; None: torch's thread count in this process
+    metrics_url: str | None = None  # the decoder's Prometheus endpoint: its resident memory after the rows
     engine_baseline: bool = False  # also the bare engine in-process on the same prompts
     json: bool = False  # print the report as JSON instead of the table
 
@@ -165,7 +166,7 @@ def run(options: ServiceBenchOptions) -> int:
     return 0
 
 
-def resident_bytes(metrics_url: str) -> Optional[int]:
+def resident_bytes(metrics_url: str) -> int | None:
     """process_resident_memory_bytes from a Prometheus endpoint; None when it does not export it."""
     import urllib.request
 
@@ -182,7 +183,7 @@ def resident_bytes(metrics_url: str) -> Optional[int]:
     return None
 
 
-def ratio(ours: Optional[float], theirs: Optional[float]) -> Optional[float]:
+def ratio(ours: float | None, theirs: float | None) -> float | None:
     if ours is None or theirs is None or not theirs or math.isnan(ours) or math.isnan(theirs):
         return None
     return round(ours / theirs, 3)
@@ -212,7 +213,7 @@ def table_rows(report: dict) -> list[dict]:
     return rows
 
 
-def gigabytes(value: Optional[int]) -> str:
+def gigabytes(value: int | None) -> str:
     return "unknown" if value is None else f"{value / 1e9:.2f} GB"
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from ffnskip.bench.calls import run_level
 from ffnskip.bench.llama_server import LlamaServer, context_size, find_llama_server
@@ -35,7 +36,7 @@ def compare_greedy(service: Sequence[Sequence[int]], peer: Sequence[Sequence[int
     difference and the share of positions that are equal."""
     if len(service) != len(peer):
         raise ValueError(f"{len(service)} service sequences but {len(peer)} peer sequences")
-    first_difference: list[Optional[int]] = []
+    first_difference: list[int | None] = []
     agreed = equal = total = 0
     for ours, theirs in zip(service, peer):
         length = max(len(ours), len(theirs))
@@ -74,7 +75,7 @@ def chat_messages(request: Any) -> list[dict[str, str]]:
 class ServerPeer:
     """The model's GGUF and tokenizer, and llama-server processes started on them."""
 
-    def __init__(self, model: str, dtype: str, threads: Optional[int]) -> None:
+    def __init__(self, model: str, dtype: str, threads: int | None) -> None:
         import torch  # here: only a run with this peer loads a model
 
         from ffnskip.bench.gguf_export import ensure_gguf

@@ -15,16 +15,15 @@ saw; a profile that misses its budget there is stored but only activated when fo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import structlog
 
 from ffnskip.calibration.quality import Quality, Reference, pooled, relative_nll
 from ffnskip.calibration.scores import token_agreement
 from ffnskip.config import Policy, QualityBudget, SkipParams
+from ffnskip.logs import get_logger
 
-log = structlog.get_logger("ffnskip.calibration.budget")
+log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class BudgetChoice:

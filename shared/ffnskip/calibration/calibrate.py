@@ -28,8 +28,10 @@ Steps (each deterministic for a given model and prompt set):
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from functools import partial
+from typing import TYPE_CHECKING
 
 from ffnskip.config import Policy, QualityBudget
 from ffnskip.errors import Cancelled, InvalidArgument
@@ -53,9 +55,9 @@ class CalibrationRequest:
     job_id: str = ""
     model_id: str = ""  # recorded in the profile; defaults to the loaded model's spec
     chat: bool = True  # send prompts through the chat template (the serving regime)
-    policy: Optional[Policy] = None  # one of CALIBRATED_POLICIES (a name is accepted); None: static
+    policy: Policy | None = None  # one of CALIBRATED_POLICIES (a name is accepted); None: static
     # with a budget, else adaptive
-    quality_budget: Optional[QualityBudget] = None  # the objective instead of target_skip_ratio
+    quality_budget: QualityBudget | None = None  # the objective instead of target_skip_ratio
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -96,7 +98,7 @@ class CalibrationOutcome:
 class Progress:
     """Forwards (phase, done, total) and checks for cancellation between batches."""
 
-    def __init__(self, report: Optional[ProgressFn], should_cancel: Optional[CancelFn], total: int) -> None:
+    def __init__(self, report: ProgressFn | None, should_cancel: CancelFn | None, total: int) -> None:
         self.report, self.should_cancel, self.total, self.done = report, should_cancel, total, 0
 
     def advance(self, phase: str, units: int = 1) -> None:
@@ -107,15 +109,15 @@ class Progress:
             self.report(phase, min(self.done, self.total), self.total)
 
 
-def calibrate(loaded, request: CalibrationRequest, progress: Optional[ProgressFn] = None,
-              should_cancel: Optional[CancelFn] = None) -> CalibrationOutcome:
+def calibrate(loaded, request: CalibrationRequest, progress: ProgressFn | None = None,
+              should_cancel: CancelFn | None = None) -> CalibrationOutcome:
     """Raises ffnskip.errors.Cancelled when should_cancel() becomes true between batches."""
-    from ffnskip.calibration.runs import CalibrationRunner
-    from ffnskip.datasets import digest
-    from ffnskip.calibration.plots import plot_layer_similarity
-    from ffnskip.profile import Profile, utc_now_iso
     from ffnskip.calibration.budget import search, search_runs
+    from ffnskip.calibration.plots import plot_layer_similarity
+    from ffnskip.calibration.runs import CalibrationRunner
     from ffnskip.calibration.tuning import BASE_WARM_UP, Choice, choice_params, tune
+    from ffnskip.datasets import digest
+    from ffnskip.profile import Profile, utc_now_iso
 
     assert request.policy is not None  # made a Policy by CalibrationRequest itself
     policy = request.policy
@@ -174,12 +176,17 @@ def layer_stats(similarity: list[list[float]], num_layers: int):
         values = sorted(min(1.0, max(-1.0, row[layer])) for row in similarity)
         if not values:
             raise InvalidArgument("prompts", "no decoded tokens to measure (every answer ended at once)")
-        q = lambda f: values[min(len(values) - 1, int(f * (len(values) - 1) + 0.5))]  # noqa: E731
+        q = partial(_nearest_rank, values)
         stats.append(LayerStats(
             layer=layer, mean=min(values[-1], max(values[0], statistics.fmean(values))), std=statistics.pstdev(values), min=values[0],
             p05=q(0.05), p25=q(0.25), p50=q(0.5), p75=q(0.75), p95=q(0.95), max=values[-1], count=len(values),
         ))
     return stats
+
+
+def _nearest_rank(values: list[float], f: float) -> float:
+    """The `f` quantile (0..1) of sorted `values`, by nearest rank."""
+    return values[min(len(values) - 1, int(f * (len(values) - 1) + 0.5))]
 
 
 def cold_regions(means: list[float]) -> tuple[int, int]:

@@ -7,7 +7,7 @@ ffnskip never pays for it and services that do not plot never load it.
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.profile import LayerStats
@@ -18,7 +18,7 @@ def plot_layer_similarity(
     cold_start: int,
     cold_end: int,
     title: str,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
     skipped: Sequence[int] = (),
 ) -> bytes:
     """PNG bytes: mean cos(h, h + ffn(h)) per layer, a p05-p95 band, cold regions shaded,

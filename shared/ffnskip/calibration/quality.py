@@ -18,8 +18,9 @@ cluster (tokens of one answer are not independent draws).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
@@ -37,11 +38,11 @@ class Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     skip: SkipParams = DENSE
-    teacher: Optional[Teacher] = None
+    teacher: Teacher | None = None
 
 
 def run_jobs(engine: Engine, jobs: Seq[Job], batch_size: int,
-             after_batch: Optional[Callable[[], None]] = None) -> list[Sequence]:
+             after_batch: Callable[[], None] | None = None) -> list[Sequence]:
     """Decode the jobs `batch_size` at a time (a batch runs to its end before the next starts,
     so every row of a batch shares it for its whole life); the finished sequences in order."""
     done: list[Sequence] = []
@@ -118,7 +119,7 @@ def forced(length: int) -> SamplingParams:
 
 
 def dense_references(engine: Engine, prompts: Seq[list[int]], max_new_tokens: int, batch_size: int,
-                     after_batch: Optional[Callable[[], None]] = None) -> list[Reference]:
+                     after_batch: Callable[[], None] | None = None) -> list[Reference]:
     recorders = [_Recorder() for _ in prompts]
     jobs = [Job(p, SamplingParams(max_new_tokens=max_new_tokens), DENSE, r) for p, r in zip(prompts, recorders)]
     seqs = run_jobs(engine, jobs, batch_size, after_batch)
@@ -134,7 +135,7 @@ class Divergence:
 
 
 def divergence(engine: Engine, prompts: Seq[list[int]], references: Seq[Reference], skip: SkipParams,
-               batch_size: int, after_batch: Optional[Callable[[], None]] = None) -> Divergence:
+               batch_size: int, after_batch: Callable[[], None] | None = None) -> Divergence:
     scorers = [_Divergence(r) for r in references]
     jobs = [Job(p, forced(len(r.tokens)), skip, s) for p, r, s in zip(prompts, references, scorers)]
     run_jobs(engine, jobs, batch_size, after_batch)
@@ -142,7 +143,7 @@ def divergence(engine: Engine, prompts: Seq[list[int]], references: Seq[Referenc
 
 
 def dense_nll(engine: Engine, prompts: Seq[list[int]], continuations: Seq[Seq[int]], batch_size: int,
-              after_batch: Optional[Callable[[], None]] = None) -> list[list[float]]:
+              after_batch: Callable[[], None] | None = None) -> list[list[float]]:
     """Dense's NLL of each token of each continuation (an empty continuation scores nothing)."""
     scored = [(p, c) for p, c in zip(prompts, continuations) if c]
     scorers = [_Likelihood(c) for _, c in scored]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 
 def token_agreement(candidates: Seq[Seq[int]], references: Seq[Seq[int]]) -> float:

@@ -15,15 +15,14 @@ is chosen by real runs too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
-import structlog
-
-from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.calibration.scores import token_agreement
+from ffnskip.config import DENSE, Policy, SkipParams
+from ffnskip.logs import get_logger
 
-log = structlog.get_logger("ffnskip.calibration.tuning")
+log = get_logger(__name__)
 
 TOLERANCE = 0.02  # measured decode ratio this close to the target needs no correction
 FIRE_RATES = (1.0, 0.8)  # candidate k = target * L / rate: fire on every token, or most
@@ -35,7 +34,7 @@ AGREEMENT_SLACK = 0.02  # the smallest warm-up whose agreement is this close to 
 @dataclass(frozen=True)
 class Choice:
     threshold: float
-    max_skip: Optional[int]
+    max_skip: int | None
     warm_up: int
     skip_ratio: float
     decode_skip_ratio: float
@@ -52,7 +51,7 @@ def choice_params(policy: Policy, choice: Choice, cold_start: int, cold_end: int
                       cold_end=cold_end, warm_up=choice.warm_up)
 
 
-def predicted_ratio(similarity: list[list[float]], threshold: float, k: Optional[int], cold_start: int, cold_end: int) -> float:
+def predicted_ratio(similarity: list[list[float]], threshold: float, k: int | None, cold_start: int, cold_end: int) -> float:
     num_layers = len(similarity[0])
     skipped = 0
     for row in similarity:
@@ -64,7 +63,7 @@ def predicted_ratio(similarity: list[list[float]], threshold: float, k: Optional
     return skipped / (len(similarity) * num_layers)
 
 
-def threshold_for(similarity, target: float, k: Optional[int], cold_start: int, cold_end: int) -> Optional[float]:
+def threshold_for(similarity, target: float, k: int | None, cold_start: int, cold_end: int) -> float | None:
     """The highest threshold whose predicted ratio reaches `target`, or None if k cannot."""
     if predicted_ratio(similarity, 1e-6, k, cold_start, cold_end) < target:
         return None
@@ -101,7 +100,7 @@ def static_candidates(similarity, target: float, cold_start: int, cold_end: int)
     return list(dict.fromkeys([by_mean, by_p05, stretch]))
 
 
-def candidate_run_lengths(target: float, num_layers: int, cold_start: int, cold_end: int) -> list[Optional[int]]:
+def candidate_run_lengths(target: float, num_layers: int, cold_start: int, cold_end: int) -> list[int | None]:
     hot = cold_end - cold_start
     ks = sorted({min(hot - 1, max(1, math.ceil(target * num_layers / rate))) for rate in FIRE_RATES})
     return ks + [None]
@@ -112,7 +111,7 @@ def tune(runner, similarity, held: list[str], cold_start: int, cold_end: int, ta
     dense = runner.generate(held, DENSE, tracker, "dense reference").tokens
     num_layers = len(similarity[0])
 
-    def measure(threshold: float, k: Optional[int], warm_up: int, layers: tuple[int, ...] = ()) -> Choice:
+    def measure(threshold: float, k: int | None, warm_up: int, layers: tuple[int, ...] = ()) -> Choice:
         params = choice_params(policy, Choice(threshold, k, warm_up, 0.0, 0.0, 0.0, layers), cold_start, cold_end)
         phase = (f"tuning static {list(layers)} warm_up={warm_up}" if policy is Policy.STATIC
                  else f"tuning k={k} threshold={threshold:.4f} warm_up={warm_up}")
@@ -174,7 +173,7 @@ def bisect_threshold(run: Callable[[float], Choice], tried: list[Choice], target
     skips enough, the threshold steps down from the lowest one tried (0.02, 0.04, ...)."""
     above = [c.threshold for c in tried if c.decode_skip_ratio > target]
     below = [c.threshold for c in tried if c.decode_skip_ratio < target]
-    low: Optional[float] = max(above) if above else None
+    low: float | None = max(above) if above else None
     high, step = min(below, default=1.0), 0.02
     for _ in range(BISECT_RUNS):
         if low is None:

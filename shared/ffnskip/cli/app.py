@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
 from ffnskip.cli import bench, calibrate, client, evaluate, generate, ops, up
 from ffnskip.cli.args import add_model_args
@@ -42,7 +41,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,6 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 from ffnskip.config import POLICIES, SamplingParams, SkipParams
 from ffnskip.errors import InvalidArgument
@@ -86,7 +85,7 @@ def load_skip_file(path: Path) -> SkipParams:
     return SkipParams(**data)
 
 
-def _int_or_none(text: str) -> Optional[int]:
+def _int_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 

@@ -55,8 +55,8 @@ def _local_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ffnskip import datasets
-    from ffnskip.config import QualityBudget
     from ffnskip.calibration.calibrate import CalibrationRequest, calibrate
+    from ffnskip.config import QualityBudget
     from ffnskip.engine import load_model
 
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else datasets.texts("calibration", "text")

@@ -20,7 +20,7 @@ import functools
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ffnskip.client import DEFAULT_ADDRESS, describe
 

@@ -73,7 +73,8 @@ def _common(parser: argparse.ArgumentParser, data: str, max_new_tokens: int) -> 
     parser.add_argument("--calibration-data", default="calibration", help="prompts for calibration (named set or JSONL)")
     parser.add_argument("--calibration-prompts", type=int, default=24, help="two thirds measured, one third held out")
     parser.add_argument("--calibration-tokens", type=int, default=64)
-    parser.add_argument("--plan", action="store_true", help="print the work and the time estimate (from a 4-token speed probe); evaluate nothing")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the work and the time estimate (from a 4-token speed probe); evaluate nothing")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 

@@ -17,8 +17,8 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ffnskip.cli.calibrate import read_prompts_file
 from ffnskip.config import DEFAULT_MAX_KL, DEFAULT_MAX_RELATIVE_NLL
@@ -95,10 +95,11 @@ def _rpc(fn: Callable[[argparse.Namespace, object], int]) -> Callable[[argparse.
 
 
 def _submit(args: argparse.Namespace, stub) -> int:
+    from ffnskip.rpc.convert import policy_fields
     from ffnskip.v1 import calibrator_pb2 as pb
 
     request = pb.SubmitCalibrationRequest(model=args.model, activate_on_success=args.activate,
-                                          idempotency_key=args.idempotency_key or "", policy=args.policy)
+                                          idempotency_key=args.idempotency_key or "", **policy_fields(args.policy))
     if args.target_skip is not None:
         request.target_skip_ratio = args.target_skip
     if args.tokens_per_prompt is not None:

@@ -34,15 +34,18 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence as Seq
+from typing import Any
 
 import torch
 from torch import nn
 from torch.export import Dim
 
-from ffnskip.engine import layers as layers_module, segments as segments_module
+from ffnskip.engine import layers as layers_module
+from ffnskip.engine import segments as segments_module
 from ffnskip.engine.layers import FusedLayer, Head, blocked
 from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step
 
@@ -199,7 +202,7 @@ class CompiledSegments:
                 return size
         raise ValueError(f"batch of {batch} rows exceeds the largest bucket {self.buckets[-1]}")
 
-    def row_mask(self, padded: int, rows: Optional[Seq[int]]) -> torch.Tensor:
+    def row_mask(self, padded: int, rows: Seq[int] | None) -> torch.Tensor:
         if rows is None:
             return self._all_rows[padded]
         mask = torch.zeros(padded, 1, 1, dtype=torch.bool)
@@ -208,7 +211,7 @@ class CompiledSegments:
 
     # The bucket of a call is its batch's first dimension, padded by the runner.
 
-    def _cold(self, padded: int) -> Optional[EagerSegments]:
+    def _cold(self, padded: int) -> EagerSegments | None:
         """The eager segments, while bucket `padded` waits for warm_up (eager_until_warm)."""
         return self._eager if self._eager is not None and padded not in self.warm_buckets else None
 
@@ -221,7 +224,7 @@ class CompiledSegments:
                     *self._attention_weights[index]])[0]
 
     def ffn(self, index: int, h: torch.Tensor,
-            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if (eager := self._cold(h.shape[0])) is not None:
             return eager.ffn(index, h, row_mask)
         mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
@@ -248,7 +251,7 @@ class CompiledSegments:
         """How many packages of these buckets are not on disk yet (each takes seconds to compile)."""
         return sum(not self._path(size, name).exists() for size in buckets for name in self.package_names())
 
-    def warm_up(self, buckets: Seq[int], on_compiled: Optional[Callable[[], None]] = None) -> float:
+    def warm_up(self, buckets: Seq[int], on_compiled: Callable[[], None] | None = None) -> float:
         """Load (compiling where missing, calling `on_compiled` after each) every segment of these
         buckets; returns seconds."""
         started = time.perf_counter()
@@ -292,7 +295,7 @@ class CompiledSegments:
         finally:
             partial.unlink(missing_ok=True)  # only left when the compile failed
 
-    def _traceable(self, padded: int, name: str) -> tuple[nn.Module, tuple, Optional[tuple]]:
+    def _traceable(self, padded: int, name: str) -> tuple[nn.Module, tuple, tuple | None]:
         """The module of a segment kind, example inputs of bucket `padded` (the first layer's
         weights), and their dynamic dims."""
         first = self.layers[0]

@@ -12,8 +12,8 @@ same decisions, step after step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Optional, Sequence as Seq
 
 import torch
 
@@ -34,8 +34,8 @@ class RowTensors:
     quorum: torch.Tensor  # [] float32: share of the aligned rows' votes that skips for them all
 
     @staticmethod
-    def build(plans: Seq[RowPlan], active: Seq[bool], planned: Seq[Optional[Seq[bool]]],
-              device: torch.device) -> "RowTensors":
+    def build(plans: Seq[RowPlan], active: Seq[bool], planned: Seq[Seq[bool] | None],
+              device: torch.device) -> RowTensors:
         """`active[b]`: row b is past its warm-up; `planned[b]`: its drawn plan (RowPlan.draw) or None."""
         policies = step_policies(plans, active)
         layers = len(plans[0].hot)

@@ -27,7 +27,9 @@ longrope) cannot be tabled once, so it is refused.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from typing import Protocol
 
 import torch
 
@@ -69,7 +71,7 @@ class DeviceStep:
     them runs in inference mode."""
 
     @torch.inference_mode()
-    def __init__(self, runner: ModelRunner, cache: KVCache, bucket: int, span: Optional[int] = None) -> None:
+    def __init__(self, runner: ModelRunner, cache: KVCache, bucket: int, span: int | None = None) -> None:
         """`span`: cache positions every step attends over (default: all but the scratch
         position); a row's positions must stay below it."""
         if runner.rotary.per_call:
@@ -135,7 +137,7 @@ class DeviceStep:
     # ---- the step (what a graph captures)
 
     @torch.inference_mode()
-    def run(self, branch: Branch, *, skips: bool = True, gated: Optional[Seq[bool]] = None,
+    def run(self, branch: Branch, *, skips: bool = True, gated: Seq[bool] | None = None,
             record: bool = False, advance: bool = False) -> None:
         """One decode step of every row of the bucket.
 

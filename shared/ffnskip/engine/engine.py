@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Iterator, Optional, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 
 from ffnskip.config import DENSE, SamplingParams, SkipParams
-from ffnskip.engine.compiled import CompileTarget, CompiledSegments
+from ffnskip.engine.compiled import CompiledSegments, CompileTarget
 from ffnskip.engine.loading import LoadedModel
 from ffnskip.engine.policies import RowPlan
-from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.prompts import encode_prompt, eos_ids
 from ffnskip.engine.results import GenerationResult, TokenEvent
+from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.scheduler import Scheduler
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
 from ffnskip.engine.stats import SkipStats, weight_bytes
@@ -28,9 +29,9 @@ from ffnskip.errors import InvalidArgument
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: Optional[int] = 2048,
-                 compile: bool = False, runner: Optional[ModelRunner] = None, eager_until_warm: bool = False,
-                 prefill_chunk: Optional[int] = None) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = 2048,
+                 compile: bool = False, runner: ModelRunner | None = None, eager_until_warm: bool = False,
+                 prefill_chunk: int | None = None) -> None:
         """`compile`: decode segments compiled (or loaded from the compile cache) per batch bucket
         (compiled.py), on first use, or with `eager_until_warm` only by warm_up (a bucket runs
         eagerly until then). `runner`: another engine's runner, to share its weights and segments;
@@ -52,7 +53,7 @@ class Engine:
         self.weight_bytes = weight_bytes(loaded.model)
         self.eos_ids = eos_ids(loaded)
 
-    def warm_up(self, batch_sizes: Seq[int], on_compiled: Optional[Callable[[], None]] = None) -> float:
+    def warm_up(self, batch_sizes: Seq[int], on_compiled: Callable[[], None] | None = None) -> float:
         """Load the decode segments for these batch sizes now (compiling those not on disk,
         calling `on_compiled` after each) instead of on first use; returns the seconds it took
         (0 for an eager engine)."""
@@ -76,10 +77,10 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
+    def add(self, prompt: str | None = None, messages: list[dict] | None = None,
             sampling: SamplingParams = SamplingParams(), skip: SkipParams = DENSE,
-            request_id: str = "", prompt_ids: Optional[list[int]] = None,
-            teacher: Optional[Teacher] = None, resumed: Seq[int] = (),
+            request_id: str = "", prompt_ids: list[int] | None = None,
+            teacher: Teacher | None = None, resumed: Seq[int] = (),
             resumed_skips: Seq[Seq[int]] = ()) -> Sequence:
         """Validate and queue a request (a prompt, chat messages or token ids); it is
         prefilled at the next step that has a free row. `teacher` sees each position's logits
@@ -119,7 +120,8 @@ class Engine:
         if prompt_tokens + max_new_tokens > self.max_seq_len:
             raise InvalidArgument(
                 "max_new_tokens",
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's sequence length {self.max_seq_len}",
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                f"sequence length {self.max_seq_len}",
             )
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
@@ -141,7 +143,7 @@ class Engine:
         return self.scheduler.running
 
     @property
-    def prefill_chunk(self) -> Optional[int]:
+    def prefill_chunk(self) -> int | None:
         return self.scheduler.prefill_chunk
 
     @property

@@ -12,13 +12,12 @@ while tracing). Compiled packages hash this file's source: what changes here is 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 
 BLOCK = 16  # output columns per block of a blocked weight
 
@@ -33,7 +32,7 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(-1, BLOCK, k).transpose(1, 2).contiguous()
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x @ weight.T + bias -> [..., n]. A [N, K] weight is F.linear; a blocked one is one batched
     matmul over its blocks, or, compiled at a single row, a multiply-and-reduce that Inductor
     vectorises itself (faster than a library GEMV on a CPU, and as fast as a prepacked frozen
@@ -118,7 +117,7 @@ class FusedLayer(nn.Module):
         return q, k, v
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+                  mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """q [B, H, T, hd] over keys/values [B, KV, S, hd] -> [B, T, H * hd], ready for o_proj."""
         batch, _, length, _ = q.shape
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,

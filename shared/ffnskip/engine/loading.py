@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def resolve_path(spec: str, cache_dir: Path) -> tuple[str, Optional[str]]:
+def resolve_path(spec: str, cache_dir: Path) -> tuple[str, str | None]:
     """Return (directory, gguf file name or None) for a model spec."""
     if spec in EMBEDDED_MODELS:
         return str(prepare_embedded(spec, cache_dir)), None
@@ -82,7 +82,7 @@ def resolve_path(spec: str, cache_dir: Path) -> tuple[str, Optional[str]]:
     return cached, None
 
 
-def _hf_cache_snapshot(model_id: str) -> Optional[str]:
+def _hf_cache_snapshot(model_id: str) -> str | None:
     if "/" not in model_id:
         return None
     hub = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"))
@@ -135,14 +135,15 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_di
     )
 
 
-def model_fingerprint(directory: str, gguf_file: Optional[str], config: Any, cache_dir: Path) -> str:
+def model_fingerprint(directory: str, gguf_file: str | None, config: Any, cache_dir: Path) -> str:
     """A stable hash of the architecture and the weight files.
 
     Hashing files (not tensors in memory) keeps the fingerprint independent of the
     device and dtype the model runs in; results are cached by (path, size, mtime).
     """
     arch = config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict()
-    arch = {k: v for k, v in arch.items() if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "quantization_config")}
+    arch = {k: v for k, v in arch.items()
+            if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "quantization_config")}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     root = Path(directory)
     files = [root / gguf_file] if gguf_file else sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))

@@ -28,9 +28,10 @@ only for the rows that can still fire on this layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Protocol, Sequence as Seq
+from typing import Protocol
 
 import torch
 
@@ -48,7 +49,7 @@ class RowPlan:
     run_length: int  # k; None (up to cold_end) becomes L
 
     @staticmethod
-    def build(params: SkipParams, num_layers: int) -> "RowPlan":
+    def build(params: SkipParams, num_layers: int) -> RowPlan:
         assert params.cold_end is not None, "plans are built from resolved parameters"
         hot = tuple(params.cold_start <= layer < params.cold_end for layer in range(num_layers))
         chosen = set(params.static_layers) if params.policy is Policy.STATIC else set()
@@ -56,7 +57,7 @@ class RowPlan:
         run_length = num_layers if params.max_skip is None else params.max_skip
         return RowPlan(params=params, hot=hot, static=static, run_length=run_length)
 
-    def draw(self, generator: torch.Generator) -> Optional[Seq[bool]]:
+    def draw(self, generator: torch.Generator) -> Seq[bool] | None:
         """This token's planned skips per layer for `static` and the random baselines; None for
         the rules that decide as they go."""
         policy = self.params.policy
@@ -81,7 +82,7 @@ class Decision:
     """What one layer's FFN does for the batch; `rows` are the rows that run it, for SOME."""
 
     kind: FfnRows
-    rows: Optional[tuple[int, ...]] = None
+    rows: tuple[int, ...] | None = None
 
 
 RUN_ALL = Decision(FfnRows.ALL)
@@ -107,7 +108,7 @@ class StepOutcome:
     for at least one row (a read of its weights)."""
 
     skipped: list[list[int]]
-    similarity: Optional[list[list[float]]]
+    similarity: list[list[float]] | None
     ffn_reads: int
 
 
@@ -116,15 +117,15 @@ class StepSkips(Protocol):
 
     def decide(self, layer: int) -> Decision: ...
 
-    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: Optional[torch.Tensor]) -> None:
+    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: torch.Tensor | None) -> None:
         """h, out: [B, 1, D] before and after the FFN (out == h where it was skipped);
         `similarity`: cos(h, out) per row when the FFN segment computed it already."""
 
     def outcome(self) -> StepOutcome: ...
 
 
-def similarities(h: torch.Tensor, out: torch.Tensor, rows: Optional[list[int]],
-                 computed: Optional[torch.Tensor]) -> list[float]:
+def similarities(h: torch.Tensor, out: torch.Tensor, rows: list[int] | None,
+                 computed: torch.Tensor | None) -> list[float]:
     """cos(h, out) of `rows` (None: every row), from the segment's own values when it computed them."""
     if computed is not None:
         values = computed.tolist()
@@ -150,7 +151,7 @@ class PlannedStep:
     """A step whose every decision was made before its first layer."""
 
     def __init__(self, decisions: Seq[Decision], skipped: list[list[int]], ffn_reads: int,
-                 record: Optional[SimilarityRecord]) -> None:
+                 record: SimilarityRecord | None) -> None:
         self.decisions = decisions
         self.skipped = skipped
         self.ffn_reads = ffn_reads
@@ -159,7 +160,7 @@ class PlannedStep:
     def decide(self, layer: int) -> Decision:
         return self.decisions[layer]
 
-    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: Optional[torch.Tensor]) -> None:
+    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: torch.Tensor | None) -> None:
         if self.record is not None:
             rows = range(h.shape[0])
             self.record.add(layer, rows, similarities(h, out, None, similarity))
@@ -171,8 +172,8 @@ class PlannedStep:
 class AdaptiveStep:
     """A step in which adaptive or aligned rows decide layer by layer (planned rows may share it)."""
 
-    def __init__(self, plans: Seq[RowPlan], policies: Seq[Policy], planned: Seq[Optional[Seq[bool]]],
-                 hot_rows: Seq[tuple[int, ...]], record: Optional[SimilarityRecord]) -> None:
+    def __init__(self, plans: Seq[RowPlan], policies: Seq[Policy], planned: Seq[Seq[bool] | None],
+                 hot_rows: Seq[tuple[int, ...]], record: SimilarityRecord | None) -> None:
         batch = len(plans)
         self.plans = plans
         self.batch = batch
@@ -224,7 +225,7 @@ class AdaptiveStep:
         for b in members:
             skip[b] = together
 
-    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: Optional[torch.Tensor]) -> None:
+    def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: torch.Tensor | None) -> None:
         if self.settled:
             return  # no row decides from similarities any more, and none are recorded
         for b in self.wished:  # a run of k is positional: outvoted wishes count too
@@ -264,10 +265,10 @@ class SkipPlanner:
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         # the last planned step's rows' planned skips, and its decisions, skips and reads
-        self._planned_key: Optional[tuple] = None
+        self._planned_key: tuple | None = None
         self._planned: tuple[list[Decision], list[list[int]], int] = ([], [], 0)
         # the last adaptive step's adaptive rows with their hot layers, and its hot rows per layer
-        self._hot_key: Optional[tuple] = None
+        self._hot_key: tuple | None = None
         self._hot_rows: list[tuple[int, ...]] = []
 
     def begin_step(self, plans: Seq[RowPlan], active: Seq[bool], generators: Seq[torch.Generator],
@@ -286,7 +287,7 @@ class SkipPlanner:
             self._hot_rows = [tuple(b for b in adaptive_rows if plans[b].hot[layer]) for layer in range(self.num_layers)]
         return AdaptiveStep(plans, policies, planned, self._hot_rows, record)
 
-    def _planned_decisions(self, planned: Seq[Optional[Seq[bool]]],
+    def _planned_decisions(self, planned: Seq[Seq[bool] | None],
                            batch: int) -> tuple[list[Decision], list[list[int]], int]:
         key = tuple(None if p is None else tuple(p) for p in planned)
         if key != self._planned_key:

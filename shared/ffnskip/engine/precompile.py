@@ -19,8 +19,8 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ffnskip.engine.compiled import CompiledSegments, batch_buckets
 from ffnskip.engine.engine import Engine

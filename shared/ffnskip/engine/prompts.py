@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -11,7 +11,7 @@ from ffnskip.errors import InvalidArgument
 ROLES = ("system", "user", "assistant")
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Optional[str], messages: Optional[list[dict]]) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None, messages: list[dict] | None) -> list[int]:
     if (prompt is None) == (messages is None):
         raise InvalidArgument("prompt", "give exactly one of prompt or messages")
     if messages is not None:

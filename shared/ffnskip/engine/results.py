@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ffnskip.engine.sampling import TokenLogprob
 from ffnskip.engine.stats import SkipStats
@@ -17,8 +16,8 @@ class TokenEvent:
     token_id: int
     text: str  # the piece this token releases (may be empty)
     skipped_layers: list[int]
-    finish_reason: Optional[str] = None
-    logprob: Optional[TokenLogprob] = None  # when the request asked for logprobs
+    finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
     @property
     def finished(self) -> bool:
@@ -35,7 +34,7 @@ class GenerationResult:
     skip_records: list[list[int]]
     ttft_s: float
     total_s: float
-    similarity: list[Optional[list[float]]] = field(default_factory=list)
+    similarity: list[list[float] | None] = field(default_factory=list)
     policy: str = "dense"  # the skip policy it ran under
     seed: int = 0  # the sampling seed it ran with (the caller's or a fresh one)
     prompt_tokens: int = 0

@@ -1,24 +1,27 @@
 """A Llama-family forward over the loaded HF weights, with the skip hook.
 
-ModelRunner prefills one prompt into a cache row and decodes a batch of rows. A
-decode step runs as segments cut at the skip point (segments.py, over the layers
-of layers.py): per layer "q/k/v + cache write + attention + o_proj", then the
-decision, then "FFN" unless it is skipped; the LM head after the last layer. A
-skipped FFN is a call not made, so none of its weights is read. Segments run
-eagerly or compiled (compiled.py) with the same code; this module's own code
-(the loop, the step's inputs) is never traced, so changing it recompiles nothing.
+ModelRunner prefills prompt chunks together, each into its cache row (a long prompt in
+several chunks, a resumed answer with the FFNs its tokens skipped), running the fused layers
+of layers.py directly, and decodes a batch of rows. A decode step runs as segments cut at
+the skip point (segments.py): per layer "q/k/v + cache write + attention + o_proj", then
+the decision, then "FFN" unless no row runs it (rows that skip it while others run it keep
+h); the LM head after the last layer. An FFN no row runs is a call not made, so none of its
+weights is read. Segments run eagerly or compiled (compiled.py) with the same code; this
+module's own code (the loop, the step's inputs) is never traced, so changing it recompiles
+nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
-from typing import Any, Optional, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 from torch import nn
 
-from ffnskip.engine.compiled import CompileTarget, CompiledSegments
+from ffnskip.engine.compiled import CompiledSegments, CompileTarget
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.layers import FusedLayer, Head, adopt
 from ffnskip.engine.policies import FfnRows, StepSkips
@@ -26,12 +29,12 @@ from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
 
 
 class ModelRunner:
-    """Prefill one sequence into a cache row; decode a batch of rows under their skip policies.
+    """Prefill prompt chunks into their cache rows; decode a batch of rows under their skip policies.
 
     `compiled`: run the decode segments as AOTInductor packages built (or loaded) for that
     target; None runs them eagerly."""
 
-    def __init__(self, hf_model: Any, compiled: Optional[CompileTarget] = None) -> None:
+    def __init__(self, hf_model: Any, compiled: CompileTarget | None = None) -> None:
         config = hf_model.config
         inner = hf_model.model
         self.config = config
@@ -81,8 +84,8 @@ class ModelRunner:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]], starts: Optional[Seq[int]] = None,
-                logits_of: Optional[Seq[int]] = None) -> torch.Tensor:
+    def prefill(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]], starts: Seq[int] | None = None,
+                logits_of: Seq[int] | None = None) -> torch.Tensor:
         """Run the full model over prompt chunks together (prefill_states); the logits
         [len(logits_of), V] of the last token of the chunks `logits_of` (indices into `chunks`;
         all of them by default)."""
@@ -108,8 +111,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_states(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]],
-                       starts: Optional[Seq[int]] = None,
-                       skipped: Optional[Seq[Optional[Seq[Seq[int]]]]] = None) -> torch.Tensor:
+                       starts: Seq[int] | None = None,
+                       skipped: Seq[Seq[Seq[int]] | None] | None = None) -> torch.Tensor:
         """Run the full model over prompt chunks together, each into its cache row at positions
         [start, start + len) after the `start` positions it holds already (a prompt prefilled in
         chunks); the last layer's hidden states [len(chunks), longest, H] (padding rows beyond
@@ -152,7 +155,7 @@ class ModelRunner:
             cache.lengths[row] = start + length
         return x
 
-    def _ffn_keep(self, skipped: Seq[Optional[Seq[Seq[int]]]], longest: int) -> torch.Tensor:
+    def _ffn_keep(self, skipped: Seq[Seq[Seq[int]] | None], longest: int) -> torch.Tensor:
         """[layers, chunks, longest]: 1 where a position runs the layer's FFN, 0 where it skips it."""
         keep = torch.ones(self.num_layers, len(skipped), longest, dtype=self.dtype)
         for i, positions in enumerate(skipped):
@@ -238,11 +241,11 @@ class RotaryTable:
         self.rotary = rotary
         rope_type = getattr(rotary, "rope_type", "default")
         self.per_call = "dynamic" in rope_type or "longrope" in rope_type
-        self.cos: Optional[torch.Tensor] = None
-        self.sin: Optional[torch.Tensor] = None
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor,
-                 end: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, head_dim] in x's dtype. `end`: one past the largest
         position, when the caller knows it (saves a reduction and a read-back per step)."""
         if self.per_call:

@@ -10,8 +10,9 @@ first decoder would have drawn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence as Seq
+from typing import Protocol
 
 import torch
 
@@ -37,7 +38,7 @@ class TokenLogprob:
     and the `top` most likely (token id, log-probability) there, most likely first."""
 
     token_id: int
-    logprob: Optional[float]
+    logprob: float | None
     top: list[tuple[int, float]] = field(default_factory=list)
 
 

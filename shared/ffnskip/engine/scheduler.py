@@ -13,8 +13,9 @@ moves the rows' contents): its arithmetic runs without a model.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Generic, Optional, Protocol, Sequence as Seq, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ffnskip.errors import InvalidArgument
 
@@ -24,7 +25,7 @@ PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this 
 class Scheduled(Protocol):
     """What the scheduler reads and writes of a sequence."""
 
-    row: Optional[int]
+    row: int | None
     prefilled: int  # context tokens in its cache row
 
     @property
@@ -87,7 +88,7 @@ class StepPlan(Generic[S]):
 
 
 class Scheduler(Generic[S]):
-    def __init__(self, rows: RowStore, prefill_chunk: Optional[int] = None) -> None:
+    def __init__(self, rows: RowStore, prefill_chunk: int | None = None) -> None:
         """`prefill_chunk`: the prompt tokens a step prefills at most, for serving (a decoder's
         FFNSKIP_PREFILL_CHUNK): a long prompt, or a burst of prompts, then delays the running
         rows' next token by about one chunk's forward, and a burst's first prompts get their

@@ -1,22 +1,29 @@
-"""The pieces of a decode step between skip points, run eagerly.
+"""The pieces of a decode step between skip points: the `Segments` interface, its eager
+implementation (EagerSegments), and the functions both implementations run (attention_step
+and ffn_step, which compiled.py traces; device_step.py reuses attention_step and
+residual_similarity, the one definition of the similarity).
 
 Per layer a decode step is two segments with the skip decision between them:
 `attention(i, ...)` is layer i's q/k/v, the write of k and v into the cache, the
 attention over the cache and the output projection with its residual (-> h);
 `ffn(i, ...)` is the FFN on the rows of `row_mask` (the others keep h) and, when the
-segment computes it, the cosine between h and the result (-> out). A skipped FFN
-is a segment not called, so it costs nothing, and no weight is in two segments.
-`head(x)` is the final norm and the LM head. compiled.py provides the same
-interface compiled; a batch's bucket is its first dimension.
+segment computes it, the cosine between h and the result (-> (out, cos or None)). An FFN
+no row runs is a segment not called, so it costs nothing, and no weight is in two segments.
+`head(x)` is the final norm and the LM head, at the last position. compiled.py provides the
+same interface compiled (CompiledSegments). A batch runs padded to `bucket(batch)` rows
+(the batch itself when eager, the next compiled size when compiled), the first dimension of
+every tensor here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence as Seq
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
 from ffnskip.engine.layers import FusedLayer, Head
 
 
@@ -59,7 +66,7 @@ def attention_step(layer: FusedLayer, x: torch.Tensor, keys: torch.Tensor, value
 
 
 def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,
-             row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (out = h + FFN(h) on the rows of row_mask, h elsewhere; cos(h, out) [P] or None)."""
     out = h + layer.mlp(h)
     if row_mask is not None:
@@ -69,11 +76,11 @@ def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,
 
 class Segments(Protocol):
     def bucket(self, batch: int) -> int: ...
-    def row_mask(self, padded: int, rows: Optional[Seq[int]]) -> Optional[torch.Tensor]: ...
+    def row_mask(self, padded: int, rows: Seq[int] | None) -> torch.Tensor | None: ...
     def attention(self, index: int, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   step: StepInputs) -> torch.Tensor: ...
     def ffn(self, index: int, h: torch.Tensor,
-            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+            row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -87,7 +94,7 @@ class EagerSegments:
     def bucket(self, batch: int) -> int:
         return batch
 
-    def row_mask(self, padded: int, rows: Optional[Seq[int]]) -> Optional[torch.Tensor]:
+    def row_mask(self, padded: int, rows: Seq[int] | None) -> torch.Tensor | None:
         if rows is None:
             return None
         mask = torch.zeros(padded, dtype=torch.bool)
@@ -99,7 +106,7 @@ class EagerSegments:
         return attention_step(self.layers[index], x, keys, values, step.write_positions, step.mask, step.cos, step.sin)
 
     def ffn(self, index: int, h: torch.Tensor,
-            row_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return ffn_step(self.layers[index], False, h, row_mask)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,15 +6,15 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from ffnskip.config import SamplingParams, SkipParams
-from ffnskip.errors import InvalidArgument
 from ffnskip.engine.policies import RowPlan
 from ffnskip.engine.sampling import TokenLogprob
+from ffnskip.errors import InvalidArgument
 
 _ids = itertools.count(1)
 
@@ -61,17 +61,17 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids), init=False)  # the identity: the engine's own, unique
     generated: list[int] = field(default_factory=list)
     skip_records: list[list[int]] = field(default_factory=list)
-    similarity: list[Optional[list[float]]] = field(default_factory=list)
+    similarity: list[list[float] | None] = field(default_factory=list)
     text: str = ""
     pending: str = ""  # text held back because it may be the start of a stop string
-    row: Optional[int] = None
+    row: int | None = None
     prefilled: int = 0  # prompt tokens in its cache row (a long prompt prefills in chunks, over several steps)
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
     forward_seconds: float = 0.0
-    teacher: Optional[Teacher] = None
+    teacher: Teacher | None = None
     resumed: int = 0  # generated tokens another decoder delivered before this one continued
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated here, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -83,7 +83,7 @@ class Sequence:
         self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
         self.skip_generator = torch.Generator().manual_seed(self.skip.seed)
 
-    def resume(self, delivered: list[int], skipped: Optional[list[list[int]]] = None, num_layers: int = 0) -> None:
+    def resume(self, delivered: list[int], skipped: list[list[int]] | None = None, num_layers: int = 0) -> None:
         """Continue after `delivered`, the tokens another decoder generated and delivered (with
         `skipped`, the layers each skipped, so the skip statistics cover the whole answer): they
         are replayed through the text and stop-string state, so this sequence releases exactly
@@ -116,7 +116,7 @@ class Sequence:
         """Whether its prefill's last logits give its next token (not for a resumed sequence)."""
         return not self.resumed
 
-    def context_skips(self, start: int, length: int) -> Optional[list[list[int]]]:
+    def context_skips(self, start: int, length: int) -> list[list[int]] | None:
         """The layers skipped at context positions [start, start + length): none in the prompt; at
         a delivered token's position, those the forward that generated the next token skipped.
         None when nothing is skipped."""
@@ -146,7 +146,7 @@ class Sequence:
         """Position of the last token in the cache, fed to the next decode step."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
-    def append(self, token_id: int, skipped: list[int], similarity: Optional[list[float]]) -> str:
+    def append(self, token_id: int, skipped: list[int], similarity: list[float] | None) -> str:
         """Record a generated token; return the text piece it releases to the client."""
         now = time.perf_counter()
         if self.first_token_at is None:

@@ -7,10 +7,9 @@ prefill (never skips), token t > 1 from the decode step that consumed token t-1.
 from __future__ import annotations
 
 import functools
-
+from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence as Seq
-
+from typing import Any
 
 
 @dataclass
@@ -24,7 +23,7 @@ class SkipStats:
     per_layer_skips: list[int] = field(default_factory=list)
 
     @staticmethod
-    def from_records(records: Seq[Seq[int]], num_layers: int, warm_up: int) -> "SkipStats":
+    def from_records(records: Seq[Seq[int]], num_layers: int, warm_up: int) -> SkipStats:
         """records[t-1] = the layers skipped by generated token t."""
         per_layer = [0] * num_layers
         decode_skipped = 0
@@ -54,11 +53,11 @@ class SkipStats:
         return self.decode_ffn_blocks_skipped / blocks if blocks else 0.0
 
     @staticmethod
-    def pooled(stats: Seq["SkipStats"]) -> "SkipStats":
+    def pooled(stats: Seq[SkipStats]) -> SkipStats:
         """Several requests' counts pooled (at least one)."""
         return functools.reduce(SkipStats.merged, stats)
 
-    def merged(self, other: "SkipStats") -> "SkipStats":
+    def merged(self, other: SkipStats) -> SkipStats:
         """Pool two requests' counts (for a batch or a whole evaluation)."""
         if not self.per_layer_skips:
             return other
@@ -109,7 +108,7 @@ def weight_bytes(hf_model: Any) -> WeightBytes:
     seen: set[int] = set()
     total = 0
     embed = inner.embed_tokens.weight
-    for name, p in hf_model.named_parameters(remove_duplicate=False):
+    for _, p in hf_model.named_parameters(remove_duplicate=False):
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())

@@ -9,8 +9,8 @@ the scheduler's (scheduler.py); sampling and the skip plans are sampling.py's an
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import replace
-from typing import Optional, Sequence as Seq
 
 import torch
 
@@ -40,7 +40,7 @@ class StepExecutor:
         first token (a resumed one does not: its first decode step consumes its last delivered
         token, and its delivered tokens are prefilled skipping what their decode steps skipped).
         The scheduler counts the chunks in and moves the rows afterwards."""
-        first_tokens: list[tuple[Sequence, int, Optional[TokenLogprob]]] = []
+        first_tokens: list[tuple[Sequence, int, TokenLogprob | None]] = []
         for group in groups:
             completing = [i for i, chunk in enumerate(group) if chunk.completes and chunk.seq.samples_after_prefill]
             started = time.perf_counter()
@@ -95,8 +95,8 @@ class StepExecutor:
         return events
 
 
-def emit(seq: Sequence, token: int, skipped: list[int], similarity: Optional[list[float]],
-         logprob: Optional[TokenLogprob]) -> TokenEvent:
+def emit(seq: Sequence, token: int, skipped: list[int], similarity: list[float] | None,
+         logprob: TokenLogprob | None) -> TokenEvent:
     """Append a generated token to its sequence; the event that reports it."""
     piece = seq.append(token, skipped, similarity)
     if logprob is not None:
@@ -105,10 +105,10 @@ def emit(seq: Sequence, token: int, skipped: list[int], similarity: Optional[lis
                       logprob)
 
 
-def token_logprobs(seqs: Seq[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[Optional[TokenLogprob]]:
+def token_logprobs(seqs: Seq[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
     """Each chosen token's log-probability for the sequences that asked for it (None for the rest)."""
     asked = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs]
-    out: list[Optional[TokenLogprob]] = [None] * len(seqs)
+    out: list[TokenLogprob | None] = [None] * len(seqs)
     if asked:
         top = max(seqs[i].sampling.top_logprobs for i in asked)
         for i, logprob in zip(asked, logprobs_of(logits[asked], [tokens[i] for i in asked], top)):

@@ -4,7 +4,7 @@ match of whole responses, and token collapse (share of repeated 4-grams)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ffnskip.evaluation.data import Item
 from ffnskip.evaluation.item_generation import ItemGenerator
@@ -15,7 +15,7 @@ from ffnskip.evaluation.session import Session
 
 
 def run_agreement(session: Session, items: list[Item], methods: list[str], targets: list[float], max_new_tokens: int,
-                  data: str, argv: Sequence[str]) -> Optional[dict]:
+                  data: str, argv: Sequence[str]) -> dict | None:
     generator = ItemGenerator(session.loaded, session.state, max_new_tokens, session.options.seed, task="prompts")
     settings = session.prepare("agreement", [(generator, items)], expected_batches(session, methods, targets),
                                session.calibration_todo(methods, targets),

@@ -9,7 +9,6 @@ and writes the trade-off plot: speedup over dense against agreement lost, per ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ffnskip.errors import InvalidArgument
 from ffnskip.evaluation.methods import setting_name
@@ -17,7 +16,7 @@ from ffnskip.evaluation.plots import MARKERS, _figure, _png
 from ffnskip.evaluation.report import load_output
 
 
-def quality_by_name(qa: dict, agreement: Optional[dict]) -> dict[str, dict]:
+def quality_by_name(qa: dict, agreement: dict | None) -> dict[str, dict]:
     """`method@target` -> accuracy (with its interval) from QA, agreement from the open prompts
     when given (else the QA answers' agreement)."""
     out: dict[str, dict] = {}
@@ -87,7 +86,7 @@ def tradeoff_plot(bench: dict, quality: dict[str, dict]) -> bytes:
     return _png(figure)
 
 
-def write(bench_path: Path, qa_path: Path, agreement_path: Optional[Path], plots: Path) -> str:
+def write(bench_path: Path, qa_path: Path, agreement_path: Path | None, plots: Path) -> str:
     bench, qa, agreement = load_output(bench_path, "bench"), load_output(qa_path, "qa"), load_output(agreement_path, "agreement")
     quality = quality_by_name(qa, agreement)
     missing = sorted(r["policy"] for r in bench["rows"] if "@" in r["policy"] and r["policy"] not in quality)

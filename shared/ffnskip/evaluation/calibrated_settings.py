@@ -14,16 +14,29 @@ Every product is cached in the state file, keyed by the model and the calibratio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable, Optional
+from functools import partial
+from typing import TYPE_CHECKING
 
 from ffnskip.calibration.calibrate import CalibrationRequest, cold_regions, layer_stats
+from ffnskip.calibration.scores import token_agreement
+from ffnskip.calibration.tuning import (
+    TOLERANCE,
+    Choice,
+    best_choice,
+    bisect_threshold,
+    candidate_run_lengths,
+    corrected_threshold,
+    static_candidates,
+    threshold_for,
+)
 from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.evaluation.methods import window_candidates
 from ffnskip.evaluation.state import StateFile, digest_of
-from ffnskip.calibration.scores import token_agreement
-from ffnskip.calibration.tuning import (TOLERANCE, Choice, best_choice, bisect_threshold, candidate_run_lengths,
-                                        corrected_threshold, static_candidates, threshold_for)
+
+if TYPE_CHECKING:
+    from ffnskip.calibration.runs import CalibrationRunner
 
 # Part of every cached tuning's digest: a change to how settings are tuned retunes them
 # (2: a candidate the replay cannot aim is bisected with real runs, tuning.bisect_threshold).
@@ -34,7 +47,7 @@ Advance = Callable[[str], None]  # called once per generated chunk with the phas
 class Tracker:
     """The `advance(phase)` interface CalibrationRunner reports to."""
 
-    def __init__(self, advance: Optional[Advance]) -> None:
+    def __init__(self, advance: Advance | None) -> None:
         self._advance = advance
 
     def advance(self, phase: str, units: int = 1) -> None:
@@ -44,18 +57,18 @@ class Tracker:
 
 class Calibrator:
     def __init__(self, loaded, prompts: list[str], tokens: int, batch_size: int, state: StateFile,
-                 advance: Optional[Advance] = None) -> None:
+                 advance: Advance | None = None) -> None:
         self.loaded = loaded
         self.num_layers = loaded.num_layers
         self.request = CalibrationRequest(prompts=tuple(prompts), tokens_per_prompt=tokens, batch_size=batch_size)
         self.state = state
         self.tracker = Tracker(advance)
         self.base = digest_of(loaded.fingerprint, list(prompts), tokens, batch_size)
-        self._runner = None
+        self._runner: CalibrationRunner | None = None
         self.measured, self.held = self.request.split()
 
     @property
-    def runner(self):  # built on first use: a cached calibration needs no engine
+    def runner(self) -> CalibrationRunner:  # built on first use: a cached calibration needs no engine
         if self._runner is None:
             from ffnskip.calibration.runs import CalibrationRunner
 
@@ -110,7 +123,7 @@ class Calibrator:
         dense = self.dense_held()
         tried: list[tuple[Choice, SkipParams]] = []
 
-        def measure(a: int, b: int, threshold: float, k: Optional[int], layers: tuple[int, ...] = ()) -> Choice:
+        def measure(a: int, b: int, threshold: float, k: int | None, layers: tuple[int, ...] = ()) -> Choice:
             params = SkipParams(policy=policy, cold_start=a, cold_end=b, threshold=threshold, max_skip=k,
                                 warm_up=warm_up, quorum=quorum, static_layers=layers)
             run = self.runner.generate(self.held, params, self.tracker, f"calibration: {rule} @ {target:.2f}")
@@ -123,7 +136,7 @@ class Calibrator:
             for layers in static_candidates(similarity, target, cold_start, cold_end):
                 measure(cold_start, cold_end, 1.0, None, layers)
         else:
-            spans: list[tuple[int, int, Optional[int]]]  # (cold_start, cold_end, k)
+            spans: list[tuple[int, int, int | None]]  # (cold_start, cold_end, k)
             if rule == "adaptive_window":
                 spans = [(a, b, None) for a, b in window_candidates(obs["means"], target, self.num_layers, cold_start, cold_end)]
             else:
@@ -136,7 +149,7 @@ class Calibrator:
                 if abs(here[0].decode_skip_ratio - target) > TOLERANCE:
                     here.append(measure(a, b, corrected_threshold(similarity, here[0], target, a, b), k))
                 if all(abs(c.decode_skip_ratio - target) > TOLERANCE for c in here):
-                    bisect_threshold(lambda t: measure(a, b, t, k), here, target)
+                    bisect_threshold(partial(measure, a, b, k=k), here, target)
             if not tried:  # no candidate reaches the target: skip as much as the hot region allows
                 measure(cold_start, cold_end, 1e-6, None)
         best = best_choice([c for c, _ in tried], target)
@@ -150,7 +163,7 @@ class Calibrator:
                            "decode_skip_ratio": c.decode_skip_ratio, "agreement": c.agreement}
                           for c, p in tried]}
 
-    def summary(self) -> Optional[dict]:
+    def summary(self) -> dict | None:
         """What the report needs: layer statistics, cold regions, and the layer importances if measured."""
         if not self._has("observe"):
             return None  # e.g. only dense and layer_drop ran: nothing was observed

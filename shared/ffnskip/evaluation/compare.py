@@ -7,7 +7,8 @@ paper's own figures, which are quoted as the paper's (PAPER) and never mixed wit
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ffnskip.evaluation.scoring import mcnemar_exact
 
@@ -20,7 +21,7 @@ PAPER: dict[str, Any] = {  # FFN-SkipLLM (arXiv 2404.03865) as quoted in the pro
 EQUAL_RATIO = 0.02  # measured decode ratios this close count as "equal ratio"
 
 
-def find(rows: Sequence[dict], method: str, target: Optional[float] = None) -> Optional[dict]:
+def find(rows: Sequence[dict], method: str, target: float | None = None) -> dict | None:
     for row in rows:
         if row["method"] == method and not row.get("label") and (target is None or abs(row["target_skip"] - target) < 1e-9):
             return row
@@ -95,10 +96,11 @@ def quality_vs_paper(qa_rows: Sequence[dict], targets: Sequence[float]) -> list[
     return lines
 
 
-def speed_vs_paper(bench: Optional[dict]) -> list[str]:
+def speed_vs_paper(bench: dict | None) -> list[str]:
     p = PAPER
     lines = [f"- Paper ({p['speed_setup']}): {p['dense_tok_s']} tok/s dense, {p['skip20_tok_s']} at about 20% skip "
-             f"(x{p['skip20_tok_s'] / p['dense_tok_s']:.3f}), {p['skip30_tok_s']} at about 30% (x{p['skip30_tok_s'] / p['dense_tok_s']:.3f})."]
+             f"(x{p['skip20_tok_s'] / p['dense_tok_s']:.3f}), "
+             f"{p['skip30_tok_s']} at about 30% (x{p['skip30_tok_s'] / p['dense_tok_s']:.3f})."]
     if not bench:
         return lines + ["- Here: no bench output was given to the report."]
     rows = skip_rows(bench, batch=1) or skip_rows(bench)
@@ -116,7 +118,7 @@ def speed_vs_paper(bench: Optional[dict]) -> list[str]:
     return lines
 
 
-def skip_rows(bench: dict, batch: Optional[int] = None) -> list[dict]:
+def skip_rows(bench: dict, batch: int | None = None) -> list[dict]:
     """Bench rows that really skipped something (at one batch size if given)."""
     return [r for r in bench["rows"] if r["policy"] not in ("dense", "hf_generate") and r["skip_ratio"] > 0
             and (batch is None or r["batch"] == batch)]
@@ -159,7 +161,7 @@ def window_verdict(qa_rows: Sequence[dict], agreement_rows: Sequence[dict], targ
     return lines, keep
 
 
-def headline(qa: dict, agreement: Optional[dict], bench: Optional[dict], targets: Sequence[float]) -> list[str]:
+def headline(qa: dict, agreement: dict | None, bench: dict | None, targets: Sequence[float]) -> list[str]:
     rows = qa["rows"]
     dense = find(rows, "dense")
     out = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 from ffnskip import datasets
 from ffnskip.errors import InvalidArgument
@@ -21,7 +20,7 @@ class Item:
     answers: tuple[str, ...] = ()  # accepted aliases (QA only)
 
 
-def load_qa_items(source: str, limit: Optional[int] = None) -> list[Item]:
+def load_qa_items(source: str, limit: int | None = None) -> list[Item]:
     """Rows {id, question, answers[]} (the format of factoid_qa.jsonl)."""
     rows = _rows(source)
     items = []
@@ -36,7 +35,7 @@ def load_qa_items(source: str, limit: Optional[int] = None) -> list[Item]:
     return _checked(items, source, limit)
 
 
-def load_prompt_items(source: str, limit: Optional[int] = None) -> list[Item]:
+def load_prompt_items(source: str, limit: int | None = None) -> list[Item]:
     """Rows with a prompt (or question, or text) string, e.g. prompts.jsonl."""
     rows = _rows(source)
     items = []
@@ -67,7 +66,7 @@ def _item_id(row: dict, number: int, source: str) -> str:
     return str(value)
 
 
-def _checked(items: list[Item], source: str, limit: Optional[int]) -> list[Item]:
+def _checked(items: list[Item], source: str, limit: int | None) -> list[Item]:
     seen: set[str] = set()
     for item in items:
         if item.id in seen:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from ffnskip.config import SamplingParams
 from ffnskip.engine import Engine
@@ -59,7 +59,7 @@ class ItemGenerator:
         return [c for c in self.chunks(setting, items)
                 if any(self.state.get(self.key(setting, i), c.digest) is None for i in c.items)]
 
-    def results(self, setting: Setting, items: Sequence[Item], on_chunk: Optional[Callable[[Chunk], None]] = None) -> list[dict]:
+    def results(self, setting: Setting, items: Sequence[Item], on_chunk: Callable[[Chunk], None] | None = None) -> list[dict]:
         """Per item (in order): tokens, text, finish and skip counts; generates what is missing."""
         for chunk in self.pending(setting, items):
             self._generate(chunk)

@@ -12,8 +12,8 @@ ShortGPT, so there is no warm-up.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 

@@ -17,8 +17,8 @@ Every FFN-skip method shares one warm-up so methods differ only in what they ski
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional, Sequence
 
 from ffnskip.config import DENSE, Policy, SkipParams
 from ffnskip.errors import InvalidArgument
@@ -88,7 +88,7 @@ def parse_methods(text: str) -> list[str]:
     return ["dense"] + [s for s in specs if s != "dense"]  # dense is every comparison's reference
 
 
-def split_spec(spec: str) -> tuple[str, Optional[list[float]]]:
+def split_spec(spec: str) -> tuple[str, list[float] | None]:
     if "@" not in spec:
         return spec, None
     name, targets = spec.split("@", 1)

@@ -5,7 +5,6 @@ and tokens/s against the skip ratio with the ideal line from `ffnskip bench --js
 from __future__ import annotations
 
 import io
-from typing import Optional
 
 MARKERS = {"dense": "*", "random": "x", "non_adaptive": "s", "adaptive": "o", "aligned": "^",
            "adaptive_window": "D", "static": "v", "layer_drop": "P"}
@@ -56,7 +55,7 @@ def accuracy_vs_skip(qa: dict) -> bytes:
     return _png(figure)
 
 
-def agreement_vs_skip(qa: dict, agreement: Optional[dict]) -> bytes:
+def agreement_vs_skip(qa: dict, agreement: dict | None) -> bytes:
     """Token agreement with dense on the QA answers and (if given) on the open prompts."""
     panels = [("QA answers", qa)] + ([("open prompts", agreement)] if agreement else [])
     figure = _figure(width=6.0 * len(panels), height=4.5)
@@ -128,7 +127,7 @@ def speed_vs_skip(bench: dict) -> bytes:
     return _png(figure)
 
 
-def layer_similarity(calibration: dict, threshold: Optional[float], model: str) -> bytes:
+def layer_similarity(calibration: dict, threshold: float | None, model: str) -> bytes:
     from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.profile import LayerStats
 

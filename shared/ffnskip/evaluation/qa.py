@@ -6,13 +6,12 @@ and agreement of the answers' tokens with dense."""
 from __future__ import annotations
 
 import statistics
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ffnskip.evaluation.data import Item
-from ffnskip.evaluation.methods import Setting, describe, targets_of
 from ffnskip.evaluation.item_generation import ItemGenerator
-from ffnskip.evaluation.scoring import (agreement_stats, answer_position, is_correct, paired_counts, pooled_ratios,
-                                        rounded, wilson_interval)
+from ffnskip.evaluation.methods import Setting, describe, targets_of
+from ffnskip.evaluation.scoring import agreement_stats, answer_position, is_correct, paired_counts, pooled_ratios, rounded, wilson_interval
 from ffnskip.evaluation.session import Session
 
 
@@ -22,7 +21,7 @@ def expected_batches(session: Session, methods: Sequence[str], targets: Sequence
 
 
 def run_qa(session: Session, items: list[Item], methods: list[str], targets: list[float], max_new_tokens: int,
-           data: str, argv: Sequence[str]) -> Optional[dict]:
+           data: str, argv: Sequence[str]) -> dict | None:
     generator = ItemGenerator(session.loaded, session.state, max_new_tokens, session.options.seed, task="qa")
     settings = session.prepare("qa", [(generator, items)], expected_batches(session, methods, targets),
                                session.calibration_todo(methods, targets),

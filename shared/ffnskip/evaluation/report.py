@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, overload
+from typing import overload
 
 from ffnskip.config import DEFAULT_MAX_KL, DEFAULT_MAX_RELATIVE_NLL
 from ffnskip.errors import InvalidArgument
@@ -25,8 +25,8 @@ QUALITY_POINTER = [
 ]
 
 
-def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], bench: Optional[Path],
-                 commands: Optional[Path], out: Path, plots_dir: Path, report_command: Optional[str] = None) -> list[Path]:
+def write_report(qa: Path, agreement: Path | None, warmup: Path | None, bench: Path | None,
+                 commands: Path | None, out: Path, plots_dir: Path, report_command: str | None = None) -> list[Path]:
     qa_output = load_output(qa, "qa")
     inputs = {"qa": qa_output, "agreement": load_output(agreement, "agreement"), "warmup": load_output(warmup, "warmup"),
               "bench": load_output(bench, "bench")}
@@ -49,8 +49,8 @@ def write_report(qa: Path, agreement: Optional[Path], warmup: Optional[Path], be
 @overload
 def load_output(path: Path, what: str) -> dict: ...
 @overload
-def load_output(path: Optional[Path], what: str) -> Optional[dict]: ...
-def load_output(path: Optional[Path], what: str) -> Optional[dict]:
+def load_output(path: Path | None, what: str) -> dict | None: ...
+def load_output(path: Path | None, what: str) -> dict | None:
     if path is None:
         return None
     try:
@@ -84,13 +84,13 @@ def _figures(inputs: dict) -> dict[str, bytes]:
     return figures
 
 
-def _threshold_row(qa: dict) -> Optional[dict]:
+def _threshold_row(qa: dict) -> dict | None:
     """The adaptive row whose threshold the similarity plot draws: the target nearest 0.25."""
     rows = [r for r in qa["rows"] if r["method"] == "adaptive" and not r.get("label")]
     return min(rows, key=lambda r: abs(r["target_skip"] - 0.25), default=None)
 
 
-def render(inputs: dict, links: dict[str, str], commands: Optional[str], report_command: Optional[str] = None) -> str:
+def render(inputs: dict, links: dict[str, str], commands: str | None, report_command: str | None = None) -> str:
     qa, agreement, warmup, bench = inputs["qa"], inputs["agreement"], inputs["warmup"], inputs["bench"]
     targets = qa.get("targets") or sorted({r["target_skip"] for r in qa["rows"] if r["method"] != "dense"})
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -117,7 +117,8 @@ def render(inputs: dict, links: dict[str, str], commands: Optional[str], report_
         md += ["", "## Warm-up ablation (the paper's Figure 5)", "", f"![warm-up ablation]({links['warmup']})", ""] + _warmup_table(warmup)
     if "layer_similarity" in links:
         cal, threshold_row = qa["calibration"], _threshold_row(qa)
-        md += ["", "## Per-layer similarity and cold regions (the paper's Figure 2)", "", f"![layer similarity]({links['layer_similarity']})", "",
+        md += ["", "## Per-layer similarity and cold regions (the paper's Figure 2)", "",
+               f"![layer similarity]({links['layer_similarity']})", "",
                f"Measured on {cal['measured_prompts']} calibration prompts ({cal['tokens_per_prompt']} generated tokens each); "
                f"cold regions: layers [0, {cal['cold_start']}) and [{cal['cold_end']}, {qa['num_layers']})."
                + (f" The dashed line is `adaptive`'s threshold calibrated for target {threshold_row['target_skip']:.2f}."
@@ -163,7 +164,7 @@ def _setup(qa: dict) -> list[str]:
     return lines
 
 
-def _fmt(value: Optional[float], spec: str = ".3f") -> str:
+def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -222,7 +223,7 @@ def _bench_table(bench: dict) -> list[str]:
     return lines
 
 
-def _window(qa: dict, agreement: Optional[dict], targets: list[float]) -> list[str]:
+def _window(qa: dict, agreement: dict | None, targets: list[float]) -> list[str]:
     lines = ["Design: the paper's rule skips \"the next k\" layers after the first layer over the threshold, which on a "
              "low threshold means the same early hot layers for almost every token. `adaptive_window` keeps the rule but "
              "confines it to a window [a, b) chosen on the calibration set: its width is what the target needs, and it is "
@@ -239,7 +240,7 @@ def _window(qa: dict, agreement: Optional[dict], targets: list[float]) -> list[s
     return lines
 
 
-def differences(qa: dict, agreement: Optional[dict], warmup: Optional[dict], bench: Optional[dict]) -> list[str]:
+def differences(qa: dict, agreement: dict | None, warmup: dict | None, bench: dict | None) -> list[str]:
     lines = ["- Scale: a much smaller and shallower model has less redundant depth (FlexiDepth, LLM-Drop); it was expected "
              "to tolerate less skipping than LLaMA-2 7B, and its weights here are de-quantised Q4_1 values run in "
              f"{qa['machine']['dtype']} on {qa['machine']['device']}, while the paper ran LLaMA-2 on a GPU."]
@@ -261,7 +262,8 @@ def differences(qa: dict, agreement: Optional[dict], warmup: Optional[dict], ben
         if rows:
             low, high = rows[0], rows[-1]
             if "qa_skip_ratio" in high:  # short answers against a long warm-up: how much skipping reached them
-                lines.append(f"- Factoid answers are short ({high['qa_mean_tokens']:.1f} tokens on average at {high['warm_up']} warm-up tokens): with "
+                lines.append(f"- Factoid answers are short ({high['qa_mean_tokens']:.1f} tokens on average at "
+                             f"{high['warm_up']} warm-up tokens): with "
                              f"{high['warm_up']} warm-up tokens only {high['qa_skip_ratio']:.3f} of the answers' FFN blocks are skipped "
                              f"(QA accuracy {pct(high['qa_accuracy'])}), with {low['warm_up']} {low['qa_skip_ratio']:.3f} "
                              f"({pct(low['qa_accuracy'])}). A warm-up longer than the answer makes QA accuracy blind to the rule.")
@@ -283,7 +285,7 @@ def differences(qa: dict, agreement: Optional[dict], warmup: Optional[dict], ben
     return lines
 
 
-def _commands(commands: Optional[str], inputs: dict, report_command: Optional[str]) -> list[str]:
+def _commands(commands: str | None, inputs: dict, report_command: str | None) -> list[str]:
     if commands:
         return commands.strip().splitlines()
     lines = ["# make results runs, in this order:"]

@@ -4,7 +4,7 @@ paired comparisons with an exact McNemar test, pooled skip ratios and agreement.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ffnskip.calibration.scores import exact_match_rate, repeated_ngram_share, token_agreement
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from ffnskip.evaluation.calibrated_settings import Calibrator
 from ffnskip.evaluation.data import Item, load_prompt_items
@@ -23,7 +24,7 @@ class Options:
     model: str = "smollm2-135m"
     device: str = "auto"
     dtype: str = "auto"
-    out: Optional[Path] = None  # the state file; None = nothing is kept
+    out: Path | None = None  # the state file; None = nothing is kept
     seed: int = 0
     batch_size: int = 16
     aligned_batch: int = 8
@@ -44,19 +45,19 @@ class Session:
         prompts = [i.prompt for i in load_prompt_items(options.calibration_data, limit=options.calibration_prompts)]
         self.loaded = load_model(options.model, device=options.device, dtype=options.dtype, cache_dir=cache_root(os.environ))
         self.state = StateFile(options.out)
-        self._bar: Optional[Any] = None  # the calibration's tqdm bar while it runs
+        self._bar: Any | None = None  # the calibration's tqdm bar while it runs
         self.calibrator = Calibrator(self.loaded, prompts, options.calibration_tokens, options.aligned_batch,
                                      self.state, advance=self._calibration_step)
         self.timing: dict[int, tuple[float, float]] = {}
 
     # -- settings ---------------------------------------------------------------------------
 
-    def settings(self, methods: Sequence[str], targets: Sequence[float], warm_up: Optional[int] = None) -> list[Setting]:
+    def settings(self, methods: Sequence[str], targets: Sequence[float], warm_up: int | None = None) -> list[Setting]:
         o = self.options
         return settings_for(methods, targets, self.calibrator, warm_up=o.warm_up if warm_up is None else warm_up,
                             batch_size=o.batch_size, aligned_batch=o.aligned_batch, quorum=o.quorum)
 
-    def calibration_todo(self, methods: Sequence[str], targets: Sequence[float], warm_up: Optional[int] = None) -> int:
+    def calibration_todo(self, methods: Sequence[str], targets: Sequence[float], warm_up: int | None = None) -> int:
         """Chunks the calibration still has to generate for these methods (an estimate)."""
         warm = self.options.warm_up if warm_up is None else warm_up
         if all(m == "dense" for m in methods):
@@ -70,7 +71,7 @@ class Session:
     # -- time estimate and progress -----------------------------------------------------------
 
     def prepare(self, what: str, runs: Sequence[tuple[ItemGenerator, Sequence[Item]]], expected_batches: Sequence[int],
-                calibration_chunks: int, build: Callable[[], list[Setting]]) -> Optional[list[Setting]]:
+                calibration_chunks: int, build: Callable[[], list[Setting]]) -> list[Setting] | None:
         """Estimate, calibrate (through `build`), estimate what remains; None with --plan."""
         o = self.options
         if calibration_chunks:  # settings need the calibration first: estimate as a fresh run
@@ -104,8 +105,8 @@ class Session:
         generation_s = estimate_seconds(jobs, self.timing)
         speeds = ", ".join(f"batch {b}: {p * 1000:.0f} ms per prefill, {s * 1000:.0f} ms per step"
                            for b, (p, s) in sorted(self.timing.items()))
-        log(f"{what}: {len(jobs)} chunks to generate" + (f" and about {calibration_chunks} calibration chunks" if calibration_chunks else "")
-            + f"; measured {speeds}")
+        calibration = f" and about {calibration_chunks} calibration chunks" if calibration_chunks else ""
+        log(f"{what}: {len(jobs)} chunks to generate{calibration}; measured {speeds}")
         log(f"estimate: at most {(calibration_s + generation_s) / 60:.1f} min (calibration {calibration_s / 60:.1f}, "
             f"generation {generation_s / 60:.1f}; it assumes every chunk runs to max_new_tokens, EOS ends most earlier)")
 
@@ -135,7 +136,7 @@ class Session:
             bar.close()
         return out
 
-    def _new_bar(self, total: Optional[int], unit: str, desc: str):
+    def _new_bar(self, total: int | None, unit: str, desc: str):
         from tqdm import tqdm
 
         return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 def digest_of(*parts: Any) -> str:
@@ -22,7 +22,7 @@ def digest_of(*parts: Any) -> str:
 class StateFile:
     """In memory only when `path` is None (nothing survives the process)."""
 
-    def __init__(self, path: Optional[Path]) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self.entries: dict[str, dict] = {}
         self._needs_newline = False
@@ -37,7 +37,7 @@ class StateFile:
                 if isinstance(record, dict) and {"key", "digest", "value"} <= set(record):
                     self.entries[record["key"]] = record
 
-    def get(self, key: str, digest: str) -> Optional[Any]:
+    def get(self, key: str, digest: str) -> Any | None:
         record = self.entries.get(key)
         return record["value"] if record is not None and record["digest"] == digest else None
 

@@ -5,7 +5,8 @@ warm-up changes (the decode skip ratio, over the tokens after it, stays about th
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ffnskip.evaluation.data import Item
 from ffnskip.evaluation.item_generation import ItemGenerator
@@ -16,7 +17,7 @@ from ffnskip.evaluation.session import Session
 
 def run_warmup(session: Session, method: str, target: float, warm_ups: list[int], prompts: list[Item],
                qa_items: list[Item], max_new_tokens: int, qa_max_new_tokens: int, data: str, qa_data: str,
-               argv: Sequence[str]) -> Optional[dict]:
+               argv: Sequence[str]) -> dict | None:
     o = session.options
     prompt_generator = ItemGenerator(session.loaded, session.state, max_new_tokens, o.seed, task="prompts")
     qa_generator = ItemGenerator(session.loaded, session.state, qa_max_new_tokens, o.seed, task="qa")

@@ -10,9 +10,9 @@ resolve inside our own package. Idempotent: each run rewrites the same files.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[3]
 PROTOS = ROOT / "protos"
@@ -43,7 +43,7 @@ def generate(protos: Path = PROTOS, out: Path = OUT) -> list[Path]:
     return packages
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     for package in generate():
         print(f"generated {package.relative_to(ROOT)}")
     return 0

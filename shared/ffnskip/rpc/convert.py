@@ -1,10 +1,19 @@
 """Conversions between the shared protobuf messages (ffnskip/v1/common.proto) and the
 engine's types. Conversions into engine types validate through the frozen dataclasses,
-so a bad field surfaces as InvalidArgument naming it."""
+so a bad field surfaces as InvalidArgument naming it.
+
+A message names a skip policy one way, the SkipPolicy enum; the strings that named one before
+(`policy` beside a `policy_value`, InfoResponse.default_skip_json) are deprecated. Every sender
+sets both through `policy_fields` (or both of InfoResponse's), every reader takes the enum
+through `policy_of` (or `default_skip_of`), falling back to the string from an older sender."""
 
 from __future__ import annotations
 
-from ffnskip.config import Policy, SkipParams
+import json
+from dataclasses import fields
+from typing import Any
+
+from ffnskip.config import POLICIES, Policy, SkipParams
 from ffnskip.errors import InvalidArgument
 from ffnskip.profile import LayerStats
 from ffnskip.v1 import common_pb2
@@ -22,6 +31,26 @@ def policy_from_proto(value: int, field: str = "policy") -> Policy:
     if value not in common_pb2.SkipPolicy.values():
         raise InvalidArgument(field, f"unknown policy value {value}")
     return Policy[common_pb2.SkipPolicy.Name(value).removeprefix("SKIP_POLICY_")]
+
+
+def policy_fields(policy: str) -> dict[str, Any]:
+    """The fields a message names `policy` with (a Policy, or a name as a flag or JSON gives it),
+    as keyword arguments of SkipOverrides, GenerateResponse, SubmitCalibrationRequest and Job:
+    `policy_value`, and the deprecated string `policy` for readers older than it. A name that is
+    no policy ("" included) travels as the string alone, for the receiver to default or refuse."""
+    if policy not in POLICIES:
+        return {"policy": policy}
+    named = Policy(policy)
+    return {"policy": named.value, "policy_value": policy_to_proto(named)}
+
+
+def policy_of(message: Any, field: str = "policy") -> Policy | None:
+    """The policy a message with the pair names: its `policy_value`, else (a sender older than
+    it) its deprecated string `policy`; None when neither is set. An unknown value or name is
+    InvalidArgument naming `field`."""
+    if message.policy_value != common_pb2.SKIP_POLICY_UNSPECIFIED:
+        return policy_from_proto(message.policy_value, f"{field}_value")
+    return Policy.parse(message.policy, field) if message.policy else None
 
 
 def skip_params_to_proto(params: SkipParams) -> common_pb2.SkipParams:
@@ -54,6 +83,28 @@ def skip_params_from_proto(message: common_pb2.SkipParams, field: str = "skip_pa
         )
     except InvalidArgument as err:
         raise InvalidArgument(f"{field}.{err.field}", err.problem) from None
+
+
+def default_skip_of(info: Any) -> SkipParams | None:
+    """The skip parameters a decoder's InfoResponse gives new requests: its `default_skip`, else
+    (a decoder older than it) its deprecated `default_skip_json`; None when it gives neither."""
+    if info.HasField("default_skip"):
+        return skip_params_from_proto(info.default_skip, "default_skip")
+    if not info.default_skip_json:
+        return None
+    try:
+        document = json.loads(info.default_skip_json)
+    except ValueError as err:
+        raise InvalidArgument("default_skip_json", f"not JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("default_skip_json", "must be a JSON object")
+    known = {f.name for f in fields(SkipParams)}
+    try:
+        return SkipParams(**{name: value for name, value in document.items() if name in known})
+    except InvalidArgument as err:
+        raise InvalidArgument(f"default_skip_json.{err.field}", err.problem) from None
+    except TypeError as err:  # a value of the wrong type
+        raise InvalidArgument("default_skip_json", str(err)) from None
 
 
 def layer_to_proto(stats: LayerStats) -> common_pb2.LayerSimilarity:

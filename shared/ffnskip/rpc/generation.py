@@ -7,11 +7,12 @@ Validation errors name the request field as a client sees it (`sampling.top_p`,
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any
 
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine.prompts import ROLES
 from ffnskip.errors import InvalidArgument
+from ffnskip.rpc.convert import policy_of
 from ffnskip.v1 import generation_pb2 as pb
 
 OVERRIDABLE_POLICIES = tuple(policy for policy in Policy if policy is not Policy.OBSERVE)  # observe is the calibrator's
@@ -41,7 +42,7 @@ class OverrideLimits:
     min_quorum: float = 0.25  # a lower quorum skips for rows that did not ask to
 
 
-def prompt_of(request: pb.GenerateRequest) -> tuple[Optional[str], Optional[list[dict]], Optional[list[int]]]:
+def prompt_of(request: pb.GenerateRequest) -> tuple[str | None, list[dict] | None, list[int] | None]:
     """(prompt, messages, prompt token ids): exactly one is set."""
     given = [name for name, present in (("prompt", bool(request.prompt)), ("messages", bool(request.messages)),
                                         ("prompt_token_ids", bool(request.prompt_token_ids))) if present]
@@ -102,33 +103,53 @@ def sampling_of(options: pb.SamplingOptions, default_max_new_tokens: int, max_ne
         raise InvalidArgument(f"sampling.{exc.field}", exc.problem) from exc
 
 
-def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimits) -> SkipParams:
-    """The profile's parameters with the request's overrides, inside the configured limits."""
-    if overrides.policy and overrides.policy not in limits.policies:  # a Policy equals its name
-        raise InvalidArgument("skip.policy", f"must be one of {', '.join(limits.policies)}, got {shown(overrides.policy)}")
-    if overrides.HasField("threshold") and not (limits.min_threshold <= overrides.threshold <= 1.0):
-        raise InvalidArgument("skip.threshold", f"must be in [{limits.min_threshold}, 1], got {overrides.threshold:g}")
-    if overrides.HasField("max_skip") and not (-1 <= overrides.max_skip <= limits.max_skip):
-        raise InvalidArgument("skip.max_skip", f"must be in [-1, {limits.max_skip}] (-1 = up to cold_end), got {overrides.max_skip}")
-    if overrides.HasField("warm_up") and overrides.warm_up < limits.min_warm_up:
-        raise InvalidArgument("skip.warm_up", f"must be >= {limits.min_warm_up}, got {overrides.warm_up}")
-    if overrides.HasField("quorum") and not (limits.min_quorum <= overrides.quorum <= 1.0):
-        raise InvalidArgument("skip.quorum", f"must be in [{limits.min_quorum:g}, 1], got {overrides.quorum:g}")
-    params = base
+def skip_of(overrides: pb.SkipOverrides, base: SkipParams, limits: OverrideLimits | None = None) -> SkipParams:
+    """The profile's parameters with the request's overrides. The ranges are SkipParams's to check
+    (the one statement of what the skip loop accepts); `limits`, the decoder's FFNSKIP_OVERRIDE_*
+    settings, then narrow what a request may change (None: only the policies it may name at all)."""
+    policy = _policy(overrides, limits.policies if limits else OVERRIDABLE_POLICIES)
+    if overrides.HasField("max_skip") and overrides.max_skip < -1:  # the wire's -1 stands for None
+        raise InvalidArgument("skip.max_skip", f"must be >= 0, or -1 for up to cold_end, got {overrides.max_skip}")
+    changes: dict[str, Any] = {} if policy is None else {"policy": policy}
+    for name in ("threshold", "quorum"):
+        if overrides.HasField(name):
+            changes[name] = float(getattr(overrides, name))
+    if overrides.HasField("max_skip"):
+        changes["max_skip"] = None if overrides.max_skip == -1 else overrides.max_skip
+    if overrides.HasField("warm_up"):
+        changes["warm_up"] = overrides.warm_up
     try:
-        if overrides.policy:
-            params = replace(params, policy=Policy(overrides.policy))
-        if overrides.HasField("threshold"):
-            params = replace(params, threshold=float(overrides.threshold))
-        if overrides.HasField("max_skip"):
-            params = replace(params, max_skip=None if overrides.max_skip == -1 else overrides.max_skip)
-        if overrides.HasField("warm_up"):
-            params = replace(params, warm_up=overrides.warm_up)
-        if overrides.HasField("quorum"):
-            params = replace(params, quorum=float(overrides.quorum))
+        params = replace(base, **changes)
     except InvalidArgument as exc:
         raise InvalidArgument(f"skip.{exc.field}", exc.problem) from exc
+    if limits is not None:
+        _within(changes, limits)
     return params
+
+
+def _policy(overrides: pb.SkipOverrides, allowed: tuple[Policy, ...]) -> Policy | None:
+    """The policy a request names (ffnskip.rpc.convert.policy_of), if it is one the request may name."""
+    try:
+        policy = policy_of(overrides, "skip.policy")
+    except InvalidArgument as exc:  # a value or a name no policy has
+        got = f"value {overrides.policy_value}" if exc.field == "skip.policy_value" else shown(overrides.policy)
+        raise InvalidArgument(exc.field, f"must be one of {', '.join(allowed)}, got {got}") from None
+    if policy is not None and policy not in allowed:
+        raise InvalidArgument("skip.policy", f"must be one of {', '.join(allowed)}, got {shown(policy.value)}")
+    return policy
+
+
+def _within(changes: dict[str, Any], limits: OverrideLimits) -> None:
+    """The decoder's limits on the values a request changed (each already in SkipParams's range)."""
+    if "threshold" in changes and changes["threshold"] < limits.min_threshold:
+        raise InvalidArgument("skip.threshold", f"must be in [{limits.min_threshold:g}, 1], got {changes['threshold']:g}")
+    if changes.get("max_skip") is not None and changes["max_skip"] > limits.max_skip:
+        raise InvalidArgument("skip.max_skip",
+                              f"must be in [-1, {limits.max_skip}] (-1 = up to cold_end), got {changes['max_skip']}")
+    if "warm_up" in changes and changes["warm_up"] < limits.min_warm_up:
+        raise InvalidArgument("skip.warm_up", f"must be >= {limits.min_warm_up}, got {changes['warm_up']}")
+    if "quorum" in changes and changes["quorum"] < limits.min_quorum:
+        raise InvalidArgument("skip.quorum", f"must be in [{limits.min_quorum:g}, 1], got {changes['quorum']:g}")
 
 
 def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096) -> None:
@@ -139,7 +160,10 @@ def validate_request(request: pb.GenerateRequest, max_new_tokens_cap: int = 4096
         raise InvalidArgument("model", f"at most {MAX_MODEL_CHARS} characters, got {len(request.model)}")
     prompt_of(request)
     sampling_of(request.sampling, 128, max_new_tokens_cap)
-    skip_of(request.skip, DENSE, OverrideLimits(min_threshold=1e-9, max_skip=1 << 20, min_quorum=1e-9))
+    # The gateway runs this before it routes: a request no decoder would accept is refused without
+    # costing one an attempt. The rules are skip_of's own, without the limits a decoder is configured
+    # with (the gateway does not know them; the decoder checks them when it runs skip_of again).
+    skip_of(request.skip, DENSE)
 
 
 def stats_to_proto(stats) -> pb.SkipStats:

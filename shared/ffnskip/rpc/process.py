@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any, Callable, Coroutine, Mapping, Optional, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
 
 from ffnskip.errors import FfnSkipError
 from ffnskip.logs import configure_logging, get_logger
@@ -27,7 +28,7 @@ S = TypeVar("S", bound=ServiceSettings)
 
 
 def run_service(name: str, read_settings: Callable[[Mapping[str, str]], S],
-                serve: Callable[[S], Coroutine[Any, Any, object]], environ: Optional[Mapping[str, str]] = None) -> int:
+                serve: Callable[[S], Coroutine[Any, Any, object]], environ: Mapping[str, str] | None = None) -> int:
     """Read settings, configure logging, run `serve(settings)`; the process's exit code."""
     try:
         settings = read_settings(os.environ if environ is None else environ)
@@ -38,7 +39,7 @@ def run_service(name: str, read_settings: Callable[[Mapping[str, str]], S],
     try:
         asyncio.run(serve(settings))
     except FfnSkipError as exc:
-        get_logger(name).error(f"{name} failed", error=exc.message)
+        get_logger(__name__).error(f"{name} failed", error=exc.message)
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

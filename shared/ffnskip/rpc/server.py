@@ -1,11 +1,11 @@
 """Build a grpc.aio server the way every ffnskip service needs it, and drain it on SIGTERM.
 
-    server = build_server([calibrator_pb2.DESCRIPTOR.services_by_name["Calibrator"].full_name])
+    server = Server([calibrator_pb2.DESCRIPTOR.services_by_name["Calibrator"].full_name])
     add_CalibratorServicer_to_server(servicer, server.grpc)
-    await server.start("0.0.0.0:50053")
+    await server.start("0.0.0.0:50053")     # credentials=... for TLS; returns the port
     await server.set_ready(True)
     await server.wait_for_signal()          # SIGTERM / SIGINT
-    await server.drain(grace_s=20)          # readiness NOT_SERVING, finish in-flight, stop
+    await server.drain(20, on_drain=...)    # readiness NOT_SERVING, let in-flight work finish, stop
 
 Health (grpc.health.v1) answers for "" (the whole server), "liveness" and "readiness"
 (the names the Kubernetes probes ask for): liveness is SERVING while the process runs
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,7 +29,7 @@ from ffnskip.logs import get_logger
 from ffnskip.rpc.channels import MAX_MESSAGE_BYTES, message_limits
 from ffnskip.rpc.status import StatusInterceptor
 
-log = get_logger("ffnskip.rpc.server")
+log = get_logger(__name__)
 
 LIVENESS, READINESS = "liveness", "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -61,10 +62,10 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
-        self.port: Optional[int] = None
+        self.port: int | None = None
         self._signal = asyncio.Event()
 
-    async def start(self, address: str, credentials: Optional[grpc.ServerCredentials] = None) -> int:
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
         """Bind (with TLS when `credentials` are given) and start; readiness stays NOT_SERVING
         until set_ready(True). Returns the port."""
         await self.health.set(LIVENESS, SERVING)
@@ -103,7 +104,7 @@ class Server:
         self.install_signal_handlers()
         await self._signal.wait()
 
-    async def drain(self, grace_s: float, on_drain: Optional[Callable[[], Awaitable[object]]] = None) -> None:
+    async def drain(self, grace_s: float, on_drain: Callable[[], Awaitable[object]] | None = None) -> None:
         """Readiness NOT_SERVING (liveness stays SERVING), then stop within `grace_s`.
 
         With `on_drain` (e.g. wait until the work in flight is done), the server keeps

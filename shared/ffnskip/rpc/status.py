@@ -12,8 +12,9 @@ import asyncio
 import inspect
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,7 +22,7 @@ from google.protobuf.message import DecodeError
 from ffnskip import errors
 from ffnskip.logs import bind_request_id, bound_request_id, get_logger, request_id_from_metadata, request_id_var
 
-log = get_logger("ffnskip.rpc")
+log = get_logger(__name__)
 
 STATUS_TABLE: dict[type[errors.FfnSkipError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -99,7 +100,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
-    ) -> Optional[grpc.RpcMethodHandler]:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return None
@@ -126,7 +127,7 @@ class MalformedRequest:
     problem: str
 
 
-def _tolerant(deserializer: Optional[Callable[[bytes], Any]]) -> Optional[Callable[[bytes], Any]]:
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
@@ -157,7 +158,7 @@ class _Wrapper:
         self.method = method
         self.request_id = request_id
 
-    def unary(self, behavior: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+    def unary(self, behavior: Callable[..., Any]) -> Callable[..., Any] | None:
         """Coroutine handlers: unary responses, and streams written with context.write."""
         if not inspect.iscoroutinefunction(behavior):
             return None
@@ -204,7 +205,7 @@ class _Wrapper:
         metadata = (("x-request-id", self.request_id), *status.trailing_metadata)
         await context.abort(status.code, status.message, trailing_metadata=metadata)
 
-    def _access(self, context: grpc.aio.ServicerContext, started: float, status: Optional[RpcStatus]) -> None:
+    def _access(self, context: grpc.aio.ServicerContext, started: float, status: RpcStatus | None) -> None:
         code = status.code if status else (_context_code(context) or grpc.StatusCode.OK)
         fields = {"method": self.method, "code": code.name, "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
         if status is not None and code != grpc.StatusCode.INTERNAL:
@@ -213,7 +214,7 @@ class _Wrapper:
         (log.debug if quiet else log.info)("rpc", **fields)
 
 
-def _context_code(context: grpc.aio.ServicerContext) -> Optional[grpc.StatusCode]:
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
     try:
         code = context.code()
     except Exception:  # not available on every grpc version / context kind

@@ -22,17 +22,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import grpc
 
 from ffnskip.client import GatewayClient, build_request, describe
 from ffnskip.config import QualityBudget
 from ffnskip.errors import FfnSkipError, InvalidArgument
-from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
 from ffnskip.settings import Env, cache_root, threads_per_process
+from ffnskip.stack.procs import Child, RedisChild, Supervisor, free_port
 from ffnskip.v1 import calibrator_pb2, calibrator_pb2_grpc
 
 START_TIMEOUT_S = 600.0  # the first run converts the embedded model (~40 s) on a slow machine
@@ -51,9 +52,9 @@ class StackOptions:
     device: str = "auto"
     prompt: str = DEFAULT_PROMPT  # the first request's chat message
     max_new_tokens: int = 64
-    target_skip: Optional[float] = None  # target decode skip ratio of a needed calibration (None: the quality budget)
+    target_skip: float | None = None  # target decode skip ratio of a needed calibration (None: the quality budget)
     calibration_tokens: int = 32  # tokens per prompt of a needed calibration
-    data_dir: Optional[Path] = None  # redis data and logs (None: $FFNSKIP_CACHE/stack)
+    data_dir: Path | None = None  # redis data and logs (None: $FFNSKIP_CACHE/stack)
     once: bool = False  # exit after the first request (and the first calibration, if one runs)
 
 
@@ -109,7 +110,7 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_until_stopped(stack: "Stack") -> int:
+def serve_until_stopped(stack: Stack) -> int:
     """Serve, restarting children that exit, until SIGINT or SIGTERM (then 0)."""
     stack.supervise()
     with StopSignals(signal.SIGINT, signal.SIGTERM) as stop_signals:  # before "serving": none is missed
@@ -139,7 +140,7 @@ class StopSignals:
         self._previous_fd = -1
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         # The fd first, so no signal is lost: one that comes before the handlers are swapped
         # meets the old handler (KeyboardInterrupt: stopped as during the start).
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
@@ -170,14 +171,14 @@ class Stack:
         self.redis = RedisChild(data_dir / "redis", self.log_dir)
         self.api_key = os.environ.get("FFNSKIP_API_KEYS", "").split(",")[0].strip() or "dev-" + secrets.token_urlsafe(24)
         self.ops_key = os.environ.get("FFNSKIP_OPS_KEYS", "").split(",")[0].strip() or "ops-" + secrets.token_urlsafe(24)
-        self.calibrator: Optional[Child] = None
-        self.gateway: Optional[Child] = None
+        self.calibrator: Child | None = None
+        self.gateway: Child | None = None
         self.decoders: list[Child] = []
         self.decoder_metrics_ports: list[int] = []  # each decoder's /metrics (its memory too: process_*)
         self.metrics_port = options.metrics_port or free_port()
         self.http_port = options.http_port or free_port()
-        self.supervisor: Optional[Supervisor] = None
-        self.calibration_job: Optional[str] = None  # the first calibration, while it runs
+        self.supervisor: Supervisor | None = None
+        self.calibration_job: str | None = None  # the first calibration, while it runs
 
     def children(self) -> list[Child]:
         return [c for c in (self.gateway, *self.decoders, self.calibrator, self.redis) if c is not None]
@@ -232,7 +233,7 @@ class Stack:
                 FFNSKIP_THREADS=str(threads_per_process(self.options.decoders))),
                 port, self.log_dir).start())
 
-    def _active_profile(self) -> Optional[int]:
+    def _active_profile(self) -> int | None:
         from ffnskip.store.connection import RedisSettings, connect
         from ffnskip.store.profiles import ProfileStore
 

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Optional, Sequence
+from typing import IO
 
 import grpc
 import redis
@@ -55,15 +56,15 @@ class Child:
     """One child process; start() may be called again after it exited (a restart: same
     command, environment and port, output appended to the same log)."""
 
-    def __init__(self, name: str, command: Sequence[str], log_path: Path, env: Optional[dict[str, str]] = None,
+    def __init__(self, name: str, command: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
                  port: int = 0) -> None:
         self.name, self.command, self.log_path, self.port = name, list(command), log_path, port
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.process: Optional[subprocess.Popen] = None
-        self._log: Optional[IO[bytes]] = None
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
     @classmethod
-    def service(cls, name: str, module: str, env: dict[str, str], port: int, log_dir: Path) -> "Child":
+    def service(cls, name: str, module: str, env: dict[str, str], port: int, log_dir: Path) -> Child:
         return cls(name, [sys.executable, "-m", module], log_dir / f"{name}.log", env, port)
 
     @property
@@ -71,10 +72,10 @@ class Child:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def start(self, pipe: bool = False) -> "Child":
+    def start(self, pipe: bool = False) -> Child:
         """Start; output goes to the log file, or to a pipe (`pipe`) the caller reads."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._close_log()  # a restart: the previous run's handle
@@ -122,7 +123,7 @@ class Child:
             assert self.process is not None
             self.process.send_signal(sig)
 
-    def wait(self, timeout_s: float) -> Optional[int]:
+    def wait(self, timeout_s: float) -> int | None:
         """Wait for the exit; SIGKILL after `timeout_s`. Returns the exit code."""
         if self.process is None:
             return None
@@ -176,7 +177,7 @@ class RedisChild(Child):
                 "--dbfilename", self.RDB, "--save", "60 1", "--appendonly", "yes" if appendonly else "no",
                 "--appendfilename", self.AOF, "--appendfsync", "everysec", "--daemonize", "no", "--logfile", ""]
 
-    def start(self, pipe: bool = True) -> "RedisChild":
+    def start(self, pipe: bool = True) -> RedisChild:
         switch_to_aof = not self.has_aof() and (self.data_dir / self.RDB).exists()
         self.command = self._command(appendonly=not switch_to_aof)
         self._ready = threading.Event()  # this run's
@@ -249,7 +250,7 @@ class Supervisor:
         self._lock = threading.Lock()  # a restart and stop() do not interleave
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         for child in self.children:
             thread = threading.Thread(target=self._supervise, args=(child,), name=f"supervise-{child.name}",
                                       daemon=True)

@@ -22,12 +22,13 @@ Key layout (prefix `ffnskip:`; {model} is the model id, {n} a profile version):
     ffnskip:decoders                      set of registered decoder ids
 """
 
-from ffnskip.store.connection import RedisSettings, connect, redis_errors
+from ffnskip.store.connection import REDIS_ENV_VARS, RedisSettings, connect, redis_errors
 from ffnskip.store.jobs import ClaimedJob, JobQueue
 from ffnskip.store.profiles import ProfileEvents, ProfileStore
 from ffnskip.store.registry import DecoderRegistry
 
 __all__ = [
+    "REDIS_ENV_VARS",
     "ClaimedJob",
     "DecoderRegistry",
     "JobQueue",

@@ -9,8 +9,8 @@ outage surfaces after a known, short time.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
 from urllib.parse import urlparse, urlunparse
 
 import redis
@@ -23,13 +23,17 @@ from redis.retry import Retry
 from ffnskip.errors import InvalidArgument, Unavailable
 from ffnskip.settings import Env
 
+# The variables RedisSettings.from_env reads; each service that connects to Redis lists them
+# in its settings' ENV_VARS (the Kubernetes manifests are checked against those).
+REDIS_ENV_VARS: tuple[str, ...] = ("FFNSKIP_REDIS_URL", "FFNSKIP_REDIS_PASSWORD", "FFNSKIP_REDIS_TLS", "FFNSKIP_REDIS_DB")
+
 
 @dataclass(frozen=True)
 class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
-    password: Optional[str] = None
+    password: str | None = None
     tls: bool = False
-    db: Optional[int] = None  # overrides the URL's database when set
+    db: int | None = None  # overrides the URL's database when set
     retries: int = 5
     socket_timeout_s: float = 5.0
 
@@ -44,7 +48,7 @@ class RedisSettings:
             raise InvalidArgument("redis.socket_timeout_s", f"must be > 0, got {self.socket_timeout_s}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "RedisSettings":
+    def from_env(cls, environ: Mapping[str, str]) -> RedisSettings:
         """Read FFNSKIP_REDIS_URL, _PASSWORD, _TLS and _DB (ffnskip.settings rules: absent or
         empty ones keep the defaults); a refused value names its variable."""
         env = Env(environ)

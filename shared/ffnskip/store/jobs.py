@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import redis
 from redis.exceptions import ResponseError
@@ -163,7 +163,7 @@ class JobQueue:
 
     # --- producers -------------------------------------------------------------------
 
-    def submit(self, request: dict, idempotency_key: Optional[str] = None) -> str:
+    def submit(self, request: dict, idempotency_key: str | None = None) -> str:
         """Queue a job; with an idempotency key, a resubmission returns the first job's id."""
         try:
             request_json = json.dumps(request, sort_keys=True, allow_nan=False)
@@ -208,7 +208,7 @@ class JobQueue:
 
     # --- workers ---------------------------------------------------------------------
 
-    def claim(self, consumer: str, block_ms: int = 1000, min_idle_ms: int = 60_000) -> Optional[ClaimedJob]:
+    def claim(self, consumer: str, block_ms: int = 1000, min_idle_ms: int = 60_000) -> ClaimedJob | None:
         """The next job for `consumer`: first one a dead worker left idle, then a new one."""
         with redis_errors(self._redis):
             self._ensure_group()
@@ -232,7 +232,7 @@ class JobQueue:
                 raise
         self._group_ready = True
 
-    def _claim_stale(self, consumer: str, min_idle_ms: int) -> Optional[ClaimedJob]:
+    def _claim_stale(self, consumer: str, min_idle_ms: int) -> ClaimedJob | None:
         cursor: Any = "0-0"
         for _ in range(100):  # bounded: each call scans at most a few PEL entries
             reply = self._redis.xautoclaim(self.stream, self._group, consumer, min_idle_ms, start_id=cursor, count=1)
@@ -245,7 +245,7 @@ class JobQueue:
                 return None
         return None
 
-    def _claim_new(self, consumer: str, block_ms: int) -> Optional[ClaimedJob]:
+    def _claim_new(self, consumer: str, block_ms: int) -> ClaimedJob | None:
         deadline = time.monotonic() + max(block_ms, 0) / 1000
         block_cap_ms = self._block_cap_ms()
         while True:
@@ -266,7 +266,7 @@ class JobQueue:
         timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
         return 60_000 if timeout is None else max(1, int(timeout * 1000) - 500)
 
-    def _take_entry(self, consumer: str, entry_id: Any, fields: Optional[dict]) -> Optional[ClaimedJob]:
+    def _take_entry(self, consumer: str, entry_id: Any, fields: dict | None) -> ClaimedJob | None:
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         job_id = (fields or {}).get(b"job_id", b"").decode()
         if not job_id:  # not one of ours; ack so it never comes back
@@ -287,7 +287,7 @@ class JobQueue:
         if not owned:
             raise FailedPrecondition(f"job {claimed.job_id} is no longer owned by {claimed.consumer} (reclaimed or finished)")
 
-    def progress(self, job_id: str, phase: str, done: int, total: int, eta_s: Optional[float] = None) -> None:
+    def progress(self, job_id: str, phase: str, done: int, total: int, eta_s: float | None = None) -> None:
         fields: list[str | int | float] = ["phase", phase, "done", int(done), "total", int(total),
                                            "updated_at", utc_now_iso()]
         fields += ["eta_s", "" if eta_s is None else float(eta_s)]

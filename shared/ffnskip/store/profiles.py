@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterator, Optional, cast
+from typing import cast
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -90,7 +91,7 @@ class ProfileStore:
         return f"{self._prefix}:profile:{check_model_id(model)}:{suffix}"
 
     def publish(
-        self, profile: Profile, plot_png: Optional[bytes] = None, activate: bool = False, job_id: Optional[str] = None
+        self, profile: Profile, plot_png: bytes | None = None, activate: bool = False, job_id: str | None = None
     ) -> int:
         """Store `profile` under a new version; returns the version (the job's, if it already completed)."""
         model = profile.model_id
@@ -125,7 +126,7 @@ class ProfileStore:
         return self._publish_result(status, value, job_id, model, version)
 
     @staticmethod
-    def _publish_result(status: bytes, value: bytes, job_id: Optional[str], model: str, version: int) -> int:
+    def _publish_result(status: bytes, value: bytes, job_id: str | None, model: str, version: int) -> int:
         if status == b"ok":
             return int(value)
         if status == b"done":  # the job already published: exactly-once effect
@@ -156,12 +157,12 @@ class ProfileStore:
             )
         return profile
 
-    def get_plot(self, model: str, version: int) -> Optional[bytes]:
+    def get_plot(self, model: str, version: int) -> bytes | None:
         with redis_errors(self._redis):
             # connect() makes bytes-replying clients
-            return cast(Optional[bytes], self._redis.get(self._key(model, f"plot:v{version}")))
+            return cast(bytes | None, self._redis.get(self._key(model, f"plot:v{version}")))
 
-    def active_version(self, model: str) -> Optional[int]:
+    def active_version(self, model: str) -> int | None:
         key = self._key(model, "active")
         with redis_errors(self._redis):
             raw = self._redis.get(key)
@@ -172,7 +173,7 @@ class ProfileStore:
         except ValueError:
             raise InvalidArgument("profile.active", f"{key} holds {raw!r}, not a version number") from None
 
-    def get_active(self, model: str) -> Optional[Profile]:
+    def get_active(self, model: str) -> Profile | None:
         version = self.active_version(model)
         return None if version is None else self.get(model, version)
 
@@ -208,7 +209,7 @@ class ProfileStore:
             raise FailedPrecondition(f"model {model!r} has no previously active profile to roll back to")
         return result
 
-    def events(self, poll_s: float = 1.0) -> "ProfileEvents":
+    def events(self, poll_s: float = 1.0) -> ProfileEvents:
         return ProfileEvents(self._redis, self.channel, poll_s=poll_s)
 
     def subscribe(self, callback: Callable[[ProfileEvent], None], stop_event: threading.Event, poll_s: float = 0.5) -> None:
@@ -236,7 +237,7 @@ class ProfileEvents:
         self._channel = channel
         self._poll_s = poll_s
         self._max_backoff_s = max_backoff_s
-        self._pubsub: Optional[redis.client.PubSub] = None
+        self._pubsub: redis.client.PubSub | None = None
         self._closed = threading.Event()
         self._failures = 0
         # close() may come from another thread while get() reads; the reader then closes
@@ -244,7 +245,7 @@ class ProfileEvents:
         self._lock = threading.Lock()
         self._reading = False
 
-    def get(self, timeout: float) -> Optional[ProfileEvent]:
+    def get(self, timeout: float) -> ProfileEvent | None:
         """The next event, or None when `timeout` passes (or the iterator is closed) first."""
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -264,7 +265,7 @@ class ProfileEvents:
                 if self._closed.is_set():
                     self._drop_connection()
 
-    def _next_event(self, wait_s: float) -> Optional[ProfileEvent]:
+    def _next_event(self, wait_s: float) -> ProfileEvent | None:
         try:
             if self._pubsub is None:
                 self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
@@ -279,7 +280,7 @@ class ProfileEvents:
         return self._to_event(message)
 
     @staticmethod
-    def _to_event(message: Optional[dict]) -> Optional[ProfileEvent]:
+    def _to_event(message: dict | None) -> ProfileEvent | None:
         if message is None:
             return None
         if message["type"] == "subscribe":
@@ -316,7 +317,7 @@ class ProfileEvents:
                 return event
         raise StopIteration
 
-    def __enter__(self) -> "ProfileEvents":
+    def __enter__(self) -> ProfileEvents:
         return self
 
     def __exit__(self, *exc: object) -> None:

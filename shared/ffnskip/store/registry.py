@@ -7,7 +7,7 @@ set is only a hint for enumeration and is pruned of ids whose key has expired.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import redis
 
@@ -85,12 +85,12 @@ class DecoderRegistry:
             pipe.srem(self._index, decoder_id)
             pipe.execute()
 
-    def get(self, decoder_id: str) -> Optional[dict[str, Any]]:
+    def get(self, decoder_id: str) -> dict[str, Any] | None:
         with redis_errors(self._redis):
             raw = self._redis.get(self._key(decoder_id))
         return _parse(raw) if raw is not None else None
 
-    def list(self, model: Optional[str] = None) -> list[dict[str, Any]]:
+    def list(self, model: str | None = None) -> list[dict[str, Any]]:
         """Live decoders (of `model` when given), sorted by id; expired ids are pruned."""
         with redis_errors(self._redis):
             members = cast(set[bytes], self._redis.smembers(self._index))  # connect() makes bytes-replying clients
@@ -105,7 +105,7 @@ class DecoderRegistry:
         return [entry for entry in entries if model is None or entry["model_id"] == model]
 
 
-def _parse(raw: bytes | str) -> Optional[dict[str, Any]]:
+def _parse(raw: bytes | str) -> dict[str, Any] | None:
     # A corrupt entry is skipped rather than routed to; it expires on its own.
     try:
         return _check_info(json.loads(raw))

@@ -22,7 +22,8 @@ probe captures a matmul in an IF node and checks it with the predicate true and 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from ffnskip.engine.device_step import DeviceStep, HostBranch
 class IfNodeBranch:
     """Captures the body into a CUDA-graph IF node of `graph`, predicated on the device."""
 
-    def __init__(self, graph: "torch.cuda.CUDAGraph") -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
         self.graph = graph
         self.keep: list[torch.Tensor] = []  # predicates stay allocated for the graph's lifetime
         self.nodes = 0
@@ -58,7 +59,7 @@ class SegmentedBranch:
         self.pool = pool
         self.items: list[tuple] = []  # ("plain", graph) | ("cond", pred, graph)
         self.keep: list[torch.Tensor] = []
-        self.current: Optional[torch.cuda.CUDAGraph] = None
+        self.current: torch.cuda.CUDAGraph | None = None
 
     def _begin(self) -> None:
         self.current = torch.cuda.CUDAGraph()
@@ -80,7 +81,7 @@ class SegmentedBranch:
         self.items.append(("cond", pred, graph))
         self._begin()
 
-    def capture(self, step: Callable[["SegmentedBranch"], None]) -> None:
+    def capture(self, step: Callable[[SegmentedBranch], None]) -> None:
         self._begin()
         step(self)
         self._end()
@@ -111,7 +112,7 @@ class EagerRunner:
 
 
 class GraphRunner:
-    def __init__(self, graph: "torch.cuda.CUDAGraph", branch: IfNodeBranch) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph, branch: IfNodeBranch) -> None:
         self.graph, self.branch = graph, branch
 
     def step(self) -> None:

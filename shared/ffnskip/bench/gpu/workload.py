@@ -5,8 +5,9 @@ a decode step reads."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -14,7 +15,6 @@ from ffnskip.config import Policy, SkipParams
 from ffnskip.engine.device_skips import RowTensors
 from ffnskip.engine.policies import RowPlan
 from ffnskip.engine.runner import ModelRunner
-
 
 # LlamaConfig fields per model; "1b" is TinyLlama-1.1B's shape, "7b" Llama-2-7B's
 CONFIGS: dict[str, dict[str, int]] = {
@@ -50,8 +50,8 @@ class BenchPlan:
         return [self.cold_start <= layer < self.cold_end for layer in range(num_layers)]
 
 
-def default_plan(num_layers: int, cold_start: Optional[int] = None, cold_end: Optional[int] = None,
-                 static_layers: Optional[Sequence[int]] = None, k: Optional[int] = None) -> BenchPlan:
+def default_plan(num_layers: int, cold_start: int | None = None, cold_end: int | None = None,
+                 static_layers: Sequence[int] | None = None, k: int | None = None) -> BenchPlan:
     """Cold ends of ceil(L/10) layers each side; static: round(L * 8/30) hot layers spread evenly;
     k: half the hot layers (so a ~25% per-token skip ratio is reachable)."""
     L = num_layers
