@@ -103,12 +103,16 @@ async def build(settings: GatewaySettings) -> Gateway:
     server = Server([SERVICE_NAME], max_message_bytes=settings.max_message_bytes, interceptors=interceptors)
     pool = ChannelPool(settings.max_message_bytes, settings.keepalive_s)
     models_seen: set[str] = set()
+    # the event loop keeps only weak references to tasks: one not held here may vanish mid-run
+    background: set[asyncio.Task] = set()
 
     def on_change(endpoints: Sequence[Endpoint]) -> None:
         models_seen.update(e.model_id for e in endpoints)
         loop = asyncio.get_running_loop()
-        loop.create_task(pool.retain({e.address for e in endpoints}))
-        loop.create_task(model_health(server, models_seen, endpoints))
+        for job in (pool.retain({e.address for e in endpoints}), model_health(server, models_seen, endpoints)):
+            task = loop.create_task(job)
+            background.add(task)
+            task.add_done_callback(background.discard)
 
     discovery = RegistryDiscovery(DecoderRegistry(redis_client), settings.discovery_interval_s,
                                   settings.discovery_stale_s, on_change=on_change)
