@@ -13,83 +13,19 @@ import signal
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
-import grpc
 import openai
 import pytest
 
 from ffnskip.bench.load import run_load
 from ffnskip.client import build_request
 from ffnskip.stack.procs import free_port
-from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
-from services.gateway.openai_fields import REFUSED
-from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, Fleet, decoders_listed, wait_for
-from tests.helpers.tiny import save_tiny_model
-from tests.redis_server import running_redis
-from tests.unit.test_openai_mapping import REFUSING
+from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, decoders_listed, wait_for
+from tests.helpers.http_fleet import PROMPT, chat, decoder_idle
 
-PROMPT = "Tell me about the sea."
 CANCELLED = 'ffnskip:request_success_total{finished_reason="cancelled",model_name="tiny"}'
 GENERATED = 'ffnskip:generation_tokens_total{model_name="tiny"}'
 AFTER_CANCEL = "ffnskip:request_tokens_after_cancel"  # a histogram: tokens generated once the cancel arrived
-
-
-class HttpFleet:
-    def __init__(self, fleet: Fleet, http_port: int, decoder_metrics_port: int, redis_url: str) -> None:
-        self.fleet, self.http_port, self.decoder_metrics_port, self.redis_url = fleet, http_port, decoder_metrics_port, redis_url
-
-    def openai(self, key: str = API_KEY, port: int | None = None) -> openai.OpenAI:
-        # no retries: each test sees the status the gateway answered, not the client's retry of it
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{port or self.http_port}/v1", api_key=key, max_retries=0,
-                             timeout=60.0)
-
-    def decoder_metrics(self) -> dict[str, float]:
-        return _metrics(f"http://127.0.0.1:{self.decoder_metrics_port}/metrics")
-
-    def gateway_metrics(self) -> dict[str, float]:
-        return _metrics(f"http://127.0.0.1:{self.fleet.metrics_ports['gw-a']}/metrics")
-
-
-@pytest.fixture(scope="module")
-def http(tmp_path_factory) -> Iterator[HttpFleet]:
-    tmp: Path = tmp_path_factory.mktemp("openai")
-    model_dir = save_tiny_model(tmp / "tiny")
-    with running_redis() as redis_server:
-        fleet = Fleet(tmp, redis_server.url, model_dir)
-        http_port, metrics_port = free_port(), free_port()
-        try:
-            decoder = fleet.decoder("d1", FFNSKIP_MAX_BATCH="2", FFNSKIP_MAX_QUEUE="0", FFNSKIP_METRICS_HOST="127.0.0.1",
-                                    FFNSKIP_METRICS_PORT=str(metrics_port))
-            gateway = fleet.gateway("gw-a", FFNSKIP_HTTP_HOST="127.0.0.1", FFNSKIP_HTTP_PORT=str(http_port))
-            fleet.ready(decoder, gateway)
-            yield HttpFleet(fleet, http_port, metrics_port, redis_server.url)
-        finally:
-            fleet.stop()
-
-
-def _metrics(url: str) -> dict[str, float]:
-    """Samples by name and labels, the labels sorted: 'name{a="1",b="2"}' -> value."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            name, _, labels = key.partition("{")
-            pairs = sorted(labels.rstrip("}").split(",")) if labels else []
-            samples[name + ("{" + ",".join(pairs) + "}" if pairs else "")] = float(value)
-    return samples
-
-
-def decoder_idle(http: HttpFleet) -> bool:
-    with grpc.insecure_channel(http.fleet.decoders["d1"].address) as channel:
-        info = decoder_pb2_grpc.DecoderStub(channel).Info(decoder_pb2.InfoRequest(), timeout=10)
-    return info.running == 0 and info.waiting == 0
-
-
-def chat(content: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": content}]
 
 
 def test_streamed_chat_equals_the_grpc_answer(http):
@@ -223,16 +159,6 @@ def test_a_body_over_the_limit_is_413(http):
     assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
 
 
-def test_the_body_limit_is_sized_to_the_largest_valid_request(http):
-    """Under the 4 MiB message limit, a body larger than any valid request can be is refused
-    unread; the longest prompt with every character escaped still gets through to validation."""
-    status, body = _post(http, "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * 2_000_000 + b'"}')
-    assert status == 413 and body["error"]["param"] == "body", body
-    escaped = json.dumps({"model": MODEL, "prompt": "\u00e9" * 200_000}).encode()  # 6 bytes a character
-    status, body = _post(http, "/v1/completions", escaped)
-    assert status == 400 and body["error"]["param"] == "prompt", body  # too many tokens for the tiny model
-
-
 def test_deadline_is_504_or_an_error_event(http):
     api = http.openai()
     with pytest.raises(openai.APIStatusError) as caught:
@@ -352,88 +278,6 @@ def test_load_over_http(http):
                                   duration_s=120, max_new_tokens=4, http=True))
     assert report.errors == {} and report.ok == report.requests == 8
     assert report.served_by == {"d1": 8} and report.tokens > 0 and set(report.ttft_s) == {"p50", "p95", "p99"}
-
-
-def _post(http: HttpFleet, path: str, body: bytes | dict) -> tuple[int, dict]:
-    """A raw POST, as a client other than `openai` sends it: (status, JSON body)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{http.http_port}{path}", data=data,
-                                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_unseeded_sampled_answers_differ_and_a_seed_replays_one(http):
-    client = http.openai()
-    request = dict(model=MODEL, messages=chat(), max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
-    first, second = (client.chat.completions.create(**request) for _ in range(2))
-    assert first.choices[0].message.content != second.choices[0].message.content
-    seed = first.model_extra["ffnskip"]["seed"]
-    assert seed != second.model_extra["ffnskip"]["seed"]
-    replay = client.chat.completions.create(**request, seed=seed)
-    assert replay.choices[0].message.content == first.choices[0].message.content
-    grpc_reply = http.fleet.client().generate(build_request(MODEL, chat=PROMPT, max_new_tokens=16, temperature=1.0,
-                                                            seed=seed))
-    assert grpc_reply.seed == seed
-
-
-def test_ignore_eos_gives_exactly_max_tokens(http):
-    """As load tools send it (guidellm, `vllm bench serve`): ignore_eos with stop null."""
-    for path, prompt in (("/v1/completions", {"prompt": "Once upon a time"}), ("/v1/chat/completions", {"messages": chat()})):
-        status, body = _post(http, path, {"model": MODEL, **prompt, "max_tokens": 24, "ignore_eos": True, "stop": None,
-                                          "temperature": 0})
-        assert status == 200 and body["usage"]["completion_tokens"] == 24, body
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_each_refused_field_is_400_naming_it(http, name):
-    status, body = _post(http, "/v1/chat/completions", {"model": MODEL, "messages": chat(), name: REFUSING[name]})
-    assert status == 400 and body["error"]["param"] == name, body
-
-
-@pytest.mark.parametrize("raw, param", [
-    (b'{"model": "tiny", "prompt": "x", "max_tokens": 1' + b"1" * 5000 + b"}", "body"),
-    (b'{"model": "tiny", "prompt": "x \\ud800"}', "prompt"),
-    (b'{"model": "tiny\\udc00", "prompt": "x"}', "model"),
-    (b'{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),
-    (b'{"model": "tiny", "prompt": "x", "frobnicate": true}', "frobnicate"),
-])
-def test_malformed_bodies_are_400_without_a_server_error(http, raw, param):
-    status, body = _post(http, "/v1/completions", raw)
-    assert status == 400 and body["error"]["param"] == param, body
-    log = http.fleet.gateways["gw-a"].log_tail(200_000)
-    assert '"level": "error"' not in log and "Traceback" not in log
-
-
-def test_echo_and_logprobs_score_a_token_id_prompt(http):
-    """What lm-evaluation-harness asks for its log-likelihood tasks, against the decoder's own
-    prompt log-probabilities over gRPC."""
-    ids = [40, 71, 72, 73, 84, 85]
-    status, body = _post(http, "/v1/completions", {"model": MODEL, "prompt": [ids], "echo": True, "logprobs": 1,
-                                                   "max_tokens": 1, "temperature": 0})
-    assert status == 200, body
-    logprobs = body["choices"][0]["logprobs"]
-    assert len(logprobs["tokens"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
-    assert all(isinstance(v, float) and v <= 0 for v in logprobs["token_logprobs"][1:])
-    assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
-    request = build_request(MODEL, max_new_tokens=1)
-    request.prompt_token_ids.extend(ids)
-    request.sampling.prompt_logprobs = True
-    reply = http.fleet.client().generate(request)
-    assert [e.logprob for e in reply.prompt_logprobs[1:]] == pytest.approx(logprobs["token_logprobs"][1:len(ids)])
-    assert body["choices"][0]["text"].startswith("".join(logprobs["tokens"][:len(ids)]))
-
-
-def test_chat_logprobs_follow_the_streamed_tokens(http):
-    stream = http.openai().chat.completions.create(model=MODEL, messages=chat(), max_tokens=8, logprobs=True,
-                                                   top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
-    entries = [entry for part in stream if part.choices and part.choices[0].logprobs
-               for entry in part.choices[0].logprobs.content]
-    assert len(entries) == 8 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
-    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)  # greedy: the top token
 
 
 def test_no_prompt_or_key_in_the_gateway_log(http):

@@ -14,6 +14,7 @@ from ffnskip.v1 import common_pb2, generation_pb2
 from services.gateway.openai_fields import CHAT, COMPLETION, REFUSED
 from services.gateway.openai_mapping import client_error, parse
 from services.gateway.openai_responses import chunk, whole_response
+from tests.helpers.refused_fields import REFUSING
 
 
 def test_every_status_has_one_http_status():
@@ -104,20 +105,6 @@ def test_the_response_names_the_policy_from_either_field(fields):
     parsed = parse({"model": "m", "prompt": "p"}, COMPLETION, 9)
     summary = generation_pb2.GenerateResponse(text="abc", finish_reason="eos", **fields)
     assert whole_response(parsed, summary, 0)["ffnskip"]["policy"] == "static"
-
-
-# a value each refused field is refused with (openai_fields.REFUSED)
-REFUSING = {
-    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
-    "functions": [{"name": "f"}], "function_call": {"name": "f"}, "response_format": {"type": "json_object"},
-    "logit_bias": {"50256": -100}, "suffix": "end", "audio": {"voice": "x"}, "modalities": ["text", "audio"],
-    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "web_search_options": {},
-    "guided_json": {}, "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "g", "structured_outputs": {},
-    "grammar": "root ::= x", "json_schema": {"type": "object"}, "use_beam_search": True, "length_penalty": 2.0,
-    "stop_token_ids": [2], "include_stop_str_in_output": True, "truncate_prompt_tokens": 8,
-    "prompt_logprobs": 1, "return_tokens_as_token_ids": True, "typical_p": 0.5, "tfs_z": 0.5, "mirostat": 2,
-    "n_probs": 3,
-}
 
 
 def test_every_refused_field_has_a_refusing_value_here():
