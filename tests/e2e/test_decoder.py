@@ -3,14 +3,15 @@ SmolLM2 model on loopback, gRPC over sockets."""
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.request
 
 import grpc
 import pytest
 
-from ffnskip.config import Policy
-from ffnskip.rpc.convert import default_skip_of, policy_of
+from ffnskip.config import Policy, SkipParams
+from ffnskip.rpc.convert import policy_of, skip_params_from_proto
 from ffnskip.store.connection import RedisSettings, connect
 from ffnskip.store.profiles import ProfileStore
 from ffnskip.store.registry import DecoderRegistry
@@ -109,9 +110,9 @@ def scrape(url: str) -> dict[str, float]:
 def test_info_gives_the_default_skip_in_the_enum_and_the_deprecated_json(stack):
     reply = info(stack["stub"])
     assert reply.HasField("default_skip") and reply.default_skip_json
-    older_reader = decoder_pb2.InfoResponse(default_skip_json=reply.default_skip_json)  # what it reads
-    params = default_skip_of(reply)
-    assert params is not None and default_skip_of(older_reader) == params
+    document = json.loads(reply.default_skip_json)  # what an older reader reads
+    params = skip_params_from_proto(reply.default_skip, "default_skip")
+    assert params == SkipParams(**{**document, "static_layers": tuple(document["static_layers"])})
 
 
 def test_registered_in_redis_for_the_gateway(stack):

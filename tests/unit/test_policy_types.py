@@ -4,7 +4,6 @@ included, by name), and the decision kinds of a step."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,17 +11,9 @@ import torch
 from ffnskip.config import POLICIES, Policy, SkipParams
 from ffnskip.engine.policies import AdaptiveStep, FfnRows, PlannedStep, RowPlan, SkipPlanner
 from ffnskip.errors import InvalidArgument
-from ffnskip.rpc.convert import (
-    default_skip_of,
-    policy_fields,
-    policy_from_proto,
-    policy_of,
-    policy_to_proto,
-    skip_params_from_proto,
-    skip_params_to_proto,
-)
+from ffnskip.rpc.convert import policy_fields, policy_from_proto, policy_of, policy_to_proto, skip_params_from_proto, skip_params_to_proto
 from ffnskip.rpc.generation import skip_of
-from ffnskip.v1 import calibrator_pb2, common_pb2, decoder_pb2, generation_pb2
+from ffnskip.v1 import calibrator_pb2, common_pb2, generation_pb2
 
 
 def test_a_policy_is_its_name_everywhere():
@@ -84,22 +75,6 @@ def test_a_name_no_policy_has_travels_as_the_name_for_the_receiver_to_refuse():
 def test_skip_overrides_take_the_policy_from_either_field(overrides):
     assert skip_of(overrides, SkipParams(policy=Policy.ADAPTIVE)).policy is Policy.STATIC
     assert skip_of(generation_pb2.SkipOverrides(), SkipParams(policy=Policy.RANDOM)).policy is Policy.RANDOM  # neither
-
-
-def test_decoder_info_gives_its_default_skip_in_either_field():
-    params = SkipParams(policy=Policy.STATIC, cold_end=7, threshold=0.9, max_skip=None, static_layers=(3, 1))
-    document = {**asdict(params), "static_layers": list(params.static_layers)}  # the decoder's deprecated JSON
-    new = decoder_pb2.InfoResponse(default_skip=skip_params_to_proto(params))
-    old = decoder_pb2.InfoResponse(default_skip_json=json.dumps(document))
-    both = decoder_pb2.InfoResponse(default_skip=skip_params_to_proto(params), default_skip_json=json.dumps(
-        {**document, "threshold": 0.5}))
-    assert default_skip_of(new) == default_skip_of(old) == default_skip_of(both) == params
-    assert default_skip_of(decoder_pb2.InfoResponse()) is None
-    for bad, field in (('{"threshold": 2}', "default_skip_json.threshold"), ("[1]", "default_skip_json"),
-                       ("{", "default_skip_json")):
-        with pytest.raises(InvalidArgument) as caught:
-            default_skip_of(decoder_pb2.InfoResponse(default_skip_json=bad))
-        assert caught.value.field == field
 
 
 def test_calibration_jobs_take_the_policy_from_either_field():

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ffnskip.rpc.server import Server
+from ffnskip.v1 import generation_pb2
 
 pytestmark = pytest.mark.timeout(60)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -81,8 +82,6 @@ def test_health_reflection_and_drain() -> None:
 def test_a_request_that_cannot_be_parsed_is_invalid_argument(streaming: bool) -> None:
     """Bad UTF-8 in a string field (what a lone surrogate becomes on the wire), or a garbled
     message: INVALID_ARGUMENT naming the request, where gRPC alone answers UNKNOWN."""
-    from ffnskip.v1 import generation_pb2
-
     async def answer(request, context):
         return generation_pb2.GenerateResponse(text=request.model)
 

@@ -46,7 +46,7 @@ def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
 
 
 def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ignore_eos: bool = True):
-    from ffnskip.rpc.convert import policy_fields
+    from ffnskip.rpc.convert import policy_fields  # local, as the generated modules it imports are here
     from ffnskip.v1 import generation_pb2 as pb
 
     prompts = texts("prompts", "prompt")

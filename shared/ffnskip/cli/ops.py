@@ -95,7 +95,7 @@ def _rpc(fn: Callable[[argparse.Namespace, object], int]) -> Callable[[argparse.
 
 
 def _submit(args: argparse.Namespace, stub) -> int:
-    from ffnskip.rpc.convert import policy_fields
+    from ffnskip.rpc.convert import policy_fields  # local, as the generated modules it imports are here
     from ffnskip.v1 import calibrator_pb2 as pb
 
     request = pb.SubmitCalibrationRequest(model=args.model, activate_on_success=args.activate,

@@ -5,12 +5,11 @@ so a bad field surfaces as InvalidArgument naming it.
 A message names a skip policy one way, the SkipPolicy enum; the strings that named one before
 (`policy` beside a `policy_value`, InfoResponse.default_skip_json) are deprecated. Every sender
 sets both through `policy_fields` (or both of InfoResponse's), every reader takes the enum
-through `policy_of` (or `default_skip_of`), falling back to the string from an older sender."""
+through `policy_of`, falling back to the string from an older sender (no component reads
+InfoResponse's skip parameters; `default_skip` is there for those that will)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields
 from typing import Any
 
 from ffnskip.config import POLICIES, Policy, SkipParams
@@ -83,28 +82,6 @@ def skip_params_from_proto(message: common_pb2.SkipParams, field: str = "skip_pa
         )
     except InvalidArgument as err:
         raise InvalidArgument(f"{field}.{err.field}", err.problem) from None
-
-
-def default_skip_of(info: Any) -> SkipParams | None:
-    """The skip parameters a decoder's InfoResponse gives new requests: its `default_skip`, else
-    (a decoder older than it) its deprecated `default_skip_json`; None when it gives neither."""
-    if info.HasField("default_skip"):
-        return skip_params_from_proto(info.default_skip, "default_skip")
-    if not info.default_skip_json:
-        return None
-    try:
-        document = json.loads(info.default_skip_json)
-    except ValueError as err:
-        raise InvalidArgument("default_skip_json", f"not JSON: {err}") from None
-    if not isinstance(document, dict):
-        raise InvalidArgument("default_skip_json", "must be a JSON object")
-    known = {f.name for f in fields(SkipParams)}
-    try:
-        return SkipParams(**{name: value for name, value in document.items() if name in known})
-    except InvalidArgument as err:
-        raise InvalidArgument(f"default_skip_json.{err.field}", err.problem) from None
-    except TypeError as err:  # a value of the wrong type
-        raise InvalidArgument("default_skip_json", str(err)) from None
 
 
 def layer_to_proto(stats: LayerStats) -> common_pb2.LayerSimilarity:
