@@ -199,13 +199,14 @@ class EngineConfig:
             raise InvalidArgument("max_seq_len", f"must be >= 2, got {self.max_seq_len}")
 
 
-# The default budget keeps the embedded SmolLM2-135M's factoid answers (docs/quality.md): it
-# allows about one FFN of its 30 to be skipped after the warm-up.
-DEFAULT_MAX_KL = 0.06  # nats per token, teacher-forced, after the warm-up
-# dense's NLL of the free-running answers over its NLL of its own greedy ones: any answer that
-# leaves dense's greedy path scores above 1, and dense's own answers sampled at temperature 0.3
-# score 1.16 on the embedded model's open-ended prompts (2.0 at 0.7; garbled text 3.5)
-DEFAULT_MAX_RELATIVE_NLL = 1.15
+# The default budget, read off references no skip set enters (docs/quality.md, "The budget,
+# decided before the candidates"; scripts/budget_references.py), on the embedded SmolLM2-135M:
+# the KL is the lower end of the 95% interval of what rounding dense's linear weights once more
+# to 4 bits (llama.cpp's Q4_0) costs, 0.229-0.293; rounded down to two significant digits.
+DEFAULT_MAX_KL = 0.22  # nats per token, teacher-forced, after the warm-up
+# dense's NLL of the free-running answers over its NLL of its own greedy ones: the smallest of
+# three seeds of dense's own answers sampled at temperature 0.3 (1.120, 1.175, 1.149), rounded down
+DEFAULT_MAX_RELATIVE_NLL = 1.11
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ QUALITY_POINTER = [
     "measured harm, which beats the paper's rule at equal decode skip near 10% and 20% with disjoint 95% "
     "intervals, and at the default budget) and what the default budget yields through the gateway are in "
     "[quality.md](quality.md), measured by `scripts/compare_rules.py`, `scripts/served_quality.py` and "
-    "`scripts/nll_reference.py`.",
+    "`scripts/budget_references.py`.",
 ]
 
 
