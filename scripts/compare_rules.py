@@ -3,12 +3,16 @@ quality measures (ffnskip.calibration.quality) and paired QA flips.
 
     python scripts/compare_rules.py --targets 0.10,0.20 --prompts 24 --tokens 96 --json out.json
     python scripts/compare_rules.py --budget --prompts 24 --tokens 96 --json out.json
+    python scripts/compare_rules.py --targets 0.10,0.20,0.30 --ks 1,2,4,8 --compensated lowrank64 --json out.json
 
 The paper's rule (`adaptive`, per row, k = --max-skip) gets its threshold bisected with
 free-running runs on the open-ended prompts until its measured decode skip ratio is within
 0.02 of the target. "static by measured harm" skips the round(target x L) hot FFNs whose
 removal alone costs least teacher-forced KL on the calibration prompts (never the prompts it
-is judged on). Both run at --batch rows, with the same warm-up, and are scored after it:
+is judged on). With --ks the paper's rule is tuned: its threshold is bisected for each k and
+the k with the lowest teacher-forced KL at the target is judged. With --compensated the greedy
+compensated selection (ffnskip.calibration.selection, on the calibration prompts) is judged too,
+at the prefix whose net avoided FFN bytes are nearest the target. All run at --batch rows, with the same warm-up, and are scored after it:
 teacher-forced KL(dense || rule) and same-top-token with prompt-clustered 95% intervals,
 dense's relative NLL of the free-running answers, and factoid QA answers lost and gained
 against dense (paired, exact McNemar p).
@@ -30,6 +34,9 @@ import time
 
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.budget import longest_prefix
+from ffnskip.calibration.forced import ForcedForward
+from ffnskip.calibration.selection import select
+from ffnskip.calibration.substitutes import SubstituteKind
 from ffnskip.config import DENSE, Policy, QualityBudget, SamplingParams, SkipParams
 from ffnskip.datasets import read_jsonl, texts
 from ffnskip.engine import Engine, load_model
@@ -43,10 +50,40 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return encode_prompt(tokenizer, None, [{"role": "user", "content": text}])
 
 
-def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int):
-    seqs = Q.run_jobs(engine, [Q.Job(p, SamplingParams(max_new_tokens=tokens), skip) for p in prompts], batch)
+def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int, substitutes=None):
+    seqs = Q.run_jobs(engine, [Q.Job(p, SamplingParams(max_new_tokens=tokens), skip, substitutes=substitutes)
+                               for p in prompts], batch)
     stats = SkipStats.pooled([engine.result(s).skip_stats for s in seqs])
     return [list(s.generated) for s in seqs], stats.decode_skip_ratio
+
+
+def ffn_layer_bytes(loaded) -> int:
+    """One FFN's weight bytes (gate, up and down) in the model's precision."""
+    config = loaded.model.config
+    return 3 * int(config.hidden_size) * int(config.intermediate_size) * loaded.model.lm_head.weight.element_size()
+
+
+def net_avoided(chosen, count: int, ffn_bytes: int, layers: int) -> float:
+    """The FFN bytes a step avoids with the first `count` chosen FFNs, net of their substitutes,
+    as a share of all FFN bytes (per skipping step, after the warm-up)."""
+    subs = chosen.prefix(count)[1]
+    return (count * ffn_bytes - (subs.nbytes if subs is not None else 0)) / (ffn_bytes * layers)
+
+
+def compensated_selection(engine: Engine, loaded, kind_name: str, cold_start: int, cold_end: int, warm_up: int, say):
+    """The greedy compensated order on the calibration prompts (two thirds fit, one third select)."""
+    calibration = [chat_ids(loaded.tokenizer, t) for t in texts("calibration", "text")]
+    fit_prompts = [p for i, p in enumerate(calibration) if i % 3 != 2]
+    select_prompts = [p for i, p in enumerate(calibration) if i % 3 == 2]
+
+    def answered(prompts: list[list[int]]) -> list[list[int]]:
+        jobs = [Q.Job(p, SamplingParams(max_new_tokens=64, ignore_eos=True)) for p in prompts]
+        return [list(s.generated) for s in Q.run_jobs(engine, jobs, engine.cache.max_batch)]
+
+    fitting = ForcedForward(engine.runner, fit_prompts, answered(fit_prompts), 1, 16)
+    selecting = ForcedForward(engine.runner, select_prompts, answered(select_prompts), warm_up, 16)
+    kind = None if kind_name == "plain" else SubstituteKind.parse(kind_name)
+    return select(fitting, selecting, range(cold_start, cold_end), kind, 10, lambda message: say(f"greedy: {message}"))
 
 
 def main() -> int:
@@ -59,6 +96,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warm-up", type=int, default=16)
     parser.add_argument("--max-skip", type=int, default=8, help="the paper's run length k")
+    parser.add_argument("--ks", help="targets: tune the paper's k over these (e.g. 1,2,4,8): the threshold is bisected "
+                        "for each, and the k with the lowest teacher-forced KL at the target is judged")
+    parser.add_argument("--compensated", help="targets: also judge the greedy compensated selection with this "
+                        "substitute (plain, bias, lowrankR, linear) at the prefix whose net avoided FFN bytes is nearest")
     parser.add_argument("--bisections", type=int, default=7, help="--budget: steps of the paper's threshold search")
     parser.add_argument("--budget", action="store_true", help="each rule at the most skipping within the budget")
     parser.add_argument("--max-kl", type=float, default=QualityBudget().max_kl)
@@ -69,6 +110,7 @@ def main() -> int:
 
     loaded = load_model(args.model, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
     tok, layers = loaded.tokenizer, loaded.num_layers
+    ffn_bytes = ffn_layer_bytes(loaded)
     engine = Engine(loaded, max_batch=args.batch, max_seq_len=1024)
     cold_start, cold_end = 1, layers - 1
     prompts = [chat_ids(tok, t) for t in texts("prompts", "prompt")[:args.prompts]]
@@ -90,17 +132,20 @@ def main() -> int:
     dense_qa, _ = free_run(engine, questions, DENSE, args.qa_tokens, args.batch)
     dense_right = [is_correct(tok.decode(t, skip_special_tokens=True), row["answers"]) for t, row in zip(dense_qa, qa)]
 
-    def adaptive(threshold: float) -> SkipParams:
-        return SkipParams(policy=Policy.ADAPTIVE, threshold=threshold, max_skip=args.max_skip, cold_start=cold_start,
+    def adaptive(threshold: float, k: int = args.max_skip) -> SkipParams:
+        return SkipParams(policy=Policy.ADAPTIVE, threshold=threshold, max_skip=k, cold_start=cold_start,
                           cold_end=cold_end, warm_up=args.warm_up)
 
-    def evaluate(name: str, target: float, skip: SkipParams) -> dict:
-        tokens, ratio = free_run(engine, prompts, skip, args.tokens, args.batch)
+    def evaluate(name: str, target: float, skip: SkipParams, substitutes=None, **extra) -> dict:
+        tokens, ratio = free_run(engine, prompts, skip, args.tokens, args.batch, substitutes)
         nll = Q.dense_nll(engine, prompts, tokens, args.batch)
-        kept = Q.quality(Q.divergence(engine, prompts, references, skip, args.batch), nll, own, skip_from=args.warm_up)
-        answers, _ = free_run(engine, questions, skip, args.qa_tokens, args.batch)
+        scores = Q.divergence(engine, prompts, references, skip, args.batch, substitutes=substitutes)
+        kept = Q.quality(scores, nll, own, skip_from=args.warm_up)
+        answers, _ = free_run(engine, questions, skip, args.qa_tokens, args.batch, substitutes)
         right = [is_correct(tok.decode(t, skip_special_tokens=True), row["answers"]) for t, row in zip(answers, qa)]
-        row = {"rule": name, "target": target, "decode_skip_ratio": round(ratio, 4), **kept.to_dict(),
+        avoided = ratio - (substitutes.nbytes / (ffn_bytes * layers) if substitutes is not None else 0.0)
+        row = {"rule": name, "target": target, "decode_skip_ratio": round(ratio, 4),
+               "avoided_ffn_bytes": round(avoided, 4), **extra, **kept.to_dict(),
                "qa": {"right": sum(right), "dense_right": sum(dense_right), **paired_counts(dense_right, right)}}
         say(json.dumps(row))
         return row
@@ -128,17 +173,32 @@ def main() -> int:
         rows.append(evaluate("adaptive (paper)", 0.0, adaptive(high)))
         count = longest_prefix(lambda n: within(static_set(n), f"static, {n} FFNs"), len(order))
         rows.append(evaluate("static by measured harm", 0.0, static_set(count)))
+    chosen = compensated_selection(engine, loaded, args.compensated, cold_start, cold_end, args.warm_up, say) \
+        if args.compensated and not args.budget else None
     for target in [] if args.budget else [float(t) for t in args.targets.split(",")]:
-        low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
-        for _ in range(8):
-            middle = (low + high) / 2
-            _, ratio = free_run(engine, prompts, adaptive(middle), args.tokens, args.batch)
-            say(f"adaptive threshold {middle:.5f}: decode skip {ratio:.4f} (target {target})")
-            if abs(ratio - target) <= 0.01:
-                break
-            low, high = (middle, high) if ratio > target else (low, middle)
-        rows.append(evaluate("adaptive (paper)", target, adaptive(middle)))
+        tuned = []  # per k: (teacher-forced KL at the target, k, threshold)
+        for k in [int(k) for k in args.ks.split(",")] if args.ks else [args.max_skip]:
+            low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
+            for _ in range(8):
+                middle = (low + high) / 2
+                _, ratio = free_run(engine, prompts, adaptive(middle, k), args.tokens, args.batch)
+                say(f"adaptive k={k} threshold {middle:.5f}: decode skip {ratio:.4f} (target {target})")
+                if abs(ratio - target) <= 0.01:
+                    break
+                low, high = (middle, high) if ratio > target else (low, middle)
+            scores = Q.divergence(engine, prompts, references, adaptive(middle, k), args.batch)
+            tuned.append((Q.pooled([row[args.warm_up:] for row in scores.kl]).mean, k, middle))
+            say(f"adaptive k={k}: threshold {middle:.5f}, KL {tuned[-1][0]:.4f}")
+        _, k, threshold = min(tuned)
+        rows.append(evaluate("adaptive (paper)", target, adaptive(threshold, k), max_skip=k,
+                             tuning=[{"kl": round(kl, 4), "k": kk, "threshold": round(t, 5)} for kl, kk, t in tuned]))
         rows.append(evaluate("static by measured harm", target, static_set(max(1, round(target * layers)))))
+        if chosen is not None:
+            count = min(range(1, len(chosen.layers) + 1), key=lambda n: abs(net_avoided(chosen, n, ffn_bytes, layers) - target))
+            static_layers, subs = chosen.prefix(count)
+            skip = SkipParams(policy=Policy.STATIC, static_layers=static_layers, cold_start=cold_start,
+                              cold_end=cold_end, warm_up=args.warm_up)
+            rows.append(evaluate(f"greedy compensated ({args.compensated})", target, skip, subs))
     print(f"{'rule':<26}{'target':>7}{'dec.skip':>9}  {'KL [95%]':<24}{'top-1 [95%]':<24}{'rel.NLL':>8}  QA lost/gained")
     for r in rows:
         kl, top, q = r["kl"], r["top_match"], r["qa"]

@@ -41,9 +41,11 @@ def job_request(message: pb.SubmitCalibrationRequest, settings: CalibratorSettin
     request["target_skip_ratio"] = message.target_skip_ratio if message.HasField("target_skip_ratio") else DEFAULT_TARGET
     request["tokens_per_prompt"] = message.tokens_per_prompt if message.HasField("tokens_per_prompt") else DEFAULT_TOKENS
     budget = {name: getattr(message, name) for name in ("max_kl", "max_relative_nll") if message.HasField(name)}
+    named = policy_of(message)  # policy_value, else (a client older than it) the deprecated string
+    if not (budget or message.HasField("target_skip_ratio") or named is Policy.ADAPTIVE):
+        budget = QualityBudget().to_dict()  # no objective asked for: the default quality budget
     if budget:
         request["quality_budget"] = budget
-    named = policy_of(message)  # policy_value, else (a client older than it) the deprecated string
     request["policy"] = named.value if named else (Policy.STATIC.value if budget else DEFAULT_POLICY)
     if message.WhichOneof("source") == "prompts":
         prompts = list(message.prompts.prompts)

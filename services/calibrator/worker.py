@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ffnskip.calibration.calibrate import calibrate
+from ffnskip.calibration.calibrate import CalibrationOutcome, calibrate
 from ffnskip.errors import Cancelled, FailedPrecondition, FfnSkipError, NotFound, Unavailable
 from ffnskip.logs import get_logger
 from ffnskip.store import ClaimedJob, JobQueue, ProfileStore
@@ -153,6 +153,7 @@ class Worker:
                                 verdict=outcome.profile.budget_verdict())
                     activate = False
                 version = self._publish(claimed, outcome, activate, gone)
+                substitute_bytes = len(outcome.substitutes or b"")
             except _LeftForReclaim as err:
                 log.warning("job left for another worker", job_id=job_id, worker=self.name, reason=str(err))
                 return
@@ -173,7 +174,7 @@ class Worker:
                 self._record(claimed, lambda: self._jobs.fail(claimed, message), "failed")
                 return
         if version is not None:
-            log.info("job succeeded", job_id=job_id, profile_version=version)
+            log.info("job succeeded", job_id=job_id, profile_version=version, substitute_bytes=substitute_bytes)
 
     def _cancel_check(self, job_id: str, gone: Callable[[], bool]) -> Callable[[], bool]:
         def should_cancel() -> bool:
@@ -186,10 +187,14 @@ class Worker:
 
         return should_cancel
 
-    def _publish(self, claimed: ClaimedJob, outcome, activate: bool, gone: Callable[[], bool]) -> int | None:
+    def _publish(self, claimed: ClaimedJob, outcome: CalibrationOutcome, activate: bool,
+                 gone: Callable[[], bool]) -> int | None:
+        """Publish the profile with its plot and substitutes (an InvalidArgument, substitutes that
+        disagree with the profile, fails the job: a bug in the calibration, not a Redis blip)."""
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
-                version = self._profiles.publish(outcome.profile, outcome.plot_png, activate=activate, job_id=claimed.job_id)
+                version = self._profiles.publish(outcome.profile, outcome.plot_png, activate=activate,
+                                                 job_id=claimed.job_id, substitutes=outcome.substitutes)
                 self._jobs.ack(claimed)
                 return version
             except (FailedPrecondition, NotFound) as err:  # cancelled meanwhile, or the record is gone

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine import Engine, GenerationResult, TokenEvent
 from ffnskip.engine.sequence import Sequence
+from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.errors import FfnSkipError, ResourceExhausted, Unavailable
 from ffnskip.logs import get_logger
 
@@ -57,6 +58,7 @@ class Submission:
     prompt_ids: list[int] | None = None  # a prompt given as token ids (then prompt and messages are None)
     resumed: tuple[int, ...] = ()  # tokens another decoder delivered: generation continues after them
     resumed_skips: tuple[tuple[int, ...], ...] = ()  # the layers each of them skipped
+    substitutes: SubstituteSet | None = None  # what its skipped FFNs are replaced with (ActiveProfile.substitutes_for)
 
     def deliver(self, item: Item) -> None:
         try:
@@ -210,7 +212,8 @@ class EngineLoop:
             submission.seq = self.engine.add(prompt=submission.prompt, messages=submission.messages,
                                              sampling=submission.sampling, skip=submission.skip,
                                              request_id=submission.request_id, prompt_ids=submission.prompt_ids,
-                                             resumed=submission.resumed, resumed_skips=submission.resumed_skips)
+                                             resumed=submission.resumed, resumed_skips=submission.resumed_skips,
+                                             substitutes=submission.substitutes)
         except FfnSkipError as exc:
             submission.deliver(exc)
             return

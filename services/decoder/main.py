@@ -23,7 +23,7 @@ from ffnskip.store.registry import DecoderRegistry
 from ffnskip.v1 import decoder_pb2, decoder_pb2_grpc
 from services.decoder.engine_loop import EngineLoop
 from services.decoder.metrics import DecoderMetrics
-from services.decoder.profiles import ProfileWatcher
+from services.decoder.profiles import ProfileWatcher, SubstituteTarget
 from services.decoder.registration import Registration
 from services.decoder.service import DecoderService
 from services.decoder.servicer import DecoderServicer
@@ -71,9 +71,18 @@ def load_compiled_segments(engine_loop: EngineLoop, max_batch: int) -> None:
              released_mb=round(released / 2**20))
 
 
+def profile_watcher(settings: DecoderSettings, engine_loop: EngineLoop, store: ProfileStore) -> ProfileWatcher:
+    """The watcher of the active profile, building its substitutes for the engine (its device,
+    dtype and width) on the engine thread."""
+    loaded = engine_loop.engine.loaded
+    target = SubstituteTarget(loaded.device, loaded.dtype, int(loaded.model.config.hidden_size), run=engine_loop.call)
+    return ProfileWatcher(store, settings.model_name, loaded.fingerprint, settings.profile_cache_dir, default=DENSE,
+                          mode=settings.skip_policy, quorum=settings.aligned_quorum, substitutes=target)
+
+
 async def serve(settings: DecoderSettings) -> None:
     metrics = DecoderMetrics(settings.model_name, lambda: engine_loop.running, lambda: engine_loop.waiting,
-                             lambda: profiles.current.version)
+                             lambda: profiles.current.version, lambda: profiles.current.substitute_bytes)
     engine_loop = EngineLoop(partial(build_engine, settings), settings.max_queue, on_result=metrics.finished,
                              on_step=metrics.stepped)
     loaded = engine_loop.start().loaded
@@ -81,9 +90,7 @@ async def serve(settings: DecoderSettings) -> None:
         threading.Thread(target=load_compiled_segments, args=(engine_loop, settings.max_batch), name="compile",
                          daemon=True).start()
     redis_client = connect(settings.redis)
-    profiles = ProfileWatcher(ProfileStore(redis_client), settings.model_name, loaded.fingerprint,
-                              settings.profile_cache_dir, default=DENSE,
-                              mode=settings.skip_policy, quorum=settings.aligned_quorum)
+    profiles = profile_watcher(settings, engine_loop, ProfileStore(redis_client))
     profiles.start()
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
              "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}

@@ -14,7 +14,7 @@ PREFIX = "ffnskip:"
 
 class DecoderMetrics:
     def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
-                 profile_version: Callable[[], int]) -> None:
+                 profile_version: Callable[[], int], substitute_bytes: Callable[[], int] = lambda: 0) -> None:
         self.registry = r = CollectorRegistry()
         # process_resident_memory_bytes and the other process_* series (Linux): the pod's memory
         # next to its work, e.g. for `ffnskip bench --metrics-url`
@@ -27,6 +27,9 @@ class DecoderMetrics:
             .labels(**labels).set_function(waiting)
         Gauge(PREFIX + "profile_version", "Active skip profile version (0 = none).", ["model_name"], registry=r) \
             .labels(**labels).set_function(profile_version)
+        # what the active profile's FFN substitutes hold on the device (the engine's dtype); 0 = plain skips
+        Gauge(PREFIX + "profile_substitute_bytes", "Bytes of the active profile's FFN substitutes as served (0 = none).",
+              ["model_name"], registry=r).labels(**labels).set_function(substitute_bytes)
         # every sequence that ended, as vLLM counts them: finished_reason "cancelled" and "deadline" included
         self._success = Counter(PREFIX + "request_success", "Finished requests.", ["model_name", "finished_reason"], registry=r)
         self._tokens = Counter(PREFIX + "generation_tokens", "Generated tokens (of cancelled and expired requests too).",

@@ -34,7 +34,7 @@ class DecoderService:
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         return Submission(request_id=request_id, prompt=prompt, messages=messages, sampling=sampling, skip=skip,
                           profile_version=active.version, deadline=deadline, loop=aio_loop, prompt_ids=prompt_ids,
-                          resumed=resumed, resumed_skips=resumed_skips)
+                          resumed=resumed, resumed_skips=resumed_skips, substitutes=active.substitutes_for(skip))
 
     def _resumed(self, request: pb.GenerateRequest, version: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
         """The tokens another decoder delivered and the layers each skipped, when the gateway

@@ -8,6 +8,7 @@ names the field ("profile.<field>") - never a KeyError or TypeError.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,14 @@ SCHEMA_VERSION = 1
 CALIBRATION_KEYS = ("digest", "size", "tokens_per_prompt")
 QUALITY_KEYS = ("kl", "top_match", "relative_nll", "max_kl", "max_relative_nll", "within_budget")
 _STAT_ORDER = ("min", "p05", "p25", "p50", "p75", "p95", "max")
+# the engine's substitute kinds (ffnskip.engine.substitutes.KINDS, spelled out: reading a profile
+# needs no torch; a unit test keeps the two equal)
+SUBSTITUTE_KINDS = ("bias", "lowrank", "linear")
+SUBSTITUTE_KEYS = ("kind", "layers", "bytes", "digest")
+# a bound on the blob a profile may carry (a 30-layer model's full maps in float32 are ~ 300 MiB:
+# well past what a cheap substitute is for, and what one Redis value should hold)
+MAX_SUBSTITUTE_BYTES = 64 * 2**20
+_HEX = frozenset("0123456789abcdef")
 
 
 def utc_now_iso() -> str:
@@ -155,6 +164,9 @@ class Profile:
     # QUALITY_KEYS: what skipping kept of dense after the warm-up, and the budget (if any)
     # it was calibrated to; absent from profiles calibrated before it was measured
     quality: dict = field(default_factory=dict)
+    # SUBSTITUTE_KEYS: what replaces its skipped FFNs (a SubstituteSet stored beside it, this
+    # records its kind, layers, size and sha256); empty = plain skips, as every older profile
+    substitutes: dict = field(default_factory=dict)
     version: int = 0  # 0 = not yet published; the store allocates the real number
     job_id: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -168,10 +180,15 @@ class Profile:
             object.__setattr__(self, "calibration", dict(self.calibration))
         if isinstance(self.quality, Mapping):
             object.__setattr__(self, "quality", dict(self.quality))
+        if isinstance(self.substitutes, Mapping):  # layers as JSON gives them back, so round trips compare equal
+            layers = self.substitutes.get("layers")
+            substitutes = {**self.substitutes, **({"layers": list(layers)} if isinstance(layers, tuple) else {})}
+            object.__setattr__(self, "substitutes", substitutes)
         self._validate_identity()
         self._validate_layers()
         self._validate_params()
         self._validate_measurements()
+        self._validate_substitutes()
 
     def _validate_identity(self) -> None:
         if not _is_int(self.schema_version) or self.schema_version != SCHEMA_VERSION:
@@ -235,6 +252,47 @@ class Profile:
             if not isinstance(quality["within_budget"], bool):
                 raise InvalidArgument("profile.quality.within_budget", "must be true or false")
 
+    def _validate_substitutes(self) -> None:
+        if not isinstance(self.substitutes, dict):
+            raise InvalidArgument("profile.substitutes", f"must be an object, got {type(self.substitutes).__name__}")
+        if not self.substitutes:
+            return
+        substitutes = _check_keys("profile.substitutes", self.substitutes, SUBSTITUTE_KEYS)
+        if substitutes["kind"] not in SUBSTITUTE_KINDS:
+            raise InvalidArgument("profile.substitutes.kind", f"must be one of {', '.join(SUBSTITUTE_KINDS)}, "
+                                  f"got {substitutes['kind']!r}")
+        layers = substitutes["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise InvalidArgument("profile.substitutes.layers", "must be a non-empty list of skipped layers")
+        for index, layer in enumerate(layers):
+            where = f"profile.substitutes.layers[{index}]"
+            _require_int(where, layer)
+            if layer not in self.static_layers:  # a substitute replaces a skipped FFN, never a running one
+                raise InvalidArgument(where, f"must be one of static_layers {list(self.static_layers)}, got {layer}")
+            if index and layer <= layers[index - 1]:
+                raise InvalidArgument(where, f"must be sorted without repeats, got {layer} after {layers[index - 1]}")
+        _require_int("profile.substitutes.bytes", substitutes["bytes"], minimum=1)
+        if substitutes["bytes"] > MAX_SUBSTITUTE_BYTES:
+            raise InvalidArgument("profile.substitutes.bytes", f"must be <= {MAX_SUBSTITUTE_BYTES}, got {substitutes['bytes']}")
+        digest = substitutes["digest"]
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise InvalidArgument("profile.substitutes.digest", "must be a sha256 hex digest (64 lowercase characters)")
+
+    def check_substitutes(self, blob: bytes | None) -> None:
+        """That `blob` is the substitute set this profile records (none for plain skips): its size
+        and sha256. InvalidArgument naming `substitutes` otherwise (the store refuses to publish
+        such a pair; a decoder refuses to serve it)."""
+        if not self.substitutes:
+            if blob is not None:
+                raise InvalidArgument("substitutes", "given, but the profile records none")
+            return
+        if blob is None:
+            raise InvalidArgument("substitutes", f"missing: the profile records {self.substitutes['bytes']} bytes")
+        if len(blob) != self.substitutes["bytes"]:
+            raise InvalidArgument("substitutes", f"{len(blob)} bytes, the profile records {self.substitutes['bytes']}")
+        if hashlib.sha256(blob).hexdigest() != self.substitutes["digest"]:
+            raise InvalidArgument("substitutes", "sha256 differs from the digest the profile records")
+
     @property
     def within_budget(self) -> bool:
         """Whether its measured quality keeps the budget it was calibrated to (a profile with no
@@ -264,7 +322,7 @@ class Profile:
     @classmethod
     def from_dict(cls, data: object) -> Profile:
         names = [f.name for f in fields(cls)]
-        checked = dict(_check_keys("profile", data, names, optional=("quality",)))
+        checked = dict(_check_keys("profile", data, names, optional=("quality", "substitutes")))
         raw_layers = checked["layers"]
         if not isinstance(raw_layers, list):
             raise InvalidArgument("profile.layers", f"must be a list, got {type(raw_layers).__name__}")
@@ -306,4 +364,4 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} is not allowed")
 
 
-__all__ = ["LayerStats", "Profile", "SCHEMA_VERSION", "utc_now_iso"]
+__all__ = ["MAX_SUBSTITUTE_BYTES", "SUBSTITUTE_KINDS", "LayerStats", "Profile", "SCHEMA_VERSION", "utc_now_iso"]

@@ -1,6 +1,8 @@
-"""A valid test profile factory."""
+"""A valid test profile factory, and the `substitutes` record of a substitute set's bytes."""
 
 from __future__ import annotations
+
+import hashlib
 
 
 def _layer_stats(layer: int, mean: float):  # type: ignore[no-untyped-def]
@@ -35,3 +37,8 @@ def build_profile(**overrides):  # type: ignore[no-untyped-def]
     )
     fields.update(overrides)
     return Profile(**fields)
+
+
+def substitutes_record(blob: bytes, layers: list[int], kind: str = "bias") -> dict:
+    """A profile's `substitutes` field for `blob` (SubstituteSet.to_bytes) on `layers`."""
+    return {"kind": kind, "layers": sorted(layers), "bytes": len(blob), "digest": hashlib.sha256(blob).hexdigest()}

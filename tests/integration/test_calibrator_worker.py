@@ -56,7 +56,7 @@ def test_success_publishes_activates_and_acks(env) -> None:
     def calibrate(loaded, request, progress, should_cancel):
         assert request.model_id == MODEL and request.prompts == ("a", "b", "c") and request.job_id
         progress("measuring", 1, 2)
-        return SimpleNamespace(profile=build_profile(model_id=MODEL), plot_png=b"png")
+        return SimpleNamespace(profile=build_profile(model_id=MODEL), plot_png=b"png", substitutes=None)
 
     job_id = run_one(env, calibrate)
     record = env.jobs.get(job_id)

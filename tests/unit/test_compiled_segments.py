@@ -16,6 +16,7 @@ from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine, load_model
 from ffnskip.engine.compiled import CompiledSegments, batch_buckets
 from ffnskip.engine.precompile import compile_in_child
+from ffnskip.engine.substitutes import Substitute, SubstituteSet
 from tests.helpers.tiny import save_tiny_model
 
 pytestmark = pytest.mark.heavy  # AOTInductor compiles: minutes
@@ -157,6 +158,29 @@ def test_rows_that_disagree_share_a_batch(compiled_engine, tiny_loaded):
     ours = mixed(compiled_engine)
     assert ours == mixed(Engine(tiny_loaded, max_batch=4, max_seq_len=64))
     assert any(records for _, records in ours) and not any(ours[1][1])  # some rows skipped, dense did not
+
+
+def test_compensated_rows_decode_as_eager_in_a_padded_mixed_batch(compiled_engine, tiny_loaded):
+    """Substitutes apply around the compiled FFN segment as in the eager path: three rows padded
+    to bucket 4, one compensated, one plainly skipping, one dense."""
+    width = int(tiny_loaded.model.config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    subs = SubstituteSet({1: Substitute(torch.randn(width, generator=generator),
+                                        torch.randn(width, 4, generator=generator), torch.randn(4, width, generator=generator))})
+
+    def mixed(engine: Engine):
+        rows = ((POLICIES["static"], subs), (POLICIES["static"], None), (DENSE, subs))
+        seqs = [engine.add(prompt=p, sampling=SAMPLING, skip=skip, substitutes=chosen)
+                for p, (skip, chosen) in zip(PROMPTS, rows)]
+        while engine.has_work:
+            engine.step()
+        return [list(s.generated) for s in seqs]
+
+    ours = mixed(compiled_engine)
+    assert ours == mixed(Engine(tiny_loaded, max_batch=4, max_seq_len=64))
+    alone = Engine(tiny_loaded, max_batch=1, max_seq_len=64)
+    assert ours[0] == alone.generate(PROMPTS[:1], SAMPLING, POLICIES["static"], subs)[0].token_ids
+    assert ours[0] != alone.generate(PROMPTS[:1], SAMPLING, POLICIES["static"])[0].token_ids  # they did act
 
 
 def test_padding_rows_never_touch_a_sequence_admitted_in_the_same_step(compiled_engine, tiny_loaded):

@@ -1,4 +1,4 @@
-"""The skip decision as tensor operations (for a step captured whole on a device) decides as the
+"""The skip rule run on tensors (for a step captured whole on a device) decides as the
 host-side controller the CPU engine uses: the same rows run each layer's FFN, step after step,
 for batches mixing every policy, with similarities drawn to land around the thresholds."""
 
@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
+from ffnskip.bench.gpu.device_skips import DeviceSkips, RowTensors
 from ffnskip.config import Policy, SkipParams
-from ffnskip.engine.device_skips import DeviceSkips, RowTensors
 from ffnskip.engine.policies import FfnRows, RowPlan, SkipPlanner
 
 LAYERS = 12

@@ -1,4 +1,4 @@
-"""The device-side decode step (engine/device_step.py) against ModelRunner.decode on a tiny random
+"""The device-side decode step (ffnskip.bench.gpu.device_step) against ModelRunner.decode on a tiny random
 Llama, on the CPU: the same logits, the same keys and values in the cache and the same skip
 decisions, step after step, for a dense batch and for a batch whose rows skip differently (with a
 padding row in the bucket); its greedy advance; and no host read anywhere in a step whose branch
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ffnskip.bench.gpu.device_skips import RowTensors
+from ffnskip.bench.gpu.device_step import DeviceStep, HostBranch
 from ffnskip.config import Policy, SkipParams
-from ffnskip.engine.device_skips import RowTensors
-from ffnskip.engine.device_step import DeviceStep, HostBranch
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.policies import RowPlan, SkipPlanner
 from ffnskip.engine.runner import ModelRunner

@@ -1,5 +1,6 @@
-"""scripts/gpu_bench.py on cpu: the engine's device step driven as the bench drives it (greedy, the
-patterns as SkipParams) against transformers' Llama, the skip counts, the calibration, the JSON.
+"""The GPU benchmark (`ffnskip bench --gpu`, ffnskip.bench.gpu) on cpu: the device step driven as
+the bench drives it (greedy, the patterns as SkipParams) against transformers' Llama, the skip
+counts, the calibration, the JSON of the command and of scripts/gpu_bench.py (its thin wrapper).
 
 The CUDA-graph paths (IF nodes, segmented graphs) need a GPU and are not exercised here; the
 eager path runs the same step code with the branch predicate read on the host.
@@ -7,7 +8,6 @@ eager path runs the same step code with the branch predicate read on the host.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,8 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffnskip.engine.device_step import DeviceStep
+from ffnskip.bench.gpu import graphs, measure, workload
+from ffnskip.bench.gpu.device_step import DeviceStep
+from ffnskip.bench.gpu.run import GpuBenchOptions
+from ffnskip.cli.app import build_parser, main
+from ffnskip.cli.bench import gpu_options
 from ffnskip.engine.runner import ModelRunner
+from ffnskip.errors import InvalidArgument
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_bench.py"
 TOKENS = 6  # greedy decode steps per test
@@ -27,16 +32,6 @@ PROMPT = 3
 BATCH = 2
 ATOL = 1e-4
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_bench", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-gb = _load()
 CPU = torch.device("cpu")
 # 6 layers: cold 0 and 5, hot 1..4; initializer_range 0.1 so that one FFN moves the logits well
 VOCAB = 256
@@ -48,12 +43,12 @@ MAX_LEN = PROMPT + TOKENS + 1
 
 
 def plan(k: int = 2):
-    return gb.default_plan(LAYERS, cold_start=1, cold_end=5, static_layers=STATIC, k=k)
+    return workload.default_plan(LAYERS, cold_start=1, cold_end=5, static_layers=STATIC, k=k)
 
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    return ModelRunner(gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0))
+    return ModelRunner(workload.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +61,7 @@ def reference(ids: torch.Tensor, zero=()) -> torch.Tensor:
     """Logits [B, TOKENS, V] of transformers' Llama fed `ids` token by token after the prompt: the
     prompt prefilled by the model as made (the bench prefills densely), the decode steps by a second
     model made the bench's way with the same seed, the FFN of each layer in `zero` outputting 0."""
-    models = [gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0) for _ in range(2)]
+    models = [workload.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0) for _ in range(2)]
     with torch.no_grad():
         for layer in zero:
             models[1].model.layers[layer].mlp.down_proj.weight.zero_()
@@ -84,12 +79,12 @@ def decode(runner, prompts, pattern: str, threshold=None, k: int = 2):
     first = runner.prefill(cache, list(range(BATCH)), prompts).argmax(dim=-1)
     p = plan(k)
     if pattern != "dense":
-        step.set_rows(gb.pattern_rows(p, pattern, BATCH, LAYERS, CPU))
+        step.set_rows(workload.pattern_rows(p, pattern, BATCH, LAYERS, CPU))
     if threshold is not None:
         step.set_threshold(threshold)
     options = {"dense": dict(skips=False), "static": dict(gated=p.gated("static", LAYERS)),
                "adaptive": dict(gated=p.gated("adaptive", LAYERS))}[pattern]
-    runner_ = gb.EagerRunner(step, dict(options, advance=True))
+    runner_ = graphs.EagerRunner(step, dict(options, advance=True))
     fed, logits = [first], []
     step.set_inputs(first, [PROMPT] * BATCH)
     step.zero_counters()
@@ -98,7 +93,7 @@ def decode(runner, prompts, pattern: str, threshold=None, k: int = 2):
         logits.append(step.logits.clone())
         fed.append(step.tokens.clone())
     ids = torch.cat([torch.tensor(prompts), torch.stack(fed[:-1], dim=1)], dim=1)
-    skipped, not_called = gb.skip_counts(step, TOKENS)
+    skipped, not_called = measure.skip_counts(step, TOKENS)
     return torch.stack(logits, dim=1), ids, skipped, not_called
 
 
@@ -122,11 +117,11 @@ def test_reference_comparison_is_discriminating(runner, prompts):
 
 
 def test_step_bytes_count_the_weights_read(runner):
-    model = gb.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0)
+    model = workload.random_model(FIELDS, MAX_LEN, CPU, torch.float32, seed=0)
     params = dict(model.named_parameters())
     ffn = sum(t.numel() * 4 for name, t in params.items() if ".mlp." in name or "post_attention" in name)
     rest = sum(t.numel() * 4 for name, t in params.items() if "embed_tokens" not in name) - ffn
-    assert gb.step_bytes(runner) == (rest + ffn, ffn)
+    assert workload.step_bytes(runner) == (rest + ffn, ffn)
 
 
 # (b) ------------------------------------------------------------------------------------------
@@ -143,10 +138,10 @@ def test_static_skips_exactly_the_configured_layers(runner, prompts):
 
 def test_default_static_pattern_scales_with_depth():
     for name, expected in (("7b", 9), ("1b", 6), ("tiny", 1)):
-        p = gb.default_plan(gb.CONFIGS[name]["num_hidden_layers"])
+        p = workload.default_plan(workload.CONFIGS[name]["num_hidden_layers"])
         assert len(p.static_layers) == expected
         assert all(p.cold_start <= layer < p.cold_end for layer in p.static_layers)
-    p = gb.default_plan(gb.CONFIGS["7b"]["num_hidden_layers"])
+    p = workload.default_plan(workload.CONFIGS["7b"]["num_hidden_layers"])
     gaps = [b - a for a, b in zip(p.static_layers, p.static_layers[1:])]
     assert max(gaps) - min(gaps) <= 1  # spread evenly over the hot range
 
@@ -186,9 +181,9 @@ def test_adaptive_mixed_batch_runs_the_ffn_and_masks_skipping_rows(runner, promp
 def test_adaptive_calibration_reaches_the_target(runner):
     cache = runner.new_cache(1, 16)
     step = DeviceStep(runner, cache, 1)
-    step.set_rows(gb.pattern_rows(plan(k=3), "adaptive", 1, LAYERS, CPU))
-    bench_runner = gb.EagerRunner(step, dict(gated=plan(k=3).gated("adaptive", LAYERS), advance=True))
-    thr, ratio = gb.calibrate(bench_runner, step, 0, torch.tensor([5]), target=0.2, steps=10)
+    step.set_rows(workload.pattern_rows(plan(k=3), "adaptive", 1, LAYERS, CPU))
+    bench_runner = graphs.EagerRunner(step, dict(gated=plan(k=3).gated("adaptive", LAYERS), advance=True))
+    thr, ratio = measure.calibrate(bench_runner, step, 0, torch.tensor([5]), target=0.2, steps=10)
     assert -1.0 < thr < 1.0  # a threshold strictly inside: the bisection did work
     assert abs(ratio - 0.2) <= 0.05
 
@@ -200,17 +195,14 @@ ROW_KEYS = {"model", "batch", "pattern", "tokens_per_s", "speedup", "skip_ratio"
             "cos_us_per_layer", "threshold", "ms_per_step"}
 
 
-def test_json_output_of_a_tiny_cpu_run():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", "tiny", "--device", "cpu", "--batches", "1,2",
-         "--new-tokens", "3", "--reps", "2", "--prompt-len", "2", "--calib-steps", "2", "--json"],
-        capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+TINY_RUN = ["--device", "cpu", "--batches", "1,2", "--new-tokens", "3", "--reps", "2", "--prompt-len", "2",
+            "--calib-steps", "2", "--json"]
+
+
+def check_tiny_run(result: dict) -> None:
     meta, rows = result["meta"], result["rows"]
     assert meta["mechanism"] == "eager"
-    assert meta["config"] == gb.CONFIGS["tiny"]
+    assert meta["config"] == workload.CONFIGS["tiny"]
     assert [(r["batch"], r["pattern"]) for r in rows] == [(b, p) for b in (1, 2) for p in ("dense", "static", "adaptive")]
     W, Fb = meta["weight_bytes_per_step"], meta["ffn_weight_bytes"]
     for r in rows:
@@ -225,3 +217,28 @@ def test_json_output_of_a_tiny_cpu_run():
         if r["pattern"] == "adaptive":
             assert isinstance(r["check_us_per_layer"], float) and isinstance(r["threshold"], float)
             assert r["skip_ratio"] == pytest.approx(r["calibration_skip_ratio"])  # same steps, same threshold
+
+
+def test_the_command_runs_a_tiny_cpu_bench(capsys):
+    assert main(["bench", "--gpu", "tiny", *TINY_RUN]) == 0
+    check_tiny_run(json.loads(capsys.readouterr().out))
+
+
+def test_the_script_is_the_command_under_its_older_name():
+    """scripts/gpu_bench.py takes the shape as --model and runs the same library function."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny", *TINY_RUN],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    check_tiny_run(json.loads(proc.stdout))
+
+
+def test_the_command_reads_its_flags_into_the_options():
+    args = build_parser().parse_args(["bench", "--gpu", "--batches", "1,4", "--k", "3", "--static-layers", "2,5",
+                                      "--no-self-check", "--mechanism", "segmented"])
+    assert gpu_options(args) == GpuBenchOptions(model="1b", batches=(1, 4), reps=8, k=3, static_layers=(2, 5),
+                                                self_check=False, mechanism="segmented")
+    assert gpu_options(build_parser().parse_args(["bench", "--gpu", "7b", "--reps", "3"])).reps == 3
+    assert main(["bench", "--gpu", "huge"]) == 2  # an unknown shape: one line, no traceback
+    with pytest.raises(InvalidArgument, match="mechanism"):
+        GpuBenchOptions(mechanism="sideways")

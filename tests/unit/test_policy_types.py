@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ffnskip.config import POLICIES, Policy, SkipParams
+from ffnskip.config import POLICIES, Policy, QualityBudget, SkipParams
 from ffnskip.engine.policies import AdaptiveStep, FfnRows, PlannedStep, RowPlan, SkipPlanner
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.convert import policy_fields, policy_from_proto, policy_of, policy_to_proto, skip_params_from_proto, skip_params_to_proto
@@ -89,7 +89,11 @@ def test_calibration_jobs_take_the_policy_from_either_field():
         job = job_to_proto({"id": "j", "request": request})
         assert (job.policy_value, job.policy) == (common_pb2.SKIP_POLICY_STATIC, "static")
     request = job_request(calibrator_pb2.SubmitCalibrationRequest(model="m", prompts=prompts), settings)
-    assert request["policy"] == "adaptive"
+    assert request["policy"] == "static"  # no objective asked for: the default quality budget's static set
+    assert request["quality_budget"] == QualityBudget().to_dict()
+    request = job_request(calibrator_pb2.SubmitCalibrationRequest(model="m", prompts=prompts, target_skip_ratio=0.2),
+                          settings)
+    assert request["policy"] == "adaptive" and "quality_budget" not in request  # a target: the paper's rule by default
     assert policy_of(job_to_proto({"id": "j", "request": {"model": "m"}})) is Policy.ADAPTIVE  # queued before policies
 
 

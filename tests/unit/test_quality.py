@@ -100,6 +100,35 @@ def test_calibrating_to_a_budget_keeps_exactly_the_harmless_ffns(planted_loaded)
     assert profile.measured_decode_skip_ratio == pytest.approx(len(hot_neutral) / profile.num_layers)
 
 
+def test_a_compensated_budget_profile_carries_its_substitutes(planted_loaded):
+    """The default substitute: the chosen FFNs' low-rank maps, in the outcome's blob, recorded by
+    the profile (kind, layers, size, digest)."""
+    from ffnskip.engine.substitutes import SubstituteSet, blob_digest
+
+    prompts = tuple(f"prompt number {i} about topic {i * 7}" for i in range(9))
+    request = CalibrationRequest(prompts=prompts, tokens_per_prompt=24, batch_size=4,
+                                 quality_budget=QualityBudget(max_kl=1e-3, max_relative_nll=1.01), substitute="bias")
+    outcome = calibrate(planted_loaded, request)
+    record = outcome.profile.substitutes
+    assert outcome.substitutes is not None and record["digest"] == blob_digest(outcome.substitutes)
+    assert record["kind"] == "bias" and record["layers"] == list(outcome.profile.static_layers)
+    assert sorted(SubstituteSet.from_bytes(outcome.substitutes).layers) == record["layers"]
+    with pytest.raises(InvalidArgument, match="substitute"):
+        CalibrationRequest(prompts=prompts, substitute="lowrank")
+
+
+def test_a_target_ratio_profile_is_measured_against_the_default_budget(planted_loaded):
+    """A target that forces damaging FFNs into the set: the profile says it misses the default
+    budget (measured, not assumed), so activating it needs force."""
+    prompts = tuple(f"prompt number {i} about topic {i * 7}" for i in range(9))
+    request = CalibrationRequest(prompts=prompts, tokens_per_prompt=24, batch_size=4, policy="static",
+                                 target_skip_ratio=0.6)
+    profile = calibrate(planted_loaded, request).profile
+    assert any(layer in LOUD for layer in profile.static_layers)
+    assert profile.quality["max_kl"] == QualityBudget().max_kl
+    assert not profile.within_budget and "kl" in profile.budget_verdict()
+
+
 def test_profiles_keep_their_quality_and_old_ones_still_load():
     missed = build_profile(quality={"kl": 0.2, "top_match": 0.8, "relative_nll": 1.4, "max_kl": 0.06,
                                     "max_relative_nll": 1.1, "within_budget": False})

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from ffnskip.calibration.substitutes import SubstituteKind
 from ffnskip.config import Policy, QualityBudget
 from ffnskip.errors import Cancelled, InvalidArgument
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ffnskip.profile import Profile
 
 MAX_PROMPTS = 512
+DEFAULT_SUBSTITUTE = "lowrank64"
 CALIBRATED_POLICIES = (Policy.ADAPTIVE, Policy.STATIC)  # what a profile can be tuned for
 COLD_MARGIN = 0.03  # a layer this far below the median layer's mean similarity is cold
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
@@ -58,6 +60,8 @@ class CalibrationRequest:
     policy: Policy | None = None  # one of CALIBRATED_POLICIES (a name is accepted); None: static
     # with a budget, else adaptive
     quality_budget: QualityBudget | None = None  # the objective instead of target_skip_ratio
+    # with a budget: what replaces a skipped FFN: "plain" (nothing), "bias", "lowrankR", "linear"
+    substitute: str = DEFAULT_SUBSTITUTE
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -79,8 +83,16 @@ class CalibrationRequest:
         object.__setattr__(self, "policy", Policy(self.policy))
         if self.quality_budget is not None and self.policy is not Policy.STATIC:
             raise InvalidArgument("policy", f"a quality budget calibrates the static policy's FFN set, got {self.policy}")
+        try:
+            self.substitute_kind()
+        except ValueError as err:
+            raise InvalidArgument("substitute", f"{err} (plain, bias, lowrankR or linear)") from None
         if not (1 <= self.batch_size <= 64):
             raise InvalidArgument("batch_size", f"must be in [1, 64], got {self.batch_size}")
+
+    def substitute_kind(self) -> SubstituteKind | None:
+        """The substitute to fit for each skipped FFN; None for plain skips."""
+        return None if self.substitute == "plain" else SubstituteKind.parse(self.substitute)
 
     def split(self) -> tuple[list[str], list[str]]:
         """(measured, held back): every third prompt is held back for the tuning runs."""
@@ -93,6 +105,9 @@ class CalibrationRequest:
 class CalibrationOutcome:
     profile: Profile  # version 0
     plot_png: bytes
+    # the substitutes of the skipped FFNs (SubstituteSet.to_bytes), whose digest, size, kind and
+    # layers the profile's `substitutes` records; None when the profile skips plainly
+    substitutes: bytes | None = None
 
 
 class Progress:
@@ -112,11 +127,12 @@ class Progress:
 def calibrate(loaded, request: CalibrationRequest, progress: ProgressFn | None = None,
               should_cancel: CancelFn | None = None) -> CalibrationOutcome:
     """Raises ffnskip.errors.Cancelled when should_cancel() becomes true between batches."""
-    from ffnskip.calibration.budget import search, search_runs
+    from ffnskip.calibration.budget import search
     from ffnskip.calibration.plots import plot_layer_similarity
     from ffnskip.calibration.runs import CalibrationRunner
     from ffnskip.calibration.tuning import BASE_WARM_UP, Choice, choice_params, tune
     from ffnskip.datasets import digest
+    from ffnskip.engine.substitutes import blob_digest
     from ffnskip.profile import Profile, utc_now_iso
 
     assert request.policy is not None  # made a Policy by CalibrationRequest itself
@@ -125,22 +141,33 @@ def calibrate(loaded, request: CalibrationRequest, progress: ProgressFn | None =
     runner = CalibrationRunner(loaded, request)
     batches = lambda n: -(-n // request.batch_size)  # noqa: E731
     budget = request.quality_budget
-    later = (batches(len(held)) * search_runs(loaded.num_layers) + batches(len(measured[::2])) * 4 if budget
+    fit, confirm = measured[1::2], measured[::2]
+    later = (batches(len(held)) * 4 + batches(len(fit)) + loaded.num_layers + batches(len(confirm)) * 4 if budget
              else batches(len(held)) * 13)
     tracker = Progress(progress, should_cancel, total=batches(len(measured)) + later)
     similarity = runner.observe(measured, tracker)
     layers = layer_stats(similarity, loaded.num_layers)
     cold_start, cold_end = cold_regions([s.mean for s in layers])
+    substitutes: dict = {}
+    blob: bytes | None = None
     if budget is not None:
-        found = search(runner, held, measured[::2], cold_start, cold_end, budget, BASE_WARM_UP, tracker)
+        kind = request.substitute_kind()
+        found = search(runner, fit, held, confirm, cold_start, cold_end, budget, BASE_WARM_UP, kind, tracker)
         choice = Choice(1.0, None, BASE_WARM_UP, found.skip_ratio, found.decode_skip_ratio, found.agreement,
                         found.static_layers)
         kept = found.quality
         quality_record = {**quality_fields(kept), **budget.to_dict(), "within_budget": found.within_budget}
+        if found.substitutes is not None and kind is not None:
+            blob = found.substitutes.to_bytes()
+            substitutes = {"kind": kind.kind, "layers": sorted(found.substitutes.layers), "bytes": len(blob),
+                           "digest": blob_digest(blob)}
     else:
         choice = tune(runner, similarity, held, cold_start, cold_end, request.target_skip_ratio, tracker, policy=policy)
         kept = runner.measure(held, choice_params(policy, choice, cold_start, cold_end), tracker).kept
-        quality_record = {**quality_fields(kept), "within_budget": True}
+        # measured against the default budget like any profile, never assumed within it
+        default = QualityBudget()
+        quality_record = {**quality_fields(kept), **default.to_dict(),
+                          "within_budget": default.kept_by(kept.kl.mean, kept.relative_nll)}
     static = policy is Policy.STATIC
     profile = Profile(
         model_id=request.model_id or loaded.model_id, fingerprint=loaded.fingerprint, version=0,
@@ -151,12 +178,12 @@ def calibrate(loaded, request: CalibrationRequest, progress: ProgressFn | None =
         policy=policy, threshold=choice.threshold, max_skip=choice.max_skip, warm_up=choice.warm_up,
         static_layers=tuple(choice.static_layers), target_skip_ratio=request.target_skip_ratio,
         measured_skip_ratio=choice.skip_ratio, measured_decode_skip_ratio=choice.decode_skip_ratio,
-        measured_agreement=choice.agreement, quality=quality_record,
+        measured_agreement=choice.agreement, quality=quality_record, substitutes=substitutes,
     )
     title = f"{profile.model_id}: cos(h, h + ffn(h)) per layer, {len(measured)} prompts"
     plot = plot_layer_similarity(layers, cold_start, cold_end, title, threshold=None if static else choice.threshold,
                                  skipped=choice.static_layers)
-    return CalibrationOutcome(profile=profile, plot_png=plot)
+    return CalibrationOutcome(profile=profile, plot_png=plot, substitutes=blob)
 
 
 def quality_fields(kept) -> dict:

@@ -27,6 +27,7 @@ import torch
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.sequence import Sequence, Teacher
+from ffnskip.engine.substitutes import SubstituteSet
 
 Z95 = 1.959964
 
@@ -39,6 +40,7 @@ class Job:
     sampling: SamplingParams
     skip: SkipParams = DENSE
     teacher: Teacher | None = None
+    substitutes: SubstituteSet | None = None  # what the skipped FFNs are replaced with
 
 
 def run_jobs(engine: Engine, jobs: Seq[Job], batch_size: int,
@@ -47,7 +49,8 @@ def run_jobs(engine: Engine, jobs: Seq[Job], batch_size: int,
     so every row of a batch shares it for its whole life); the finished sequences in order."""
     done: list[Sequence] = []
     for start in range(0, len(jobs), batch_size):
-        seqs = [engine.add(prompt_ids=j.prompt_ids, sampling=j.sampling, skip=j.skip, teacher=j.teacher)
+        seqs = [engine.add(prompt_ids=j.prompt_ids, sampling=j.sampling, skip=j.skip, teacher=j.teacher,
+                           substitutes=j.substitutes)
                 for j in jobs[start:start + batch_size]]
         while engine.has_work:
             engine.step()
@@ -135,9 +138,10 @@ class Divergence:
 
 
 def divergence(engine: Engine, prompts: Seq[list[int]], references: Seq[Reference], skip: SkipParams,
-               batch_size: int, after_batch: Callable[[], None] | None = None) -> Divergence:
+               batch_size: int, after_batch: Callable[[], None] | None = None,
+               substitutes: SubstituteSet | None = None) -> Divergence:
     scorers = [_Divergence(r) for r in references]
-    jobs = [Job(p, forced(len(r.tokens)), skip, s) for p, r, s in zip(prompts, references, scorers)]
+    jobs = [Job(p, forced(len(r.tokens)), skip, s, substitutes) for p, r, s in zip(prompts, references, scorers)]
     run_jobs(engine, jobs, batch_size, after_batch)
     return Divergence([s.kl for s in scorers], [s.top for s in scorers])
 

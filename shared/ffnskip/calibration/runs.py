@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ffnskip.calibration import quality
-from ffnskip.config import Policy, SamplingParams, SkipParams
+from ffnskip.calibration.forced import ForcedForward
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.prompts import encode_prompt
 from ffnskip.engine.stats import SkipStats
+from ffnskip.engine.substitutes import SubstituteSet
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,9 @@ class CalibrationRunner:
         self.sampling = SamplingParams(max_new_tokens=request.tokens_per_prompt)
         self.num_layers = loaded.num_layers
 
-    def _run(self, prompts: list[str], skip: SkipParams, tracker, phase: str):
+    def _run(self, prompts: list[str], skip: SkipParams, tracker, phase: str, substitutes: SubstituteSet | None = None):
         """Generate for `prompts` in batches; returns the finished sequences in order."""
-        jobs = [quality.Job(self.encoded[p], self.sampling, skip) for p in prompts]
+        jobs = [quality.Job(self.encoded[p], self.sampling, skip, substitutes=substitutes) for p in prompts]
         return quality.run_jobs(self.engine, jobs, self.request.batch_size, lambda: tracker.advance(phase))
 
     def references(self, prompts: list[str], tracker) -> list[quality.Reference]:
@@ -50,9 +52,15 @@ class CalibrationRunner:
                                         self.request.batch_size, lambda: tracker.advance("dense reference"))
 
     def divergence(self, prompts: list[str], references: list[quality.Reference], skip: SkipParams,
-                   tracker, phase: str) -> quality.Divergence:
+                   tracker, phase: str, substitutes: SubstituteSet | None = None) -> quality.Divergence:
         return quality.divergence(self.engine, [self.encoded[p] for p in prompts], references, skip,
-                                  self.request.batch_size, lambda: tracker.advance(phase))
+                                  self.request.batch_size, lambda: tracker.advance(phase), substitutes)
+
+    def forced(self, prompts: list[str], warm_up: int, tracker) -> ForcedForward:
+        """Dense's greedy answers to `prompts`, ready for one-pass teacher-forced measures."""
+        answers = [list(s.generated) for s in self._run(prompts, DENSE, tracker, "dense answers for the search")]
+        return ForcedForward(self.engine.runner, [self.encoded[p] for p in prompts], answers, warm_up,
+                             self.request.batch_size)
 
     def dense_nll(self, prompts: list[str], continuations: list[list[int]], tracker) -> list[list[float]]:
         return quality.dense_nll(self.engine, [self.encoded[p] for p in prompts], continuations,
@@ -63,16 +71,17 @@ class CalibrationRunner:
         seqs = self._run(prompts, SkipParams(policy=Policy.OBSERVE, warm_up=0), tracker, "measuring similarity")
         return [row for seq in seqs for row in seq.similarity if row is not None]
 
-    def generate(self, prompts: list[str], skip: SkipParams, tracker, phase: str) -> SkipRun:
-        seqs = self._run(prompts, skip, tracker, phase)
+    def generate(self, prompts: list[str], skip: SkipParams, tracker, phase: str,
+                 substitutes: SubstituteSet | None = None) -> SkipRun:
+        seqs = self._run(prompts, skip, tracker, phase, substitutes)
         stats = SkipStats.pooled([self.engine.result(s).skip_stats for s in seqs])
         return SkipRun(tokens=[list(s.generated) for s in seqs], stats=stats)
 
-    def measure(self, prompts: list[str], skip: SkipParams, tracker) -> Measured:
-        """What `skip` keeps of dense on `prompts`, after its warm-up."""
+    def measure(self, prompts: list[str], skip: SkipParams, tracker, substitutes: SubstituteSet | None = None) -> Measured:
+        """What `skip` (with `substitutes` for its skipped FFNs) keeps of dense on `prompts`, after its warm-up."""
         references = self.references(prompts, tracker)
-        run = self.generate(prompts, skip, tracker, "measuring quality")
+        run = self.generate(prompts, skip, tracker, "measuring quality", substitutes)
         nll = self.dense_nll(prompts, run.tokens, tracker)
-        scores = self.divergence(prompts, references, skip, tracker, "measuring quality, teacher-forced")
+        scores = self.divergence(prompts, references, skip, tracker, "measuring quality, teacher-forced", substitutes)
         kept = quality.quality(scores, nll, [r.nll for r in references], skip_from=skip.warm_up)
         return Measured(run, kept, references)

@@ -1,5 +1,6 @@
-"""`ffnskip bench`: its flags, read into the in-process bench's options (ffnskip.bench.inprocess)
-or, with `--target HOST:PORT`, the service bench's (ffnskip.bench.service)."""
+"""`ffnskip bench`: its flags, read into the in-process bench's options (ffnskip.bench.inprocess),
+with `--target HOST:PORT` the service bench's (ffnskip.bench.service), or with `--gpu` the GPU
+benchmark's (ffnskip.bench.gpu.run: a decode step captured whole on a random-weight Llama)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from ffnskip.cli.args import add_model_args
 from ffnskip.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the benches import grpc and torch: only a bench run loads them
+    from ffnskip.bench.gpu.run import GpuBenchOptions
     from ffnskip.bench.inprocess import BenchOptions
     from ffnskip.bench.service import ServiceBenchOptions
+
+IN_PROCESS_REPS, GPU_REPS = 2, 8
 
 
 def register(commands) -> None:
@@ -20,7 +24,8 @@ def register(commands) -> None:
     add_model_args(parser)
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sequence (EOS ignored, also through --target)")
-    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions; rows report the median")
+    parser.add_argument("--reps", type=int, help=f"interleaved repetitions; rows report the median (default "
+                                                 f"{IN_PROCESS_REPS}, {GPU_REPS} with --gpu)")
     parser.add_argument("--policies", help="comma-separated row names or patterns (hf_generate, dense, static_8, 'aligned*', '*@*')")
     parser.add_argument("--profile", action="append", default=[], metavar="PROFILE_JSON",
                         help="add rows for a calibrated profile (`ffnskip calibrate --out`): cal_static, or "
@@ -57,10 +62,33 @@ def register(commands) -> None:
     service.add_argument("--metrics-url", metavar="URL",
                          help="the decoder's Prometheus endpoint (http://HOST:PORT/metrics): report its resident "
                               "memory after the service rows")
+    gpu = parser.add_argument_group("GPU benchmark (with --gpu)")
+    gpu.add_argument("--gpu", nargs="?", const="1b", metavar="SHAPE",
+                     help="bench the decode step captured whole on a device (CUDA graphs, the skip decision on the "
+                          "device) on a random-weight Llama of this shape: 1b (default), 7b or tiny; --model is "
+                          "not read, --device auto means cuda when there is one")
+    gpu.add_argument("--mechanism", default="auto", help="auto, conditional (IF nodes), segmented or eager")
+    gpu.add_argument("--prompt-len", type=int, default=16)
+    gpu.add_argument("--target-skip", type=float, default=0.25, help="per-token skip ratio the calibration aims at")
+    gpu.add_argument("--calib-steps", type=int, default=8)
+    gpu.add_argument("--k", type=int, help="skip run length (default: half the hot layers)")
+    gpu.add_argument("--cold-start", type=int)
+    gpu.add_argument("--cold-end", type=int)
+    gpu.add_argument("--static-layers", help="comma-separated layers for the static pattern")
+    gpu.add_argument("--seed", type=int, default=0)
+    gpu.add_argument("--no-self-check", dest="self_check", action="store_false",
+                     help="skip replaying the captured graphs against the eager step")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpu:
+        if args.target:
+            raise InvalidArgument("gpu", "the GPU benchmark runs in-process: --gpu takes no --target")
+        from ffnskip.bench.gpu import run as gpu
+
+        gpu.run(gpu_options(args))
+        return 0
     if args.target:
         from ffnskip.bench import service
 
@@ -77,7 +105,8 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
     from ffnskip.bench.inprocess import BenchOptions
 
     return BenchOptions(model=args.model, device=args.device, dtypes=tuple((args.dtypes or args.dtype).split(",")),
-                        batches=_ints(args.batches), new_tokens=args.new_tokens, reps=args.reps,
+                        batches=_ints(args.batches), new_tokens=args.new_tokens,
+                        reps=IN_PROCESS_REPS if args.reps is None else args.reps,
                         policies=tuple(args.policies.split(",")) if args.policies else (),
                         profiles=tuple(args.profile), from_eval=tuple(args.from_eval), compile=args.compile,
                         peer=args.peer, profile_step=args.profile_step, json=args.json)
@@ -95,6 +124,17 @@ def service_options(args: argparse.Namespace) -> ServiceBenchOptions:
                                requests_per_level=args.requests_per_level, timeout_s=args.timeout, api_key=args.api_key,
                                llama_server=args.peer == SERVER_PEER, peer_threads=args.peer_threads,
                                metrics_url=args.metrics_url, engine_baseline=args.engine_baseline, json=args.json)
+
+
+def gpu_options(args: argparse.Namespace) -> GpuBenchOptions:
+    from ffnskip.bench.gpu.run import GpuBenchOptions
+
+    return GpuBenchOptions(model=args.gpu, batches=_ints(args.batches), new_tokens=args.new_tokens,
+                           reps=GPU_REPS if args.reps is None else args.reps, device=args.device, dtype=args.dtype,
+                           mechanism=args.mechanism, prompt_len=args.prompt_len, target_skip=args.target_skip,
+                           calib_steps=args.calib_steps, k=args.k, cold_start=args.cold_start, cold_end=args.cold_end,
+                           static_layers=_ints(args.static_layers) if args.static_layers else None, seed=args.seed,
+                           self_check=args.self_check, json=args.json)
 
 
 def _ints(text: str) -> tuple[int, ...]:

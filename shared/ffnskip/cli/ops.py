@@ -37,11 +37,13 @@ def register(commands) -> None:
 
     calibrate = add("calibrate", help="queue a calibration job")
     calibrate.add_argument("--model", required=True)
-    calibrate.add_argument("--target-skip", type=float, help="target decode skip ratio in (0, 0.9] (default 0.25)")
+    calibrate.add_argument("--target-skip", type=float, help="calibrate to a target decode skip ratio in (0, 0.9] "
+                           "instead of the quality budget (measured against the default budget all the same)")
     calibrate.add_argument("--tokens-per-prompt", type=int, help="tokens generated per prompt (default 128)")
-    calibrate.add_argument("--policy", default="", help="tune for adaptive (default) or static (a fixed FFN set; batch-friendly)")
-    calibrate.add_argument("--max-kl", type=float, help="calibrate to a quality budget instead of a target: mean "
-                           f"teacher-forced KL from dense per token (default {DEFAULT_MAX_KL} when a budget is asked for)")
+    calibrate.add_argument("--policy", default="", help="static (default: a fixed FFN set, compensated) or adaptive "
+                           "(the paper's rule; needs --target-skip)")
+    calibrate.add_argument("--max-kl", type=float, help="the quality budget (the default objective): mean "
+                           f"teacher-forced KL from dense per token (default {DEFAULT_MAX_KL})")
     calibrate.add_argument("--max-relative-nll", type=float, help="the budget's limit on dense's NLL of the answers "
                            f"relative to its own (default {DEFAULT_MAX_RELATIVE_NLL})")
     source = calibrate.add_mutually_exclusive_group()
@@ -223,9 +225,18 @@ def _show(args: argparse.Namespace, stub) -> int:
     print(f"skip_ratio {s.measured_skip_ratio:.3f}  decode_skip_ratio {s.measured_decode_skip_ratio:.3f}"
           f" (target {s.target_skip_ratio:.2f})  agreement {s.measured_agreement:.3f}")
     print(f"quality after the warm-up: {_quality(s)}")
+    print(f"substitutes: {_substitutes(json.loads(reply.profile_json).get('substitutes') or {})}")
     for layer in reply.layers:
         print(f"  layer {layer.layer:3d}  mean {layer.mean:.4f}  p05 {layer.p05:.4f}  p95 {layer.p95:.4f}")
     return 0
+
+
+def _substitutes(recorded: dict) -> str:
+    """What replaces a profile's skipped FFNs, in one phrase (its `substitutes` field)."""
+    if not recorded:
+        return "none (plain skips)"
+    layers = ",".join(str(layer) for layer in recorded["layers"])
+    return f"{recorded['kind']} on layers {layers}  {recorded['bytes']} bytes  sha256 {recorded['digest'][:12]}"
 
 
 def _activate(args: argparse.Namespace, stub) -> int:

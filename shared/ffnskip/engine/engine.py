@@ -25,6 +25,7 @@ from ffnskip.engine.scheduler import Scheduler
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
 from ffnskip.engine.stats import SkipStats, weight_bytes
 from ffnskip.engine.steps import StepExecutor
+from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.errors import InvalidArgument
 
 
@@ -81,13 +82,14 @@ class Engine:
             sampling: SamplingParams = SamplingParams(), skip: SkipParams = DENSE,
             request_id: str = "", prompt_ids: list[int] | None = None,
             teacher: Teacher | None = None, resumed: Seq[int] = (),
-            resumed_skips: Seq[Seq[int]] = ()) -> Sequence:
+            resumed_skips: Seq[Seq[int]] = (), substitutes: SubstituteSet | None = None) -> Sequence:
         """Validate and queue a request (a prompt, chat messages or token ids); it is
         prefilled at the next step that has a free row. `teacher` sees each position's logits
         and picks its token (teacher forcing, for the quality measures). `resumed`: the tokens
         another decoder generated and delivered for this request, `resumed_skips` the layers
         each skipped; generation continues after them (Sequence.resume). A sequence those
-        tokens already finish is returned finished, not queued."""
+        tokens already finish is returned finished, not queued. `substitutes`: what the FFNs
+        it skips are replaced with (a profile's; None: nothing)."""
         resolved = skip.resolved(self.num_layers)
         if prompt_ids is None:
             prompt_ids = encode_prompt(self.tokenizer, prompt, messages)
@@ -103,8 +105,7 @@ class Engine:
             prompt_ids=prompt_ids, sampling=sampling, skip=resolved,
             plan=RowPlan.build(resolved, self.num_layers),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            eos_ids=self.eos_ids, request_id=request_id, teacher=teacher,
-        )
+            eos_ids=self.eos_ids, request_id=request_id, teacher=teacher, substitutes=substitutes)
         if resumed:
             seq.resume(list(resumed), [list(s) for s in resumed_skips] or None, self.num_layers)
             if seq.finished:
@@ -118,11 +119,8 @@ class Engine:
         if prompt_tokens >= self.max_seq_len:
             raise InvalidArgument("prompt", f"{prompt_tokens} tokens exceed this engine's sequence length of {self.max_seq_len}")
         if prompt_tokens + max_new_tokens > self.max_seq_len:
-            raise InvalidArgument(
-                "max_new_tokens",
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
-                f"sequence length {self.max_seq_len}",
-            )
+            raise InvalidArgument("max_new_tokens", f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+                                  f"exceeds the engine's sequence length {self.max_seq_len}")
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Stop a sequence (one `add` returned); it leaves the batch at the next step.
@@ -147,7 +145,7 @@ class Engine:
         return self.scheduler.prefill_chunk
 
     @property
-    def decode_layer_steps(self) -> int:
+    def decode_layer_steps(self) -> int:  # decode-step counters: layer-steps, and FFN weight reads
         return self.executor.decode_layer_steps
 
     @property
@@ -180,9 +178,9 @@ class Engine:
         )
 
     def generate(self, prompts: Seq[str | list[dict]], sampling: SamplingParams = SamplingParams(),
-                 skip: SkipParams = DENSE) -> list[GenerationResult]:
+                 skip: SkipParams = DENSE, substitutes: SubstituteSet | None = None) -> list[GenerationResult]:
         """Generate for several prompts (strings or chat message lists) as one batch."""
-        seqs = [self.add(**_prompt_kwargs(p), sampling=sampling, skip=skip) for p in prompts]
+        seqs = [self.add(**_prompt_kwargs(p), sampling=sampling, skip=skip, substitutes=substitutes) for p in prompts]
         while any(not s.finished for s in seqs):
             self.step()
         return [self.result(s) for s in seqs]

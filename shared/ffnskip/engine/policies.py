@@ -1,26 +1,25 @@
-"""Skip policies per row of a decode batch: which rows run each layer's FFN.
+"""Skip policies per row of a decode batch: which rows run each layer's FFN, as the engine asks.
 
 Every sequence carries its own SkipParams, so one batch can mix policies. At the
 start of a step the planner turns the rows' plans into one `StepSkips`; between the
 attention and the FFN of each layer the runner asks it `decide(layer)`, and after
-the FFN it reports back through `observe(layer, h, out)`. There are two kinds of
-step:
+the FFN it reports back through `observe(layer, h, out)`. The rule that decides is
+skip_rule.py's, the one definition that every execution runs; here it runs on host
+vectors (skip_rule.HOST: the rows' flags as bit masks, their counters and similarities
+as sparse numbers). There are two kinds of step:
 
 - `PlannedStep`: every row's skips are known before the first layer (dense, observe,
   static, random, non_adaptive). All decisions are made at the start, and the same
   plans as the last step (static rows) reuse its decisions: the per-layer question is a
   lookup, because the Python a skip row pays over a dense one is time its skips do not save.
-- `AdaptiveStep`: some row decides as it goes (adaptive, aligned). The paper's rule
-  fires in `observe`: cos(h, out) >= threshold on a hot layer skips the FFN of the
-  next k hot layers, once per token. `aligned` rows follow the same rule but decide
-  together: at each hot layer their skip wishes are votes, and when at least a quorum
-  of the aligned rows vote skip, the FFN is skipped for all of them (else it runs for
-  all). Skipping then removes the layer's weight read itself, which per-row skipping
-  almost never does in a batch. A row that is skipped without voting does not fire there.
+- `AdaptiveStep`: some row decides as it goes (adaptive, aligned): the paper's rule fires
+  on cos(h, out) >= threshold on a hot layer and skips the FFN of the next k hot layers,
+  once per token; `aligned` rows vote, so that their skips remove the layer's weight read
+  itself, which per-row skipping almost never does in a batch. It asks the rule only where
+  the answer is not known without asking.
 
-The per-row bookkeeping (run counters, fired flags, votes) lives on the host as plain
-Python values: at decode batch sizes (1-16 rows) that is a few microseconds per layer,
-where the same logic as tensor ops cost dozens of small kernels per layer, a
+On the host the rule costs microseconds per layer at decode batch sizes (1-16 rows),
+where the same rule as tensor operations is a dozen small kernels per layer, a
 measurable share of a CPU decode step. The one tensor computation is the cosine, and
 only for the rows that can still fire on this layer.
 """
@@ -31,12 +30,16 @@ import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from functools import lru_cache
+from itertools import compress
+from typing import NamedTuple, Protocol
 
 import torch
 
 from ffnskip.config import Policy, SkipParams
+from ffnskip.engine import skip_rule
 from ffnskip.engine.segments import residual_similarity
+from ffnskip.engine.skip_rule import HOST, HostNumbers, SkipState, mask_of, rows_of
 
 
 @dataclass(frozen=True)
@@ -89,18 +92,6 @@ RUN_ALL = Decision(FfnRows.ALL)
 RUN_NONE = Decision(FfnRows.NONE)
 
 
-def decide_layer(layer: int, skip: Seq[bool], skipped: list[list[int]]) -> Decision:
-    """The decision for a layer whose rows skip where `skip[b]`; each skipping row's list in
-    `skipped` gets the layer."""
-    for b, skips in enumerate(skip):
-        if skips:
-            skipped[b].append(layer)
-    run = tuple(b for b, skips in enumerate(skip) if not skips)
-    if len(run) == len(skip):
-        return RUN_ALL
-    return Decision(FfnRows.SOME, run) if run else RUN_NONE
-
-
 @dataclass(frozen=True)
 class StepOutcome:
     """What a decode step skipped: per row, the layers whose FFN did not run for it; per row
@@ -147,6 +138,37 @@ class SimilarityRecord:
             self.values[b][layer] = value
 
 
+class HostRows(NamedTuple):
+    """A step's rows for the skip rule as host vectors (skip_rule.HOST): bit masks and HostNumbers."""
+
+    hot: tuple[int, ...]  # per layer, the rows hot there
+    planned: tuple[int, ...]  # per layer, the rows whose plan skips it on this token
+    adaptive: int
+    aligned: int
+    threshold: HostNumbers
+    run_length: HostNumbers
+    quorum: float
+    size: int  # the batch's rows
+    quiet: tuple[bool, ...]  # per layer: no row plans to skip it or votes on it (only runs skip it)
+
+
+def decide(rows: HostRows, state: SkipState, layer: int) -> tuple[int, int]:
+    """skip_rule.decide on host vectors, or its answer where it is known without asking: with no
+    row in a run (every counter at 0) on a layer no row plans to skip or votes on, nobody skips."""
+    if not state.remaining.values and rows.quiet[layer]:
+        return 0, 0
+    return skip_rule.decide(rows, state, layer, HOST)
+
+
+@lru_cache(maxsize=4096)
+def decision_of(skip: int, size: int) -> Decision:
+    """The decision for a layer that the rows of the mask `skip` skip, in a batch of `size` rows."""
+    if not skip:
+        return RUN_ALL
+    run = ((1 << size) - 1) & ~skip
+    return Decision(FfnRows.SOME, rows_of(run)) if run else RUN_NONE
+
+
 class PlannedStep:
     """A step whose every decision was made before its first layer."""
 
@@ -170,85 +192,59 @@ class PlannedStep:
 
 
 class AdaptiveStep:
-    """A step in which adaptive or aligned rows decide layer by layer (planned rows may share it)."""
+    """A step in which adaptive or aligned rows decide layer by layer (planned rows may share it):
+    skip_rule's decide and observe on host vectors, asked only where their answer is not known.
+    Each shortcut below is what the rule would give there, without evaluating it."""
 
-    def __init__(self, plans: Seq[RowPlan], policies: Seq[Policy], planned: Seq[Seq[bool] | None],
-                 hot_rows: Seq[tuple[int, ...]], record: SimilarityRecord | None) -> None:
-        batch = len(plans)
-        self.plans = plans
-        self.batch = batch
-        self.planned = planned
-        self.planning = any(p is not None for p in planned)
-        self.hot_rows = hot_rows  # per layer, the adaptive rows that are hot there
-        self.aligned_rows = [b for b, policy in enumerate(policies) if policy is Policy.ALIGNED]
-        self.quorum = min((plans[b].params.quorum for b in self.aligned_rows), default=1.0)
+    def __init__(self, rows: HostRows, record: SimilarityRecord | None) -> None:
+        self.rows = rows
         self.record = record
-        self.remaining = [0] * batch  # per row, the hot layers left in its run of k
-        self.fired = [False] * batch  # per row, whether it fired on this token
-        self.no_skips = [False] * batch
-        self.skip_now: Seq[bool] = self.no_skips  # this layer's skips, per row
-        self.wished: list[int] = []  # this layer's rows in a run (their skip wishes, or votes)
-        # adaptive rows still to fire or in their run of k; at 0 every later layer runs for every row
-        self.unsettled = sum(1 for policy in policies if policy.adaptive)
+        self.state = SkipState(remaining=HostNumbers({}, 0, rows.size), fired=0)
+        self.skip = self.wish = 0  # this layer's, for observe
+        # nothing decides per layer once every adaptive row has fired and run its k (`settled`)
+        self.may_settle = record is None and all(rows.quiet)
         self.settled = False
-        self.skipped: list[list[int]] = [[] for _ in range(batch)]
+        self.skipped: list[list[int]] = [[] for _ in range(rows.size)]
         self.ffn_reads = 0
 
     def decide(self, layer: int) -> Decision:
         if self.settled:
             self.ffn_reads += 1
             return RUN_ALL
-        remaining = self.remaining
-        self.wished = [b for b in self.hot_rows[layer] if remaining[b] > 0]
-        if not (self.wished or self.planning or self.aligned_rows):  # the common layer: every row runs
-            self.skip_now = self.no_skips
+        self.skip, self.wish = skip, _ = decide(self.rows, self.state, layer)
+        if not skip:
             self.ffn_reads += 1
             return RUN_ALL
-        skip = [planned is not None and planned[layer] for planned in self.planned]
-        for b in self.wished:
-            skip[b] = True
-        if self.aligned_rows:
-            self._align(layer, skip)
-        self.skip_now = skip
-        decision = decide_layer(layer, skip, self.skipped)
+        for b in rows_of(skip):
+            self.skipped[b].append(layer)
+        decision = decision_of(skip, self.rows.size)
         if decision.kind is not FfnRows.NONE:
             self.ffn_reads += 1
         return decision
 
-    def _align(self, layer: int, skip: list[bool]) -> None:
-        """One decision for all aligned rows in this hot layer, from their votes."""
-        members = [b for b in self.aligned_rows if self.plans[b].hot[layer]]
-        if not members:
-            return
-        votes = sum(1 for b in members if b in self.wished)
-        together = votes >= self.quorum * len(members)
-        for b in members:
-            skip[b] = together
-
     def observe(self, layer: int, h: torch.Tensor, out: torch.Tensor, similarity: torch.Tensor | None) -> None:
         if self.settled:
-            return  # no row decides from similarities any more, and none are recorded
-        for b in self.wished:  # a run of k is positional: outvoted wishes count too
-            self.remaining[b] -= 1
-            if self.remaining[b] == 0:  # only a row that fired has a run
-                self.unsettled -= 1
-        skip_now, fired = self.skip_now, self.fired
-        candidates = [b for b in self.hot_rows[layer] if not skip_now[b] and not fired[b]]
-        rows = list(range(self.batch)) if self.record is not None else candidates
-        if rows:  # else nobody can fire here: no similarity to compute
-            values = dict(zip(rows, similarities(h, out, None if len(rows) == self.batch else rows, similarity)))
-            if self.record is not None:
-                self.record.add(layer, rows, [values[b] for b in rows])
-            for b in candidates:
-                if values[b] >= self.plans[b].params.threshold:
-                    self.remaining[b] = self.plans[b].run_length
-                    self.fired[b] = True
-                    if self.remaining[b] == 0:
-                        self.unsettled -= 1
-        # Once every adaptive row has fired and finished its run (and nothing else decides per
-        # layer), the rest of the step runs every FFN without asking.
-        if self.unsettled == 0 and not (self.planning or self.aligned_rows or self.record is not None):
-            self.settled = True
+            return
+        rows, state = self.rows, self.state
+        could = skip_rule.candidates(rows, state, layer, self.skip)
+        if self.record is not None:
+            values = similarities(h, out, None, similarity)
+            self.record.add(layer, range(rows.size), values)
+            computed = {b: values[b] for b in rows_of(could)}
+        elif could:  # the cosine of the rows that may fire only
+            ids = rows_of(could)
+            if similarity is not None:
+                values = similarity.tolist()
+                computed = {b: values[b] for b in ids}
+            else:
+                computed = dict(zip(ids, similarities(h, out, None if len(ids) == rows.size else list(ids), None)))
+        else:
+            computed = {}
+        fire = skip_rule.fires(rows, could, HostNumbers(computed, -math.inf, rows.size)) if computed else 0
+        if fire or self.wish:  # else no run moves and no row fires: the state stays as it is
+            self.state = state = skip_rule.advance(rows, state, self.wish, fire, HOST)
+            if self.may_settle and not state.remaining.values and not rows.adaptive & ~state.fired:
+                self.settled = True
 
     def outcome(self) -> StepOutcome:
         return StepOutcome(self.skipped, None if self.record is None else self.record.values, self.ffn_reads)
@@ -264,12 +260,13 @@ class SkipPlanner:
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
-        # the last planned step's rows' planned skips, and its decisions, skips and reads
-        self._planned_key: tuple | None = None
-        self._planned: tuple[list[Decision], list[list[int]], int] = ([], [], 0)
-        # the last adaptive step's adaptive rows with their hot layers, and its hot rows per layer
-        self._hot_key: tuple | None = None
-        self._hot_rows: list[tuple[int, ...]] = []
+        # the last step's rows as host vectors: by its plans and policies, and with its draws
+        self._unplanned_key: tuple | None = None
+        self._unplanned = self._rows_without_plans([], [])
+        self._drawn_key: tuple | None = None
+        self._drawn = self._unplanned
+        # the last planned step's rows, with its decisions, skips and reads
+        self._planned: tuple[HostRows | None, list[Decision], list[list[int]], int] = (None, [], [], 0)
 
     def begin_step(self, plans: Seq[RowPlan], active: Seq[bool], generators: Seq[torch.Generator],
                    record_similarity: bool = False) -> StepSkips:
@@ -277,24 +274,51 @@ class SkipPlanner:
         policies = step_policies(plans, active)
         planned = [p.draw(g) if policy.planned else None for p, policy, g in zip(plans, policies, generators)]
         record = SimilarityRecord(len(plans), self.num_layers) if record_similarity else None
-        if not any(policy.adaptive for policy in policies):
-            decisions, skipped, reads = self._planned_decisions(planned, len(plans))
-            return PlannedStep(decisions, [list(rows) for rows in skipped], reads, record)  # the step's own lists
-        adaptive_rows = [b for b, policy in enumerate(policies) if policy.adaptive]
-        hot = tuple((b, plans[b].hot) for b in adaptive_rows)  # the rows themselves: a row may move
-        if hot != self._hot_key:
-            self._hot_key = hot
-            self._hot_rows = [tuple(b for b in adaptive_rows if plans[b].hot[layer]) for layer in range(self.num_layers)]
-        return AdaptiveStep(plans, policies, planned, self._hot_rows, record)
+        rows = self._host_rows(plans, policies, planned)
+        if not rows.adaptive:
+            decisions, skipped, reads = self._planned_decisions(rows)
+            return PlannedStep(decisions, [list(layers) for layers in skipped], reads, record)  # the step's own lists
+        return AdaptiveStep(rows, record)
 
-    def _planned_decisions(self, planned: Seq[Seq[bool] | None],
-                           batch: int) -> tuple[list[Decision], list[list[int]], int]:
-        key = tuple(None if p is None else tuple(p) for p in planned)
-        if key != self._planned_key:
-            skipped: list[list[int]] = [[] for _ in range(batch)]
+    def _host_rows(self, plans: Seq[RowPlan], policies: Seq[Policy], planned: Seq[Seq[bool] | None]) -> HostRows:
+        key = (tuple(plans), tuple(policies))  # the rows themselves: a row may move
+        if key != self._unplanned_key:
+            self._unplanned_key, self._unplanned = key, self._rows_without_plans(plans, policies)
+            self._drawn_key = None
+        if all(skips is None for skips in planned):
+            return self._unplanned
+        drawn_key = tuple(planned)  # a static row draws the same tuple every step
+        if drawn_key != self._drawn_key:
+            masks = [0] * self.num_layers
+            for b, skips in enumerate(planned):
+                for layer in compress(range(self.num_layers), skips or ()):
+                    masks[layer] |= 1 << b
+            rows = self._unplanned
+            quiet = tuple(q and not mask for q, mask in zip(rows.quiet, masks))
+            self._drawn_key, self._drawn = drawn_key, rows._replace(planned=tuple(masks), quiet=quiet)
+        return self._drawn
+
+    def _rows_without_plans(self, plans: Seq[RowPlan], policies: Seq[Policy]) -> HostRows:
+        """The rows as host vectors, before this step's planned skips."""
+        aligned = mask_of(policy is Policy.ALIGNED for policy in policies)
+        hot = tuple(mask_of(p.hot[layer] for p in plans) for layer in range(self.num_layers))
+        quorum = min((p.params.quorum for p, policy in zip(plans, policies) if policy is Policy.ALIGNED), default=1.0)
+        return HostRows(hot=hot, planned=(0,) * self.num_layers, adaptive=mask_of(p.adaptive for p in policies),
+                        aligned=aligned, threshold=HostNumbers.dense([p.params.threshold for p in plans]),
+                        run_length=HostNumbers.dense([p.run_length for p in plans]), quorum=quorum, size=len(plans),
+                        quiet=tuple(not aligned & mask for mask in hot))
+
+    def _planned_decisions(self, rows: HostRows) -> tuple[list[Decision], list[list[int]], int]:
+        """Every layer's decision at once: with no row deciding as it goes, the rule's state never changes."""
+        if self._planned[0] is not rows:
+            state = SkipState(remaining=HostNumbers({}, 0, rows.size), fired=0)
+            skipped: list[list[int]] = [[] for _ in range(rows.size)]
             decisions = []
             for layer in range(self.num_layers):
-                decisions.append(decide_layer(layer, [p is not None and p[layer] for p in planned], skipped))
+                skip, _ = decide(rows, state, layer)
+                for b in rows_of(skip):
+                    skipped[b].append(layer)
+                decisions.append(decision_of(skip, rows.size))
             reads = sum(1 for decision in decisions if decision.kind is not FfnRows.NONE)
-            self._planned_key, self._planned = key, (decisions, skipped, reads)
-        return self._planned
+            self._planned = (rows, decisions, skipped, reads)
+        return self._planned[1:]

@@ -26,6 +26,7 @@ from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.layers import FusedLayer, Head, adopt
 from ffnskip.engine.policies import FfnRows, StepSkips
 from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
+from ffnskip.engine.substitutes import SubstituteSet, compensate
 
 
 class ModelRunner:
@@ -112,7 +113,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_states(self, cache: KVCache, rows: Seq[int], chunks: Seq[Seq[int]],
                        starts: Seq[int] | None = None,
-                       skipped: Seq[Seq[Seq[int]] | None] | None = None) -> torch.Tensor:
+                       skipped: Seq[Seq[Seq[int]] | None] | None = None,
+                       substitutes: Seq[SubstituteSet | None] | None = None) -> torch.Tensor:
         """Run the full model over prompt chunks together, each into its cache row at positions
         [start, start + len) after the `start` positions it holds already (a prompt prefilled in
         chunks); the last layer's hidden states [len(chunks), longest, H] (padding rows beyond
@@ -125,7 +127,8 @@ class ModelRunner:
 
         `skipped[i][t]`, when given, lists the layers whose FFN position t of chunk i skips (a
         resumed answer's tokens, prefilled as the decode steps that generated them ran them,
-        so the cache holds what it held on the decoder that failed)."""
+        so the cache holds what it held on the decoder that failed); `substitutes[i]`, chunk i's
+        substitutes for the FFNs it skips (substitutes.py), as its decode steps applied them."""
         starts = [0] * len(chunks) if starts is None else list(starts)
         lengths = [len(chunk) for chunk in chunks]
         longest = max(lengths)
@@ -149,6 +152,8 @@ class ModelRunner:
             h = x + layer.output(layer.attention(q, k, v, mask, causal=mask is None))
             if keep is not None and not bool(keep[index].all()):
                 x = h + layer.mlp(h) * keep[index][..., None]
+                if substitutes is not None:
+                    x = _compensate_positions(index, layer, h, x, keep[index], substitutes)
             else:
                 x = h + layer.mlp(h)
         for row, start, length in zip(rows, starts, lengths):
@@ -165,8 +170,10 @@ class ModelRunner:
         return keep.to(self.device)
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips) -> torch.Tensor:
+    def decode(self, cache: KVCache, tokens: list[int], positions: list[int], skips: StepSkips,
+               substitutes: Seq[SubstituteSet | None] | None = None) -> torch.Tensor:
         """One decode step for rows [0, B): each row's last token at its position; logits [B, V].
+        `substitutes[b]`: what row b's skipped FFNs are replaced with (None: nothing).
 
         Compiled segments run on a fixed batch bucket P >= B: the padding rows attend to
         position 0 of cache rows [B, P) and write their keys to the scratch position."""
@@ -186,7 +193,8 @@ class ModelRunner:
         mask = causal_mask(self._arange(span), row_positions, x.dtype)
         step = StepInputs(batch=batch, padded=padded, cos=cos, sin=sin, mask=mask[:, None, None, :],
                           write_positions=inputs[2])
-        logits = self._layers(cache, skips, x, step)
+        sets = substitutes if substitutes is not None and any(s is not None for s in substitutes) else None
+        logits = self._layers(cache, skips, x, step, sets)
         cache.lengths[:batch] = [p + 1 for p in positions]
         return logits[:batch]
 
@@ -196,8 +204,10 @@ class ModelRunner:
             self._positions = torch.arange(max(size, 2 * self._positions.shape[0]), device=self.device)
         return self._positions[:size]
 
-    def _layers(self, cache: KVCache, skips: StepSkips, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        """Every layer: attention, the skip decision, the FFN unless no row runs it; then the head."""
+    def _layers(self, cache: KVCache, skips: StepSkips, x: torch.Tensor, step: StepInputs,
+                sets: Seq[SubstituteSet | None] | None) -> torch.Tensor:
+        """Every layer: attention, the skip decision, the FFN unless no row runs it, the substitutes
+        of the rows that skip it; then the head."""
         segments, real = self.segments, step.real
         for index in range(self.num_layers):
             keys, values = cache.layer(index)
@@ -206,8 +216,22 @@ class ModelRunner:
             x, similarity = h, None
             if decision.kind is not FfnRows.NONE:
                 x, similarity = segments.ffn(index, h, segments.row_mask(step.padded, decision.rows))
+            if sets is not None and decision.kind is not FfnRows.ALL:
+                running = set(decision.rows or ())
+                x = compensate(index, self.layers[index].post_norm, h, x,
+                               [b not in running for b in range(step.batch)], sets)
             skips.observe(index, real(h), real(x), None if similarity is None else real(similarity))
         return segments.head(x)
+
+
+def _compensate_positions(index: int, layer: FusedLayer, h: torch.Tensor, x: torch.Tensor, keep: torch.Tensor,
+                          substitutes: Seq[SubstituteSet | None]) -> torch.Tensor:
+    """x plus each chunk's substitute for layer `index` at the positions that skipped it
+    (keep [chunks, T]: 0 there)."""
+    for i, chosen in enumerate(substitutes):
+        if chosen is not None and index in chosen and not bool(keep[i].all()):
+            x[i] = x[i] + chosen[index](layer.post_norm(h[i])) * (1 - keep[i])[:, None]
+    return x
 
 
 def causal_mask(keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine.policies import RowPlan
 from ffnskip.engine.sampling import TokenLogprob
+from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.errors import InvalidArgument
 
 _ids = itertools.count(1)
@@ -72,6 +73,7 @@ class Sequence:
     finished_at: float | None = None
     forward_seconds: float = 0.0
     teacher: Teacher | None = None
+    substitutes: SubstituteSet | None = None  # what its skipped FFNs are replaced with (None: nothing)
     resumed: int = 0  # generated tokens another decoder delivered before this one continued
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated here, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -46,7 +46,8 @@ class StepExecutor:
             started = time.perf_counter()
             states = self.runner.prefill_states(self.cache, [chunk.row for chunk in group],
                                                 [chunk.tokens for chunk in group], [chunk.start for chunk in group],
-                                                [chunk.seq.context_skips(chunk.start, chunk.length) for chunk in group])
+                                                [chunk.seq.context_skips(chunk.start, chunk.length) for chunk in group],
+                                                [chunk.seq.substitutes for chunk in group])
             logits = self.runner.last_logits(states, [chunk.length for chunk in group], completing)
             for i, chunk in enumerate(group):
                 if chunk.seq.sampling.prompt_logprobs:
@@ -80,7 +81,7 @@ class StepExecutor:
                                         [s.skip_generator for s in batch],
                                         record_similarity=any(s.skip.policy is Policy.OBSERVE for s in batch))
         logits = self.runner.decode(self.cache, [s.generated[-1] for s in batch],
-                                    [s.last_position for s in batch], skips)
+                                    [s.last_position for s in batch], skips, [s.substitutes for s in batch])
         tokens = taught(batch, logits, sample(logits, batch))
         logprobs = token_logprobs(batch, logits, tokens)
         outcome = skips.outcome()

@@ -7,6 +7,7 @@ Key layout (prefix `ffnskip:`; {model} is the model id, {n} a profile version):
 
     ffnskip:profile:{model}:v{n}          immutable profile JSON (written with SET NX)
     ffnskip:profile:{model}:plot:v{n}     PNG bytes of the profile's similarity plot
+    ffnskip:profile:{model}:substitutes:v{n}  the profile's FFN substitutes (SubstituteSet bytes)
     ffnskip:profile:{model}:versions      sorted set of published versions (history)
     ffnskip:profile:{model}:next          INCR counter that allocates versions (gaps are fine)
     ffnskip:profile:{model}:active        the active version

@@ -3,6 +3,11 @@
 Each change that must be seen whole (publish + activate + job completion; activate;
 rollback) is one Lua script, so a reader never sees a half-published state and
 concurrent activations leave active == the top of the activations stack.
+
+A profile that records FFN substitutes (Profile.substitutes) is published with their bytes
+under `ffnskip:profile:{model}:substitutes:v{n}` in the same script as the profile, so a reader
+that sees v{n} sees its substitutes too. Versions are never deleted today; whatever comes to
+remove v{n} must remove its plot and substitutes keys with it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from ffnskip.store.jobs import job_key
 
 ProfileEvent = dict  # {"model": str, "version": int, "action": "activate"|"rollback"} or {"action": "resync"}
 
-# KEYS: profile, plot, versions, models, active, activations, job
-# ARGV: json, has_plot, plot, version, model, activate, channel, has_job, now
+# KEYS: profile, plot, versions, models, active, activations, job, substitutes
+# ARGV: json, has_plot, plot, version, model, activate, channel, has_job, now, has_substitutes, substitutes
 _PUBLISH = """
 if ARGV[8] == '1' then
   local state = redis.call('HGET', KEYS[7], 'state')
@@ -36,6 +41,7 @@ if ARGV[8] == '1' then
 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return {'exists', ''} end
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[3]) end
+if ARGV[10] == '1' then redis.call('SET', KEYS[8], ARGV[11]) end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[5])
 if ARGV[6] == '1' then
@@ -91,10 +97,15 @@ class ProfileStore:
         return f"{self._prefix}:profile:{check_model_id(model)}:{suffix}"
 
     def publish(
-        self, profile: Profile, plot_png: bytes | None = None, activate: bool = False, job_id: str | None = None
+        self, profile: Profile, plot_png: bytes | None = None, activate: bool = False, job_id: str | None = None,
+        substitutes: bytes | None = None,
     ) -> int:
-        """Store `profile` under a new version; returns the version (the job's, if it already completed)."""
+        """Store `profile` under a new version, with its plot and the substitute set it records
+        (SubstituteSet.to_bytes: required exactly when profile.substitutes is non-empty, and
+        matching its size and digest, else InvalidArgument); returns the version (the job's, if
+        it already completed)."""
         model = profile.model_id
+        profile.check_substitutes(substitutes)  # before a version is allocated: a refusal leaves no gap
         with redis_errors(self._redis):
             # Allocated outside the script so the JSON can carry its own version; a failed
             # or duplicate publish just leaves a gap in the numbering.
@@ -110,6 +121,7 @@ class ProfileStore:
                 self._key(model, "active"),
                 self._key(model, "activations"),
                 job_key(self._prefix, job_id) if job_id else self._key(model, "no-job"),
+                self._key(model, f"substitutes:v{version}"),
             ]
             args = [
                 stored.to_json(),
@@ -121,6 +133,8 @@ class ProfileStore:
                 self.channel,
                 "1" if job_id else "0",
                 utc_now_iso(),
+                "1" if substitutes is not None else "0",
+                substitutes or b"",
             ]
             status, value = self._publish(keys=keys, args=args)
         return self._publish_result(status, value, job_id, model, version)
@@ -161,6 +175,12 @@ class ProfileStore:
         with redis_errors(self._redis):
             # connect() makes bytes-replying clients
             return cast(bytes | None, self._redis.get(self._key(model, f"plot:v{version}")))
+
+    def get_substitutes(self, model: str, version: int) -> bytes | None:
+        """The substitute set's bytes published with profile `version` (None: it has none). The
+        reader checks them against the profile (Profile.check_substitutes) before serving them."""
+        with redis_errors(self._redis):
+            return cast(bytes | None, self._redis.get(self._key(model, f"substitutes:v{version}")))
 
     def active_version(self, model: str) -> int | None:
         key = self._key(model, "active")

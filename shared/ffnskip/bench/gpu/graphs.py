@@ -1,4 +1,4 @@
-"""How scripts/gpu_bench.py runs the engine's device step (ffnskip.engine.device_step.DeviceStep): eagerly,
+"""How the GPU benchmark (`ffnskip bench --gpu`) runs the device step (device_step.DeviceStep): eagerly,
 as one CUDA graph with a conditional IF node per gated FFN, or as graph segments with a host read
 per gated layer.
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ffnskip.engine.device_step import DeviceStep, HostBranch
+from ffnskip.bench.gpu.device_step import DeviceStep, HostBranch
 
 # --------------------------------------------------------------------------- branches
 

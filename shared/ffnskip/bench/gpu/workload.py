@@ -1,4 +1,4 @@
-"""What scripts/gpu_bench.py runs: a random-weight Llama of a named shape wrapped in the engine's
+"""What the GPU benchmark (`ffnskip bench --gpu`) runs: a random-weight Llama of a named shape wrapped in the engine's
 ModelRunner, the skip patterns it compares as the engine's skip parameters, and the weight bytes
 a decode step reads."""
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from ffnskip.bench.gpu.device_skips import RowTensors
 from ffnskip.config import Policy, SkipParams
-from ffnskip.engine.device_skips import RowTensors
 from ffnskip.engine.policies import RowPlan
 from ffnskip.engine.runner import ModelRunner
 

@@ -1,17 +1,18 @@
 """A decode step that runs whole on the device: no host read between its first layer and its logits.
 
-`ModelRunner.decode` asks the host between each layer's attention and its FFN (the policies of
-policies.py decide in Python, and a skipped FFN is a call not made). A step captured once per
-batch bucket as a CUDA graph cannot do that. `DeviceStep` is the same forward, made of the same
-parts (a runner's fused layers, head, embedding and rotary table, and a `KVCache`), arranged so
-that it can be captured:
+The engine decodes with `ModelRunner.decode`, on a CPU and on CUDA alike: it asks the host
+between each layer's attention and its FFN (policies.py runs the skip rule on host vectors, and a
+skipped FFN is a call not made). A step captured once per batch bucket as a CUDA graph cannot do
+that. `DeviceStep`, what the GPU benchmark (`ffnskip bench --gpu`) measures, is the same forward,
+made of the same parts (a runner's fused layers, head, embedding and rotary table, and a
+`KVCache`), arranged so that it can be captured:
 
 - the step's inputs live in static device tensors (tokens, positions, write positions, the rows'
   skip plans); the host writes them before a step (one copy for the three integer rows), the step
   reads them, and the attention mask is computed from the positions inside the step;
 - the attention always covers the same span of the cache (the mask hides what a row has not
   written yet), so every tensor has the same shape at every step of a bucket;
-- the FFN decision comes from `DeviceSkips` (the engine's skip rule as tensor operations); rows
+- the FFN decision comes from `DeviceSkips` (the engine's skip rule run on tensors); rows
   that skip keep h through `torch.where`, and the FFN call itself is gated by one predicate, "some
   row runs it", handed to a `Branch`. Eagerly, `HostBranch` reads that predicate and makes the
   call or not. Under CUDA-graph capture a branch records the call into a conditional (IF) node
@@ -33,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from ffnskip.engine.device_skips import DeviceSkips, RowTensors
+from ffnskip.bench.gpu.device_skips import DeviceSkips, RowTensors
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.runner import ModelRunner, causal_mask
 from ffnskip.engine.segments import attention_step, residual_similarity
@@ -93,7 +94,7 @@ class DeviceStep:
         self.ffn_rows = torch.zeros(layers, bucket, dtype=torch.int32, device=device)
         self.ffn_calls = torch.zeros(layers, dtype=torch.int32, device=device)
         self.similarity = torch.zeros(layers, bucket, dtype=torch.float32, device=device)
-        self.rows = _dense_rows(bucket, layers, device)
+        self.rows = RowTensors.dense(bucket, layers, device)
         self._span = torch.arange(span, device=device)
         # the runner's own rotary angles for every position of the span, looked up by a gather
         probe = torch.zeros(1, 1, runner.config.hidden_size, dtype=runner.dtype, device=device)
@@ -127,7 +128,7 @@ class DeviceStep:
     @torch.inference_mode()
     def set_threshold(self, value: float | torch.Tensor) -> None:
         """Overwrite the rows' similarity thresholds (one value, or one per row of the bucket)."""
-        self.rows.threshold.copy_(torch.as_tensor(value, dtype=torch.float32).expand(self.bucket))
+        self.rows.threshold.copy_(torch.as_tensor(value, dtype=self.rows.threshold.dtype).expand(self.bucket))
 
     @torch.inference_mode()
     def zero_counters(self) -> None:
@@ -192,15 +193,3 @@ class DeviceStep:
             self.positions.add_(step)
             self.write_positions.add_(step)
 
-
-def _dense_rows(bucket: int, layers: int, device: torch.device) -> RowTensors:
-    """Plans under which every row runs every FFN (what a bucket holds before `set_rows`)."""
-    return RowTensors(
-        hot=torch.zeros(bucket, layers, dtype=torch.bool, device=device),
-        planned=torch.zeros(bucket, layers, dtype=torch.bool, device=device),
-        adaptive=torch.zeros(bucket, dtype=torch.bool, device=device),
-        aligned=torch.zeros(bucket, dtype=torch.bool, device=device),
-        threshold=torch.ones(bucket, dtype=torch.float32, device=device),
-        run_length=torch.zeros(bucket, dtype=torch.int64, device=device),
-        quorum=torch.ones((), dtype=torch.float32, device=device),
-    )
