@@ -15,6 +15,7 @@ counted after the warm-up, with prompt-clustered 95% intervals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--kinds", default="plain,bias,lowrank64,linear", help="plain, bias, linear, lowrankR")
     parser.add_argument("--steps", type=int, default=10, help="FFNs to choose per kind")
+    parser.add_argument("--ridge", type=float, help="a fixed ridge for the substitutes (relative to the inputs' "
+                        "covariance's mean diagonal; default: each fit validates its own, substitutes.validated_ridge)")
     parser.add_argument("--calibration-tokens", type=int, default=64)
     parser.add_argument("--judge", type=int, default=24, help="open-ended prompts that judge")
     parser.add_argument("--judge-tokens", type=int, default=96)
@@ -67,11 +70,13 @@ def main() -> int:
     hidden = int(loaded.model.config.hidden_size)
     ffn_bytes = 3 * hidden * int(loaded.model.config.intermediate_size) * 4  # fp32 gate, up, down
     all_ffn = ffn_bytes * loaded.num_layers
-    results: dict = {"model": args.model, "fingerprint": loaded.fingerprint, "judge_prompts": args.judge,
+    results: dict = {"model": args.model, "ridge": args.ridge, "fingerprint": loaded.fingerprint, "judge_prompts": args.judge,
                      "judge_tokens": args.judge_tokens, "warm_up": args.warm_up, "ffn_bytes": ffn_bytes,
                      "num_layers": loaded.num_layers, "kinds": {}}
     for name in args.kinds.split(","):
         kind = None if name == "plain" else SubstituteKind.parse(name)
+        if kind is not None and args.ridge is not None:
+            kind = dataclasses.replace(kind, ridge=args.ridge)
         began = time.perf_counter()
         chosen = select(fitting, selecting, range(args.cold_start, args.cold_end), kind, args.steps,
                         lambda message, name=name, began=began: print(

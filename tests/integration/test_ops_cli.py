@@ -123,6 +123,26 @@ def test_local_calibrate_writes_profile_and_plot(model_dir: str, prompts_file: P
     assert sorted(p.name for p in out.iterdir()) == ["profile.json", "similarity.png"]  # no temporary files left
 
 
+def test_local_calibrate_to_a_budget_writes_substitutes_that_generate_reads(model_dir: str, prompts_file: Path,
+                                                                            tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = ffnskip("calibrate", "--model", model_dir, "--device", "cpu", "--out", str(out), "--tokens-per-prompt", "24",
+                  "--prompts-file", str(prompts_file), "--max-kl", "5", "--max-relative-nll", "10")
+    assert run.returncode == 0, run.stderr
+    profile = Profile.from_json((out / "profile.json").read_text())
+    assert profile.quality["max_kl"] == 5 and profile.static_layers  # the generous budget let it skip
+    assert profile.substitutes["layers"] == list(profile.static_layers)
+    profile.check_substitutes((out / "substitutes.bin").read_bytes())
+    generate = ("generate", "--model", model_dir, "--device", "cpu", "--prompt", "hello", "--max-new-tokens", "4",
+                "--profile", str(out / "profile.json"))
+    assert ffnskip(*generate).returncode == 0
+    blob = bytearray((out / "substitutes.bin").read_bytes())
+    blob[-1] ^= 0xFF
+    (out / "substitutes.bin").write_bytes(bytes(blob))
+    tampered = ffnskip(*generate)
+    assert tampered.returncode == 2 and tampered.stderr.startswith("error: substitutes:")
+
+
 def test_local_calibrate_bad_input_is_one_line(tmp_path: Path, model_dir: str) -> None:
     run = ffnskip("calibrate", "--model", model_dir, "--device", "cpu", "--target-skip", "1.5", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and run.stderr.strip() == "error: target_skip_ratio: must be in (0, 0.9], got 1.5"

@@ -11,7 +11,7 @@ from ffnskip.calibration import quality as Q
 from ffnskip.calibration.forced import ForcedForward, kl_rows
 from ffnskip.calibration.quality import Estimate
 from ffnskip.calibration.selection import grow, select
-from ffnskip.calibration.substitutes import SubstituteKind, fit
+from ffnskip.calibration.substitutes import SubstituteKind, fit, validated_ridge
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from ffnskip.engine.substitutes import Substitute, SubstituteSet
@@ -88,7 +88,20 @@ def test_fitting_recovers_an_exactly_linear_map_and_ranks_order():
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 2
     with pytest.raises(ValueError, match="rank"):
         SubstituteKind("lowrank")
+    with pytest.raises(ValueError, match="ridge"):
+        SubstituteKind("linear", ridge=-1.0)
     assert SubstituteKind.parse("lowrank64") == SubstituteKind("lowrank", 64)
+
+
+def test_the_validated_ridge_regularises_noisy_data_and_leaves_exact_data_alone():
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(300, 64, generator=generator, dtype=torch.float64)
+    weight = torch.randn(64, 64, generator=generator, dtype=torch.float64) * 0.1
+    exact = inputs @ weight
+    noisy = exact + torch.randn(300, 64, generator=generator, dtype=torch.float64) * 3.0
+    centred = inputs - inputs.mean(0)
+    assert validated_ridge(centred, exact - exact.mean(0)) <= 1e-3
+    assert validated_ridge(centred, noisy - noisy.mean(0)) >= 1.0
 
 
 def test_a_substitute_fitted_on_an_exactly_linear_ffn_reproduces_it(tiny_dir, engine_cache):

@@ -74,6 +74,9 @@ def select(fitting: ForcedForward, judging: ForcedForward, candidates: Sequence[
     """Grow a set of up to `steps` FFNs from `candidates` greedily while its KL stays within
     `limit`, each candidate's substitute of `kind` (None: plain skips) fitted with the chosen set
     in place."""
+    if not judging.batches:
+        progress("every answer ended within the warm-up: nothing to measure, nothing skipped")
+        return Selection()
     references = [judging.log_probs(batch, judging.run(batch, ()).states) for batch in judging.batches]
     chosen: dict[int, Substitute] = {}  # the substitutes of the chosen FFNs
     fitted: dict[int, Substitute] = {}  # this step's candidates'

@@ -6,22 +6,27 @@ substituted) upstream, so the substitute learns the inputs it will really see. E
 least-squares fit, training-free:
 
 - bias: the mean output;
-- linear: a ridge regression y ~ b + n W over the centred data;
+- linear: a ridge regression y ~ b + n W over the centred data, its ridge chosen by how well it
+  predicts held-out rows (a full map has D x D values, and calibration data are a few thousand
+  tokens: unregularised it memorises them, and the skipped model does worse on other prompts);
 - lowrank r: the linear fit's best rank-r approximation in what it predicts (reduced-rank
   regression: the fitted outputs' top r right singular vectors V; W_r = W V V^T).
 
-The ridge is relative to the inputs' mean variance, so one setting works at any hidden scale.
+The ridge is relative to the covariance's mean diagonal, so one grid serves any hidden scale.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ffnskip.engine.substitutes import KINDS, Substitute
 
-RIDGE = 1e-3  # times the covariance's mean diagonal (N times the mean input variance): 0.1% shrinkage
+# the ridges a fit chooses from, by how well each predicts held rows (validated_ridge); each is
+# relative to the covariance's mean diagonal (N times the mean input variance)
+RIDGES = (0.0, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,15 @@ class SubstituteKind:
 
     kind: str
     rank: int = 0
+    ridge: float | None = None  # fixed, relative to the covariance's mean diagonal; None: validated_ridge
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "lowrank") != (self.rank > 0):
             raise ValueError("a rank is given exactly for lowrank")
+        if self.ridge is not None and not self.ridge >= 0:
+            raise ValueError(f"the ridge must be >= 0, got {self.ridge}")
 
     @property
     def name(self) -> str:
@@ -60,10 +68,8 @@ def fit(kind: SubstituteKind, inputs: torch.Tensor, outputs: torch.Tensor) -> Su
     if kind.kind == "bias":
         return Substitute(mean_out.float())
     nc, yc = n - mean_in, y - mean_out
-    covariance = nc.T @ nc
-    ridge = RIDGE * covariance.diagonal().mean()
-    weight = torch.linalg.solve(covariance + ridge * torch.eye(covariance.shape[0], dtype=covariance.dtype,
-                                                                device=covariance.device), nc.T @ yc)  # [D, D]
+    ridge = kind.ridge if kind.ridge is not None else validated_ridge(nc, yc)
+    weight = _ridge_solve(nc, yc, ridge)  # [D, D]
     if kind.kind == "lowrank":
         _, _, vh = torch.linalg.svd(nc @ weight, full_matrices=False)
         basis = vh[:kind.rank].T  # [D, r]
@@ -72,3 +78,30 @@ def fit(kind: SubstituteKind, inputs: torch.Tensor, outputs: torch.Tensor) -> Su
         return Substitute(bias.float(), first.float().contiguous(), second.float().contiguous())
     bias = mean_out - mean_in @ weight
     return Substitute(bias.float(), weight.float().contiguous())
+
+
+def _ridge_solve(nc: torch.Tensor, yc: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The ridge regression of yc on nc (both centred): W [D_in, D_out]."""
+    covariance = nc.T @ nc
+    penalty = ridge * covariance.diagonal().mean() * torch.eye(covariance.shape[0], dtype=covariance.dtype,
+                                                                 device=covariance.device)
+    return torch.linalg.solve(covariance + penalty, nc.T @ yc)
+
+
+def validated_ridge(nc: torch.Tensor, yc: torch.Tensor, held: float = 0.2) -> float:
+    """The ridge of RIDGES whose fit on the first rows predicts the last `held` share best (the rows
+    come prompt by prompt, so the held rows are mostly other prompts' tokens): as much
+    regularisation as the data need, and none to speak of for data that are exactly linear."""
+    split = int(nc.shape[0] * (1 - held))
+    train_in, train_out, held_in, held_out = nc[:split], yc[:split], nc[split:], yc[split:]
+    centre_in, centre_out = train_in.mean(0), train_out.mean(0)
+    covariance = (train_in - centre_in).T @ (train_in - centre_in)
+    values, vectors = torch.linalg.eigh(covariance)
+    projected = vectors.T @ ((train_in - centre_in).T @ (train_out - centre_out))
+    scale = covariance.diagonal().mean()
+    errors = {}
+    for ridge in RIDGES:
+        weight = vectors @ (projected / (values + ridge * scale)[:, None])
+        error = float(((held_in - centre_in) @ weight + centre_out - held_out).pow(2).mean())
+        errors[ridge] = error if math.isfinite(error) else math.inf  # a ridge of 0 on a singular covariance
+    return min(RIDGES, key=lambda r: (errors[r], -r))

@@ -57,6 +57,28 @@ def skip_params_from_args(args: argparse.Namespace) -> SkipParams:
     return params
 
 
+def substitutes_from_args(args: argparse.Namespace, skip: SkipParams):
+    """The substitutes of a `--profile` that records them (substitutes.bin beside it, as `ffnskip
+    calibrate` writes it; its digest checked), when the run uses the profile's own FFN set; else
+    None (plain skips)."""
+    from ffnskip.engine.substitutes import SubstituteSet
+    from ffnskip.profile import Profile
+
+    if not args.profile:
+        return None
+    data = json.loads(args.profile.read_text())
+    if not (isinstance(data, dict) and data.get("substitutes")):
+        return None
+    profile = Profile.from_dict(data)
+    if skip.static_layers != profile.static_layers or skip.policy is not profile.policy:
+        return None  # substitutes were fitted for the profile's own set
+    path = args.profile.with_name("substitutes.bin")
+    blob = path.read_bytes() if path.exists() else None
+    profile.check_substitutes(blob)
+    assert blob is not None
+    return SubstituteSet.from_bytes(blob)
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))

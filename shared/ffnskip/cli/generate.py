@@ -7,7 +7,14 @@ import json
 import os
 import sys
 
-from ffnskip.cli.args import add_model_args, add_sampling_args, add_skip_args, sampling_from_args, skip_params_from_args
+from ffnskip.cli.args import (
+    add_model_args,
+    add_sampling_args,
+    add_skip_args,
+    sampling_from_args,
+    skip_params_from_args,
+    substitutes_from_args,
+)
 from ffnskip.errors import InvalidArgument
 from ffnskip.settings import cache_root
 
@@ -32,15 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = _prompt(args)
     skip = skip_params_from_args(args)
+    substitutes = substitutes_from_args(args, skip)
     sampling = sampling_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=1, max_seq_len=args.max_seq_len)
     if args.stream and not args.json:
-        for event in engine.stream(prompt, sampling, skip):
+        for event in engine.stream(prompt, sampling, skip, substitutes):
             print(event.text, end="", flush=True)
         print()
         return 0
-    result = engine.generate([prompt], sampling, skip)[0]
+    result = engine.generate([prompt], sampling, skip, substitutes)[0]
     if args.json:
         data = result.to_dict()
         data.update(model=loaded.model_id, fingerprint=loaded.fingerprint, device=str(loaded.device),

@@ -186,9 +186,9 @@ class Engine:
         return [self.result(s) for s in seqs]
 
     def stream(self, prompt: str | list[dict], sampling: SamplingParams = SamplingParams(),
-               skip: SkipParams = DENSE) -> Iterator[TokenEvent]:
+               skip: SkipParams = DENSE, substitutes: SubstituteSet | None = None) -> Iterator[TokenEvent]:
         """Yield one prompt's tokens as they are generated."""
-        seq = self.add(**_prompt_kwargs(prompt), sampling=sampling, skip=skip)
+        seq = self.add(**_prompt_kwargs(prompt), sampling=sampling, skip=skip, substitutes=substitutes)
         while not seq.finished:
             for event in self.step():
                 if event.seq_id == seq.seq_id:
