@@ -70,7 +70,8 @@ def net_avoided(chosen, count: int, ffn_bytes: int, layers: int) -> float:
     return (count * ffn_bytes - (subs.nbytes if subs is not None else 0)) / (ffn_bytes * layers)
 
 
-def compensated_selection(engine: Engine, loaded, kind_name: str, cold_start: int, cold_end: int, warm_up: int, say):
+def compensated_selection(engine: Engine, loaded, kind_name: str, cold_start: int, cold_end: int, warm_up: int, say,
+                          steps: int):
     """The greedy compensated order on the calibration prompts (two thirds fit, one third select)."""
     calibration = [chat_ids(loaded.tokenizer, t) for t in texts("calibration", "text")]
     fit_prompts = [p for i, p in enumerate(calibration) if i % 3 != 2]
@@ -83,7 +84,7 @@ def compensated_selection(engine: Engine, loaded, kind_name: str, cold_start: in
     fitting = ForcedForward(engine.runner, fit_prompts, answered(fit_prompts), 1, 16)
     selecting = ForcedForward(engine.runner, select_prompts, answered(select_prompts), warm_up, 16)
     kind = None if kind_name == "plain" else SubstituteKind.parse(kind_name)
-    return select(fitting, selecting, range(cold_start, cold_end), kind, 10, lambda message: say(f"greedy: {message}"))
+    return select(fitting, selecting, range(cold_start, cold_end), kind, steps, lambda message: say(f"greedy: {message}"))
 
 
 def main() -> int:
@@ -173,9 +174,11 @@ def main() -> int:
         rows.append(evaluate("adaptive (paper)", 0.0, adaptive(high)))
         count = longest_prefix(lambda n: within(static_set(n), f"static, {n} FFNs"), len(order))
         rows.append(evaluate("static by measured harm", 0.0, static_set(count)))
-    chosen = compensated_selection(engine, loaded, args.compensated, cold_start, cold_end, args.warm_up, say) \
+    targets = [float(t) for t in args.targets.split(",")]
+    steps = round(max(targets) * layers) + 2  # enough FFNs for the largest target's net bytes
+    chosen = compensated_selection(engine, loaded, args.compensated, cold_start, cold_end, args.warm_up, say, steps) \
         if args.compensated and not args.budget else None
-    for target in [] if args.budget else [float(t) for t in args.targets.split(",")]:
+    for target in [] if args.budget else targets:
         tuned = []  # per k: (teacher-forced KL at the target, k, threshold)
         for k in [int(k) for k in args.ks.split(",")] if args.ks else [args.max_skip]:
             low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
