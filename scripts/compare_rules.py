@@ -189,10 +189,13 @@ def main() -> int:
                 if abs(ratio - target) <= 0.01:
                     break
                 low, high = (middle, high) if ratio > target else (low, middle)
+            if abs(ratio - target) > 0.01:  # this k cannot skip that much (k hot layers a token at most)
+                say(f"adaptive k={k}: no threshold reaches the target (decode skip {ratio:.4f})")
+                continue
             scores = Q.divergence(engine, prompts, references, adaptive(middle, k), args.batch)
             tuned.append((Q.pooled([row[args.warm_up:] for row in scores.kl]).mean, k, middle))
             say(f"adaptive k={k}: threshold {middle:.5f}, KL {tuned[-1][0]:.4f}")
-        _, k, threshold = min(tuned)
+        _, k, threshold = min(tuned) if tuned else (0.0, args.max_skip, middle)
         rows.append(evaluate("adaptive (paper)", target, adaptive(threshold, k), max_skip=k,
                              tuning=[{"kl": round(kl, 4), "k": kk, "threshold": round(t, 5)} for kl, kk, t in tuned]))
         rows.append(evaluate("static by measured harm", target, static_set(max(1, round(target * layers)))))
