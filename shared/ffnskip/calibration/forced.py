@@ -12,6 +12,9 @@ Position p of a sequence predicts token p + 1. With a warm-up of w tokens the de
 from position `prompt + w - 1` on (the step that consumes generated token g runs after g + 1
 tokens exist), and those are the positions scored, as quality.py scores the tokens after the
 warm-up. The prompt's own positions (the prefill) never skip.
+
+Everything runs under inference mode, except with `grad=True`: then autograd records the forward,
+so a loss on its log-probs reaches the substitutes' tensors (distill.py trains them that way).
 """
 
 from __future__ import annotations
@@ -71,13 +74,18 @@ class ForcedForward:
             ids = torch.tensor([s + [0] * (longest - len(s)) for s in sequences], device=runner.device)
             self.batches.append(ForcedBatch(ids, [len(s) for s in sequences], skip_from))
 
-    @torch.inference_mode()
     def run(self, batch: ForcedBatch, skipped: Collection[int], substitutes: SubstituteSet | None = None, *,
             start: int = 0, x: torch.Tensor | None = None, keep_inputs: bool = False,
-            capture: Collection[int] = ()) -> Pass:
+            capture: Collection[int] = (), grad: bool = False) -> Pass:
         """The layers from `start` (whose input `x` is given; the embedding when start is 0) with
         the FFNs of `skipped` removed at the skip positions (replaced by their substitutes where the
-        set has them). `capture`: layers whose FFN input and output at the skip positions to keep."""
+        set has them). `capture`: layers whose FFN input and output at the skip positions to keep.
+        `grad`: record autograd (an `x` from an inference-mode pass must be cloned outside it first)."""
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            return self._run(batch, skipped, substitutes, start, x, keep_inputs, capture)
+
+    def _run(self, batch: ForcedBatch, skipped: Collection[int], substitutes: SubstituteSet | None, start: int,
+             x: torch.Tensor | None, keep_inputs: bool, capture: Collection[int]) -> Pass:
         runner = self.runner
         mask = batch.skip_mask.to(runner.device)
         if x is None:
@@ -105,16 +113,38 @@ class ForcedForward:
             x = h + ffn
         return Pass(x, inputs, captured)
 
-    @torch.inference_mode()
-    def log_probs(self, batch: ForcedBatch, states: torch.Tensor) -> list[torch.Tensor]:
-        """Per sequence, the log-softmax [scored positions, V] at its scored positions (float32)."""
+    def log_probs(self, batch: ForcedBatch, states: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
+        """Per sequence, the log-softmax [scored positions, V] at its scored positions (float32).
+        `grad`: record autograd (the runner's position_logits runs under inference mode, so the
+        head is called on the scored positions directly; answers are short, no slicing needed)."""
         out = []
-        for row, (start, length) in enumerate(zip(batch.skip_from, batch.lengths)):
-            logits = self.runner.position_logits(states[row, start:length])
-            out.append(torch.log_softmax(logits.float(), dim=-1))
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            for row, (start, length) in enumerate(zip(batch.skip_from, batch.lengths)):
+                scored = states[row, start:length]
+                logits = self.runner.head(scored[:, None]) if grad else self.runner.position_logits(scored)
+                out.append(torch.log_softmax(logits.float(), dim=-1))
         return out
+
+    def dense(self) -> list[list[torch.Tensor]]:
+        """Per batch, dense's log-probs at the scored positions: the reference of `kl`."""
+        return [self.log_probs(batch, self.run(batch, ()).states) for batch in self.batches]
+
+    def kl(self, references: Seq[Seq[torch.Tensor]], skipped: Collection[int],
+           substitutes: SubstituteSet | None = None) -> list[list[float]]:
+        """Per sequence of every batch, KL(dense || the set in place) at each scored position
+        (`references`: from `dense`)."""
+        rows: list[list[float]] = []
+        for batch, reference in zip(self.batches, references):
+            rows += kl_rows(reference, self.log_probs(batch, self.run(batch, skipped, substitutes).states))
+        return rows
+
+
+def position_kl(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """KL(reference || candidate) at each position of two log-softmaxes [P, V] -> [P]
+    (differentiable in both)."""
+    return (reference.exp() * (reference - candidate)).sum(-1)
 
 
 def kl_rows(reference: Seq[torch.Tensor], candidate: Seq[torch.Tensor]) -> list[list[float]]:
     """Per sequence, KL(reference || candidate) at each scored position."""
-    return [(ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).tolist() for ref, cand in zip(reference, candidate)]
+    return [position_kl(ref, cand).clamp_min(0.0).tolist() for ref, cand in zip(reference, candidate)]
