@@ -61,9 +61,7 @@ def main() -> int:
         return round(Q.relative_nll([row[after:] for row in nll], own), 4)
 
     def teacher_forced(candidate: Engine) -> dict:
-        scores = Q.divergence(candidate, prompts, references, DENSE, candidate.cache.max_batch)
-        return {"kl": Q.pooled([row[after:] for row in scores.kl]).to_dict(5),
-                "top_match": Q.pooled([[float(t) for t in row[after:]] for row in scores.top]).to_dict()}
+        return Q.divergence(candidate, prompts, references, DENSE, candidate.cache.max_batch).summary(after)
 
     greedy = [Q.Job(p, SamplingParams(max_new_tokens=args.tokens)) for p in prompts]
     for name, candidate in (("q4_0", lambda: engine(rounding="q4_0")), ("q8_0", lambda: engine(rounding="q8_0")),

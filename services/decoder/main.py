@@ -37,9 +37,10 @@ def build_engine(settings: DecoderSettings) -> Engine:
     """Load the model and build the engine (on the engine thread: EngineLoop)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
+                        weights=settings.weights)
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
-             dtype=str(loaded.dtype), seconds=round(loaded.load_seconds, 2))
+             dtype=str(loaded.dtype), weights=loaded.weights, seconds=round(loaded.load_seconds, 2))
     return Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
                   eager_until_warm=True, prefill_chunk=settings.prefill_chunk or None)
 
@@ -93,7 +94,9 @@ async def serve(settings: DecoderSettings) -> None:
     profiles = profile_watcher(settings, engine_loop, ProfileStore(redis_client))
     profiles.start()
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
-             "dtype": str(loaded.dtype).removeprefix("torch."), "num_layers": loaded.num_layers}
+             "dtype": str(loaded.dtype).removeprefix("torch."), "weights": loaded.weights, "num_layers": loaded.num_layers}
+    metrics.describe_engine(str(loaded.device), str(loaded.dtype).removeprefix("torch."), loaded.weights,
+                            engine_loop.engine.weight_bytes.total)
     if settings.metrics_port:
         metrics.serve(settings.metrics_host, settings.metrics_port)
     servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles), facts)

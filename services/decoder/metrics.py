@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 from ffnskip.engine import GenerationResult
 
@@ -52,7 +52,15 @@ class DecoderMetrics:
             "decode step of the running rows).", ["model_name"],
             buckets=(0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r
         ).labels(**labels)
+        self._engine = Info(PREFIX + "engine", "What the engine runs: device, activations' dtype and weight format.",
+                            ["model_name"], registry=r).labels(**labels)
+        self._weight_bytes = Gauge(PREFIX + "engine_weight_bytes", "Bytes of weights a dense decode step reads.",
+                                   ["model_name"], registry=r).labels(**labels)
         self.model_name = model_name
+
+    def describe_engine(self, device: str, dtype: str, weights: str, weight_bytes: int) -> None:
+        self._engine.info({"device": device, "dtype": dtype, "weights": weights})
+        self._weight_bytes.set(weight_bytes)
 
     def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)

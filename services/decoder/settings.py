@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ffnskip.config import Policy
+from ffnskip.config import WEIGHT_FORMATS, Policy
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.generation import OVERRIDABLE_POLICIES, OverrideLimits
 from ffnskip.settings import Env, cache_root
@@ -18,7 +18,7 @@ from ffnskip.store.connection import REDIS_ENV_VARS, RedisSettings
 
 ENV_VARS = (
     "FFNSKIP_DECODER_HOST", "FFNSKIP_DECODER_PORT", "FFNSKIP_ADVERTISE_ADDRESS", "FFNSKIP_DECODER_ID",
-    "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_CACHE",
+    "FFNSKIP_MODEL", "FFNSKIP_MODEL_NAME", "FFNSKIP_DEVICE", "FFNSKIP_DTYPE", "FFNSKIP_WEIGHTS", "FFNSKIP_CACHE",
     "FFNSKIP_COMPILE", "FFNSKIP_MAX_BATCH", "FFNSKIP_MAX_QUEUE", "FFNSKIP_MAX_SEQ_LEN", "FFNSKIP_MAX_NEW_TOKENS_CAP",
     "FFNSKIP_DEFAULT_MAX_NEW_TOKENS", "FFNSKIP_PROFILE_CACHE_DIR", "FFNSKIP_REGISTRY_TTL_S",
     "FFNSKIP_DRAIN_TIMEOUT_S", "FFNSKIP_STUCK_AFTER_S", "FFNSKIP_ALLOWED_POLICIES", "FFNSKIP_OVERRIDE_MIN_THRESHOLD",
@@ -53,6 +53,7 @@ class DecoderSettings:
     model_name: str  # the id clients ask for and profiles are stored under
     device: str
     dtype: str
+    weights: str  # auto | full | int8 (engine.loading.resolve_weights)
     compile: bool  # decode compiled: every batch bucket's segments loaded (or compiled) in the background
     max_batch: int
     max_queue: int
@@ -93,6 +94,7 @@ class DecoderSettings:
             decoder_id=env.text("FFNSKIP_DECODER_ID", f"decoder-{socket.gethostname()}-{os.getpid()}"),
             model=model, model_name=env.text("FFNSKIP_MODEL_NAME", model),
             device=env.text("FFNSKIP_DEVICE", "auto"), dtype=env.text("FFNSKIP_DTYPE", "auto"),
+            weights=env.choice("FFNSKIP_WEIGHTS", "auto", ("auto", *WEIGHT_FORMATS)),
             compile=env.flag("FFNSKIP_COMPILE", True),
             max_batch=env.integer("FFNSKIP_MAX_BATCH", 16), max_queue=env.integer("FFNSKIP_MAX_QUEUE", 64),
             max_seq_len=env.integer("FFNSKIP_MAX_SEQ_LEN", 2048),

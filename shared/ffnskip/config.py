@@ -13,6 +13,10 @@ from typing import Any
 
 from ffnskip.errors import InvalidArgument
 
+# The formats an engine holds its weight matrices in: "full" in the model's dtype, "int8" one byte
+# a value with a scale per output row (engine.layers.quantise).
+WEIGHT_FORMATS = ("full", "int8")
+
 
 class Policy(str, Enum):
     """The skip policies (tabled in the README). A member is its name as a string too, so

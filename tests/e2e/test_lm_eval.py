@@ -34,6 +34,7 @@ import torch
 
 from ffnskip.config import SamplingParams
 from ffnskip.engine import Engine, load_model
+from ffnskip.engine.layers import dequantised
 from ffnskip.evaluation.loglikelihood import score
 from ffnskip.settings import cache_root
 from ffnskip.stack.procs import free_port
@@ -75,7 +76,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
         http_port, metrics_port = free_port(), free_port()
         try:
             decoder = fleet.decoder("d1", FFNSKIP_MODEL_NAME=MODEL, FFNSKIP_METRICS_HOST="127.0.0.1",
-                                    FFNSKIP_METRICS_PORT=str(metrics_port))
+                                    FFNSKIP_METRICS_PORT=str(metrics_port), FFNSKIP_WEIGHTS="int8")
             gateway = fleet.gateway("gw-a", FFNSKIP_HTTP_HOST="127.0.0.1", FFNSKIP_HTTP_PORT=str(http_port))
             decoder.wait_serving(180.0)
             gateway.wait_serving(60.0)
@@ -163,7 +164,13 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_model(MODEL, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
+    """The model the decoder serves: its int8 matrices as float32 (layers.dequantised); new
+    tensors, so the LM head no longer shares the embedding's, which the engine keeps float32."""
+    loaded = load_model(MODEL, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
+    for module in loaded.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(dequantised(module.weight), requires_grad=False)
+    return loaded
 
 
 def arguments(sample: dict) -> list[tuple]:

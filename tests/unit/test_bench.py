@@ -69,7 +69,7 @@ def test_engine_rows_step_side_by_side_on_one_shared_model(tiny_loaded):
     groups = run_groups(configs)
     assert [[c.key for c in g] for g in groups] == [
         [("hf_generate", 2, "float32")], [("dense", 2, "float32"), ("static", 2, "float32")], [("dense", 2, "bfloat16")]]
-    runner = BenchRunner(Engine(tiny_loaded, max_batch=2, max_seq_len=64), prompts, new_tokens=12)
+    runner = BenchRunner(Engine(tiny_loaded, max_batch=2, max_seq_len=64), prompts, new_tokens=12, precision="float32")
     dense, skipping = runner.run(groups[1])
     assert runner.engines["dense"] is runner.engine
     assert runner.engines["static"].runner is runner.engine.runner  # shared weights, its own cache

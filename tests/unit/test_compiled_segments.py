@@ -127,12 +127,13 @@ def test_packages_of_another_precision_or_model_do_not_collide(tiny_loaded, tiny
     from ffnskip.engine.compiled import package_key
 
     cpu = torch.device("cpu")
-    fp32 = package_key(tiny_loaded.fingerprint, torch.float32, cpu, True)
-    assert fp32 == package_key(tiny_loaded.fingerprint, torch.float32, cpu, True)
-    assert fp32 != package_key(tiny_loaded.fingerprint, torch.bfloat16, cpu, False)
+    fp32 = package_key(tiny_loaded.fingerprint, torch.float32, "full", cpu, True)
+    assert fp32 == package_key(tiny_loaded.fingerprint, torch.float32, "full", cpu, True)
+    assert fp32 != package_key(tiny_loaded.fingerprint, torch.bfloat16, "full", cpu, False)
+    assert fp32 != package_key(tiny_loaded.fingerprint, torch.float32, "int8", cpu, True)
     other = load_model(str(save_tiny_model(tmp_path / "other", seed=1, num_layers=3)), device="cpu", dtype="float32",
                        cache_dir=package_cache)
-    assert fp32 != package_key(other.fingerprint, torch.float32, cpu, True)
+    assert fp32 != package_key(other.fingerprint, torch.float32, "full", cpu, True)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

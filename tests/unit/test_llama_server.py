@@ -163,6 +163,34 @@ def test_a_server_that_dies_while_starting_is_reported_with_the_end_of_its_log(t
     assert server.process is None  # stopped and its log deleted
 
 
+@pytest.mark.parametrize("fault", ["SIGILL", "SIGSEGV"])
+def test_a_server_killed_while_loading_starts_again_without_repacking(fault, tmp_path):
+    """The fault llama.cpp's AMX weight buffers hit on a VM that lists AMX without granting it,
+    played by a script: killed by the signal while loading, unless started with --no-repack."""
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"""#!{sys.executable}
+import http.server, os, signal, sys
+if "--no-repack" not in sys.argv:
+    os.kill(os.getpid(), signal.{fault})
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+port = int(sys.argv[sys.argv.index("--port") + 1])
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+""")
+    binary.chmod(0o755)
+    server = LlamaServer(tmp_path / "m.gguf", slots=1, threads=1, ctx_size=64, binary=binary)
+    with server:
+        assert server.repack is False and server.process is not None and server.process.poll() is None
+    stubborn = tmp_path / "dies"
+    stubborn.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    stubborn.chmod(0o755)
+    with pytest.raises(LlamaServerError, match="SIGILL|signal 4") as caught:  # tried twice, then told
+        LlamaServer(tmp_path / "m.gguf", slots=1, threads=1, ctx_size=64, binary=stubborn).start()
+    assert caught.value.returncode == -4
+
+
 def test_greedy_check_reports_a_late_flip_and_refuses_an_early_difference():
     same, late = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 9]
     agreement = compare_greedy([same, same], [same, late])

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ffnskip.bench import gguf_export, inprocess_peer
+from ffnskip.evaluation.weight_rounding import round_blocks
 from tests.helpers.tiny import SPECIALS, byte_tokenizer, tiny_config
 
 LAYER_TENSORS = {
@@ -95,6 +96,29 @@ def test_bf16_file_keeps_norms_f32(tiny_loaded, reference, tmp_path):
             heads = model.config.num_attention_heads if ".attn_q." in tensor.name else model.config.num_key_value_heads
             bits = gguf_export.unpermute_rope_rows(bits, heads)
         assert np.array_equal(bits, bf16_bits(expected)), tensor.name
+
+
+def test_q8_0_file_rounds_as_llama_cpp_blocks(tiny_loaded, reference, tmp_path):
+    """Matrices go as Q8_0 (blocks of 32 inputs, one scale each) and read back as the project's own
+    Q8_0 rounding of the same weights (up to the scale's half precision in the file); norms stay f32."""
+    model = tiny_loaded.model
+    path = gguf_export.write_gguf(model, tiny_loaded.tokenizer, tmp_path / "tiny-q8.gguf", "q8_0")
+    reader = gguf.GGUFReader(path)
+    names = hf_names(model.config.num_hidden_layers, tied=False)
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    for tensor in reader.tensors:
+        expected = reference[names[tensor.name]].float()
+        if tensor.name.split(".")[-2] in NORMS:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, tensor.name
+            continue
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, tensor.name
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(expected.shape)
+        if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
+            heads = model.config.num_attention_heads if ".attn_q." in tensor.name else model.config.num_key_value_heads
+            values = gguf_export.unpermute_rope_rows(values, heads)
+        rounded = round_blocks(expected, "q8_0").numpy()
+        assert not np.array_equal(rounded, expected.numpy()), tensor.name  # the rounding is not the identity
+        assert np.allclose(values, rounded, rtol=2e-3, atol=1e-7), tensor.name
 
 
 def test_hyperparameters_and_vocabulary(tiny_loaded, tmp_path):

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "q8_0")
 
 # Bumped when write_gguf's output changes, so cached files from an older writer are
 # not reused (the weights fingerprint alone cannot tell).
@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 # only matters for llama.cpp's own text tokenization.
 DEFAULT_TOKENIZER_PRE = "smollm"
 
-_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
 Rows = TypeVar("Rows", torch.Tensor, np.ndarray)
 
@@ -57,8 +58,13 @@ def unpermute_rope_rows(weight: Rows, n_heads: int) -> Rows:
 
 
 def _array(tensor: torch.Tensor, precision: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor as numpy data plus its GGML type; numpy has no bfloat16, so bf16 goes as raw bits."""
+    """A tensor as numpy data plus its GGML type; numpy has no bfloat16, so bf16 goes as raw bits;
+    q8_0 goes as gguf's own quantised bytes (blocks of 32 inputs, one scale each: what llama.cpp's
+    converter writes for `--outtype q8_0`)."""
     tensor = tensor.detach().to("cpu")
+    if precision == "q8_0":
+        quantised = gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+        return quantised, gguf.GGMLQuantizationType.Q8_0
     if precision == "bf16":
         # torch rounds to nearest even, like our engine's own bf16 cast of the same weights
         bits = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -131,7 +137,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, config: Any, tokeniz
 def write_gguf(model: Any, tokenizer: Any, path: Path, precision: str, *,
                tokenizer_pre: str = DEFAULT_TOKENIZER_PRE) -> Path:
     """Write a Hugging Face Llama causal LM (weights read from the model in memory) as a
-    GGUF file for llama.cpp's "llama" arch, in f32 or bf16; norm weights stay f32."""
+    GGUF file for llama.cpp's "llama" arch, in f32, bf16 or q8_0; norm weights stay f32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = model.config

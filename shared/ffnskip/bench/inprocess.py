@@ -41,7 +41,8 @@ class BenchOptions:
 
     model: str = "smollm2-135m"
     device: str = "auto"
-    dtypes: tuple[str, ...] = ("auto",)  # each a set of rows; rows other than float32 report their agreement with it
+    # each a set of rows (a dtype, or int8: int8 matrices); rows other than float32 report their agreement with it
+    dtypes: tuple[str, ...] = ("auto",)
     batches: tuple[int, ...] = (1, 8)
     new_tokens: int = 128  # tokens per sequence, EOS ignored
     reps: int = 2  # interleaved repetitions; rows report the median
@@ -136,31 +137,37 @@ def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> BenchRunne
     from ffnskip.engine import Engine, load_model
     from ffnskip.errors import InvalidArgument
 
-    loaded = load_model(options.model, device=options.device, dtype=dtype, cache_dir=cache_root(os.environ))
-    dtype = str(loaded.dtype).removeprefix("torch.")
+    # "int8": float32 activations over int8 matrices (engine.layers.quantise)
+    weights = "int8" if dtype == "int8" else "full"
+    loaded = load_model(options.model, device=options.device, dtype="float32" if weights == "int8" else dtype,
+                        cache_dir=cache_root(os.environ), weights=weights)
+    precision = weights if weights == "int8" else str(loaded.dtype).removeprefix("torch.")
     prompts = bench_prompts(loaded.tokenizer, max(batches))
-    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max(len(p) for p in prompts) + options.new_tokens + 1,
-                    compile=options.compile)
-    runner = BenchRunner(engine, prompts, options.new_tokens)
-    runner.warm_up_seconds, runner.packages_compiled = _warm_up(engine, batches, dtype)
-    if options.peer or (options.peer is None and dtype in PEER_PRECISIONS and 1 in batches
-                         and inprocess_peer.peer_available()):
-        if dtype not in PEER_PRECISIONS:
-            raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {dtype}")
+    max_seq_len = max(len(p) for p in prompts) + options.new_tokens + 1
+    peer = None
+    if options.peer or (options.peer is None and precision in PEER_PRECISIONS and 1 in batches
+                        and inprocess_peer.peer_available()):
+        if precision not in PEER_PRECISIONS:
+            raise InvalidArgument("peer", f"llama.cpp rows exist for {', '.join(PEER_PRECISIONS)}, not {precision}")
         if not inprocess_peer.peer_available():
             raise InvalidArgument("peer", "llama-cpp-python is not installed: pip install '.[peer]'")
-        try:
+        try:  # written before the engine is built: an int8 engine lets the model's own matrices go
             path = gguf_export.ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.cache_dir / "gguf",
-                                           PEER_PRECISIONS[dtype])
-            runner.peer = inprocess_peer.LlamaCppPeer(path, n_ctx=engine.max_seq_len)
+                                           PEER_PRECISIONS[precision])
+            peer = inprocess_peer.LlamaCppPeer(path, n_ctx=max_seq_len)
         except ValueError as err:  # a model llama.cpp cannot load: without rows when they were not asked for
             if options.peer:
                 raise InvalidArgument("peer", str(err)) from None
             print(f"no llama.cpp rows: {err}", file=sys.stderr)
+    engine = Engine(loaded, max_batch=max(batches), max_seq_len=max_seq_len, compile=options.compile)
+    runner = BenchRunner(engine, prompts, options.new_tokens, precision)
+    runner.peer = peer
+    runner.warm_up_seconds, runner.packages_compiled = _warm_up(engine, batches, precision)
     return runner
 
 
-PEER_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+# the GGUF of each precision's llama.cpp rows: int8 weights are compared with llama.cpp's Q8_0
+PEER_PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 
 
 def peer_row_name(dtype: str) -> str:
@@ -193,12 +200,12 @@ def bench_prompts(tokenizer, count: int) -> list[list[int]]:
 
 
 class BenchRunner:
-    def __init__(self, engine, prompts: list[list[int]], new_tokens: int) -> None:
+    def __init__(self, engine, prompts: list[list[int]], new_tokens: int, precision: str) -> None:
         self.engine = engine
         self.prompts = prompts
         self.new_tokens = new_tokens
         self.sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        self.dtype = str(engine.runner.dtype).removeprefix("torch.")
+        self.dtype = precision  # float32, bfloat16, ... or int8 (its rows' dtype column)
         self.warm_up_seconds = 0.0  # loading (and compiling what is not on disk) the decode segments
         self.packages_compiled = 0
         self.dense_tokens: dict[int, list[list[int]]] = {}  # batch -> each row's greedy dense tokens

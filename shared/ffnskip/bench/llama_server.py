@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import subprocess
 import tempfile
 import time
@@ -38,7 +39,12 @@ LOG_TAIL_LINES = 20
 
 
 class LlamaServerError(FfnSkipError):
-    """llama-server is missing, did not start, or refused a request."""
+    """llama-server is missing, did not start, or refused a request; `returncode`: its exit status
+    when it exited (negative: the signal that killed it)."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def find_llama_server() -> Path:
@@ -63,7 +69,9 @@ def context_size(slots: int, longest_prompt: int, new_tokens: int, margin: int =
     return slots * (longest_prompt + new_tokens + margin)
 
 
-def server_command(binary: Path, gguf: Path, port: int, slots: int, threads: int, ctx_size: int) -> list[str]:
+def server_command(binary: Path, gguf: Path, port: int, slots: int, threads: int, ctx_size: int,
+                   repack: bool = True) -> list[str]:
+    """`repack` False: --no-repack, no extra weight buffers (llama.cpp's repacked and AMX layouts)."""
     return [str(binary), "--model", str(gguf), "--host", HOST, "--port", str(port),
             "--parallel", str(slots), "--threads", str(threads), "--threads-batch", str(threads),
             "--ctx-size", str(ctx_size),
@@ -71,7 +79,7 @@ def server_command(binary: Path, gguf: Path, port: int, slots: int, threads: int
             # no prompt cache in RAM: requests never reuse a prompt (cache_prompt false), so saving
             # each finished slot's KV there would be work and memory the decoder does not spend
             "--cache-ram", "0",
-            "--no-webui"]
+            "--no-webui", *(() if repack else ("--no-repack",))]
 
 
 def completion_body(prompt_ids: list[int], new_tokens: int, stream: bool, ignore_eos: bool = True) -> dict[str, Any]:
@@ -136,6 +144,7 @@ class LlamaServer:
         self.port = 0
         self.process: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
+        self.repack = True  # False once a start without weight repacking was needed (start)
 
     def __enter__(self) -> LlamaServer:
         self.start()
@@ -150,12 +159,25 @@ class LlamaServer:
         return f"{HOST}:{self.port}"
 
     def start(self) -> None:
+        """Start it and wait for its health. A server killed by an illegal instruction or a protection
+        fault while loading is started once more without weight repacking: on a virtual machine
+        that lists AMX but does not grant it, llama.cpp put Q8_0 weights in an AMX buffer and died
+        of either (SIGILL or SIGSEGV, run to run)."""
+        try:
+            self._start()
+        except LlamaServerError as error:
+            if not (self.repack and error.returncode in (-signal.SIGILL, -signal.SIGSEGV)):
+                raise
+            self.repack = False
+            self._start()
+
+    def _start(self) -> None:
         binary = self.binary or find_llama_server()
         self.port = free_port()
         # its log goes to a file, not a pipe nobody reads (a full pipe would stall the server);
         # kept only to show its end when the server fails to start
         self._log = tempfile.TemporaryFile(prefix="llama-server-")
-        command = server_command(binary, self.gguf, self.port, self.slots, self.threads, self.ctx_size)
+        command = server_command(binary, self.gguf, self.port, self.slots, self.threads, self.ctx_size, self.repack)
         self.process = subprocess.Popen(dying_with_parent(command), stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=subprocess.STDOUT)
         try:
@@ -171,7 +193,7 @@ class LlamaServer:
             returncode = self.process.poll()
             if returncode is not None:
                 raise LlamaServerError(f"llama-server exited ({exit_reason(returncode)}) before it was ready; "
-                                       f"the end of its log:\n{self.log_tail()}")
+                                       f"the end of its log:\n{self.log_tail()}", returncode)
             if self._health() == 200:
                 return
             if time.monotonic() > deadline:

@@ -102,6 +102,7 @@ class ServiceBenchOptions:
     api_key: str | None = None  # bearer key, when the target is a gateway
     llama_server: bool = False  # llama.cpp's server on the same weights after the service rows, side by side
     peer_threads: int | None = None  # llama-server's threads; None: torch's thread count in this process
+    peer_gguf: str | None = None  # llama-server's GGUF precision (f32, bf16, q8_0); None: dtype's
     metrics_url: str | None = None  # the decoder's Prometheus endpoint: its resident memory after the rows
     engine_baseline: bool = False  # also the bare engine in-process on the same prompts
     json: bool = False  # print the report as JSON instead of the table
@@ -116,10 +117,11 @@ def run(options: ServiceBenchOptions) -> int:
     levels = list(o.concurrency)
     policies = list(o.policies)
     metadata = [("authorization", f"Bearer {o.api_key}")] if o.api_key else None
-    if o.peer_threads is not None and not o.llama_server:
-        raise InvalidArgument("peer_threads", f"is llama-server's: only with --peer {SERVER_PEER}")
+    for name, value in (("peer_threads", o.peer_threads), ("peer_gguf", o.peer_gguf)):
+        if value is not None and not o.llama_server:
+            raise InvalidArgument(name, f"is llama-server's: only with --peer {SERVER_PEER}")
     # the model is loaded and its GGUF written before anything is timed: both take the CPU
-    peer = ServerPeer(o.model, o.dtype, o.peer_threads) if o.llama_server else None
+    peer = ServerPeer(o.model, o.dtype, o.peer_threads, o.peer_gguf) if o.llama_server else None
     count = {c: max(o.requests_per_level, c * 2) for c in levels}
     report: dict[str, Any] = {"target": o.target, "model": o.model, "new_tokens": o.new_tokens}
     rows = []
@@ -133,7 +135,8 @@ def run(options: ServiceBenchOptions) -> int:
                                   for r in check]
             except grpc.RpcError as err:
                 raise FfnSkipError(f"greedy check: {o.target} answered {err.code().name}: {err.details()}") from None
-            report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, o.timeout_s)
+            report["greedy_check"] = peer.greedy_check(check, service_tokens, CHECK_TOKENS, o.timeout_s,
+                                                       enforce=o.peer_gguf is None)
 
         def service_rows(concurrency: int) -> None:
             for policy in policies:

@@ -75,7 +75,8 @@ def chat_messages(request: Any) -> list[dict[str, str]]:
 class ServerPeer:
     """The model's GGUF and tokenizer, and llama-server processes started on them."""
 
-    def __init__(self, model: str, dtype: str, threads: int | None) -> None:
+    def __init__(self, model: str, dtype: str, threads: int | None, precision: str | None = None) -> None:
+        """llama-server on `model`'s GGUF in `precision` (f32, bf16 or q8_0; default: `dtype`'s)."""
         import torch  # here: only a run with this peer loads a model
 
         from ffnskip.bench.gguf_export import ensure_gguf
@@ -86,12 +87,13 @@ class ServerPeer:
             raise InvalidArgument("peer_threads", f"must be at least 1, got {threads}")
         # on the CPU whatever serves the service: the model is only read, to write its GGUF
         loaded = load_model(model, device="cpu", dtype=dtype, cache_dir=cache_root(os.environ))
-        self.dtype = str(loaded.dtype).removeprefix("torch.")
-        if self.dtype not in GGUF_PRECISIONS:
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        if precision is None and dtype not in GGUF_PRECISIONS:
             raise InvalidArgument("dtype", f"llama-server runs {', '.join(GGUF_PRECISIONS)} GGUF files here, "
-                                           f"not {self.dtype}")
+                                           f"not {dtype}")
+        self.dtype = precision or GGUF_PRECISIONS[dtype]  # the GGUF's precision
         self.gguf: Path = ensure_gguf(loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.cache_dir / "gguf",
-                                      GGUF_PRECISIONS[self.dtype])
+                                      self.dtype)
         self.fingerprint = loaded.fingerprint
         self.tokenizer = loaded.tokenizer  # the weights are not needed any more; the tokenizer is
         self.threads = threads or torch.get_num_threads()  # what the decoder's torch takes on the same machine
@@ -108,15 +110,19 @@ class ServerPeer:
         return LlamaServer(self.gguf, slots=slots, threads=self.threads, ctx_size=ctx, binary=self.binary)
 
     def greedy_check(self, requests: Sequence[Any], service_tokens: Sequence[Sequence[int]],
-                     new_tokens: int, timeout_s: float) -> dict[str, Any]:
+                     new_tokens: int, timeout_s: float, enforce: bool = True) -> dict[str, Any]:
         """Compare llama-server's greedy tokens with the service's for the same requests (which
-        stop at EOS: the two ignore it differently); raises when they differ from the start."""
+        stop at EOS: the two ignore it differently); raises when they differ from the start, if
+        `enforce` (not for a peer asked to run another precision than the service: two roundings
+        of the same weights may part at the first token)."""
         prompts = [self.prompt_ids(r) for r in requests]
         with self.server(prompts, slots=1, new_tokens=new_tokens) as server:
             peer_tokens = [server.greedy_tokens(ids, new_tokens, timeout_s, ignore_eos=False) for ids in prompts]
         agreement = {"max_new_tokens": new_tokens, **compare_greedy(service_tokens, peer_tokens)}
         print(f"greedy check: {describe_agreement(agreement)}", file=sys.stderr, flush=True)
-        require_same_start(agreement)
+        agreement["enforced"] = enforce
+        if enforce:
+            require_same_start(agreement)
         return agreement
 
     def rows(self, requests_by_level: dict[int, Sequence[Any]], new_tokens: int, timeout_s: float,
@@ -137,5 +143,6 @@ class ServerPeer:
                 rows.append(row)
                 progress(row)
             peak = server.peak_resident_bytes()
+            repack = server.repack
         return {"rows": rows, "gguf": str(self.gguf), "dtype": self.dtype, "threads": self.threads, "slots": slots,
-                "ctx_size": server.ctx_size, "peak_resident_bytes": peak}
+                "ctx_size": server.ctx_size, "peak_resident_bytes": peak, "weight_repacking": repack}

@@ -136,6 +136,11 @@ class Divergence:
     kl: list[list[float]]
     top: list[list[bool]]
 
+    def summary(self, after: int) -> dict:
+        """Pooled KL and same-top-token over the positions after the first `after`, with intervals."""
+        return {"kl": pooled([row[after:] for row in self.kl]).to_dict(5),
+                "top_match": pooled([[float(t) for t in row[after:]] for row in self.top]).to_dict()}
+
 
 def divergence(engine: Engine, prompts: Seq[list[int]], references: Seq[Reference], skip: SkipParams,
                batch_size: int, after_batch: Callable[[], None] | None = None,

@@ -33,9 +33,9 @@ def register(commands) -> None:
     parser.add_argument("--from-eval", action="append", default=[], metavar="EVAL_JSON",
                         help="add a row METHOD@TARGET for every setting of an `ffnskip eval qa|agreement --json` "
                              "output, with exactly its parameters; repeatable")
-    parser.add_argument("--dtypes", help="comma-separated precisions, each a set of rows (e.g. float32,bfloat16); "
-                                         "default: --dtype. Rows other than float32 report their dense greedy "
-                                         "tokens' agreement with float32")
+    parser.add_argument("--dtypes", help="comma-separated precisions, each a set of rows (e.g. float32,bfloat16,int8; "
+                                         "int8: int8 weight matrices, float32 activations); default: --dtype. Rows "
+                                         "other than float32 report their dense greedy tokens' agreement with float32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine's decode segments as AOTInductor packages (compiled once per model and "
                              "precision into $FFNSKIP_CACHE/compiled, loaded after; the time is reported, not timed)")
@@ -59,6 +59,11 @@ def register(commands) -> None:
     service.add_argument("--peer-threads", type=int, metavar="N",
                          help="llama-server's threads (with --peer llama-server); default: torch's thread count in "
                               "this process, which the decoder's own default matches on the same machine")
+    service.add_argument("--peer-gguf", choices=("f32", "bf16", "q8_0"),
+                         help="the GGUF precision llama-server runs (with --peer llama-server); default: --dtype's. "
+                              "q8_0 is llama.cpp's int8 format, the peer of a decoder with FFNSKIP_WEIGHTS=int8. Given, "
+                              "the greedy check is reported, not enforced: two roundings of the same weights may part "
+                              "at the first token")
     service.add_argument("--metrics-url", metavar="URL",
                          help="the decoder's Prometheus endpoint (http://HOST:PORT/metrics): report its resident "
                               "memory after the service rows")
@@ -123,6 +128,7 @@ def service_options(args: argparse.Namespace) -> ServiceBenchOptions:
                                policies=tuple(args.service_policies.split(",")),
                                requests_per_level=args.requests_per_level, timeout_s=args.timeout, api_key=args.api_key,
                                llama_server=args.peer == SERVER_PEER, peer_threads=args.peer_threads,
+                               peer_gguf=args.peer_gguf,
                                metrics_url=args.metrics_url, engine_baseline=args.engine_baseline, json=args.json)
 
 

@@ -46,7 +46,7 @@ from torch.export import Dim
 
 from ffnskip.engine import layers as layers_module
 from ffnskip.engine import segments as segments_module
-from ffnskip.engine.layers import FusedLayer, Head, blocked
+from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
 from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
@@ -54,11 +54,13 @@ from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, f
 PACKAGE_FORMAT = 3
 KINDS = ("attention", "ffn", "head")
 # The parameters each kind of segment reads, in the order they follow its other inputs
-# (those a model lacks, like Llama's biases, are left out).
+# (those a model lacks, like Llama's biases, are left out; the scales only int8 matrices have).
 WEIGHTS = {
-    "attention": ("input_norm.weight", "qkv_weight", "qkv_bias", "o_proj.weight", "o_proj.bias"),
-    "ffn": ("post_norm.weight", "gate_up_weight", "down_proj.weight", "down_proj.bias"),
-    "head": ("final_norm.weight", "lm_head.weight", "lm_head.bias"),
+    "attention": ("input_norm.weight", "qkv_weight", "qkv_scale", "qkv_bias", "o_proj.weight", "o_proj.weight_scale",
+                  "o_proj.bias"),
+    "ffn": ("post_norm.weight", "gate_up_weight", "gate_up_scale", "down_proj.weight", "down_proj.weight_scale",
+            "down_proj.bias"),
+    "head": ("final_norm.weight", "lm_head.weight", "lm_head.weight_scale", "lm_head.bias"),
 }
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
@@ -89,11 +91,11 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(buckets) + (max_batch,)
 
 
-def package_key(fingerprint: str, dtype: torch.dtype, device: torch.device, autotune: bool) -> str:
+def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torch.device, autotune: bool) -> str:
     """Everything a compiled package depends on besides its segment and bucket."""
     digest = hashlib.sha256()
     target = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-    for part in (fingerprint, str(dtype), torch.__version__, target, str(autotune), str(PACKAGE_FORMAT)):
+    for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT)):
         digest.update(part.encode() + b"\0")
     for module in (segments_module, layers_module):  # the code traced into a package
         digest.update(Path(str(module.__file__)).read_bytes())
@@ -112,6 +114,11 @@ def decode_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
     of once it runs on these copies alone)."""
     params = {name: param.detach() for name, param in module.named_parameters()}
     return [blocked(params[name]) if params[name].dim() == 2 else params[name].clone() for name in names]
+
+
+def weights_format(layer: FusedLayer) -> str:
+    """"int8" when the layer's matrices are quantised (layers.quantise_matrices), else "full"."""
+    return "int8" if scale_of(layer, "gate_up_weight") is not None else "full"
 
 
 def load_package(path: Path) -> PackageRun:
@@ -175,13 +182,15 @@ class CompiledSegments:
     def __init__(self, layers: Seq[FusedLayer], head: Head, target: CompileTarget) -> None:
         self.layers, self._head = layers, head
         self.buckets = batch_buckets(target.max_batch)
-        weight = head.lm_head.weight
+        weight = head.final_norm.weight  # in the activations' precision, whatever the matrices' format
         self.device, self.dtype = weight.device, weight.dtype
         # Autotuning (the micro-GEMM) in float32 only: its bfloat16 kernels produced wrong tokens
         # on an AVX2 CPU without native bf16 (greedy text diverged at token 2); freezing alone is
         # exact there.
         self.autotune = self.dtype == torch.float32
-        self.directory = Path(target.directory) / package_key(target.fingerprint, self.dtype, self.device, self.autotune)
+        self.weights = weights_format(layers[0])
+        self.directory = Path(target.directory) / package_key(target.fingerprint, self.dtype, self.weights, self.device,
+                                                              self.autotune)
         with torch.inference_mode():  # like every decode input
             self._all_rows = {b: torch.ones(b, 1, 1, dtype=torch.bool, device=self.device) for b in self.buckets}
         self._runners: dict[tuple[int, str], PackageRun] = {}

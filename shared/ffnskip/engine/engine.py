@@ -23,7 +23,7 @@ from ffnskip.engine.results import GenerationResult, TokenEvent
 from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.scheduler import Scheduler
 from ffnskip.engine.sequence import IncrementalDetokenizer, Sequence, Teacher
-from ffnskip.engine.stats import SkipStats, weight_bytes
+from ffnskip.engine.stats import SkipStats
 from ffnskip.engine.steps import StepExecutor
 from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.errors import InvalidArgument
@@ -43,7 +43,7 @@ class Engine:
         if runner is None:
             target = (CompileTarget(max_batch, loaded.cache_dir / "compiled", loaded.fingerprint, eager_until_warm)
                       if compile else None)
-            runner = ModelRunner(loaded.model, target)
+            runner = ModelRunner(loaded.model, target, loaded.weights)
         self.runner = runner
         self.num_layers = runner.num_layers
         self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
@@ -51,7 +51,7 @@ class Engine:
         self.scheduler: Scheduler[Sequence] = Scheduler(self.cache, prefill_chunk)
         self.executor = StepExecutor(runner, self.cache)
         self.planner = self.executor.planner
-        self.weight_bytes = weight_bytes(loaded.model)
+        self.weight_bytes = runner.weight_bytes()
         self.eos_ids = eos_ids(loaded)
 
     def warm_up(self, batch_sizes: Seq[int], on_compiled: Callable[[], None] | None = None) -> float:

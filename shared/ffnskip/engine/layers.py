@@ -7,7 +7,8 @@ because their weights become views into the fused tensors (no extra memory).
 The HF model's norms are reused as they are, so variants (Llama 3 rope scaling,
 Qwen2 biases) need no code here. Every matmul goes through `project`, which also takes
 a weight in the blocked layout of the compiled segments (compiled.py swaps those in
-while tracing). Compiled packages hash this file's source: what changes here is recompiled.
+while tracing), in the activations' precision or as int8 with a scale per output
+(`quantise`). Compiled packages hash this file's source: what changes here is recompiled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 BLOCK = 16  # output columns per block of a blocked weight
+# An int8 product over at most this many rows runs as a multiply-and-reduce that converts each
+# weight where it is read (compiled; at 1-4 rows it reads a quarter of float32's bytes and takes
+# 0.3-0.7 of its time on 2 AVX-512 cores). Over more rows the library's batched GEMM reuses each
+# weight across the rows, and the matrix is converted for it a slice at a time, each slice small
+# enough to stay in a core's cache between its conversion and its product: converted whole, the
+# float32 copy went through memory and the FFN took 1.4x float32's time at 16 rows; in slices
+# 0.96x, the LM head 0.82x.
+INT8_REDUCED_ROWS = 4
+CONVERTED_SLICE_BYTES = 1 << 20
 
 
 def blocked(weight: torch.Tensor) -> torch.Tensor:
@@ -32,16 +42,41 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(-1, BLOCK, k).transpose(1, 2).contiguous()
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (int8 blocked [ceil(N / BLOCK), K, BLOCK], float32 scale [ceil(N / BLOCK), 1, BLOCK]):
+    symmetric, one scale per output row (max |w| / 127), so the scale multiplies the product's
+    output and never enters the reduction. Weight-only: activations keep their precision."""
+    rows = weight.detach().float()
+    scale = rows.abs().amax(dim=1) / 127
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    values = torch.round(rows / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return blocked(values), blocked(scale[:, None]).reshape(-1, 1, BLOCK)
+
+
+def dequantised(weight: torch.Tensor) -> torch.Tensor:
+    """The [N, K] float32 matrix that `quantise(weight)` stands for: a model whose matrices are
+    replaced by these computes what an int8 engine of it computes, to float rounding."""
+    values, scale = quantise(weight)
+    return (values.float() * scale).transpose(1, 2).reshape(-1, weight.shape[1])[:weight.shape[0]]
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias -> [..., n]. A [N, K] weight is F.linear; a blocked one is one batched
     matmul over its blocks, or, compiled at a single row, a multiply-and-reduce that Inductor
     vectorises itself (faster than a library GEMV on a CPU, and as fast as a prepacked frozen
     weight). Run eagerly, that product would be materialised whole (the LM head's is 113 MB for
-    SmolLM2): eager code takes the batched matmul at one row too."""
+    SmolLM2): eager code takes the batched matmul at one row too. `scale`: the weight is int8
+    (`quantise`); compiled over few rows the reduction converts each weight as it reads it."""
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if scale is not None and compiling and rows.shape[0] <= INT8_REDUCED_ROWS:
+        blocks = _row_times_blocks(rows, weight) * scale
+    elif scale is not None:
+        blocks = _times_converted_slices(rows, weight) * scale
+    elif rows.shape[0] == 1 and compiling:
         blocks = _row_times_blocks(rows, weight)
     else:
         blocks = torch.matmul(rows[None], weight)  # [N / BLOCK, rows, BLOCK]
@@ -51,32 +86,44 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n:
     return out.reshape(*x.shape[:-1], n)
 
 
-def _row_times_blocks(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row [1, K] times each block [K, BLOCK] of `weight` -> [N / BLOCK, 1, BLOCK], written for
-    Inductor's CPU code: it vectorises a block's outputs in a loop outside the reduction over K,
-    so a block wider than one vector was read in as many passes (each over a strided part of
-    every cache line). One reduction per vector's width of outputs, over the same range, fuses
-    into one loop with an accumulator each that reads every line once (on AVX2, 8 floats a
-    vector: a 3072 x 576 GEMV took 16% less time, the LM head 13%)."""
-    lanes = _vector_lanes(weight)
-    parts = [(row[None, :, :, None] * weight[:, None, :, start:start + lanes]).sum(2)
+def _row_times_blocks(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [R, K] times each block [K, BLOCK] of `weight` -> [N / BLOCK, R, BLOCK] in the rows'
+    precision (an int8 weight is converted where it is read), written for Inductor's CPU code:
+    it vectorises a block's outputs in a loop outside the reduction over K, so a block wider
+    than one vector was read in as many passes (each over a strided part of every cache line).
+    One reduction per vector's width of outputs, over the same range, fuses into one loop with
+    an accumulator each that reads every line once (on AVX2, 8 floats a vector: a 3072 x 576
+    GEMV took 16% less time, the LM head 13%)."""
+    lanes = _vector_lanes(rows.dtype, weight)
+    parts = [(rows[None, :, :, None] * weight[:, None, :, start:start + lanes].to(rows.dtype)).sum(2)
              for start in range(0, weight.shape[-1], lanes)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def _vector_lanes(weight: torch.Tensor) -> int:
-    """Elements of the weight's dtype per vector register of this CPU (a whole block elsewhere)."""
+def _times_converted_slices(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [R, K] times the blocks of an int8 `weight`, converted to the rows' precision a slice
+    of blocks at a time (CONVERTED_SLICE_BYTES each) -> [N / BLOCK, R, BLOCK]."""
+    per_block = weight.shape[1] * weight.shape[2] * rows.element_size()
+    step = max(1, CONVERTED_SLICE_BYTES // per_block)
+    return torch.cat([torch.matmul(rows[None], weight[start:start + step].to(rows.dtype))
+                      for start in range(0, weight.shape[0], step)])
+
+
+def _vector_lanes(dtype: torch.dtype, weight: torch.Tensor) -> int:
+    """Elements of `dtype` per vector register of this CPU (a whole block elsewhere)."""
     if weight.device.type != "cpu":
         return weight.shape[-1]
     # local: only tracing asks, and importing Inductor costs every process that loads a model
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()  # false when this CPU has no vector unit Inductor knows
-    return isa.nelements(weight.dtype) if isa else weight.shape[-1]
+    return isa.nelements(dtype) if isa else weight.shape[-1]
 
 
 class FusedLayer(nn.Module):
     """One decoder layer with fused q/k/v and gate/up weights (views shared with the HF modules)."""
+
+    MATRICES = ("qkv_weight", "o_proj.weight", "gate_up_weight", "down_proj.weight")
 
     def __init__(self, layer: Any, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         """`layer`: a transformers Llama-family decoder layer (its submodules are read by name)."""
@@ -108,7 +155,8 @@ class FusedLayer(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, D] -> rotated q [B, H, T, hd], k and v [B, KV, T, hd]."""
         batch, length, _ = x.shape
-        qkv = project(self.input_norm(x), self.qkv_weight, self.qkv_bias, self.q_size + 2 * self.kv_size)
+        qkv = project(self.input_norm(x), self.qkv_weight, self.qkv_bias, self.q_size + 2 * self.kv_size,
+                      scale_of(self, "qkv_weight"))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -126,11 +174,13 @@ class FusedLayer(nn.Module):
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """The attention's output projection."""
-        return project(attn, self.o_proj.weight, self.o_proj.bias, self.hidden_size)
+        return project(attn, self.o_proj.weight, self.o_proj.bias, self.hidden_size, scale_of(self, "o_proj.weight"))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self.post_norm(h), self.gate_up_weight, None, self.gate_up_size).chunk(2, dim=-1)
-        return project(self.act(gate) * up, self.down_proj.weight, self.down_proj.bias, self.hidden_size)
+        gate, up = project(self.post_norm(h), self.gate_up_weight, None, self.gate_up_size,
+                           scale_of(self, "gate_up_weight")).chunk(2, dim=-1)
+        return project(self.act(gate) * up, self.down_proj.weight, self.down_proj.bias, self.hidden_size,
+                       scale_of(self, "down_proj.weight"))
 
 
 def _fuse(linears: list[Any], name: str = "weight") -> nn.Parameter:
@@ -144,6 +194,28 @@ def _fuse(linears: list[Any], name: str = "weight") -> nn.Parameter:
     return fused
 
 
+def scale_name(name: str) -> str:
+    """The parameter holding the scales of the int8 matrix `name` (qkv_weight -> qkv_scale,
+    o_proj.weight -> o_proj.weight_scale)."""
+    return name.removesuffix("_weight") + "_scale" if name.endswith("_weight") else name + "_scale"
+
+
+def scale_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The scales of matrix `name` of `module` when it is int8, else None."""
+    owner, _, attr = scale_name(name).rpartition(".")
+    return getattr(module.get_submodule(owner), attr, None)
+
+
+def quantise_matrices(module: FusedLayer | Head) -> None:
+    """Hold `module`'s matrices as int8 blocked weights with their scales (`quantise`), letting
+    the full-precision ones go."""
+    weights: dict[str, torch.Tensor] = {}
+    for name in module.MATRICES:
+        values, scale = quantise(module.get_parameter(name))
+        weights[name], weights[scale_name(name)] = values, scale
+    module.adopt(weights)
+
+
 def adopt(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Make each named parameter of `module` the given tensor (a matrix may change its layout:
     `project` reads either)."""
@@ -155,10 +227,18 @@ def adopt(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 class Head(nn.Module):
     """The final norm and the LM head."""
 
+    MATRICES = ("lm_head.weight",)
+
     def __init__(self, final_norm: Any, lm_head: Any) -> None:
         super().__init__()
         self.final_norm, self.lm_head = final_norm, lm_head
         self.vocab_size = int(lm_head.weight.shape[0])
 
+    def adopt(self, weights: dict[str, torch.Tensor]) -> None:
+        """Read `weights` (parameter name -> tensor) from now on (a tied LM head stops sharing
+        the embedding's matrix)."""
+        adopt(self, weights)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.final_norm(x[:, -1]), self.lm_head.weight, self.lm_head.bias, self.vocab_size)
+        return project(self.final_norm(x[:, -1]), self.lm_head.weight, self.lm_head.bias, self.vocab_size,
+                       scale_of(self, "lm_head.weight"))

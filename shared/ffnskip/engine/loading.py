@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from ffnskip.config import WEIGHT_FORMATS
 from ffnskip.engine.prepare import EMBEDDED_MODELS, prepare_embedded
 from ffnskip.errors import InvalidArgument, NotFound
 
@@ -38,6 +39,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     cache_dir: Path  # prepared models, weight-file digests and compiled decode segments live under it
+    weights: str = "full"  # the matrices' format in an engine (WEIGHT_FORMATS): full (dtype) or int8
 
     @property
     def num_layers(self) -> int:
@@ -60,6 +62,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_weights(weights: str, device: torch.device) -> str:
+    """"auto": int8 matrices on a CPU, where a decode step's time is the reading of its weights and
+    int8 reads a quarter of float32's bytes; the dtype's on a GPU."""
+    if weights == "auto":
+        return "int8" if device.type == "cpu" else "full"
+    if weights not in WEIGHT_FORMATS:
+        raise InvalidArgument("weights", f"must be auto or one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    return weights
 
 
 def resolve_path(spec: str, cache_dir: Path) -> tuple[str, str | None]:
@@ -103,9 +115,11 @@ def check_architecture(config) -> None:
         )
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_dir: Path) -> LoadedModel:
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_dir: Path,
+               weights: str = "full") -> LoadedModel:
     """Load a Llama-family causal LM for the skip engine; `cache_dir` (ffnskip.settings.cache_root)
-    holds prepared embedded models, weight-file digests and compiled decode segments."""
+    holds prepared embedded models, weight-file digests and compiled decode segments. `weights`:
+    the format an engine holds the matrices in (resolve_weights); the model itself loads in `dtype`."""
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in service logs
     directory, gguf_file = resolve_path(spec, cache_dir)
@@ -113,6 +127,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_di
     check_architecture(config)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    weights = resolve_weights(weights, torch_device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
@@ -132,6 +147,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", *, cache_di
         dtype=torch_dtype,
         load_seconds=time.perf_counter() - started,
         cache_dir=cache_dir,
+        weights=weights,
     )
 
 

@@ -6,7 +6,7 @@ sampled tokens came back as symbolic integers). So a server compiles in a child 
 writes the packages into the shared compile cache (each written atomically, compiled.py), and
 loads each batch bucket once the child reports it complete; its own torch never traces.
 
-    python -m ffnskip.engine.precompile --model PATH --dtype float32 --device cpu \
+    python -m ffnskip.engine.precompile --model PATH --dtype float32 --weights int8 --device cpu \
         --max-batch 16 --cache-dir DIR
 
 prints one JSON line per compiled package ({"package": done}) and per complete bucket
@@ -30,7 +30,7 @@ from ffnskip.engine.loading import LoadedModel, load_model
 def compile_in_child(loaded: LoadedModel, max_batch: int) -> Iterator[dict]:
     """Run the child for `loaded`'s model and yield its events; raises RuntimeError if it fails."""
     command = [sys.executable, "-m", "ffnskip.engine.precompile", "--model", loaded.path,
-               "--dtype", str(loaded.dtype).removeprefix("torch."), "--device", str(loaded.device),
+               "--dtype", str(loaded.dtype).removeprefix("torch."), "--weights", loaded.weights, "--device", str(loaded.device),
                "--max-batch", str(max_batch), "--cache-dir", str(loaded.cache_dir)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout is not None
@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="compile a model's decode segments into the compile cache")
     parser.add_argument("--model", required=True, help="a model spec or directory (load_model)")
     parser.add_argument("--dtype", required=True)
+    parser.add_argument("--weights", default="full")
     parser.add_argument("--device", required=True)
     parser.add_argument("--max-batch", type=int, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, weights=args.weights)
     # a KV cache of a few positions: the packages' cache dimensions are dynamic
     engine = Engine(loaded, max_batch=args.max_batch, max_seq_len=16, compile=True)
     segments = engine.runner.segments

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffnskip.engine.compiled import CompiledSegments, CompileTarget
+from ffnskip.config import WEIGHT_FORMATS
+from ffnskip.engine.compiled import WEIGHTS, CompiledSegments, CompileTarget
 from ffnskip.engine.kv_cache import KVCache
-from ffnskip.engine.layers import FusedLayer, Head, adopt
+from ffnskip.engine.layers import FusedLayer, Head, adopt, quantise_matrices
 from ffnskip.engine.policies import FfnRows, StepSkips
 from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
+from ffnskip.engine.stats import WeightBytes
 from ffnskip.engine.substitutes import SubstituteSet, compensate
 
 
@@ -33,9 +35,13 @@ class ModelRunner:
     """Prefill prompt chunks into their cache rows; decode a batch of rows under their skip policies.
 
     `compiled`: run the decode segments as AOTInductor packages built (or loaded) for that
-    target; None runs them eagerly."""
+    target; None runs them eagerly. `weights`: "full" keeps the matrices in the model's precision;
+    "int8" holds them as int8 with a scale per output (layers.quantise) for every forward, prefill
+    and decode, and lets the model's own go (its HF modules cannot run afterwards)."""
 
-    def __init__(self, hf_model: Any, compiled: CompileTarget | None = None) -> None:
+    def __init__(self, hf_model: Any, compiled: CompileTarget | None = None, weights: str = "full") -> None:
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         config = hf_model.config
         inner = hf_model.model
         self.config = config
@@ -51,6 +57,13 @@ class ModelRunner:
         self.num_layers = len(self.layers)
         weight = hf_model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.weights = weights
+        if weights == "int8":
+            with torch.inference_mode():
+                for layer in self.layers:
+                    quantise_matrices(layer)
+                quantise_matrices(self.head)
+            _return_freed_memory()
         self.segments: Segments = (EagerSegments(self.layers, self.head) if compiled is None
                                    else CompiledSegments(self.layers, self.head, compiled))
         self._positions = torch.arange(256, device=self.device)
@@ -80,6 +93,12 @@ class ModelRunner:
         del before
         _return_freed_memory()
         return released
+
+    def weight_bytes(self) -> WeightBytes:
+        """FFN and total bytes of weights a dense decode step reads, as this runner holds them."""
+        ffn = sum(_nbytes(p) for layer in self.layers for name, p in layer.named_parameters() if name in WEIGHTS["ffn"])
+        total = sum(_nbytes(p) for module in (*self.layers, self.head) for p in module.parameters())
+        return WeightBytes(ffn=ffn, total=total)
 
     def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         return KVCache(self.num_layers, max_batch, self.num_kv_heads, max_seq_len, self.head_dim, self.device, self.dtype)
@@ -232,6 +251,10 @@ def _compensate_positions(index: int, layer: FusedLayer, h: torch.Tensor, x: tor
         if chosen is not None and index in chosen and not bool(keep[i].all()):
             x[i] = x[i] + chosen[index](layer.post_norm(h[i])) * (1 - keep[i])[:, None]
     return x
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def causal_mask(keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
