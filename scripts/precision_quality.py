@@ -8,6 +8,8 @@ Float32 greedy dense answers the prompts; each precision is teacher-forced on th
 answers greedily itself (relative NLL of its answers under float32 dense, and the share of its
 tokens equal to float32's). Precisions: bfloat16 (activations and weights), int8 (int8 weight
 matrices with a scale per output row, float32 activations: what `FFNSKIP_WEIGHTS=int8` serves),
+w8a8 (the same matrices, each product's activations rounded to int8 with a scale per row:
+`FFNSKIP_WEIGHTS=w8a8`),
 and Q8_0 rounding in float32 (llama.cpp's int8 format, blocks of 32 inputs) as the reference.
 """
 
@@ -34,7 +36,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--warm-up", type=int, default=16, help="tokens not counted (as the quality budget counts)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--precisions", default="int8,bfloat16,q8_0")
+    parser.add_argument("--precisions", default="w8a8,int8,bfloat16,q8_0")
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args()
     cache, after = cache_root(os.environ), args.warm_up
@@ -43,7 +45,7 @@ def main() -> int:
     def engine(precision: str) -> Engine:
         dtype = "bfloat16" if precision == "bfloat16" else "float32"
         loaded = load_model(args.model, device="cpu", dtype=dtype, cache_dir=cache,
-                            weights="int8" if precision == "int8" else "full")
+                            weights=precision if precision in ("int8", "w8a8") else "full")
         if precision == "q8_0":
             round_model_linears(loaded.model, "q8_0")
         return Engine(loaded, max_batch=args.batch, max_seq_len=1024)

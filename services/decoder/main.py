@@ -42,7 +42,7 @@ def build_engine(settings: DecoderSettings) -> Engine:
     log.info("model loaded", model=settings.model_name, fingerprint=loaded.fingerprint, device=str(loaded.device),
              dtype=str(loaded.dtype), weights=loaded.weights, seconds=round(loaded.load_seconds, 2))
     return Engine(loaded, max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, compile=settings.compile,
-                  eager_until_warm=True, prefill_chunk=settings.prefill_chunk or None)
+                  eager_until_warm=True, prefill_chunk=settings.prefill_chunk or None, prompt_cache=settings.prompt_cache)
 
 
 def load_compiled_segments(engine_loop: EngineLoop, max_batch: int) -> None:
@@ -87,6 +87,7 @@ async def serve(settings: DecoderSettings) -> None:
     engine_loop = EngineLoop(partial(build_engine, settings), settings.max_queue, on_result=metrics.finished,
                              on_step=metrics.stepped)
     loaded = engine_loop.start().loaded
+    metrics.watch_prompt_cache(engine_loop.engine.scheduler.prompt_cache)
     if settings.compile:  # the decoder serves eagerly meanwhile; each batch bucket runs compiled once loaded
         threading.Thread(target=load_compiled_segments, args=(engine_loop, settings.max_batch), name="compile",
                          daemon=True).start()

@@ -3,11 +3,14 @@ autoscaler, and the per-pod token and skip counters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from ffnskip.engine import GenerationResult
+from ffnskip.engine.prompt_cache import PromptCache
 
 PREFIX = "ffnskip:"
 
@@ -62,6 +65,11 @@ class DecoderMetrics:
         self._engine.info({"device": device, "dtype": dtype, "weights": weights})
         self._weight_bytes.set(weight_bytes)
 
+    def watch_prompt_cache(self, cache: PromptCache | None) -> None:
+        """Export the engine's prompt cache counters (none when it has no prompt cache)."""
+        if cache is not None:
+            self.registry.register(PromptCacheCollector(self.model_name, cache))
+
     def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)
 
@@ -78,3 +86,21 @@ class DecoderMetrics:
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class PromptCacheCollector(Collector):
+    """The prompt cache's counters, read at each scrape (plain ints the engine thread adds to)."""
+
+    COUNTERS = (("hits", "Requests prefilled after a prefix a cache row held."),
+                ("misses", "Requests prefilled from their first token."),
+                ("evictions", "Kept prompt rows overwritten."),
+                ("reused_tokens", "Prompt tokens not prefilled thanks to the prompt cache."))
+
+    def __init__(self, model_name: str, cache: PromptCache) -> None:
+        self.model_name, self.cache = model_name, cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, text in self.COUNTERS:
+            family = CounterMetricFamily(f"{PREFIX}prompt_cache_{name}", text, labels=["model_name"])
+            family.add_metric([self.model_name], getattr(self.cache.stats, name))
+            yield family

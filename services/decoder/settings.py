@@ -25,6 +25,7 @@ ENV_VARS = (
     "FFNSKIP_OVERRIDE_MAX_SKIP", "FFNSKIP_OVERRIDE_MIN_WARM_UP", "FFNSKIP_OVERRIDE_MIN_QUORUM",
     "FFNSKIP_SKIP_POLICY", "FFNSKIP_ALIGNED_QUORUM", "FFNSKIP_LOG_LEVEL",
     "FFNSKIP_METRICS_HOST", "FFNSKIP_METRICS_PORT", "FFNSKIP_THREADS", "FFNSKIP_PREFILL_CHUNK",
+    "FFNSKIP_PROMPT_CACHE",
 ) + REDIS_ENV_VARS
 
 
@@ -73,6 +74,7 @@ class DecoderSettings:
     metrics_port: int  # Prometheus /metrics; 0 = off (several local decoders would collide)
     threads: int  # torch's CPU threads; 0 = torch's default (every core of the host, not the pod's CPU limit)
     prefill_chunk: int  # prompt tokens an engine step prefills at most; 0 = every admitted prompt whole
+    prompt_cache: bool  # keep finished requests' prompts in the free cache rows (engine/prompt_cache.py)
     redis: RedisSettings
 
     @classmethod
@@ -119,5 +121,6 @@ class DecoderSettings:
             threads=env.integer("FFNSKIP_THREADS", 0, minimum=0),
             # about 4 short chat prompts: a forward of 0.3-0.4 s for SmolLM2-135M fp32 on 2 CPU cores
             prefill_chunk=env.integer("FFNSKIP_PREFILL_CHUNK", 128, minimum=0),
+            prompt_cache=env.flag("FFNSKIP_PROMPT_CACHE", True),
             redis=RedisSettings.from_env(environ),
         )

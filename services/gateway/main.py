@@ -118,7 +118,7 @@ async def build(settings: GatewaySettings) -> Gateway:
                                   settings.discovery_stale_s, on_change=on_change)
     timeouts = Timeouts(settings.attempt_timeout_s, settings.first_token_timeout_s, settings.stall_timeout_s)
     proxy = Proxy(Router(discovery, settings.quarantine_s), pool, telemetry, settings.max_attempts, timeouts,
-                  resume=settings.stream_resume)
+                  resume=settings.stream_resume, affinity=settings.conversation_affinity)
     sampler = PromptSampler(redis_client, settings.prompt_sample_rate, settings.prompt_sample_stream,
                             settings.prompt_sample_maxlen)
     servicer = GatewayServicer(proxy, sampler, settings.max_new_tokens, fleet, flusher)

@@ -44,6 +44,9 @@ from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
 log = get_logger(__name__)
 
 
+# the start of a plain prompt that names its conversation (a completion client resending a growing prompt)
+AFFINITY_PROMPT_CHARS = 256
+
 class UpstreamError(Exception):
     """A decoder's error status, passed on to the client (code, message, trailers)."""
 
@@ -90,13 +93,14 @@ Commit = Callable[[str], Awaitable[None]]
 class Proxy:
     def __init__(self, router: Router, pool: ChannelPool, telemetry: Telemetry, max_attempts: int,
                  timeouts: Timeouts = Timeouts(), clock: Callable[[], float] = time.monotonic,
-                 resume: bool = True) -> None:
+                 resume: bool = True, affinity: bool = True) -> None:
         self.router = router
         self.pool = pool
         self.telemetry = telemetry
         self.max_attempts = max_attempts
         self.timeouts = timeouts
         self.resume = resume  # continue a stream that failed mid-way on another pod (FFNSKIP_STREAM_RESUME)
+        self.affinity = affinity  # a conversation to the pod that served it (FFNSKIP_CONVERSATION_AFFINITY)
         self._clock = clock
 
     async def stream(
@@ -115,7 +119,8 @@ class Proxy:
         failed_mid_stream: str | None = None  # the pod a resume takes over from
         try:
             for attempt in range(1, self.max_attempts + 1):
-                endpoint = self._choose(model, tried, failures, relayed)
+                endpoint = self._choose(model, tried, failures, relayed,
+                                        conversation_affinity(request) if self.affinity else None)
                 decoder = endpoint.decoder_id
                 tried.add(decoder)
                 if not relayed.chunks:  # pinned by the pod that will pass on the first token
@@ -160,7 +165,8 @@ class Proxy:
             self.telemetry.error(label_model, decoder, code_of(exc).name)
             raise
 
-    def _choose(self, model: str, tried: set[str], failures: list[Retry], relayed: Relayed) -> Endpoint:
+    def _choose(self, model: str, tried: set[str], failures: list[Retry], relayed: Relayed,
+                affinity: str | None) -> Endpoint:
         if relayed.chunks:  # a resume: a pod serving the profile version the stream started with
             try:
                 return self.router.choose(model, tried, relayed.profile_version)
@@ -169,7 +175,7 @@ class Proxy:
                             profile_version=relayed.profile_version)
                 raise _incomplete(relayed, failures, resumable=True) from None
         try:
-            return self.router.choose(model, tried)
+            return self.router.choose(model, tried, affinity=affinity)
         except errors.Unavailable:
             if failures:
                 raise _gave_up(model, failures) from None
@@ -264,6 +270,19 @@ _CALLER_FACING = {
     grpc.StatusCode.CANCELLED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNAUTHENTICATED,
 }
+
+
+def conversation_affinity(request: generation_pb2.GenerateRequest) -> str | None:
+    """What keeps a conversation on one pod (routing.pick): its first chat message (a system prompt
+    or the first question: a chat resends it every turn), else the start of a plain prompt or of
+    its token ids."""
+    if request.messages:
+        return f"{request.messages[0].role}\0{request.messages[0].content}"
+    if request.prompt:
+        return request.prompt[:AFFINITY_PROMPT_CHARS]
+    if request.prompt_token_ids:
+        return ",".join(map(str, request.prompt_token_ids[:AFFINITY_PROMPT_CHARS // 4]))
+    return None
 
 
 def _retry_for(err: grpc.aio.AioRpcError, refusal_of_resume: bool) -> Retry | None:

@@ -6,10 +6,17 @@ Least load is the gateway's own in-flight count per decoder (it is exact and cur
 the load a decoder reports with its heartbeat lags by a heartbeat), tie-broken by that
 reported load. Exact ties rotate with `rotation`, so sequential traffic on an idle fleet
 spreads over the pods instead of always landing on the first id.
+
+A request with an `affinity` (its conversation's first message: a chat resending itself, or
+users sharing a system prompt) goes to the pod that highest-random-weight hashing gives that
+key, among the pods within AFFINITY_SLACK requests of the least loaded: the pod whose prompt
+cache holds the conversation gets it again while it is healthy and not much busier, and a
+pod leaving moves only its own conversations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -17,6 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffnskip import errors
+
+# requests in flight a pod may have beyond the least loaded one and still take its conversations:
+# a prompt cache hit saves a prefill of the whole conversation; each request in flight slows a
+# pod's every step a little
+AFFINITY_SLACK = 2
 
 if TYPE_CHECKING:  # discovery builds Endpoints: a runtime import would be a circle
     from services.gateway.discovery import Discovery
@@ -66,9 +78,11 @@ def pick(
     exclude: Collection[str] = (),
     rotation: int = 0,
     profile_version: int | None = None,
+    affinity: str | None = None,
 ) -> Endpoint | None:
     """The endpoint for the next request of `model` (of `profile_version`, when given), or None
-    when none may take it."""
+    when none may take it; with `affinity`, its pod among the nearly least loaded (the module's
+    docstring)."""
     candidates = routable(endpoints, model, now, exclude, profile_version)
     if not candidates:
         return None
@@ -76,9 +90,18 @@ def pick(
     def key(e: Endpoint) -> tuple[int, float]:
         return (in_flight.get(e.decoder_id, 0), e.load)
 
+    if affinity:
+        least = min(in_flight.get(e.decoder_id, 0) for e in candidates)
+        near = [e for e in candidates if in_flight.get(e.decoder_id, 0) <= least + AFFINITY_SLACK]
+        return max(near, key=lambda e: _weight(affinity, e.decoder_id))
     best = min(key(e) for e in candidates)
     tied = sorted((e for e in candidates if key(e) == best), key=lambda e: e.decoder_id)
     return tied[rotation % len(tied)]
+
+
+def _weight(affinity: str, decoder_id: str) -> bytes:
+    """The pod's random weight for a key (highest-random-weight hashing)."""
+    return hashlib.sha256(f"{affinity}\0{decoder_id}".encode()).digest()
 
 
 class Router:
@@ -99,8 +122,10 @@ class Router:
     def serves(self, model: str) -> bool:
         return bool(self.live(model))
 
-    def choose(self, model: str, tried: set[str], profile_version: int | None = None) -> Endpoint:
-        """A pod for `model` not in `tried` (serving `profile_version`, when given)."""
+    def choose(self, model: str, tried: set[str], profile_version: int | None = None,
+               affinity: str | None = None) -> Endpoint:
+        """A pod for `model` not in `tried` (serving `profile_version`, when given; the pod of
+        `affinity` among the nearly least loaded, when given: pick)."""
         now = self._clock()
         endpoints = self.discovery.endpoints()
         if not self.serves(model):
@@ -111,9 +136,9 @@ class Router:
             raise errors.NotFound(f"model: no decoder serves {model!r}; served now: {', '.join(served)}")
         suspect = {d for d, until in self._quarantined.items() if until > now}
         rotation = next(self._rotation)
-        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation, profile_version)
+        chosen = pick(endpoints, self.in_flight, model, now, tried | suspect, rotation, profile_version, affinity)
         if chosen is None and suspect - tried:  # a suspect pod is better than none
-            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation, profile_version)
+            chosen = pick(endpoints, self.in_flight, model, now, tried, rotation, profile_version, affinity)
         if chosen is None:
             raise errors.Unavailable(f"no healthy decoder for model {model!r} right now (tried {len(tried)}); retry")
         return chosen

@@ -42,6 +42,7 @@ ENV_VARS: tuple[str, ...] = (
     "FFNSKIP_STALL_TIMEOUT_S",  # silent this long between tokens: UNAVAILABLE "incomplete" (default 10)
     "FFNSKIP_QUARANTINE_S",  # a decoder that failed or stalled gets no new requests this long (default 5)
     "FFNSKIP_STREAM_RESUME",  # a stream whose decoder fails mid-answer continues on another (default true)
+    "FFNSKIP_CONVERSATION_AFFINITY",  # a conversation returns to the pod whose prompt cache holds it (default true)
     "FFNSKIP_DISCOVERY_INTERVAL_S",  # registry refresh period (default 0.5)
     "FFNSKIP_DISCOVERY_STALE_S",  # during a Redis outage, route to last-known decoders this long (default 60)
     "FFNSKIP_MAX_NEW_TOKENS",  # cap on sampling.max_new_tokens (default 4096)
@@ -81,6 +82,7 @@ class GatewaySettings:
     stall_timeout_s: float = 10.0
     quarantine_s: float = 5.0
     stream_resume: bool = True
+    conversation_affinity: bool = True
     discovery_interval_s: float = 0.5
     discovery_stale_s: float = 60.0
     max_new_tokens: int = 4096
@@ -154,6 +156,7 @@ class GatewaySettings:
             stall_timeout_s=env.number("FFNSKIP_STALL_TIMEOUT_S", cls.stall_timeout_s),
             quarantine_s=env.number("FFNSKIP_QUARANTINE_S", cls.quarantine_s),
             stream_resume=env.flag("FFNSKIP_STREAM_RESUME", cls.stream_resume),
+            conversation_affinity=env.flag("FFNSKIP_CONVERSATION_AFFINITY", cls.conversation_affinity),
             discovery_interval_s=env.number("FFNSKIP_DISCOVERY_INTERVAL_S", cls.discovery_interval_s),
             discovery_stale_s=env.number("FFNSKIP_DISCOVERY_STALE_S", cls.discovery_stale_s),
             max_new_tokens=env.integer("FFNSKIP_MAX_NEW_TOKENS", cls.max_new_tokens),

@@ -14,8 +14,10 @@ from typing import Any
 from ffnskip.errors import InvalidArgument
 
 # The formats an engine holds its weight matrices in: "full" in the model's dtype, "int8" one byte
-# a value with a scale per output row (engine.layers.quantise).
-WEIGHT_FORMATS = ("full", "int8")
+# a value with a scale per output row (engine.layers.quantise), activations kept in the dtype;
+# "w8a8" the same int8 matrices whose products round the activations to int8 too, a scale per
+# row (engine.layers.int8_product).
+WEIGHT_FORMATS = ("full", "int8", "w8a8")
 
 
 class Policy(str, Enum):

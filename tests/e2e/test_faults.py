@@ -51,7 +51,10 @@ def prompt(n: int) -> str:
 def fault_fleet(tmp_path_factory):
     debug = {"FFNSKIP_LOG_LEVEL": "debug"}
     timeouts = {"FFNSKIP_FIRST_TOKEN_TIMEOUT_S": str(STALL_S), "FFNSKIP_STALL_TIMEOUT_S": str(STALL_S),
-                "FFNSKIP_DISCOVERY_STALE_S": str(STALE_S), "FFNSKIP_QUARANTINE_S": "30"}
+                "FFNSKIP_DISCOVERY_STALE_S": str(STALE_S), "FFNSKIP_QUARANTINE_S": "30",
+                # the scenarios place calls on pods by the least-load rotation (one after another
+                # alternate), not by their prompts' conversation (tests/e2e/test_gateway.py has that)
+                "FFNSKIP_CONVERSATION_AFFINITY": "false"}
     with two_decoder_fleet(tmp_path_factory.mktemp("faults"), debug, {**timeouts, **debug}) as (fleet, redis_server):
         fleet.redis_server = redis_server  # type: ignore[attr-defined]
         yield fleet
@@ -192,7 +195,10 @@ def test_a_decoder_killed_mid_stream_is_resumed_on_another_with_the_same_answer(
     and d3's registry entry outlives its freezes."""
     fleet = fault_fleet
     patient = {"FFNSKIP_STALL_TIMEOUT_S": "300", "FFNSKIP_KEEPALIVE_S": "300"}  # only the kill ends d3's streams
-    decoder_env = {"FFNSKIP_MODEL_NAME": RESUME_MODEL, "FFNSKIP_MAX_BATCH": "10",
+    # weight-only int8: with int8 activations (w8a8, the CPU default) a prefill and a decode step
+    # round an activation an ulp from a step boundary differently, and a resumed greedy answer may
+    # part from the uninterrupted one after the resume point (4 of 8 here; docs/performance.md)
+    decoder_env = {"FFNSKIP_MODEL_NAME": RESUME_MODEL, "FFNSKIP_MAX_BATCH": "10", "FFNSKIP_WEIGHTS": "int8",
                    "FFNSKIP_THREADS": str(threads_per_process(2)), "FFNSKIP_LOG_LEVEL": "debug"}
     victim = fleet.decoder("d3", **decoder_env, FFNSKIP_REGISTRY_TTL_S="60")
     resuming = fleet.gateway("gw-r", **patient, FFNSKIP_LOG_LEVEL="debug")

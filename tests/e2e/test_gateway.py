@@ -33,10 +33,26 @@ def test_two_decoders_share_the_load(fleet):
         # the burst's load reaches the gateway with the decoders' heartbeats: idle means reported idle
         wait_for(lambda: [d.load for d in decoders_listed(client).values()] == [0.0, 0.0], 30,
                  "both decoders to report no load after the burst")
-        sequential = [client.generate(request()).served_by for _ in range(4)]
+        # conversations, one request after another: each returns to its pod (conversation affinity),
+        # and two whose keys hash to different pods use both (an idle fleet is not one pod plus a spare)
+        homes = {prompt: home_of(prompt) for prompt in ("hello there", *(f"question {i}" for i in range(20)))}
+        first = next(p for p, home in homes.items() if home == "d1")
+        second = next(p for p, home in homes.items() if home == "d2")
+        sequential = [(p, client.generate(request(prompt=p)).served_by) for p in (first, second, first, second)]
     assert {r.served_by for r in replies} == {"d1", "d2"}
-    assert set(sequential) == {"d1", "d2"}  # an idle fleet is not one pod plus a spare
+    assert sequential == [(first, "d1"), (second, "d2"), (first, "d1"), (second, "d2")]
     assert all(r.finish_reason in ("length", "eos") and r.skip_stats.generated_tokens >= 1 for r in replies)
+
+
+def home_of(prompt: str, pods: tuple[str, ...] = ("d1", "d2")) -> str:
+    """The pod of idle ones that routing gives a one-message chat."""
+    from services.gateway.proxy import conversation_affinity
+    from services.gateway.routing import Endpoint, pick
+
+    endpoints = [Endpoint(decoder_id=d, address="", model_id=MODEL) for d in pods]
+    chosen = pick(endpoints, {}, MODEL, 0.0, affinity=conversation_affinity(request(prompt=prompt)))
+    assert chosen is not None
+    return chosen.decoder_id
 
 
 def test_auth_accepted_and_refused(fleet):
@@ -148,6 +164,11 @@ def test_gateway_restart(fleet):
 
 def test_killing_a_decoder_mid_traffic(fleet):
     doomed = fleet.decoder("d3", FFNSKIP_MAX_BATCH="1")  # one row: its other requests wait without tokens
+    # nine conversations, three of whose first messages hash to d3 (conversation affinity)
+    prompts = [f"{n}: {LONG_PROMPT}" for n in range(40)]
+    pods = ("d1", "d2", "d3")
+    prompts = ([p for p in prompts if home_of(p, pods) == "d3"][:3]
+               + [p for p in prompts if home_of(p, pods) != "d3"][:6])
     fleet.ready(doomed)
     with fleet.client() as client:
         wait_for(lambda: "d3" in decoders_listed(client), 10, "the gateway to discover d3")
@@ -158,7 +179,7 @@ def test_killing_a_decoder_mid_traffic(fleet):
         outcome = {"tokens": 0, "pod": "", "code": grpc.StatusCode.OK, "details": "", "summary": None}
         outcomes.append(outcome)
         with fleet.client() as client:
-            call = client.stream(request(max_new_tokens=180, prompt=LONG_PROMPT), timeout_s=90)
+            call = client.stream(request(max_new_tokens=180, prompt=prompts[n]), timeout_s=90)
             try:
                 for message in call:
                     if message.HasField("token"):

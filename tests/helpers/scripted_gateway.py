@@ -90,7 +90,9 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
 
 @contextlib.asynccontextmanager
 async def gateway(*fakes: FakeDecoder, max_attempts: int = 3, timeouts: Timeouts = Timeouts(attempt_s=30),
-                  resume: bool = True) -> AsyncIterator[tuple]:
+                  resume: bool = True, affinity: bool = False) -> AsyncIterator[tuple]:
+    """A gateway over the fakes, in the fakes' order (`affinity` off: the scenarios name which fake
+    a request reaches first by the routing's rotation, lowest id first)."""
     servers, endpoints = [], []
     for fake in fakes:
         server = grpc.aio.server()
@@ -102,7 +104,8 @@ async def gateway(*fakes: FakeDecoder, max_attempts: int = 3, timeouts: Timeouts
     telemetry = Telemetry()
     router = Router(StaticDiscovery(endpoints), quarantine_s=60)
     pool = ChannelPool(4 << 20, keepalive_s=20)
-    proxy = Proxy(router, pool, telemetry, max_attempts=max_attempts, timeouts=timeouts, resume=resume)
+    proxy = Proxy(router, pool, telemetry, max_attempts=max_attempts, timeouts=timeouts, resume=resume,
+                  affinity=affinity)
     front = Server(["ffnskip.v1.Gateway"])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(proxy, PromptSampler(None, 0, "s", 1), 256), front.grpc)
     port = await front.start("127.0.0.1:0")

@@ -37,3 +37,20 @@ def test_a_resumed_request_counts_only_the_tokens_generated_here(tiny_engine):
     decode = lambda name: metrics.registry.get_sample_value(  # noqa: E731
         f"ffnskip:{name}_total", {"model_name": "tiny", "policy": "static"})
     assert decode("decode_ffn_blocks") == 6 * tiny_engine.num_layers and decode("decode_ffn_blocks_skipped") == 6
+
+
+def test_the_prompt_cache_counters_are_read_at_each_scrape(tiny_loaded):
+    from ffnskip.engine import Engine
+
+    engine = Engine(tiny_loaded, max_batch=2, max_seq_len=128, prompt_cache=True)
+    metrics = DecoderMetrics("tiny", running=lambda: 0, waiting=lambda: 0, profile_version=lambda: 0)
+    metrics.watch_prompt_cache(engine.scheduler.prompt_cache)
+    value = lambda name: metrics.registry.get_sample_value(  # noqa: E731
+        f"ffnskip:prompt_cache_{name}_total", {"model_name": "tiny"})
+    assert (value("hits"), value("misses")) == (0, 0)
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompt = "a question asked twice, long enough to be worth keeping"
+    engine.generate([prompt], sampling)
+    engine.generate([prompt], sampling)
+    assert (value("hits"), value("misses"), value("evictions")) == (1, 1, 0)
+    assert value("reused_tokens") == len(engine.tokenizer.encode(prompt)) - 1  # all but the last prompt token

@@ -58,3 +58,14 @@ def test_prefill_chunk_reaches_the_engine_and_zero_means_whole_prompts(tiny_dir,
                "FFNSKIP_DEVICE": "cpu", "FFNSKIP_DTYPE": "float32", "FFNSKIP_MAX_BATCH": "2", "FFNSKIP_MAX_SEQ_LEN": "64"}
     assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PREFILL_CHUNK": "7"})).prefill_chunk == 7
     assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PREFILL_CHUNK": "0"})).prefill_chunk is None
+
+
+def test_the_prompt_cache_is_on_unless_turned_off(tiny_dir, engine_cache):
+    from services.decoder.main import build_engine
+
+    environ = {"FFNSKIP_MODEL": str(tiny_dir), "FFNSKIP_CACHE": str(engine_cache), "FFNSKIP_COMPILE": "0",
+               "FFNSKIP_DEVICE": "cpu", "FFNSKIP_DTYPE": "float32", "FFNSKIP_MAX_BATCH": "2", "FFNSKIP_MAX_SEQ_LEN": "64"}
+    assert build_engine(DecoderSettings.from_env(environ)).scheduler.prompt_cache is not None
+    assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PROMPT_CACHE": "off"})).scheduler.prompt_cache is None
+    with pytest.raises(InvalidArgument, match="FFNSKIP_PROMPT_CACHE"):
+        DecoderSettings.from_env({"FFNSKIP_PROMPT_CACHE": "sometimes"})

@@ -177,3 +177,25 @@ def test_quantiles_from_buckets():
     assert quantile(0.5, bounds, [0, 10, 0, 0]) == pytest.approx(1.5)
     assert quantile(0.99, bounds, [0, 0, 0, 5]) == 4.0  # +Inf bucket: the last finite bound
     assert quantile(0.5, bounds, [0, 0, 0, 0]) == 0.0
+
+
+def test_a_conversation_returns_to_the_pod_its_first_message_hashes_to():
+    """With conversation affinity each prompt keeps to one pod of three, turn after turn, and
+    different ones spread over them (the rotation alone would walk every prompt round the three)."""
+    from ffnskip.v1 import generation_pb2 as pb
+
+    def turn(first: str, turns: int) -> pb.GenerateRequest:
+        messages = [pb.ChatMessage(role="user", content=first)]
+        messages += [pb.ChatMessage(role="user", content=f"and then {i}") for i in range(turns)]
+        return pb.GenerateRequest(model=MODEL, messages=messages, sampling=pb.SamplingOptions(max_new_tokens=3))
+
+    async def scenario() -> None:
+        async with gateway(*(FakeDecoder(name, "ok") for name in "abc"), affinity=True) as (stub, _, _):
+            homes = {}
+            for first in (f"conversation {i}" for i in range(12)):
+                pods = {(await stub.Generate(turn(first, turns))).served_by for turns in range(3)}
+                assert len(pods) == 1, (first, pods)
+                homes[first] = pods.pop()
+            assert set(homes.values()) == {"a", "b", "c"}
+
+    asyncio.run(scenario())

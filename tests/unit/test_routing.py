@@ -122,3 +122,36 @@ def test_router_prefers_a_quarantined_decoder_to_none():
     assert router.choose("m", {"b"}).decoder_id == "a"
     with pytest.raises(Unavailable):
         router.choose("m", {"a", "b"})  # tried in this request: never twice
+
+
+def test_a_conversation_returns_to_its_pod_while_that_pod_is_nearly_least_loaded():
+    from services.gateway.routing import AFFINITY_SLACK
+
+    endpoints = [ep("a"), ep("b"), ep("c")]
+    home = pick(endpoints, {}, "m", NOW, affinity="system: be brief").decoder_id
+    # the same key, whatever the rotation, and still when its pod has AFFINITY_SLACK more in flight
+    assert {pick(endpoints, {}, "m", NOW, rotation=r, affinity="system: be brief").decoder_id for r in range(6)} == {home}
+    busy = {home: AFFINITY_SLACK}
+    assert pick(endpoints, busy, "m", NOW, affinity="system: be brief").decoder_id == home
+    busier = {home: AFFINITY_SLACK + 1}
+    assert pick(endpoints, busier, "m", NOW, affinity="system: be brief").decoder_id != home
+    # a pod leaving moves only its own conversations
+    keys = [f"conversation {i}" for i in range(40)]
+    before = {k: pick(endpoints, {}, "m", NOW, affinity=k).decoder_id for k in keys}
+    assert set(before.values()) == {"a", "b", "c"}  # different conversations spread
+    after = {k: pick(endpoints, {}, "m", NOW, exclude={"c"}, affinity=k).decoder_id for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != "c")
+
+
+def test_a_conversation_is_named_by_its_first_message():
+    from ffnskip.v1 import generation_pb2 as pb
+    from services.gateway.proxy import conversation_affinity
+
+    def chat(*contents: str) -> pb.GenerateRequest:
+        return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=c) for c in contents])
+
+    assert conversation_affinity(chat("hi", "there")) == conversation_affinity(chat("hi", "again", "more"))
+    assert conversation_affinity(chat("hi")) != conversation_affinity(chat("hello"))
+    assert conversation_affinity(pb.GenerateRequest(prompt="x" * 300 + "a")) == conversation_affinity(
+        pb.GenerateRequest(prompt="x" * 300 + "b"))
+    assert conversation_affinity(pb.GenerateRequest(prompt_token_ids=[1, 2, 3])) == "1,2,3"

@@ -28,6 +28,7 @@ class CallResult:
     e2e_s: float = 0.0
     gaps_s: list[float] = field(default_factory=list)
     decode_skip_ratio: float | None = None  # None: the server does not skip (llama-server)
+    text: str = ""  # the answer (a chat's next turn resends it)
     last_token_at: float = field(default=0.0, repr=False)
 
     def add_tokens(self, count: int, now: float, started: float) -> None:

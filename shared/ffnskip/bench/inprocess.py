@@ -137,11 +137,12 @@ def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> BenchRunne
     from ffnskip.engine import Engine, load_model
     from ffnskip.errors import InvalidArgument
 
-    # "int8": float32 activations over int8 matrices (engine.layers.quantise)
-    weights = "int8" if dtype == "int8" else "full"
-    loaded = load_model(options.model, device=options.device, dtype="float32" if weights == "int8" else dtype,
+    # "int8": float32 activations over int8 matrices (engine.layers.quantise); "w8a8": the
+    # activations rounded to int8 at each product too (engine.layers.int8_product)
+    weights = dtype if dtype in QUANTISED else "full"
+    loaded = load_model(options.model, device=options.device, dtype="float32" if dtype in QUANTISED else dtype,
                         cache_dir=cache_root(os.environ), weights=weights)
-    precision = weights if weights == "int8" else str(loaded.dtype).removeprefix("torch.")
+    precision = weights if dtype in QUANTISED else str(loaded.dtype).removeprefix("torch.")
     prompts = bench_prompts(loaded.tokenizer, max(batches))
     max_seq_len = max(len(p) for p in prompts) + options.new_tokens + 1
     peer = None
@@ -166,8 +167,9 @@ def _runner(options: BenchOptions, dtype: str, batches: list[int]) -> BenchRunne
     return runner
 
 
+QUANTISED = ("int8", "w8a8")  # --dtypes that name a weight format (float32 activations)
 # the GGUF of each precision's llama.cpp rows: int8 weights are compared with llama.cpp's Q8_0
-PEER_PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+PEER_PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "w8a8": "q8_0"}
 
 
 def peer_row_name(dtype: str) -> str:

@@ -82,17 +82,19 @@ def server_command(binary: Path, gguf: Path, port: int, slots: int, threads: int
             "--no-webui", *(() if repack else ("--no-repack",))]
 
 
-def completion_body(prompt_ids: list[int], new_tokens: int, stream: bool, ignore_eos: bool = True) -> dict[str, Any]:
+def completion_body(prompt_ids: list[int], new_tokens: int, stream: bool, ignore_eos: bool = True,
+                    cache_prompt: bool = False) -> dict[str, Any]:
     """A POST /completion body for `new_tokens` greedy tokens after `prompt_ids` (exactly
     that many with `ignore_eos`, else up to the first end-of-generation token).
 
     The prompt goes as token ids, so llama-server neither tokenizes nor adds a BOS; the
-    prompt cache is off, so every request prefills its whole prompt, as the decoder does.
+    prompt cache is off unless `cache_prompt` (a slot then keeps its last prompt and answer, and
+    a request starting the same way is prefilled from where they part: the chat bench).
     llama-server ignores EOS by banning the end-of-generation tokens, where the decoder
     generates through them: the same number of tokens either way, but the greedy tokens
     part where the model would have ended."""
     body: dict[str, Any] = {"prompt": list(prompt_ids), "n_predict": new_tokens, "temperature": 0,
-                            "ignore_eos": ignore_eos, "cache_prompt": False, "stream": stream}
+                            "ignore_eos": ignore_eos, "cache_prompt": cache_prompt, "stream": stream}
     if not stream:
         body["return_tokens"] = True  # the generated ids in `tokens` (a stream carries them per event)
     return body
@@ -251,14 +253,15 @@ class LlamaServer:
         connection.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
         return connection, connection.getresponse()
 
-    def stream(self, prompt_ids: list[int], new_tokens: int, timeout_s: float) -> CallResult:
+    def stream(self, prompt_ids: list[int], new_tokens: int, timeout_s: float, cache_prompt: bool = False) -> CallResult:
         """One streamed completion, timed as the service's calls are: TTFT from sending the
-        request, one gap per later token, end to end until the final event."""
+        request, one gap per later token, end to end until the final event; its text too."""
         started = time.perf_counter()
         result = CallResult(ok=False)
         connection: http.client.HTTPConnection | None = None
         try:
-            connection, response = self._post(completion_body(prompt_ids, new_tokens, stream=True), timeout_s)
+            body = completion_body(prompt_ids, new_tokens, stream=True, cache_prompt=cache_prompt)
+            connection, response = self._post(body, timeout_s)
             if response.status != 200:
                 result.code = f"HTTP_{response.status}"
             else:
@@ -271,6 +274,7 @@ class LlamaServer:
                     generated = tokens_generated(event)
                     count = len(event.get("tokens") or ()) if generated is None else generated - result.tokens
                     result.add_tokens(max(count, 0), now, started)
+                    result.text += str(event.get("content") or "")
                     if event.get("stop"):
                         result.ok, result.code = True, "OK"
                         break

@@ -38,6 +38,7 @@ def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
                 result.add_tokens(1, time.perf_counter(), started)
             else:
                 result.decode_skip_ratio = message.summary.skip_stats.decode_skip_ratio
+                result.text = message.summary.text
         result.ok = True
     except grpc.RpcError as exc:
         result.code = exc.code().name

@@ -34,8 +34,9 @@ def register(commands) -> None:
                         help="add a row METHOD@TARGET for every setting of an `ffnskip eval qa|agreement --json` "
                              "output, with exactly its parameters; repeatable")
     parser.add_argument("--dtypes", help="comma-separated precisions, each a set of rows (e.g. float32,bfloat16,int8; "
-                                         "int8: int8 weight matrices, float32 activations); default: --dtype. Rows "
-                                         "other than float32 report their dense greedy tokens' agreement with float32")
+                                         "int8: int8 weight matrices, float32 activations; w8a8: int8 activations "
+                                         "too); default: --dtype. Rows other than float32 report their dense greedy "
+                                         "tokens' agreement with float32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine's decode segments as AOTInductor packages (compiled once per model and "
                              "precision into $FFNSKIP_CACHE/compiled, loaded after; the time is reported, not timed)")
@@ -61,7 +62,7 @@ def register(commands) -> None:
                               "this process, which the decoder's own default matches on the same machine")
     service.add_argument("--peer-gguf", choices=("f32", "bf16", "q8_0"),
                          help="the GGUF precision llama-server runs (with --peer llama-server); default: --dtype's. "
-                              "q8_0 is llama.cpp's int8 format, the peer of a decoder with FFNSKIP_WEIGHTS=int8. Given, "
+                              "q8_0 is llama.cpp's int8 format, the peer of a decoder with int8 weights (w8a8 or int8). Given, "
                               "the greedy check is reported, not enforced: two roundings of the same weights may part "
                               "at the first token")
     service.add_argument("--metrics-url", metavar="URL",

@@ -54,13 +54,14 @@ from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, f
 PACKAGE_FORMAT = 3
 KINDS = ("attention", "ffn", "head")
 # The parameters each kind of segment reads, in the order they follow its other inputs
-# (those a model lacks, like Llama's biases, are left out; the scales only int8 matrices have).
+# (those a model lacks, like Llama's biases, are left out; the scales only int8 matrices have, the
+# smoothing only w8a8 ones).
 WEIGHTS = {
-    "attention": ("input_norm.weight", "qkv_weight", "qkv_scale", "qkv_bias", "o_proj.weight", "o_proj.weight_scale",
-                  "o_proj.bias"),
-    "ffn": ("post_norm.weight", "gate_up_weight", "gate_up_scale", "down_proj.weight", "down_proj.weight_scale",
-            "down_proj.bias"),
-    "head": ("final_norm.weight", "lm_head.weight", "lm_head.weight_scale", "lm_head.bias"),
+    "attention": ("input_norm.weight", "qkv_weight", "qkv_scale", "qkv_smoothing", "qkv_bias", "o_proj.weight",
+                  "o_proj.weight_scale", "o_proj.weight_smoothing", "o_proj.bias"),
+    "ffn": ("post_norm.weight", "gate_up_weight", "gate_up_scale", "gate_up_smoothing", "down_proj.weight",
+            "down_proj.weight_scale", "down_proj.weight_smoothing", "down_proj.bias"),
+    "head": ("final_norm.weight", "lm_head.weight", "lm_head.weight_scale", "lm_head.weight_smoothing", "lm_head.bias"),
 }
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
@@ -109,16 +110,20 @@ def weight_names(module: nn.Module, kind: str) -> list[str]:
 
 
 def decode_weights(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """Those parameters as the packages read them: matrices in the blocked layout, the rest
-    copied too (the model's own may lie in the weight file's memory map, which a decoder lets go
-    of once it runs on these copies alone)."""
+    """Those parameters as the packages read them: matrices in the blocked layout (an int8
+    [N, K] one as it is: the library's integer GEMM packs it), the rest copied too (the model's
+    own may lie in the weight file's memory map, which a decoder lets go of once it runs on
+    these copies alone)."""
     params = {name: param.detach() for name, param in module.named_parameters()}
-    return [blocked(params[name]) if params[name].dim() == 2 else params[name].clone() for name in names]
+    return [blocked(param) if param.dim() == 2 and param.is_floating_point() else param.clone()
+            for param in (params[name] for name in names)]
 
 
 def weights_format(layer: FusedLayer) -> str:
-    """"int8" when the layer's matrices are quantised (layers.quantise_matrices), else "full"."""
-    return "int8" if scale_of(layer, "gate_up_weight") is not None else "full"
+    """The layer's matrices' format (config.WEIGHT_FORMATS; layers.quantise_matrices)."""
+    if scale_of(layer, "gate_up_weight") is None:
+        return "full"
+    return "w8a8" if layer.gate_up_weight.dim() == 2 else "int8"
 
 
 def load_package(path: Path) -> PackageRun:

@@ -18,6 +18,7 @@ from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine.compiled import CompiledSegments, CompileTarget
 from ffnskip.engine.loading import LoadedModel
 from ffnskip.engine.policies import RowPlan
+from ffnskip.engine.prompt_cache import PromptCache
 from ffnskip.engine.prompts import encode_prompt, eos_ids
 from ffnskip.engine.results import GenerationResult, TokenEvent
 from ffnskip.engine.runner import ModelRunner
@@ -32,23 +33,25 @@ from ffnskip.errors import InvalidArgument
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = 2048,
                  compile: bool = False, runner: ModelRunner | None = None, eager_until_warm: bool = False,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, prompt_cache: bool = False) -> None:
         """`compile`: decode segments compiled (or loaded from the compile cache) per batch bucket
         (compiled.py), on first use, or with `eager_until_warm` only by warm_up (a bucket runs
         eagerly until then). `runner`: another engine's runner, to share its weights and segments;
         this engine keeps its own cache and batch, and `compile` is the other engine's choice.
-        `prefill_chunk`: the prompt tokens a step prefills at most (Scheduler)."""
+        `prefill_chunk`: the prompt tokens a step prefills at most (Scheduler). `prompt_cache`: keep
+        requests' prompts in the free cache rows for later ones (prompt_cache.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         if runner is None:
             target = (CompileTarget(max_batch, loaded.cache_dir / "compiled", loaded.fingerprint, eager_until_warm)
                       if compile else None)
-            runner = ModelRunner(loaded.model, target, loaded.weights)
+            runner = ModelRunner.of(loaded, target)
         self.runner = runner
         self.num_layers = runner.num_layers
         self.max_seq_len = min(max_seq_len or loaded.context_window, loaded.context_window)
         self.cache = runner.new_cache(max_batch, self.max_seq_len)
-        self.scheduler: Scheduler[Sequence] = Scheduler(self.cache, prefill_chunk)
+        self.scheduler: Scheduler[Sequence] = Scheduler(self.cache, prefill_chunk,
+                                                        PromptCache(self.cache) if prompt_cache else None)
         self.executor = StepExecutor(runner, self.cache)
         self.planner = self.executor.planner
         self.weight_bytes = runner.weight_bytes()
@@ -155,9 +158,7 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """One step: the scheduler admits and plans, the executor prefills the planned chunks
-        and decodes the decoding rows, then the scheduler joins the completed prompts to the
-        decoding rows and retires the finished sequences."""
+        """One step (the module's docstring says what it does)."""
         plan = self.scheduler.schedule()
         events = self.executor.prefill(plan.prefill) + self.executor.decode(plan.decode)
         self.scheduler.postprocess(plan)
@@ -168,8 +169,7 @@ class Engine:
     def result(self, seq: Sequence) -> GenerationResult:
         end = seq.finished_at or time.perf_counter()
         return GenerationResult(
-            request_id=seq.request_id, text=seq.text, token_ids=list(seq.generated),
-            finish_reason=seq.finish_reason or "running",
+            request_id=seq.request_id, text=seq.text, token_ids=list(seq.generated), finish_reason=seq.finish_reason or "running",
             skip_stats=SkipStats.from_records(seq.skip_records, self.num_layers, seq.skip.warm_up),
             skip_records=seq.skip_records,
             ttft_s=(seq.first_token_at or end) - seq.submitted_at, total_s=end - seq.submitted_at,

@@ -45,15 +45,18 @@ class KVCache:
         self.lengths[row] = 0
         return row
 
-    def release_row(self, row: int, decoding: int = 0) -> list[tuple[int, int]]:
+    def release_row(self, row: int, decoding: int = 0, keep: bool = False) -> list[tuple[int, int]]:
         """Free `row`, moving rows into the hole as freeing_moves says; returns those moves,
-        (from, to) in order, for the scheduler to move its sequences alike."""
+        (from, to) in order, for the scheduler to move its sequences alike. `keep`: the moves
+        are exchanges, so the freed row's contents end in the row freed (the first free one),
+        for a prompt cache (prompt_cache.py)."""
         assert 0 <= row < self.in_use, f"row {row} is not in use"
         moves = freeing_moves(row, decoding, self.in_use)
         for source, target in moves:
-            self.copy_row(source, target)
+            (self.swap_rows if keep else self.copy_row)(source, target)
         self.in_use -= 1
-        self.lengths[self.in_use] = 0
+        if not keep:
+            self.lengths[self.in_use] = 0
         return moves
 
     def copy_row(self, source: int, target: int) -> None:

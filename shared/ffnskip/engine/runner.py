@@ -25,8 +25,10 @@ from ffnskip.config import WEIGHT_FORMATS
 from ffnskip.engine.compiled import WEIGHTS, CompiledSegments, CompileTarget
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.layers import FusedLayer, Head, adopt, quantise_matrices
+from ffnskip.engine.loading import LoadedModel
 from ffnskip.engine.policies import FfnRows, StepSkips
 from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
+from ffnskip.engine.smoothing import HEAD_INPUTS, LAYER_INPUTS, calibration_tokens, input_maxima
 from ffnskip.engine.stats import WeightBytes
 from ffnskip.engine.substitutes import SubstituteSet, compensate
 
@@ -37,9 +39,12 @@ class ModelRunner:
     `compiled`: run the decode segments as AOTInductor packages built (or loaded) for that
     target; None runs them eagerly. `weights`: "full" keeps the matrices in the model's precision;
     "int8" holds them as int8 with a scale per output (layers.quantise) for every forward, prefill
-    and decode, and lets the model's own go (its HF modules cannot run afterwards)."""
+    and decode, and lets the model's own go (its HF modules cannot run afterwards); "w8a8" holds
+    them as int8 too, and rounds the activations to int8 at each product (layers.int8_product),
+    each input smoothed by its maxima over `smoothing_tokens` (smoothing.py; none: unsmoothed)."""
 
-    def __init__(self, hf_model: Any, compiled: CompileTarget | None = None, weights: str = "full") -> None:
+    def __init__(self, hf_model: Any, compiled: CompileTarget | None = None, weights: str = "full",
+                 smoothing_tokens: Seq[Seq[int]] = ()) -> None:
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         config = hf_model.config
@@ -58,15 +63,25 @@ class ModelRunner:
         weight = hf_model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.weights = weights
-        if weights == "int8":
+        if weights != "full":
+            maxima = input_maxima(hf_model, smoothing_tokens) if weights == "w8a8" and smoothing_tokens else None
             with torch.inference_mode():
-                for layer in self.layers:
-                    quantise_matrices(layer)
-                quantise_matrices(self.head)
+                for index, layer in enumerate(self.layers):
+                    quantise_matrices(layer, weights == "w8a8", maxima and {
+                        name: maxima[f"model.layers.{index}.{module}"] for name, module in LAYER_INPUTS.items()})
+                quantise_matrices(self.head, weights == "w8a8",
+                                  maxima and {name: maxima[module] for name, module in HEAD_INPUTS.items()})
             _return_freed_memory()
         self.segments: Segments = (EagerSegments(self.layers, self.head) if compiled is None
                                    else CompiledSegments(self.layers, self.head, compiled))
         self._positions = torch.arange(256, device=self.device)
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, compiled: CompileTarget | None = None) -> ModelRunner:
+        """The runner of a loaded model in its weight format (w8a8 smoothed over the packaged
+        calibration texts)."""
+        smoothing = calibration_tokens(loaded.tokenizer) if loaded.weights == "w8a8" else ()
+        return cls(loaded.model, compiled, loaded.weights, smoothing)
 
     def release_raw_weights(self) -> int:
         """Run the prefill and any eager segment on the compiled segments' copy of the weights

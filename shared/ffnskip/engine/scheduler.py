@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from ffnskip.engine.prompt_cache import PromptCache
 from ffnskip.errors import InvalidArgument
 
 PREFILL_PADDING = 1.5  # a group's padded tokens (count x longest) at most this times its real tokens
@@ -88,17 +89,20 @@ class StepPlan(Generic[S]):
 
 
 class Scheduler(Generic[S]):
-    def __init__(self, rows: RowStore, prefill_chunk: int | None = None) -> None:
+    def __init__(self, rows: RowStore, prefill_chunk: int | None = None, prompt_cache: PromptCache | None = None) -> None:
         """`prefill_chunk`: the prompt tokens a step prefills at most, for serving (a decoder's
         FFNSKIP_PREFILL_CHUNK): a long prompt, or a burst of prompts, then delays the running
         rows' next token by about one chunk's forward, and a burst's first prompts get their
         first token before its last ones are prefilled. None (batch jobs: calibration, the
         benches): every admitted prompt whole, so a batch's rows decode together from its first
-        step."""
+        step. `prompt_cache` (over the same cache as `rows`): a leaving sequence's row is kept, and
+        an admitted one starts after the longest prefix of its context a row holds (Sequence
+        rows only: it reads their dense_ids and prompt_logprobs)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InvalidArgument("prefill_chunk", f"must be at least 1 token, got {prefill_chunk}")
         self.rows = rows
         self.prefill_chunk = prefill_chunk
+        self.prompt_cache = prompt_cache
         self.waiting: deque[S] = deque()
         self.running: list[S] = []  # running[i].row == i: the decoding sequences first, then the prefilling
         self.prefilling: list[S] = []  # the running ones still prefilling, in admission order
@@ -136,7 +140,12 @@ class Scheduler(Generic[S]):
         """Give waiting sequences the free rows, after every running one."""
         for _ in range(min(len(self.waiting), self.rows.free_rows)):
             seq = self.waiting.popleft()
-            seq.row = self.rows.take_row()
+            # a request for its prompt's log-probabilities prefills the whole prompt: they come from the prefill
+            if self.prompt_cache is None or seq.sampling.prompt_logprobs:  # type: ignore[attr-defined]
+                seq.row = self.rows.take_row()
+            else:
+                running = [(s.row, s.dense_ids()) for s in self.running if s.row is not None]  # type: ignore[attr-defined]
+                seq.row, seq.prefilled = self.prompt_cache.take_row(seq.context_ids, running)
             self.running.append(seq)
             self.prefilling.append(seq)
 
@@ -183,7 +192,9 @@ class Scheduler(Generic[S]):
         decoding = self.decoding
         if seq in self.prefilling:
             self.prefilling.remove(seq)
-        for source, target in self.rows.release_row(seq.row, decoding):
+        moves = (self.rows.release_row(seq.row, decoding) if self.prompt_cache is None
+                 else self.prompt_cache.release_row(seq.row, decoding, seq.dense_ids()))  # type: ignore[attr-defined]
+        for source, target in moves:
             mover = self.running[source]
             mover.row, self.running[target] = target, mover
         self.running.pop()

@@ -129,6 +129,18 @@ class Sequence:
                  for position in range(start, start + length)]
         return skips if any(skips) else None
 
+    def dense_ids(self) -> list[int]:
+        """The tokens whose keys and values it puts in its cache row as a dense prefill of them
+        would: the prompt, then its tokens up to the first position whose forward skipped an FFN
+        (position p past the prompt is the forward that generated token p - prompt + 1). What a
+        prompt cache may give another request; the row's filled length bounds it further."""
+        dense = len(self.prompt_ids)
+        for skipped in self.skip_records[1:]:
+            if skipped:
+                break
+            dense += 1
+        return (self.prompt_ids + self.generated)[:dense]
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -198,7 +198,7 @@ class Stack:
     def start(self) -> None:
         print(f"starting the stack for {self.model} (logs in {self.log_dir})", flush=True)
         weights = os.environ.get("FFNSKIP_WEIGHTS") or "auto"
-        print(f"decoders: FFNSKIP_WEIGHTS={weights}" + (" (int8 weight matrices on a CPU, the model's dtype on a GPU)"
+        print(f"decoders: FFNSKIP_WEIGHTS={weights}" + (" (int8 weights and activations on a CPU, the model's dtype on a GPU)"
                                                         if weights == "auto" else ""), flush=True)
         self.redis.start()
         self.redis.wait_ready()
