@@ -34,3 +34,14 @@ def test_the_system_prompt_is_at_least_the_tokens_asked_for():
     words = lambda text: len(text.split())  # noqa: E731
     assert words(system_prompt(words, 120)) >= 120
     assert words(system_prompt(words, 10)) < words(system_prompt(words, 120))
+
+
+def test_lengthened_questions_each_start_with_a_note_of_their_own():
+    from ffnskip.bench.service import build_requests
+
+    requests = build_requests("m", 6, 4, "dense", prompt_words=100)
+    contents = [r.messages[0].content for r in requests]
+    assert all(len(c.split()) >= 100 for c in contents)
+    assert len({c[:200] for c in contents}) == 6  # no two share a start a prompt cache could hold
+    plain = build_requests("m", 6, 4, "dense")
+    assert all(c.endswith(p.messages[0].content) for c, p in zip(contents, plain))

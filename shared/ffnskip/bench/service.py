@@ -46,16 +46,32 @@ def stream_once(stub, request, metadata, timeout_s: float) -> CallResult:
     return result
 
 
-def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ignore_eos: bool = True):
+def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ignore_eos: bool = True,
+                   prompt_words: int = 0):
+    """`count` chat requests cycling over the packaged questions; with `prompt_words`, request i's
+    question follows a note of at least that many words: calibration texts from the i-th on
+    (every request starts differently, so no prompt cache holds another's start)."""
     from ffnskip.rpc.convert import policy_fields  # local, as the generated modules it imports are here
     from ffnskip.v1 import generation_pb2 as pb
 
     prompts = texts("prompts", "prompt")
+    if prompt_words:
+        notes = texts("calibration", "text")
+        prompts = [_note(notes, i, prompt_words) + "\n\n" + prompts[i % len(prompts)] for i in range(count)]
     skip = pb.SkipOverrides(**policy_fields(policy))
     sampling = pb.SamplingOptions(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     return [pb.GenerateRequest(model=model, messages=[pb.ChatMessage(role="user", content=prompts[i % len(prompts)])],
                                sampling=sampling, skip=skip)
             for i in range(count)]
+
+
+def _note(notes: list[str], start: int, words: int) -> str:
+    taken: list[str] = []
+    for i in range(len(notes)):
+        if sum(len(t.split()) for t in taken) >= words:
+            break
+        taken.append(notes[(start + i) % len(notes)])
+    return " ".join(taken)
 
 
 def engine_baseline(model: str, requests, device: str, dtype: str) -> float:
@@ -99,6 +115,7 @@ class ServiceBenchOptions:
     concurrency: tuple[int, ...] = (1, 4, 16)
     policies: tuple[str, ...] = ("dense", "adaptive")  # "profile" = the decoder's active profile as is
     requests_per_level: int = 8
+    prompt_words: int = 0  # each question after a note of its own of at least this many words (build_requests)
     timeout_s: float = 600.0
     api_key: str | None = None  # bearer key, when the target is a gateway
     llama_server: bool = False  # llama.cpp's server on the same weights after the service rows, side by side
@@ -142,7 +159,7 @@ def run(options: ServiceBenchOptions) -> int:
         def service_rows(concurrency: int) -> None:
             for policy in policies:
                 requests = build_requests(o.model, count[concurrency], o.new_tokens,
-                                          "" if policy == "profile" else policy)
+                                          "" if policy == "profile" else policy, prompt_words=o.prompt_words)
                 row = run_level(lambda r: stream_once(stub, r, metadata, o.timeout_s), requests, concurrency)
                 row["policy"] = policy
                 rows.append(row)
@@ -152,13 +169,19 @@ def run(options: ServiceBenchOptions) -> int:
             for concurrency in levels:
                 service_rows(concurrency)
         else:  # level by level, the service's rows and then llama-server's: one idles while the other runs
-            same = {c: build_requests(o.model, count[c], o.new_tokens, "dense") for c in levels}
+            same = {c: build_requests(o.model, count[c], o.new_tokens, "dense", prompt_words=o.prompt_words)
+                    for c in levels}
             report["llama_server"] = peer.rows(same, o.new_tokens, o.timeout_s, lambda row: print(
                 f"c={row['concurrency']} llama-server: {row['tokens_per_s']} tok/s, errors {row['errors']}",
                 file=sys.stderr, flush=True), before_level=service_rows)
     report["rows"] = rows if peer is None else with_ratios(rows, report["llama_server"]["rows"])
     if o.metrics_url:  # after the rows, while nothing else runs
-        report["service_resident_bytes"] = resident_bytes(o.metrics_url)
+        readings = metric_values(o.metrics_url, ("process_resident_memory_bytes", "ffnskip:prompt_cache_hits",
+                                                 "ffnskip:prompt_cache_reused_tokens"))
+        report["service_resident_bytes"] = readings.get("process_resident_memory_bytes")
+        # a like-for-like run has none: llama-server's requests never reuse a prompt
+        report["service_prompt_cache"] = {"hits": readings.get("ffnskip:prompt_cache_hits"),
+                                          "reused_tokens": readings.get("ffnskip:prompt_cache_reused_tokens")}
     if o.engine_baseline:
         requests = build_requests(o.model, o.requests_per_level, o.new_tokens, "dense")
         report["engine_dense_tokens_per_s"] = round(engine_baseline(o.model, requests, o.device, o.dtype), 2)
@@ -170,8 +193,9 @@ def run(options: ServiceBenchOptions) -> int:
     return 0
 
 
-def resident_bytes(metrics_url: str) -> int | None:
-    """process_resident_memory_bytes from a Prometheus endpoint; None when it does not export it."""
+def metric_values(metrics_url: str, names: tuple[str, ...]) -> dict[str, int]:
+    """The first sample of each named metric family a Prometheus endpoint exports (those it does
+    not export are left out)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -181,10 +205,8 @@ def resident_bytes(metrics_url: str) -> int | None:
             text = response.read().decode("utf-8")
     except (OSError, ValueError) as err:
         raise InvalidArgument("metrics_url", f"cannot read {metrics_url}: {err}") from None
-    for family in text_string_to_metric_families(text):
-        if family.name == "process_resident_memory_bytes" and family.samples:
-            return int(family.samples[0].value)
-    return None
+    return {family.name: int(family.samples[0].value) for family in text_string_to_metric_families(text)
+            if family.name in names and family.samples}
 
 
 def ratio(ours: float | None, theirs: float | None) -> float | None:

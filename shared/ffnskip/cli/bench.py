@@ -54,6 +54,10 @@ def register(commands) -> None:
     service.add_argument("--concurrency", default="1,4,16")
     service.add_argument("--service-policies", default="dense,adaptive", help="'profile' = the decoder's active profile as is")
     service.add_argument("--requests-per-level", type=int, default=8)
+    service.add_argument("--prompt-words", type=int, default=0, metavar="N",
+                         help="lengthen each question with a note of its own of at least N words ahead of it "
+                              "(packaged calibration texts, a different start for every request, so no prompt "
+                              "cache holds one; about 1.3 tokens a word); 0: the questions alone")
     service.add_argument("--timeout", type=float, default=600.0)
     service.add_argument("--api-key", help="bearer key, when the target is a gateway")
     service.add_argument("--engine-baseline", action="store_true", help="also run the bare engine in-process on the same prompts")
@@ -127,7 +131,8 @@ def service_options(args: argparse.Namespace) -> ServiceBenchOptions:
     return ServiceBenchOptions(target=args.target, model=args.model, device=args.device, dtype=args.dtype,
                                new_tokens=args.new_tokens, concurrency=concurrency,
                                policies=tuple(args.service_policies.split(",")),
-                               requests_per_level=args.requests_per_level, timeout_s=args.timeout, api_key=args.api_key,
+                               requests_per_level=args.requests_per_level, prompt_words=args.prompt_words,
+                               timeout_s=args.timeout, api_key=args.api_key,
                                llama_server=args.peer == SERVER_PEER, peer_threads=args.peer_threads,
                                peer_gguf=args.peer_gguf,
                                metrics_url=args.metrics_url, engine_baseline=args.engine_baseline, json=args.json)
