@@ -69,3 +69,10 @@ def test_the_prompt_cache_is_on_unless_turned_off(tiny_dir, engine_cache):
     assert build_engine(DecoderSettings.from_env({**environ, "FFNSKIP_PROMPT_CACHE": "off"})).scheduler.prompt_cache is None
     with pytest.raises(InvalidArgument, match="FFNSKIP_PROMPT_CACHE"):
         DecoderSettings.from_env({"FFNSKIP_PROMPT_CACHE": "sometimes"})
+
+
+def test_the_weight_format_setting_is_one_of_the_formats():
+    assert DecoderSettings.from_env({}).weights == "auto"
+    assert DecoderSettings.from_env({"FFNSKIP_WEIGHTS": "w8a8"}).weights == "w8a8"
+    with pytest.raises(InvalidArgument, match="FFNSKIP_WEIGHTS"):
+        DecoderSettings.from_env({"FFNSKIP_WEIGHTS": "int4"})
