@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.config import DENSE, SamplingParams
 from ffnskip.datasets import texts
@@ -79,10 +80,7 @@ def main() -> int:
         print(f"temperature {temperature}", scores, flush=True)
     results["noise_batch_1"] = teacher_forced(engine(batch=1))
     print("noise", json.dumps(results["noise_batch_1"]), flush=True)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    write_results(args.json, results, started)
     return 0
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from ffnskip.bench.chat import ChatScenes, Messages, play, system_prompt
+from ffnskip.bench.json_results import write_results
 from ffnskip.bench.llama_server import context_size
 from ffnskip.bench.service import generation_stub, stream_once
 from ffnskip.bench.service_peer import ServerPeer
@@ -36,6 +37,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
+    most = len(texts("prompts", "prompt")) - 2  # two questions go to the shared system prompt's users
+    if not 1 <= args.turns <= most:
+        parser.error(f"--turns: between 1 and {most} (the packaged questions), got {args.turns}")
 
     peer = ServerPeer(args.model, "float32", None, args.peer_gguf)
     scenes = ChatScenes(system_prompt(lambda text: len(peer.tokenizer.encode(text)), args.system_tokens),
@@ -61,9 +65,7 @@ def main() -> int:
     report.update(model=args.model, peer_gguf=args.peer_gguf, new_tokens=args.new_tokens,
                   system_tokens=len(peer.tokenizer.encode(scenes.system)), context_size=context_size(2, longest, 1))
     print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
+    write_results(args.json, report)
     return 0
 
 

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 
+from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.budget import longest_prefix
 from ffnskip.calibration.forced import ForcedForward
@@ -211,9 +212,7 @@ def main() -> int:
         print(f"{r['rule']:<26}{r['target']:>7.2f}{r['decode_skip_ratio']:>9.3f}  "
               f"{kl['mean']:.3f} [{kl['low']:.3f}, {kl['high']:.3f}]{'':<3}{top['mean']:.3f} [{top['low']:.3f}, {top['high']:.3f}]"
               f"{'':<3}{r['relative_nll']:>8.3f}  {q['dense_only']}/{q['method_only']} (p {q['mcnemar_p']:.3f})")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"harm": harm, "order": order, "rows": rows, "args": vars(args)}, out, indent=2)
+    write_results(args.json, {"harm": harm, "order": order, "rows": rows, "args": vars(args)})
     return 0
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.forced import ForcedForward, kl_rows
 from ffnskip.calibration.selection import select
@@ -95,9 +96,7 @@ def main() -> int:
         results["kinds"][name] = {"order": chosen.layers, "seconds": round(time.perf_counter() - began, 1),
                                   "steps": [{"layer": s.layer, "candidates": s.candidates} for s in chosen.steps],
                                   "points": points}
-        if args.json:  # after every kind: a stopped run keeps what it measured
-            with open(args.json, "w") as out:
-                json.dump({**results, "seconds": round(time.perf_counter() - started, 1)}, out, indent=2)
+        write_results(args.json, results, started)  # after every kind: a stopped run keeps what it measured
     return 0
 
 

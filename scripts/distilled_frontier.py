@@ -24,6 +24,7 @@ import json
 import os
 import time
 
+from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.distill import distill, fitted_along
 from ffnskip.calibration.forced import ForcedForward
@@ -148,9 +149,7 @@ def main() -> int:
         results["points"].append(point)
         say(f"{size} FFNs: judged KL {before.mean:.4f} -> {after.mean:.4f} [{after.low:.4f}, {after.high:.4f}] "
             f"({point['seconds']:.0f} s)")
-        if args.json:  # after every prefix: a stopped run keeps what it measured
-            with open(args.json, "w") as out:
-                json.dump({**results, "seconds": round(time.perf_counter() - started, 1)}, out, indent=2)
+        write_results(args.json, results, started)  # after every prefix: a stopped run keeps what it measured
     return 0
 
 

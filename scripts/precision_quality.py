@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.config import DENSE, SamplingParams
 from ffnskip.datasets import texts
@@ -70,10 +71,7 @@ def main() -> int:
             "weight_bytes_per_step": candidate.weight_bytes.total,
         }
         print(precision, json.dumps(results[precision]), flush=True)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    write_results(args.json, results, started)
     return 0
 
 

@@ -16,6 +16,8 @@ import pytest
 from ffnskip import cli
 from ffnskip.bench.load import run_load
 from ffnskip.client import served_by
+from services.gateway.proxy import conversation_affinity
+from services.gateway.routing import Endpoint, pick
 from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet, wait_for
 
 
@@ -46,9 +48,6 @@ def test_two_decoders_share_the_load(fleet):
 
 def home_of(prompt: str, pods: tuple[str, ...] = ("d1", "d2")) -> str:
     """The pod of idle ones that routing gives a one-message chat."""
-    from services.gateway.proxy import conversation_affinity
-    from services.gateway.routing import Endpoint, pick
-
     endpoints = [Endpoint(decoder_id=d, address="", model_id=MODEL) for d in pods]
     chosen = pick(endpoints, {}, MODEL, 0.0, affinity=conversation_affinity(request(prompt=prompt)))
     assert chosen is not None

@@ -3,8 +3,12 @@ turn by turn, alternately with the other side's; two users share the system prom
 
 from __future__ import annotations
 
+import pytest
+
 from ffnskip.bench.calls import CallResult
 from ffnskip.bench.chat import ChatScenes, Messages, play, system_prompt
+from ffnskip.bench.service import build_requests
+from ffnskip.errors import InvalidArgument
 
 
 def recorder(name: str, seen: list[tuple[str, Messages]]):
@@ -37,11 +41,12 @@ def test_the_system_prompt_is_at_least_the_tokens_asked_for():
 
 
 def test_lengthened_questions_each_start_with_a_note_of_their_own():
-    from ffnskip.bench.service import build_requests
-
     requests = build_requests("m", 6, 4, "dense", prompt_words=100)
     contents = [r.messages[0].content for r in requests]
     assert all(len(c.split()) >= 100 for c in contents)
     assert len({c[:200] for c in contents}) == 6  # no two share a start a prompt cache could hold
     plain = build_requests("m", 6, 4, "dense")
     assert all(c.endswith(p.messages[0].content) for c, p in zip(contents, plain))
+
+    with pytest.raises(InvalidArgument, match="prompt_words"):
+        build_requests("m", 1, 4, "dense", prompt_words=-1)

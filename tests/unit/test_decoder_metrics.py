@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ffnskip.config import Policy, SamplingParams, SkipParams
+from ffnskip.engine import Engine
 from services.decoder.metrics import DecoderMetrics
 
 
@@ -40,8 +41,6 @@ def test_a_resumed_request_counts_only_the_tokens_generated_here(tiny_engine):
 
 
 def test_the_prompt_cache_counters_are_read_at_each_scrape(tiny_loaded):
-    from ffnskip.engine import Engine
-
     engine = Engine(tiny_loaded, max_batch=2, max_seq_len=128, prompt_cache=True)
     metrics = DecoderMetrics("tiny", running=lambda: 0, waiting=lambda: 0, profile_version=lambda: 0)
     metrics.watch_prompt_cache(engine.scheduler.prompt_cache)

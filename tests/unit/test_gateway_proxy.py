@@ -9,6 +9,7 @@ import math
 import grpc
 import pytest
 
+from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.fleet import quantile
 from services.gateway.proxy import Timeouts
 from tests.helpers.scripted_gateway import MODEL, FakeDecoder, counters, drain, gateway, request
@@ -182,8 +183,6 @@ def test_quantiles_from_buckets():
 def test_a_conversation_returns_to_the_pod_its_first_message_hashes_to():
     """With conversation affinity each prompt keeps to one pod of three, turn after turn, and
     different ones spread over them (the rotation alone would walk every prompt round the three)."""
-    from ffnskip.v1 import generation_pb2 as pb
-
     def turn(first: str, turns: int) -> pb.GenerateRequest:
         messages = [pb.ChatMessage(role="user", content=first)]
         messages += [pb.ChatMessage(role="user", content=f"and then {i}") for i in range(turns)]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from ffnskip.errors import NotFound, Unavailable
+from ffnskip.errors import InvalidArgument, NotFound, Unavailable
+from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.discovery import StaticDiscovery
-from services.gateway.routing import Endpoint, Router, pick, routable
+from services.gateway.proxy import conversation_affinity
+from services.gateway.routing import AFFINITY_SLACK, Endpoint, Router, pick, routable
+from services.gateway.settings import GatewaySettings
 
 NOW = 100.0
 
@@ -125,8 +128,6 @@ def test_router_prefers_a_quarantined_decoder_to_none():
 
 
 def test_a_conversation_returns_to_its_pod_while_that_pod_is_nearly_least_loaded():
-    from services.gateway.routing import AFFINITY_SLACK
-
     endpoints = [ep("a"), ep("b"), ep("c")]
     home = pick(endpoints, {}, "m", NOW, affinity="system: be brief").decoder_id
     # the same key, whatever the rotation, and still when its pod has AFFINITY_SLACK more in flight
@@ -144,9 +145,6 @@ def test_a_conversation_returns_to_its_pod_while_that_pod_is_nearly_least_loaded
 
 
 def test_a_conversation_is_named_by_its_first_message():
-    from ffnskip.v1 import generation_pb2 as pb
-    from services.gateway.proxy import conversation_affinity
-
     def chat(*contents: str) -> pb.GenerateRequest:
         return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=c) for c in contents])
 
@@ -155,3 +153,11 @@ def test_a_conversation_is_named_by_its_first_message():
     assert conversation_affinity(pb.GenerateRequest(prompt="x" * 300 + "a")) == conversation_affinity(
         pb.GenerateRequest(prompt="x" * 300 + "b"))
     assert conversation_affinity(pb.GenerateRequest(prompt_token_ids=[1, 2, 3])) == "1,2,3"
+
+
+def test_conversation_affinity_is_a_flag_and_on_by_default():
+    keys = {"FFNSKIP_API_KEYS": "k"}
+    assert GatewaySettings.from_env(keys).conversation_affinity
+    assert not GatewaySettings.from_env({**keys, "FFNSKIP_CONVERSATION_AFFINITY": "false"}).conversation_affinity
+    with pytest.raises(InvalidArgument, match="FFNSKIP_CONVERSATION_AFFINITY"):
+        GatewaySettings.from_env({**keys, "FFNSKIP_CONVERSATION_AFFINITY": "sometimes"})

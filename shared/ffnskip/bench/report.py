@@ -7,6 +7,8 @@ import resource
 import statistics
 from dataclasses import asdict
 
+from ffnskip.engine.prompt_cache import common_prefix
+
 
 def summarise(configs, results, runners, new_tokens: int) -> list[dict]:
     """One row per config from its runs (`inprocess.RunResult`, one per rep)."""
@@ -83,15 +85,8 @@ def _agreement(runners, config) -> float | None:
     ours, reference = runners[config.dtype].dense_tokens.get(config.batch), runners["float32"].dense_tokens.get(config.batch)
     if not ours or not reference:
         return None
-    shares = [_common_prefix(mine, theirs) / len(theirs) for mine, theirs in zip(ours, reference)]
+    shares = [common_prefix(mine, theirs) / len(theirs) for mine, theirs in zip(ours, reference)]
     return round(sum(shares) / len(shares), 4)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    for index, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return index
-    return min(len(a), len(b))
 
 
 def _spread(values: list[float]) -> str:

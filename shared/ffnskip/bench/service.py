@@ -54,6 +54,8 @@ def build_requests(model: str, count: int, max_new_tokens: int, policy: str, ign
     from ffnskip.rpc.convert import policy_fields  # local, as the generated modules it imports are here
     from ffnskip.v1 import generation_pb2 as pb
 
+    if prompt_words < 0:
+        raise InvalidArgument("prompt_words", f"must be 0 (the questions alone) or more, got {prompt_words}")
     prompts = texts("prompts", "prompt")
     if prompt_words:
         notes = texts("calibration", "text")

@@ -69,37 +69,33 @@ class PromptCache:
         (row, its dense tokens; the prefix is copied). At least the last context token is left
         to prefill: its logits give the first token. Returns (row, positions filled)."""
         row = self.cache.in_use
-        source, length = self._longest(context, running, exclude=row)
-        if source in self.kept:
-            held = self.kept.pop(source)
-            held.used = next(self._clock)
+        source, length = self._longest(context, running)
+        from_kept = source is not None and source in self.kept
+        if source is not None and from_kept:  # the two rows change places: what `row` held (if anything) is kept at `source`
+            del self.kept[source]
             self.cache.swap_rows(source, row)
             if row in self.kept:
                 self.kept[source] = self.kept.pop(row)
-            self.kept[row] = held
         else:
             self._move_aside(row)
         assert self.cache.take_row() == row
-        self.kept.pop(row, None)  # in use now
         if source is None:
             self.stats.misses += 1
             return row, 0
-        if source not in self.kept and source < self.cache.in_use and source != row:
+        if not from_kept:
             self.cache.copy_row(source, row)  # a running row's prefix
         self.cache.lengths[row] = length
         self.stats.hits += 1
         self.stats.reused_tokens += length
         return row, length
 
-    def _longest(self, context: list[int], running: Iterable[tuple[int, list[int]]],
-                 exclude: int) -> tuple[int | None, int]:
+    def _longest(self, context: list[int], running: Iterable[tuple[int, list[int]]]) -> tuple[int | None, int]:
+        """The row holding the longest prefix of `context` (at least MIN_REUSED_TOKENS, at most all
+        but its last token) and that prefix's length; (None, 0) when none does."""
         limit = len(context) - 1
         best_row, best = None, MIN_REUSED_TOKENS - 1
-        candidates = [*((r, k.tokens) for r, k in self.kept.items() if r != exclude), *running]
-        if exclude in self.kept:  # the row about to be taken holds a prefix too
-            candidates.append((exclude, self.kept[exclude].tokens))
-        for source, tokens in candidates:
-            length = min(_common_prefix(tokens[:self.cache.lengths[source]], context), limit)
+        for source, tokens in [*((r, k.tokens) for r, k in self.kept.items()), *running]:
+            length = min(common_prefix(tokens[:self.cache.lengths[source]], context), limit)
             if length > best:
                 best_row, best = source, length
         return (best_row, best) if best_row is not None else (None, 0)
@@ -109,7 +105,7 @@ class PromptCache:
         used one (whose contents are evicted), before `row` is taken."""
         if row not in self.kept:
             return
-        free = [r for r in range(self.cache.in_use + 1, self.cache.max_batch)]
+        free = range(self.cache.in_use + 1, self.cache.max_batch)
         if not free:
             del self.kept[row]
             self.stats.evictions += 1
@@ -121,10 +117,9 @@ class PromptCache:
         self.kept[target] = self.kept.pop(row)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    for index, (x, y) in enumerate(zip(a, b)):
         if x != y:
-            break
-        length += 1
-    return length
+            return index
+    return min(len(a), len(b))
