@@ -4,6 +4,8 @@ quality measures (ffnskip.calibration.quality) and paired QA flips.
     python scripts/compare_rules.py --targets 0.10,0.20 --prompts 24 --tokens 96 --json out.json
     python scripts/compare_rules.py --budget --prompts 24 --tokens 96 --json out.json
     python scripts/compare_rules.py --targets 0.10,0.20,0.30 --ks 1,2,4,8 --compensated lowrank64 --json out.json
+    python scripts/compare_rules.py --targets 0.10,0.20 --compensated lowrank64 --order 3,4,1,15,16,17 \
+        --harm-order 3,5,4,11 --paper 0.10:6:0.955,0.20:8:0.93 --json out.json
 
 The paper's rule (`adaptive`, per row, k = --max-skip) gets its threshold bisected with
 free-running runs on the open-ended prompts until its measured decode skip ratio is within
@@ -12,7 +14,10 @@ removal alone costs least teacher-forced KL on the calibration prompts (never th
 is judged on). With --ks the paper's rule is tuned: its threshold is bisected for each k and
 the k with the lowest teacher-forced KL at the target is judged. With --compensated the greedy
 compensated selection (ffnskip.calibration.selection, on the calibration prompts) is judged too,
-at the prefix whose net avoided FFN bytes are nearest the target. All run at --batch rows, with the same warm-up, and are scored after it:
+at the prefix whose net avoided FFN bytes are nearest the target. Choices already made elsewhere
+(scripts/token_rules_frontier.py, teacher-forced) can be given instead of searched: --order (the
+greedy compensated order; its substitutes are refitted along it), --harm-order and --paper
+(target:k:threshold per target). All run at --batch rows, with the same warm-up, and are scored after it:
 teacher-forced KL(dense || rule) and same-top-token with prompt-clustered 95% intervals,
 dense's relative NLL of the free-running answers, and factoid QA answers lost and gained
 against dense (paired, exact McNemar p).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,20 +41,17 @@ import time
 from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.budget import longest_prefix
+from ffnskip.calibration.distill import fitted_along
 from ffnskip.calibration.forced import ForcedForward
-from ffnskip.calibration.selection import select
+from ffnskip.calibration.prompt_sets import calibration_split, chat_ids, dense_answers, ffn_layer_bytes, judged_prompts
+from ffnskip.calibration.selection import Selection, Step, select
 from ffnskip.calibration.substitutes import SubstituteKind
 from ffnskip.config import DENSE, Policy, QualityBudget, SamplingParams, SkipParams
 from ffnskip.datasets import read_jsonl, texts
 from ffnskip.engine import Engine, load_model
-from ffnskip.engine.prompts import encode_prompt
 from ffnskip.engine.stats import SkipStats
 from ffnskip.evaluation.scoring import is_correct, paired_counts
 from ffnskip.settings import cache_root
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    return encode_prompt(tokenizer, None, [{"role": "user", "content": text}])
 
 
 def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int, substitutes=None):
@@ -56,12 +59,6 @@ def free_run(engine: Engine, prompts, skip: SkipParams, tokens: int, batch: int,
                                for p in prompts], batch)
     stats = SkipStats.pooled([engine.result(s).skip_stats for s in seqs])
     return [list(s.generated) for s in seqs], stats.decode_skip_ratio
-
-
-def ffn_layer_bytes(loaded) -> int:
-    """One FFN's weight bytes (gate, up and down) in the model's precision."""
-    config = loaded.model.config
-    return 3 * int(config.hidden_size) * int(config.intermediate_size) * loaded.model.lm_head.weight.element_size()
 
 
 def net_avoided(chosen, count: int, ffn_bytes: int, layers: int) -> float:
@@ -72,19 +69,17 @@ def net_avoided(chosen, count: int, ffn_bytes: int, layers: int) -> float:
 
 
 def compensated_selection(engine: Engine, loaded, kind_name: str, cold_start: int, cold_end: int, warm_up: int, say,
-                          steps: int):
-    """The greedy compensated order on the calibration prompts (two thirds fit, one third select)."""
-    calibration = [chat_ids(loaded.tokenizer, t) for t in texts("calibration", "text")]
-    fit_prompts = [p for i, p in enumerate(calibration) if i % 3 != 2]
-    select_prompts = [p for i, p in enumerate(calibration) if i % 3 == 2]
-
-    def answered(prompts: list[list[int]]) -> list[list[int]]:
-        jobs = [Q.Job(p, SamplingParams(max_new_tokens=64, ignore_eos=True)) for p in prompts]
-        return [list(s.generated) for s in Q.run_jobs(engine, jobs, engine.cache.max_batch)]
-
-    fitting = ForcedForward(engine.runner, fit_prompts, answered(fit_prompts), 1, 16)
-    selecting = ForcedForward(engine.runner, select_prompts, answered(select_prompts), warm_up, 16)
+                          steps: int, order: list[int] | None = None) -> Selection:
+    """The greedy compensated order on the calibration prompts (two thirds fit, one third select),
+    or, given the `order`, its substitutes refitted along it."""
+    fit_prompts, select_prompts = calibration_split(loaded)
+    fitting = ForcedForward(engine.runner, fit_prompts, dense_answers(engine, fit_prompts, 64), 1, 16)
     kind = None if kind_name == "plain" else SubstituteKind.parse(kind_name)
+    if order is not None:
+        assert kind is not None, "an order with substitutes"
+        return Selection([Step(layer, Q.Estimate(math.nan, math.nan, math.nan), {}) for layer in order],
+                         fitted_along(fitting, order, kind))
+    selecting = ForcedForward(engine.runner, select_prompts, dense_answers(engine, select_prompts, 64), warm_up, 16)
     return select(fitting, selecting, range(cold_start, cold_end), kind, steps, lambda message: say(f"greedy: {message}"))
 
 
@@ -102,6 +97,9 @@ def main() -> int:
                         "for each, and the k with the lowest teacher-forced KL at the target is judged")
     parser.add_argument("--compensated", help="targets: also judge the greedy compensated selection with this "
                         "substitute (plain, bias, lowrankR, linear) at the prefix whose net avoided FFN bytes is nearest")
+    parser.add_argument("--order", help="targets: the greedy compensated order, already chosen (e.g. 3,4,1,15)")
+    parser.add_argument("--harm-order", help="the FFNs by plain harm alone, already measured (skips the screening)")
+    parser.add_argument("--paper", help="targets: the paper's tuned settings, already chosen: target:k:threshold,...")
     parser.add_argument("--bisections", type=int, default=7, help="--budget: steps of the paper's threshold search")
     parser.add_argument("--budget", action="store_true", help="each rule at the most skipping within the budget")
     parser.add_argument("--max-kl", type=float, default=QualityBudget().max_kl)
@@ -115,19 +113,25 @@ def main() -> int:
     ffn_bytes = ffn_layer_bytes(loaded)
     engine = Engine(loaded, max_batch=args.batch, max_seq_len=1024)
     cold_start, cold_end = 1, layers - 1
-    prompts = [chat_ids(tok, t) for t in texts("prompts", "prompt")[:args.prompts]]
-    calibration = [chat_ids(tok, t) for t in texts("calibration", "text")[::3]]
+    prompts = judged_prompts(loaded, args.prompts)
+    calibration = [chat_ids(loaded, t) for t in texts("calibration", "text")[::3]]
     qa = list(read_jsonl("factoid_qa"))
-    questions = [chat_ids(tok, row["question"]) for row in qa]
+    questions = [chat_ids(loaded, row["question"]) for row in qa]
 
     started = time.perf_counter()
-    screen = Q.dense_references(engine, calibration, 48, args.batch)
-    harm = {}
-    for layer in range(cold_start, cold_end):
-        skip = SkipParams(policy=Policy.STATIC, static_layers=(layer,), cold_start=cold_start, cold_end=cold_end, warm_up=0)
-        harm[layer] = Q.pooled(Q.divergence(engine, calibration, screen, skip, args.batch).kl).mean
-    order = sorted(harm, key=lambda layer: (harm[layer], layer))
+    harm: dict[int, float] = {}
+    if args.harm_order:
+        order = [int(layer) for layer in args.harm_order.split(",")]
+    else:
+        screen = Q.dense_references(engine, calibration, 48, args.batch)
+        for layer in range(cold_start, cold_end):
+            skip = SkipParams(policy=Policy.STATIC, static_layers=(layer,), cold_start=cold_start, cold_end=cold_end,
+                              warm_up=0)
+            harm[layer] = Q.pooled(Q.divergence(engine, calibration, screen, skip, args.batch).kl).mean
+        order = sorted(harm, key=lambda layer: (harm[layer], layer))
     say(f"harm order {order} ({time.perf_counter() - started:.0f} s)")
+    given = {float(t): (int(k), float(threshold)) for t, k, threshold in
+             (item.split(":") for item in args.paper.split(","))} if args.paper else {}
 
     references = Q.dense_references(engine, prompts, args.tokens, args.batch)
     own = [r.nll for r in references]
@@ -177,11 +181,12 @@ def main() -> int:
         rows.append(evaluate("static by measured harm", 0.0, static_set(count)))
     targets = [float(t) for t in args.targets.split(",")]
     steps = round(max(targets) * layers) + 2  # enough FFNs for the largest target's net bytes
-    chosen = compensated_selection(engine, loaded, args.compensated, cold_start, cold_end, args.warm_up, say, steps) \
+    chosen = compensated_selection(engine, loaded, args.compensated, cold_start, cold_end, args.warm_up, say, steps,
+                                   [int(layer) for layer in args.order.split(",")] if args.order else None) \
         if args.compensated and not args.budget else None
     for target in [] if args.budget else targets:
         tuned = []  # per k: (teacher-forced KL at the target, k, threshold)
-        for k in [int(k) for k in args.ks.split(",")] if args.ks else [args.max_skip]:
+        for k in [] if target in given else [int(k) for k in args.ks.split(",")] if args.ks else [args.max_skip]:
             low, high = 0.90, 1.0  # threshold: a higher one fires less, so skips less
             for _ in range(8):
                 middle = (low + high) / 2
@@ -196,7 +201,7 @@ def main() -> int:
             scores = Q.divergence(engine, prompts, references, adaptive(middle, k), args.batch)
             tuned.append((Q.pooled([row[args.warm_up:] for row in scores.kl]).mean, k, middle))
             say(f"adaptive k={k}: threshold {middle:.5f}, KL {tuned[-1][0]:.4f}")
-        _, k, threshold = min(tuned) if tuned else (0.0, args.max_skip, middle)
+        _, k, threshold = min(tuned) if tuned else (0.0, *given[target]) if target in given else (0.0, args.max_skip, middle)
         rows.append(evaluate("adaptive (paper)", target, adaptive(threshold, k), max_skip=k,
                              tuning=[{"kl": round(kl, 4), "k": kk, "threshold": round(t, 5)} for kl, kk, t in tuned]))
         rows.append(evaluate("static by measured harm", target, static_set(max(1, round(target * layers)))))

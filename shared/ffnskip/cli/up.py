@@ -24,9 +24,10 @@ def register(commands) -> None:
     up.add_argument("--prompt", default=DEFAULT_PROMPT, help="the first request's chat message")
     up.add_argument("--max-new-tokens", type=int, default=64)
     up.add_argument("--target-skip", type=float, help="target decode skip ratio of a needed calibration")
-    up.add_argument("--calibration-tokens", type=int, default=32,
-                    help="tokens per prompt of a needed calibration (default 32, a quick first profile; "
-                         "`ffnskip ops calibrate` recalibrates with more)")
+    up.add_argument("--calibration-tokens", type=int, default=StackOptions.calibration_tokens,
+                    help="tokens per prompt of a needed calibration (default %(default)s: the budget's free-running "
+                         "check reads the answers after the warm-up, and 32-token answers passed a set whose "
+                         "96-token answers missed it)")
     up.add_argument("--data-dir", type=Path, help="redis data and logs (default $FFNSKIP_CACHE/stack)")
     up.add_argument("--once", action="store_true", help="exit after the first request (tests, scripts)")
     up.set_defaults(handler=run)
