@@ -159,13 +159,12 @@ class ChosenTokens:
         self.mask, self.previous = mask, None
 
     def need(self, index: int, x: torch.Tensor, h: torch.Tensor, normed: torch.Tensor, ffn: torch.Tensor) -> torch.Tensor:
-        scale = h.float().norm(dim=-1).clamp_min(1e-12)
         if self.signal is Signal.ATTENTION:
             need = 1 - similarity(x, h)
         elif self.signal is Signal.SUBSTITUTE:
-            need = self.substitutes[index](normed).float().norm(dim=-1) / scale
-        elif self.signal is Signal.PREVIOUS:
-            need = self.previous if self.previous is not None else torch.zeros_like(scale)
+            need = self.substitutes[index](normed).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
+        elif self.signal is Signal.PREVIOUS:  # layer 0 has no layer before: every token equally
+            need = self.previous if self.previous is not None else torch.zeros(h.shape[:-1], device=h.device)
         elif self.signal is Signal.PROBE:
             need = self.probes[index](normed)
         else:
