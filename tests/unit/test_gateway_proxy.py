@@ -124,10 +124,21 @@ def test_the_client_deadline_reaches_the_decoder():
     async def scenario() -> None:
         slow = FakeDecoder("a", "hang")
         async with gateway(slow) as (stub, telemetry, router):
+            released = asyncio.Event()
+            release = router.release
+
+            def release_and_tell(decoder: str) -> None:
+                release(decoder)
+                released.set()
+
+            router.release = release_and_tell
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Generate(request(), timeout=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await asyncio.wait_for(slow.cancelled.wait(), timeout=5)  # the decoder stopped working on it
+            # the decoder's own copy of the deadline may cancel it before the gateway's handler
+            # has unwound: the slot is given back when that handler ends, so wait for it
+            await asyncio.wait_for(released.wait(), timeout=5)
             assert router.in_flight == {}
 
     asyncio.run(scenario())
