@@ -18,6 +18,8 @@ from ffnskip.errors import InvalidArgument
 # "w8a8" the same int8 matrices whose products round the activations to int8 too, a scale per
 # row (engine.layers.int8_product).
 WEIGHT_FORMATS = ("full", "int8", "w8a8")
+# The roles a chat message may have, as the chat templates of Llama-family models take them.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Policy(str, Enum):

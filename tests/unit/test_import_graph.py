@@ -9,6 +9,8 @@ import the installed package as it is, without editing sys.path."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ffnskip
@@ -113,6 +115,15 @@ def test_the_engine_reads_no_settings_of_its_own() -> None:
             assert not read, f"{name} reads {read}"
             imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
             assert "ffnskip.settings" not in imported, f"{name} imports the settings reader"
+
+
+def test_the_gateway_loads_no_model_library() -> None:
+    """The gateway routes and validates requests; it never runs a model, so its process loads
+    neither torch nor transformers (they took its resident memory from about 60 MB to 400)."""
+    probe = ("import sys, services.gateway.main; "
+             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
 
 
 def test_a_short_top_level() -> None:

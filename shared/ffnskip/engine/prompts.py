@@ -6,9 +6,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from ffnskip.config import CHAT_ROLES
 from ffnskip.errors import InvalidArgument
-
-ROLES = ("system", "user", "assistant")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None, messages: list[dict] | None) -> list[int]:
@@ -25,8 +24,8 @@ def _encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -
     if not messages:
         raise InvalidArgument("messages", "must not be empty")
     for i, message in enumerate(messages):
-        if message.get("role") not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+        if message.get("role") not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}")
         if not isinstance(message.get("content"), str) or not message["content"].strip():
             raise InvalidArgument(f"messages[{i}].content", "must be a non-empty string")
     if not tokenizer.chat_template:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
-from ffnskip.engine.prompts import ROLES
+from ffnskip.config import CHAT_ROLES, DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.errors import InvalidArgument
 from ffnskip.rpc.convert import policy_of
 from ffnskip.v1 import generation_pb2 as pb
@@ -59,8 +58,8 @@ def prompt_of(request: pb.GenerateRequest) -> tuple[str | None, list[dict] | Non
             raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages, got {len(request.messages)}")
         messages, chars = [], 0
         for i, m in enumerate(request.messages):
-            if m.role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {shown(m.role)}")
+            if m.role not in CHAT_ROLES:
+                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {shown(m.role)}")
             if not m.content.strip():
                 raise InvalidArgument(f"messages[{i}].content", "must not be empty")
             chars += len(m.content)
