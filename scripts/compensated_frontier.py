@@ -19,16 +19,15 @@ import dataclasses
 import json
 import os
 import time
+from functools import partial
 
 from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.forced import ForcedForward, kl_rows
+from ffnskip.calibration.prompt_sets import calibration_split, dense_answers, judged_prompts
 from ffnskip.calibration.selection import select
 from ffnskip.calibration.substitutes import SubstituteKind
-from ffnskip.config import SamplingParams
-from ffnskip.datasets import texts
 from ffnskip.engine import Engine, load_model
-from ffnskip.engine.prompts import encode_prompt
 from ffnskip.settings import cache_root
 
 
@@ -51,16 +50,9 @@ def main() -> int:
     started = time.perf_counter()
     loaded = load_model(args.model, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=args.batch, max_seq_len=1024)
-    chat = lambda text: encode_prompt(loaded.tokenizer, None, [{"role": "user", "content": text}])  # noqa: E731
-
-    def answers(prompts: list[list[int]], tokens: int) -> list[list[int]]:
-        jobs = [Q.Job(p, SamplingParams(max_new_tokens=tokens, ignore_eos=True)) for p in prompts]
-        return [list(s.generated) for s in Q.run_jobs(engine, jobs, args.batch)]
-
-    calibration = [chat(t) for t in texts("calibration", "text")]
-    fit_prompts = [p for i, p in enumerate(calibration) if i % 3 != 2]
-    select_prompts = [p for i, p in enumerate(calibration) if i % 3 == 2]
-    judged = [chat(t) for t in texts("prompts", "prompt")[:args.judge]]
+    answers = partial(dense_answers, engine)
+    fit_prompts, select_prompts = calibration_split(loaded)
+    judged = judged_prompts(loaded, args.judge)
     fitting = ForcedForward(engine.runner, fit_prompts, answers(fit_prompts, args.calibration_tokens), 1, args.batch)
     selecting = ForcedForward(engine.runner, select_prompts, answers(select_prompts, args.calibration_tokens),
                               args.warm_up, args.batch)

@@ -23,17 +23,16 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
 from ffnskip.calibration.distill import distill, fitted_along
 from ffnskip.calibration.forced import ForcedForward
+from ffnskip.calibration.prompt_sets import calibration_split, dense_answers, judged_prompts
 from ffnskip.calibration.selection import select
 from ffnskip.calibration.substitutes import SubstituteKind
-from ffnskip.config import SamplingParams
-from ffnskip.datasets import texts
 from ffnskip.engine import Engine, load_model
-from ffnskip.engine.prompts import encode_prompt
 from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.settings import cache_root
 
@@ -76,21 +75,15 @@ def main() -> int:
     loaded = load_model(args.model, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=args.batch, max_seq_len=1024)
     runner = engine.runner
-    chat = lambda text: encode_prompt(loaded.tokenizer, None, [{"role": "user", "content": text}])  # noqa: E731
-
-    def answers(prompts: list[list[int]], tokens: int) -> list[list[int]]:
-        jobs = [Q.Job(p, SamplingParams(max_new_tokens=tokens, ignore_eos=True)) for p in prompts]
-        return [list(s.generated) for s in Q.run_jobs(engine, jobs, args.batch)]
+    answers = partial(dense_answers, engine)
 
     say("dense answers to the calibration and judged prompts")
-    calibration = [chat(t) for t in texts("calibration", "text")]
     # decoded in the selection's two groups, as compensated_frontier decodes them (a batch's rows
     # can round differently in another batch): its fits are reproduced exactly
-    fit_prompts = [p for i, p in enumerate(calibration) if i % 3 != 2]
-    select_prompts = [p for i, p in enumerate(calibration) if i % 3 == 2]
+    fit_prompts, select_prompts = calibration_split(loaded)
     fit_answers = answers(fit_prompts, args.calibration_tokens)
     select_answers = answers(select_prompts, args.calibration_tokens)
-    judged = [chat(t) for t in texts("prompts", "prompt")[:args.judge]]
+    judged = judged_prompts(loaded, args.judge)
     judging = ForcedForward(runner, judged, answers(judged, args.judge_tokens), args.warm_up, args.batch)
     references = judging.dense()
     training = ForcedForward(runner, fit_prompts + select_prompts, fit_answers + select_answers, args.warm_up,
@@ -119,7 +112,7 @@ def main() -> int:
     results: dict = {"model": args.model, "fingerprint": loaded.fingerprint, "kind": kind.name, "order": order,
                      "order_from": args.order or args.frontier, "training": "the substitutes' tensors only (Adam); the model is frozen",
                      "steps": args.steps, "lr": args.lr, "seed": args.seed, "train_batch": args.train_batch,
-                     "calibration_prompts": len(calibration), "calibration_tokens": args.calibration_tokens,
+                     "calibration_prompts": len(fit_prompts) + len(select_prompts), "calibration_tokens": args.calibration_tokens,
                      "judge_prompts": args.judge, "judge_tokens": args.judge_tokens, "warm_up": args.warm_up,
                      "ffn_bytes": ffn_bytes, "num_layers": loaded.num_layers, "points": []}
     every = max(1, args.steps // 10)  # progress lines per prefix: about ten

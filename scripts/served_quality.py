@@ -12,10 +12,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ffnskip.calibration import quality as Q
+from ffnskip.calibration.prompt_sets import chat_ids
 from ffnskip.client import GatewayClient, build_request
 from ffnskip.datasets import read_jsonl, texts
 from ffnskip.engine import Engine, load_model
-from ffnskip.engine.prompts import encode_prompt
 from ffnskip.evaluation.scoring import is_correct, paired_counts
 from ffnskip.settings import cache_root
 
@@ -50,7 +50,7 @@ def main() -> int:
 
     loaded = load_model(args.model, device="cpu", dtype="float32", cache_dir=cache_root(os.environ))
     engine = Engine(loaded, max_batch=8, max_seq_len=1024)
-    ids = [encode_prompt(loaded.tokenizer, None, [{"role": "user", "content": p}]) for p in prompts]
+    ids = [chat_ids(loaded, p) for p in prompts]
     own = Q.dense_nll(engine, ids, [list(r.token_ids) for r in dense_open], 8)
     served = Q.dense_nll(engine, ids, [list(r.token_ids) for r in served_open], 8)
     after = args.warm_up
