@@ -3,8 +3,8 @@
 torch.profiler records every op with its input shapes; matmuls are assigned to a
 role by the weight they multiply (FFN gate/up and down, attention q/k/v and o,
 the LM head). A compiled engine's segments run inside AOTInductor packages, which
-the profiler does not see: their time is the step's wall time less every op it
-recorded, and a second pass times each segment call by kind (`segments_ms`).
+the profiler does not see (except the ops they call, like the int8 kernel): their time is
+the step's wall time less every op it recorded, and a second pass times each segment call by kind (`segments_ms`).
 Profiled on a warm engine, median over a few steps.
 """
 
@@ -21,7 +21,8 @@ from ffnskip.config import DENSE, SamplingParams
 from ffnskip.engine.runner import ModelRunner
 
 UNSEEN = "compiled segments, Python (not seen by the profiler)"
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"}
+# the int8 kernel (x [M, K], w [N, K]) is seen even inside a package: the package calls it as an op
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "ffnskip::int8_matmul"}
 
 
 def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from ffnskip.engine import int8_kernel
 from ffnskip.engine import layers as layers_module
 from ffnskip.engine import segments as segments_module
 from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
@@ -96,7 +97,9 @@ def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torc
     """Everything a compiled package depends on besides its segment and bucket."""
     digest = hashlib.sha256()
     target = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-    for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT)):
+    # w8a8 packages on a CPU call the int8 kernel where CompiledSegments loaded it: a package built so needs it
+    kernel = int8_kernel.digest() if weights == "w8a8" and device.type == "cpu" else "none"
+    for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT), kernel):
         digest.update(part.encode() + b"\0")
     for module in (segments_module, layers_module):  # the code traced into a package
         digest.update(Path(str(module.__file__)).read_bytes())
@@ -194,6 +197,8 @@ class CompiledSegments:
         # exact there.
         self.autotune = self.dtype == torch.float32
         self.weights = weights_format(layers[0])
+        if self.weights == "w8a8" and self.device.type == "cpu":
+            int8_kernel.load(Path(target.directory))  # before any package is traced or loaded
         self.directory = Path(target.directory) / package_key(target.fingerprint, self.dtype, self.weights, self.device,
                                                               self.autotune)
         with torch.inference_mode():  # like every decode input

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ffnskip.engine import int8_kernel
 from ffnskip.engine.smoothing import smoothing
 
 BLOCK = 16  # output columns per block of a blocked weight
@@ -84,12 +85,17 @@ def int8_product(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     has blocks of 32. `smoothing` [K] multiplies the rows first (the weight's columns were divided
     by it: smoothing.py). On 2 AVX-512 cores the 30 FFNs of SmolLM2-135M took 7.2 ms at 1 row
     against 13.2 ms for the weight-only product that converts each weight (7.9 against 60 at 16
-    rows)."""
+    rows). A decode step's few rows take int8_kernel's product where it is loaded: the same
+    integer sums, at up to 2.5 times the speed."""
     if smoothing is not None:
         rows = rows * smoothing
     step = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30) / 127
     values = torch.round(rows / step).to(torch.int8)
-    return (torch._int_mm(values, weight.t()) * (step * scale)).to(rows.dtype)
+    if rows.shape[0] <= int8_kernel.ROWS and rows.device.type == "cpu" and int8_kernel.loaded():
+        sums = torch.ops.ffnskip.int8_matmul(values, weight)
+    else:
+        sums = torch._int_mm(values, weight.t())
+    return (sums * (step * scale)).to(rows.dtype)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int,

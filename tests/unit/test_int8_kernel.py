@@ -1,0 +1,76 @@
+"""The int8 kernel (engine/int8_kernel.py, int8_matmul.cpp): built from source, it sums exactly what
+the library's int8 GEMM sums over every shape and the whole int8 range, int8_product takes it for a
+decode step's few rows (and the library's GEMM for more), and a failed build leaves the library's
+GEMM serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ffnskip.engine import int8_kernel
+from ffnskip.engine.layers import int8_product, quantise_rows
+
+needs_vnni = pytest.mark.skipif(not int8_kernel.supported(), reason="this CPU lacks AVX-512 VNNI: the kernel is not used")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> None:
+    assert int8_kernel.load(tmp_path_factory.mktemp("kernel-cache"))
+    assert int8_kernel.loaded()
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("n, k", [(1, 1), (15, 63), (16, 64), (17, 65), (40, 130), (33, 576)])
+def test_the_kernel_sums_exactly_what_the_library_gemm_sums(kernel, m, n, k):
+    generator = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    x[0, :] = -128  # the extremes: the instruction's unsigned side sees w + 128, from 0 to 255
+    w[0, :] = -128
+    w[-1, :] = 127
+    assert torch.equal(torch.ops.ffnskip.int8_matmul(x, w), torch._int_mm(x, w.t()))
+
+
+@needs_vnni
+def test_a_transposed_view_is_read_as_its_values(kernel):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (3, 70), dtype=torch.int8, generator=generator)
+    w = torch.randint(-128, 128, (70, 20), dtype=torch.int8, generator=generator).t()  # not contiguous
+    assert torch.equal(torch.ops.ffnskip.int8_matmul(x, w), torch._int_mm(x, w.t()))
+
+
+def kernel_calls(rows: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = int8_product(rows, values, scale)
+    return out, sum(event.name == "ffnskip::int8_matmul" for event in profile.events())
+
+
+@needs_vnni
+def test_int8_product_takes_the_kernel_for_a_few_rows_and_gives_the_same_numbers(kernel, monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    values, scale = quantise_rows(torch.randn(48, 96, generator=generator))
+    for count in (1, int8_kernel.ROWS, int8_kernel.ROWS + 1):
+        rows = torch.randn(count, 96, generator=generator)
+        with_kernel, calls = kernel_calls(rows, values, scale)
+        assert calls == (1 if count <= int8_kernel.ROWS else 0)
+        with monkeypatch.context() as patch:
+            patch.setattr(int8_kernel, "_loaded", False)
+            without, calls = kernel_calls(rows, values, scale)
+        assert calls == 0
+        assert torch.equal(with_kernel, without)
+
+
+def test_a_failed_build_leaves_the_library_gemm(tmp_path, monkeypatch):
+    broken = tmp_path / "int8_matmul.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(int8_kernel, "SOURCE", broken)
+    monkeypatch.setattr(int8_kernel, "_loaded", False)
+    monkeypatch.setattr(int8_kernel, "supported", lambda: True)  # the build is tried on any CPU
+    assert not int8_kernel.load(tmp_path / "cache")
+    assert not int8_kernel.loaded() and int8_kernel.digest() == "none"
+    values, scale = quantise_rows(torch.randn(8, 16))
+    rows = torch.randn(1, 16)
+    out, calls = kernel_calls(rows, values, scale)
+    assert calls == 0 and out.shape == (1, 8)
