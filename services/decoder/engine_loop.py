@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from ffnskip.config import SamplingParams, SkipParams
 from ffnskip.engine import Engine, GenerationResult, TokenEvent
+from ffnskip.engine.heap import return_freed_memory
 from ffnskip.engine.sequence import Sequence
 from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.errors import FfnSkipError, ResourceExhausted, Unavailable
@@ -200,8 +201,11 @@ class EngineLoop:
             if self.engine.has_work:
                 self._step()
             with self._wake:
-                if not self._active and not self._inbox:
+                went_idle = not self._active and not self._inbox and not self.idle.is_set()
+                if went_idle:
                     self.idle.set()
+            if went_idle:  # what the requests' activations left in the heap goes back to the OS
+                return_freed_memory()
         for _, future in calls:
             future.set_exception(Unavailable("decoder engine loop stopped"))
         for submission in list(self._active.values()):

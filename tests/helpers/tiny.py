@@ -31,7 +31,7 @@ def tiny_config(num_layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads:
         vocab_size=len(SPECIALS) + 256, hidden_size=hidden, intermediate_size=hidden * 3,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        tie_word_embeddings=False, **extra,
+        **{"tie_word_embeddings": False, **extra},
     )
 
 

@@ -17,6 +17,7 @@ from ffnskip.config import DENSE, SamplingParams
 from ffnskip.engine import Engine, GenerationResult, load_model
 from ffnskip.engine.compiled import CompiledSegments
 from ffnskip.errors import NotFound, Unavailable
+from services.decoder import engine_loop as engine_loop_module
 from services.decoder.engine_loop import EngineLoop, Submission
 from services.decoder.main import load_compiled_segments
 
@@ -100,5 +101,24 @@ def test_compiled_segments_are_loaded_and_raw_weights_released_on_the_engine_thr
         engine_thread = engine_loop.call(threading.get_ident)
         assert set(seen.threads) == {"build", "warm_up", "release_raw_weights", "step"}
         assert all(threads == {engine_thread} for threads in seen.threads.values()), seen.threads
+    finally:
+        engine_loop.stop()
+
+
+def test_the_heap_is_trimmed_on_the_engine_thread_each_time_the_work_runs_out(tiny_loaded, monkeypatch):
+    """What a burst's activations left in the heap goes back to the OS when the decoder goes idle,
+    between requests and never during one."""
+    trims: list[tuple[int, int]] = []  # (thread, requests running then)
+    engine_loop = EngineLoop(lambda: Engine(tiny_loaded, max_batch=2, max_seq_len=64), max_queue=4)
+    monkeypatch.setattr(engine_loop_module, "return_freed_memory",
+                        lambda: trims.append((threading.get_ident(), engine_loop.running)))
+    engine_loop.start()
+    try:
+        engine_thread = engine_loop.call(threading.get_ident)
+        assert trims == []  # a call is no work running out
+        for served in (1, 2):
+            assert serve_one(engine_loop, "hello there").finish_reason == "length"
+            engine_loop.call(lambda: None)  # the loop's next pass: the one that finished has trimmed
+            assert trims == [(engine_thread, 0)] * served
     finally:
         engine_loop.stop()

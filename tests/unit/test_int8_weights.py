@@ -11,6 +11,7 @@ import torch
 
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine, load_model
+from ffnskip.engine.embedding import TiedInt8Embedding
 from ffnskip.engine.layers import BLOCK, INT8_REDUCED_ROWS, dequantised, int8_product, project, quantisation_of, quantise, quantise_rows
 from ffnskip.engine.loading import resolve_weights
 from ffnskip.engine.runner import ModelRunner
@@ -178,6 +179,7 @@ def rounded_model(directory, cache, smoothed: bool):
     one, as gate/up do: their weights together)."""
     loaded = load_model(str(directory), device="cpu", dtype="float32", cache_dir=cache)
     model = loaded.model
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     maxima = input_maxima(model, calibration_tokens(loaded.tokenizer)) if smoothed else {}
     groups = [[model.lm_head]] + [group for layer in model.model.layers for group in (
         [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
@@ -191,6 +193,8 @@ def rounded_model(directory, cache, smoothed: bool):
         for module in group:
             module.weight = torch.nn.Parameter(rounded_per_row(module.weight.detach() / factor), requires_grad=False)
             module.register_forward_pre_hook(lambda _, args, factor=factor: (rounded_rows(args[0] * factor),))
+        if tied and group == [model.lm_head]:  # a tied embedding: the rounded head, its smoothing undone
+            model.model.embed_tokens.weight = torch.nn.Parameter(model.lm_head.weight.detach() * factor, requires_grad=False)
     return loaded
 
 
@@ -213,12 +217,7 @@ def test_w8a8_engine_is_the_model_with_rounded_weights_and_activations(smoothed,
     and moves the logits by up to a few hundredths.)"""
     engine = w8a8_eager if smoothed else unsmoothed_w8a8(int8_dir, engine_cache)
     model = rounded_model(int8_dir, engine_cache, smoothed).model
-    for prompt, result in zip(PROMPTS, engine.generate(PROMPTS, SAMPLING)):
-        ids = torch.tensor([engine.tokenizer.encode(prompt)])
-        with torch.inference_mode():
-            for _ in range(SAMPLING.max_new_tokens):  # greedy, the whole sequence each step (no cache)
-                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-        assert result.token_ids == ids[0, -SAMPLING.max_new_tokens:].tolist()
+    assert_greedy_tokens_equal(engine, model)
     seen: dict[str, list[torch.Tensor]] = {}  # linear name -> [its input before rounding, its output]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -233,6 +232,40 @@ def test_w8a8_engine_is_the_model_with_rounded_weights_and_activations(smoothed,
             (x, expected), weight = seen[hf_name], owner.get_parameter(name)
             ours = project(x, weight, None, weight.shape[0], *quantisation_of(owner, name))[..., :expected.shape[-1]]
             torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_greedy_tokens_equal(engine: Engine, model) -> None:
+    """The engine's greedy tokens for PROMPTS are the HF `model`'s."""
+    for prompt, result in zip(PROMPTS, engine.generate(PROMPTS, SAMPLING)):
+        ids = torch.tensor([engine.tokenizer.encode(prompt)])
+        with torch.inference_mode():
+            for _ in range(SAMPLING.max_new_tokens):  # greedy, the whole sequence each step (no cache)
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert result.token_ids == ids[0, -SAMPLING.max_new_tokens:].tolist()
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-tied"), seed=0, num_layers=3, tie_word_embeddings=True)
+
+
+def test_a_tied_w8a8_engine_embeds_from_the_int8_head_and_keeps_no_float_table(tied_dir, engine_cache):
+    loaded = load_model(str(tied_dir), device="cpu", dtype="float32", cache_dir=engine_cache, weights="w8a8")
+    engine = Engine(loaded, max_batch=4, max_seq_len=64)
+    assert isinstance(engine.runner.embed, TiedInt8Embedding)
+    assert loaded.model.model.embed_tokens.weight.numel() == 0  # the float table is let go
+    assert_greedy_tokens_equal(engine, rounded_model(tied_dir, engine_cache, smoothed=True).model)
+
+
+@pytest.mark.heavy  # AOTInductor compiles
+def test_a_tied_w8a8_engine_serves_the_same_tokens_compiled_after_the_raw_weights_go(tied_dir, tmp_path_factory):
+    eager = Engine(load_model(str(tied_dir), device="cpu", dtype="float32", cache_dir=tmp_path_factory.mktemp("e"),
+                              weights="w8a8"), max_batch=1, max_seq_len=64)
+    loaded = load_model(str(tied_dir), device="cpu", dtype="float32", cache_dir=tmp_path_factory.mktemp("c"), weights="w8a8")
+    compiled = Engine(loaded, max_batch=1, max_seq_len=64, compile=True)
+    compiled.warm_up([1])
+    assert compiled.release_raw_weights() > 0
+    assert [r.token_ids for r in compiled.generate(PROMPTS, SAMPLING)] == [r.token_ids for r in eager.generate(PROMPTS, SAMPLING)]
 
 
 def test_smoothing_factor_balances_the_input_and_weight_ranges():

@@ -13,8 +13,6 @@ nothing.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -23,6 +21,8 @@ from torch import nn
 
 from ffnskip.config import WEIGHT_FORMATS
 from ffnskip.engine.compiled import WEIGHTS, CompiledSegments, CompileTarget
+from ffnskip.engine.embedding import TiedInt8Embedding
+from ffnskip.engine.heap import return_freed_memory
 from ffnskip.engine.kv_cache import KVCache
 from ffnskip.engine.layers import FusedLayer, Head, adopt, quantise_matrices
 from ffnskip.engine.loading import LoadedModel
@@ -50,7 +50,7 @@ class ModelRunner:
         config = hf_model.config
         inner = hf_model.model
         self.config = config
-        self.embed = inner.embed_tokens
+        self.embed: nn.Module = inner.embed_tokens
         self.rotary = RotaryTable(inner.rotary_emb)
         self.head = Head(inner.norm, hf_model.lm_head)
         self.num_heads = config.num_attention_heads
@@ -63,6 +63,7 @@ class ModelRunner:
         weight = hf_model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.weights = weights
+        tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
         if weights != "full":
             maxima = input_maxima(hf_model, smoothing_tokens) if weights == "w8a8" and smoothing_tokens else None
             with torch.inference_mode():
@@ -71,7 +72,10 @@ class ModelRunner:
                         name: maxima[f"model.layers.{index}.{module}"] for name, module in LAYER_INPUTS.items()})
                 quantise_matrices(self.head, weights == "w8a8",
                                   maxima and {name: maxima[module] for name, module in HEAD_INPUTS.items()})
-            _return_freed_memory()
+                if weights == "w8a8" and tied:  # the head's int8 copy serves the lookups; the float table goes
+                    self.embed = TiedInt8Embedding(self.head, self.dtype)
+                    inner.embed_tokens.weight = nn.Parameter(inner.embed_tokens.weight.new_empty(0), requires_grad=False)
+            return_freed_memory()
         self.segments: Segments = (EagerSegments(self.layers, self.head) if compiled is None
                                    else CompiledSegments(self.layers, self.head, compiled))
         self._positions = torch.arange(256, device=self.device)
@@ -99,14 +103,17 @@ class ModelRunner:
             for index, layer in enumerate(self.layers):
                 layer.adopt(segments.layer_weights(index))
             adopt(self.head, segments.head_weights())  # a tied LM head no longer shares the embedding's
-            # the embedding table, off the weight file's map (nothing else holds the map after this)
-            adopt(self.embed, {"weight": self.embed.weight.detach().clone()})
+            # a float embedding table, off the weight file's map (nothing else holds the map after this)
+            table = self.embed.weight if isinstance(self.embed, nn.Embedding) else None
+            if table is not None:
+                adopt(self.embed, {"weight": table.detach().clone()})
         after = _storages(modules)
         # (`before` holds the old storages until here, so no new tensor can take one's address)
         released = sum(storage.nbytes() for pointer, storage in before.items() if pointer not in after)
-        released -= self.embed.weight.untyped_storage().nbytes()  # the copy made above
+        if table is not None:
+            released -= table.untyped_storage().nbytes()  # the copy made above
         del before
-        _return_freed_memory()
+        return_freed_memory()
         return released
 
     def weight_bytes(self) -> WeightBytes:
@@ -281,16 +288,6 @@ def causal_mask(keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
 def _storages(modules: Seq[nn.Module]) -> dict[int, torch.UntypedStorage]:
     """The memory the modules' parameters lie in, by address."""
     return {param.untyped_storage().data_ptr(): param.untyped_storage() for module in modules for param in module.parameters()}
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps freed blocks below its mmap threshold in
-    the process, where the resident size still counts them)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-            pass
 
 
 class RotaryTable:
