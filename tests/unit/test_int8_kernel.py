@@ -5,6 +5,10 @@ GEMM serving."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,9 +19,22 @@ needs_vnni = pytest.mark.skipif(not int8_kernel.supported(), reason="this CPU la
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> None:
-    assert int8_kernel.load(tmp_path_factory.mktemp("kernel-cache"))
+def kernel(tmp_path_factory) -> Path:
+    """The directory the kernel was built in (and this process loaded it from)."""
+    directory = tmp_path_factory.mktemp("kernel-cache")
+    assert int8_kernel.load(directory)
     assert int8_kernel.loaded()
+    return directory
+
+
+@needs_vnni
+def test_a_built_kernel_loads_without_the_build_tools(kernel):
+    """A serving decoder loads what was built before: without importing torch's extension builder
+    (and setuptools with it, 4 MB of its resident memory)."""
+    script = ("import sys; from pathlib import Path; from ffnskip.engine import int8_kernel; "
+              f"assert int8_kernel.load(Path({str(kernel)!r})); print('torch.utils.cpp_extension' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 @needs_vnni

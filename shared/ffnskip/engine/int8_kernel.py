@@ -70,7 +70,6 @@ def _built(directory: Path) -> Path:
     """The kernel's shared library under `directory`, compiled if this source, torch and compiler
     have not been before."""
     from torch._inductor.cpp_builder import get_cpp_compiler  # local: Inductor costs every importer
-    from torch.utils.cpp_extension import include_paths, library_paths
 
     compiler = get_cpp_compiler()
     key = hashlib.sha256(b"\0".join(part.encode() for part in (
@@ -78,6 +77,9 @@ def _built(directory: Path) -> Path:
     library = directory / f"int8_matmul-{key}.so"
     if library.exists():
         return library
+    # local, and only to build: it imports setuptools, 4 MB a serving decoder need not hold
+    from torch.utils.cpp_extension import include_paths, library_paths
+
     directory.mkdir(parents=True, exist_ok=True)
     partial = library.with_name(f".{library.stem}.{uuid.uuid4().hex}.so")  # processes may build at once
     lib_dir = library_paths()[0]
