@@ -93,12 +93,18 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(buckets) + (max_batch,)
 
 
+def calls_int8_kernel(weights: str, device: torch.device) -> bool:
+    """Whether packages of this format on this device call the int8 kernel (where it loads):
+    w8a8 products on a CPU (layers.int8_product)."""
+    return weights == "w8a8" and device.type == "cpu"
+
+
 def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torch.device, autotune: bool) -> str:
     """Everything a compiled package depends on besides its segment and bucket."""
     digest = hashlib.sha256()
     target = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-    # w8a8 packages on a CPU call the int8 kernel where CompiledSegments loaded it: a package built so needs it
-    kernel = int8_kernel.digest() if weights == "w8a8" and device.type == "cpu" else "none"
+    # a package built calling the int8 kernel needs it loaded
+    kernel = int8_kernel.digest() if calls_int8_kernel(weights, device) else "none"
     for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT), kernel):
         digest.update(part.encode() + b"\0")
     for module in (segments_module, layers_module):  # the code traced into a package
@@ -197,7 +203,7 @@ class CompiledSegments:
         # exact there.
         self.autotune = self.dtype == torch.float32
         self.weights = weights_format(layers[0])
-        if self.weights == "w8a8" and self.device.type == "cpu":
+        if calls_int8_kernel(self.weights, self.device):
             int8_kernel.load(Path(target.directory))  # before any package is traced or loaded
         self.directory = Path(target.directory) / package_key(target.fingerprint, self.dtype, self.weights, self.device,
                                                               self.autotune)

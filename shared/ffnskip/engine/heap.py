@@ -4,9 +4,11 @@ decoder's resident size is what it holds."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 
+@functools.cache  # looked up once: the decoder trims each time its work runs out
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
