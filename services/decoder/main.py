@@ -88,6 +88,7 @@ async def serve(settings: DecoderSettings) -> None:
                              on_step=metrics.stepped)
     loaded = engine_loop.start().loaded
     metrics.watch_prompt_cache(engine_loop.engine.scheduler.prompt_cache)
+    metrics.watch_ffn_reads(engine_loop.engine)
     if settings.compile:  # the decoder serves eagerly meanwhile; each batch bucket runs compiled once loaded
         threading.Thread(target=load_compiled_segments, args=(engine_loop, settings.max_batch), name="compile",
                          daemon=True).start()

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from ffnskip.engine import GenerationResult
+from ffnskip.engine import Engine, GenerationResult
 from ffnskip.engine.prompt_cache import PromptCache
 
 PREFIX = "ffnskip:"
@@ -70,6 +70,10 @@ class DecoderMetrics:
         if cache is not None:
             self.registry.register(PromptCacheCollector(self.model_name, cache))
 
+    def watch_ffn_reads(self, engine: Engine) -> None:
+        """Export the engine's decode-step counters: what skipping saved in weight reads."""
+        self.registry.register(FfnReadsCollector(self.model_name, engine))
+
     def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)
 
@@ -103,4 +107,23 @@ class PromptCacheCollector(Collector):
         for name, text in self.COUNTERS:
             family = CounterMetricFamily(f"{PREFIX}prompt_cache_{name}", text, labels=["model_name"])
             family.add_metric([self.model_name], getattr(self.cache.stats, name))
+            yield family
+
+
+class FfnReadsCollector(Collector):
+    """Decode layer-steps, and those whose FFN weights were read, read at each scrape. A skip saves
+    a read only when no row of the step runs that FFN: 1 - reads / layer_steps is the share of
+    FFN reads the served skipping avoided (below the decode skip ratio when the rows of a batch
+    disagree, e.g. while some are still in their warm-up)."""
+
+    COUNTERS = (("decode_layer_steps", "decode_layer_steps", "Layers of the decode steps run (steps x layers)."),
+                ("decode_ffn_reads", "decode_ffn_reads", "Layers of the decode steps whose FFN ran for at least one row."))
+
+    def __init__(self, model_name: str, engine: Engine) -> None:
+        self.model_name, self.engine = model_name, engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, attribute, text in self.COUNTERS:
+            family = CounterMetricFamily(f"{PREFIX}{name}", text, labels=["model_name"])
+            family.add_metric([self.model_name], getattr(self.engine, attribute))
             yield family

@@ -65,14 +65,14 @@ def test_warm_up_compiles_every_segment_of_the_buckets(compiled_engine, package_
     segments = compiled_engine.runner.segments
     assert isinstance(segments, CompiledSegments)
     assert segments.warm_buckets == {1, 4}
-    assert segments.compiled == 2 * 3  # per bucket: one attention, one ffn and one head package for every layer
+    assert segments.compiled == 2 * 4  # per bucket: attention, ffn, substitute and head packages for every layer
     assert len(list(package_cache.glob("compiled/*/b*/*.pt2"))) == segments.compiled
 
 
 def test_a_second_engine_loads_the_packages_without_compiling(compiled_engine, tiny_loaded):
     again = Engine(tiny_loaded, max_batch=4, max_seq_len=64, compile=True)
     assert again.packages_to_compile([1, 3]) == 0
-    assert again.packages_to_compile([2]) == 3  # bucket 2 was never compiled
+    assert again.packages_to_compile([2]) == 4  # bucket 2 was never compiled
     again.warm_up([1, 3], on_compiled=lambda: pytest.fail("a package on disk was compiled again"))
     assert again.runner.segments.compiled == 0
     ours = again.generate(PROMPTS, SAMPLING, POLICIES["adaptive"])
@@ -184,6 +184,31 @@ def test_compensated_rows_decode_as_eager_in_a_padded_mixed_batch(compiled_engin
     assert ours[0] != alone.generate(PROMPTS[:1], SAMPLING, POLICIES["static"])[0].token_ids  # they did act
 
 
+def test_a_low_rank_substitute_runs_in_its_package_and_a_bias_eagerly(compiled_engine, tiny_loaded, monkeypatch):
+    """The compiled engine applies a low-rank substitute with the "substitute" package (its
+    eager operations never run) and gives the eager engine's tokens; a bias, which no package
+    applies, runs eagerly."""
+    width = int(tiny_loaded.model.config.hidden_size)
+    generator = torch.Generator().manual_seed(1)
+    bias = torch.randn(width, generator=generator)
+    lowrank = SubstituteSet({1: Substitute(bias, torch.randn(width, 3, generator=generator),
+                                           torch.randn(3, width, generator=generator))})
+    bias_only = SubstituteSet({1: Substitute(bias)})
+    eager = Engine(tiny_loaded, max_batch=4, max_seq_len=64)
+    expected = {name: [r.token_ids for r in eager.generate(PROMPTS, SAMPLING, POLICIES["static"], subs)]
+                for name, subs in (("lowrank", lowrank), ("bias", bias_only))}
+    eager_calls: list[str] = []
+    original = Substitute.__call__
+    monkeypatch.setattr(Substitute, "__call__", lambda self, normed: eager_calls.append(self.kind) or original(self, normed))
+
+    ours = compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["static"], lowrank)
+    assert [r.token_ids for r in ours] == expected["lowrank"]
+    assert eager_calls == []
+    ours = compiled_engine.generate(PROMPTS, SAMPLING, POLICIES["static"], bias_only)
+    assert [r.token_ids for r in ours] == expected["bias"]
+    assert eager_calls and set(eager_calls) == {"bias"}
+
+
 def test_padding_rows_never_touch_a_sequence_admitted_in_the_same_step(compiled_engine, tiny_loaded):
     """Three rows decode padded to bucket 4 while a fourth sequence is prefilled into row 3."""
     def staggered(engine: Engine) -> list[list[int]]:
@@ -240,7 +265,7 @@ def test_bench_compiles_only_the_missing_packages_with_a_progress_bar(compiled_e
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["compiled"] is True
-    assert report["packages_compiled"] == {"float32": 3}  # bucket 2; bucket 1 was on disk
+    assert report["packages_compiled"] == {"float32": 4}  # bucket 2; bucket 1 was on disk
     assert "compiling float32 decode packages" in captured.err
 
 
@@ -254,9 +279,9 @@ def test_a_bucket_runs_eagerly_until_warm_up_loads_it(compiled_engine, tiny_dir,
     eager = Engine(loaded, max_batch=4, max_seq_len=64)
     two = PROMPTS[:2]
     assert [r.token_ids for r in serving.generate(two, SAMPLING)] == [r.token_ids for r in eager.generate(two, SAMPLING)]
-    assert segments.compiled == 0 and serving.packages_to_compile([1, 2]) == 6 and segments.warm_buckets == set()
+    assert segments.compiled == 0 and serving.packages_to_compile([1, 2]) == 8 and segments.warm_buckets == set()
     serving.warm_up([1])
-    assert segments.warm_buckets == {1} and segments.compiled == 3
+    assert segments.warm_buckets == {1} and segments.compiled == 4
     ours = serving.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
     theirs = compiled_engine.generate(PROMPTS[:1], SAMPLING, POLICIES["adaptive"])
     assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
@@ -284,8 +309,8 @@ def test_requests_served_while_a_child_process_compiles_are_right(tiny_dir, tmp_
         assert [r.token_ids for r in serving.generate(PROMPTS[:2], SAMPLING)] == reference
         served += 1
     thread.join()
-    assert events == [{"package": 1}, {"package": 2}, {"package": 3}, {"bucket": 1},
-                      {"package": 4}, {"package": 5}, {"package": 6}, {"bucket": 2}]
+    assert events == [{"package": 1}, {"package": 2}, {"package": 3}, {"package": 4}, {"bucket": 1},
+                      {"package": 5}, {"package": 6}, {"package": 7}, {"package": 8}, {"bucket": 2}]
     segments = serving.runner.segments
     assert isinstance(segments, CompiledSegments)
     assert segments.compiled == 0 and segments.warm_buckets == {1, 2} and serving.packages_to_compile([1, 2]) == 0

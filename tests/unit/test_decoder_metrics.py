@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ffnskip.config import Policy, SamplingParams, SkipParams
+from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
 from services.decoder.metrics import DecoderMetrics
 
@@ -53,3 +53,22 @@ def test_the_prompt_cache_counters_are_read_at_each_scrape(tiny_loaded):
     engine.generate([prompt], sampling)
     assert (value("hits"), value("misses"), value("evictions")) == (1, 1, 0)
     assert value("reused_tokens") == len(engine.tokenizer.encode(prompt)) - 1  # all but the last prompt token
+
+
+def test_the_ffn_reads_a_skip_saved_are_read_at_each_scrape(tiny_loaded):
+    """Two rows that skip layer 2 together save its read; with a dense row beside them they do not."""
+    engine = Engine(tiny_loaded, max_batch=3, max_seq_len=64)
+    metrics = DecoderMetrics("tiny", running=lambda: 0, waiting=lambda: 0, profile_version=lambda: 0)
+    metrics.watch_ffn_reads(engine)
+    value = lambda name: metrics.registry.get_sample_value(f"ffnskip:{name}_total", {"model_name": "tiny"})  # noqa: E731
+    assert (value("decode_layer_steps"), value("decode_ffn_reads")) == (0, 0)
+    static = SkipParams(policy="static", static_layers=(2,), warm_up=0)
+    sampling = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    engine.generate(["one", "two"], sampling, static)  # 4 decode steps after each first token
+    layers = engine.num_layers
+    assert (value("decode_layer_steps"), value("decode_ffn_reads")) == (4 * layers, 4 * (layers - 1))
+    seqs = [engine.add(prompt=p, sampling=sampling, skip=skip) for p, skip in (("one", static), ("two", DENSE))]
+    while engine.has_work:
+        engine.step()
+    assert all(s.finished for s in seqs)
+    assert (value("decode_layer_steps"), value("decode_ffn_reads")) == (8 * layers, 4 * (layers - 1) + 4 * layers)

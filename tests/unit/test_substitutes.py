@@ -14,7 +14,7 @@ from ffnskip.calibration.selection import grow, select
 from ffnskip.calibration.substitutes import SubstituteKind, fit, validated_ridge
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
-from ffnskip.engine.substitutes import Substitute, SubstituteSet
+from ffnskip.engine.substitutes import Substitute, SubstituteSet, substitute_groups
 
 PROMPTS = [[1, 5, 9, 13], [2, 7, 3], [4, 4, 8, 15, 16], [6, 23, 42]]
 TOKENS = 12
@@ -127,6 +127,24 @@ def test_a_substitute_fitted_on_an_exactly_linear_ffn_reproduces_it(tiny_dir, en
     worst = max(float((a - b).abs().max()) for a, b in zip(compensated, dense))
     assert worst < 1e-2 * max(float(d.abs().max()) for d in dense)
     assert max(float((a - b).abs().max()) for a, b in zip(plain, dense)) > 10 * worst
+
+
+def test_substitute_groups_gather_the_skipping_rows_of_each_substitute():
+    """Rows that share a profile's set form one group; a row of another set, a row that runs the
+    FFN, and a row whose set has no substitute for the layer are left out of it."""
+    shared = SubstituteSet({2: Substitute(torch.zeros(4)), 3: Substitute(torch.ones(4))})
+    other = SubstituteSet({2: Substitute(torch.ones(4))})
+    sets = [shared, shared, other, None, shared]
+    groups = substitute_groups(2, [True, True, True, True, False], sets)
+    assert [(substitute, rows) for substitute, rows in groups] == [(shared[2], [0, 1]), (other[2], [2])]
+    assert substitute_groups(3, [True] * 5, sets) == [(shared[3], [0, 1, 4])]
+    assert substitute_groups(5, [True] * 5, sets) == []
+
+
+def test_a_low_rank_substitutes_transposed_factor_is_its_first_one():
+    first = torch.arange(12.0).reshape(4, 3)
+    substitute = Substitute(torch.zeros(4), first, torch.ones(3, 4))
+    assert torch.equal(substitute.first_t, first.t()) and substitute.first_t.is_contiguous()
 
 
 def test_compensated_decode_equals_the_one_pass_forced_forward(tiny_loaded):

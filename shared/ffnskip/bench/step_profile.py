@@ -84,7 +84,8 @@ def _timed_segments(runner: ModelRunner, calls: dict[str, list[float]]) -> Itera
             return result
         return call
 
-    kinds = {"attention": "attention (q/k/v, cache write, attention, o_proj)", "ffn": "ffn", "head": "lm head"}
+    kinds = {"attention": "attention (q/k/v, cache write, attention, o_proj)", "ffn": "ffn",
+             "substitute": "ffn substitutes", "head": "lm head"}
     for method, kind in kinds.items():  # instance attributes shadow the methods while inside
         setattr(segments, method, timed(kind, getattr(segments, method)))
     try:

@@ -1,9 +1,9 @@
 """Decode segments compiled ahead of time by AOTInductor: one package per segment kind
-("attention", "ffn", "head") and batch bucket, serving every layer.
+("attention", "ffn", "substitute", "head") and batch bucket, serving every layer.
 
 Why this shape (measured on SmolLM2-135M, 2 CPU threads, docs/performance.md):
 - The weights are inputs, not constants: a layer's segment is the package of its kind called
-  with that layer's weights, so a bucket is three packages (seconds to compile, not one
+  with that layer's weights, so a bucket is four packages (seconds to compile, not one
   per layer in minutes) and no package holds a weight. The weights it is called with are one
   copy made at start-up in the blocked layout of layers.blocked (BLOCK output rows side by side,
   what a prepacking GEMM makes), shared by every bucket; layers.project multiplies in it. Over
@@ -16,7 +16,11 @@ Why this shape (measured on SmolLM2-135M, 2 CPU threads, docs/performance.md):
   plain list of tensors (about 5 us), where a Dynamo-compiled segment went through
   frame evaluation and AOTAutograd's wrappers (50-100 us per call); and a
   package is a file, so a process loads in seconds what took minutes to compile.
-- Separate "attention" and "ffn" packages, so that a skipped FFN is a call not made.
+- Separate "attention" and "ffn" packages, so that a skipped FFN is a call not made; a
+  "substitute" package applies a low-rank substitute where one replaces it (its rank dynamic).
+  Eagerly, the substitute's half-dozen small operations cost a skipped FFN most of its saving:
+  each runs with the caches cold after the packages, 250 us in a decode step against 57 for
+  the package (one row, SmolLM2-135M, w8a8; the FFN it replaces takes 150-200).
 - Static shapes except the attention span and the cache's size: each batch bucket
   (1, 2, 4, ... up to the cache's rows) is its own set of packages; a batch runs padded
   to the next bucket. (One package with a dynamic batch was tried once, on a busy
@@ -48,12 +52,13 @@ from ffnskip.engine import int8_kernel
 from ffnskip.engine import layers as layers_module
 from ffnskip.engine import segments as segments_module
 from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
-from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step
+from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step, substitute_step
+from ffnskip.engine.substitutes import Substitute
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and layers.py is hashed as it is.
-PACKAGE_FORMAT = 3
-KINDS = ("attention", "ffn", "head")
+PACKAGE_FORMAT = 4
+KINDS = ("attention", "ffn", "substitute", "head")
 # The parameters each kind of segment reads, in the order they follow its other inputs
 # (those a model lacks, like Llama's biases, are left out; the scales only int8 matrices have, the
 # smoothing only w8a8 ones).
@@ -62,6 +67,7 @@ WEIGHTS = {
                   "o_proj.weight_scale", "o_proj.weight_smoothing", "o_proj.bias"),
     "ffn": ("post_norm.weight", "gate_up_weight", "gate_up_scale", "gate_up_smoothing", "down_proj.weight",
             "down_proj.weight_scale", "down_proj.weight_smoothing", "down_proj.bias"),
+    "substitute": ("post_norm.weight",),
     "head": ("final_norm.weight", "lm_head.weight", "lm_head.weight_scale", "lm_head.weight_smoothing", "lm_head.bias"),
 }
 COMPILE_OPTIONS = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
@@ -97,6 +103,12 @@ def calls_int8_kernel(weights: str, device: torch.device) -> bool:
     """Whether packages of this format on this device call the int8 kernel (where it loads):
     w8a8 products on a CPU (layers.int8_product)."""
     return weights == "w8a8" and device.type == "cpu"
+
+
+def compiled_substitute(substitute: Substitute) -> bool:
+    """Whether the "substitute" package applies it: a low-rank map of rank 2 or more (its rank is
+    the package's one dynamic size). A bias or a full map runs eagerly."""
+    return substitute.second is not None and substitute.second.shape[0] >= 2
 
 
 def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torch.device, autotune: bool) -> str:
@@ -190,6 +202,15 @@ class _Ffn(nn.Module):
         return ffn_step(self.layer, True, h, row_mask)
 
 
+class _Substitute(nn.Module):
+    def __init__(self, layer: FusedLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h, x, row_mask, bias, first_t, second):
+        return substitute_step(self.layer, h, x, row_mask, bias, first_t, second)
+
+
 class CompiledSegments:
     """The EagerSegments interface over AOTInductor packages; the cosine is computed in the graph."""
 
@@ -210,15 +231,21 @@ class CompiledSegments:
         with torch.inference_mode():  # like every decode input
             self._all_rows = {b: torch.ones(b, 1, 1, dtype=torch.bool, device=self.device) for b in self.buckets}
         self._runners: dict[tuple[int, str], PackageRun] = {}
+        self._row_masks: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         # the one copy of the weights every bucket's packages read, per layer, in package order
         with torch.inference_mode():
             self._names = {kind: weight_names(layers[0], kind) for kind in ("attention", "ffn")}
             self._names["head"] = weight_names(head, "head")
             self._attention_weights = [decode_weights(layer, self._names["attention"]) for layer in layers]
             self._ffn_weights = [decode_weights(layer, self._names["ffn"]) for layer in layers]
+            self._names["substitute"] = weight_names(layers[0], "substitute")
+            # the FFN's own copies of them (the post-norm's weight): nothing is copied twice
+            self._substitute_weights = [[dict(zip(self._names["ffn"], weights))[name] for name in self._names["substitute"]]
+                                        for weights in self._ffn_weights]
             self._head_weights = decode_weights(head, self._names["head"])
         self.warm_buckets: set[int] = set()  # every segment loaded for these batch buckets
-        self._eager = EagerSegments(layers, head) if target.eager_until_warm else None
+        self._plain = EagerSegments(layers, head)  # what no package runs: bias and full-map substitutes
+        self._eager = self._plain if target.eager_until_warm else None
         self.compiled = 0  # packages compiled by this process (the others were loaded)
 
     def bucket(self, batch: int) -> int:
@@ -230,9 +257,15 @@ class CompiledSegments:
     def row_mask(self, padded: int, rows: Seq[int] | None) -> torch.Tensor:
         if rows is None:
             return self._all_rows[padded]
-        mask = torch.zeros(padded, 1, 1, dtype=torch.bool)
-        mask[list(rows)] = True
-        return mask.to(self.device)
+        key = (padded, tuple(rows))
+        mask = self._row_masks.get(key)
+        if mask is None:  # a step's masks repeat while its rows' plans do (kept for the last few)
+            mask = torch.zeros(padded, 1, 1, dtype=torch.bool)
+            mask[list(rows)] = True
+            if len(self._row_masks) >= 64:
+                self._row_masks.clear()
+            mask = self._row_masks[key] = mask.to(self.device)
+        return mask
 
     # The bucket of a call is its batch's first dimension, padded by the runner.
 
@@ -255,6 +288,15 @@ class CompiledSegments:
         mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
         out, similarity = self._runner(h.shape[0], "ffn")([h, mask, *self._ffn_weights[index]])
         return out, similarity
+
+    def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
+                   substitute: Substitute) -> torch.Tensor:
+        if self._cold(h.shape[0]) is not None or not compiled_substitute(substitute):
+            return self._plain.substitute(index, h, x, row_mask, substitute)
+        assert substitute.second is not None  # a low-rank map (compiled_substitute)
+        mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
+        return self._runner(h.shape[0], "substitute")([h, x, mask, substitute.bias, substitute.first_t, substitute.second,
+                                                      *self._substitute_weights[index]])[0]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if (eager := self._cold(x.shape[0])) is not None:
@@ -332,6 +374,13 @@ class CompiledSegments:
         if name == "ffn":
             return (_Shared(_Ffn(first), [f"layer.{n}" for n in names]),
                     (x, self._all_rows[padded].clone(), *self._ffn_weights[0]), None)
+        if name == "substitute":
+            rank, width = 8, first.hidden_size  # the rank is dynamic
+            args = (x, torch.zeros_like(x), self._all_rows[padded].clone(), torch.zeros(width, **like),
+                    torch.zeros(rank, width, **like), torch.zeros(rank, width, **like), *self._substitute_weights[0])
+            rank_dim = Dim("rank", min=2)
+            dynamic = ((None, None, None, None, {0: rank_dim}, {0: rank_dim}, *([None] * len(names))),)
+            return _Shared(_Substitute(first), [f"layer.{n}" for n in names]), args, dynamic
         weights = self._attention_weights[0]
         cos = torch.ones(padded, 1, first.head_dim, **like)
         cache_rows, positions, span = padded + 1, 8, 4  # example sizes only: these three are dynamic

@@ -5,7 +5,7 @@ several chunks, a resumed answer with the FFNs its tokens skipped), running the 
 of layers.py directly, and decodes a batch of rows. A decode step runs as segments cut at
 the skip point (segments.py): per layer "q/k/v + cache write + attention + o_proj", then
 the decision, then "FFN" unless no row runs it (rows that skip it while others run it keep
-h); the LM head after the last layer. An FFN no row runs is a call not made, so none of its
+h), then the substitutes of the rows that skip it; the LM head after the last layer. An FFN no row runs is a call not made, so none of its
 weights is read. Segments run eagerly or compiled (compiled.py) with the same code; this
 module's own code (the loop, the step's inputs) is never traced, so changing it recompiles
 nothing.
@@ -30,7 +30,7 @@ from ffnskip.engine.policies import FfnRows, StepSkips
 from ffnskip.engine.segments import EagerSegments, Segments, StepInputs
 from ffnskip.engine.smoothing import HEAD_INPUTS, LAYER_INPUTS, calibration_tokens, input_maxima
 from ffnskip.engine.stats import WeightBytes
-from ffnskip.engine.substitutes import SubstituteSet, compensate
+from ffnskip.engine.substitutes import SubstituteSet, substitute_groups
 
 
 class ModelRunner:
@@ -259,8 +259,9 @@ class ModelRunner:
                 x, similarity = segments.ffn(index, h, segments.row_mask(step.padded, decision.rows))
             if sets is not None and decision.kind is not FfnRows.ALL:
                 running = set(decision.rows or ())
-                x = compensate(index, self.layers[index].post_norm, h, x,
-                               [b not in running for b in range(step.batch)], sets)
+                for substitute, rows in substitute_groups(index, [b not in running for b in range(step.batch)], sets):
+                    mask = None if len(rows) == step.padded else segments.row_mask(step.padded, rows)
+                    x = segments.substitute(index, h, x, mask, substitute)
             skips.observe(index, real(h), real(x), None if similarity is None else real(similarity))
         return segments.head(x)
 

@@ -9,7 +9,9 @@ attention over the cache and the output projection with its residual (-> h);
 `ffn(i, ...)` is the FFN on the rows of `row_mask` (the others keep h) and, when the
 segment computes it, the cosine between h and the result (-> (out, cos or None)). An FFN
 no row runs is a segment not called, so it costs nothing, and no weight is in two segments.
-`head(x)` is the final norm and the LM head, at the last position. compiled.py provides the
+`substitute(i, h, x, row_mask, s)` adds a skipped FFN's calibrated substitute (substitutes.py)
+on the rows of `row_mask`. `head(x)` is the final norm and the LM head, at the last position.
+compiled.py provides the
 same interface compiled (CompiledSegments). A batch runs padded to `bucket(batch)` rows
 (the batch itself when eager, the next compiled size when compiled), the first dimension of
 every tensor here.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ffnskip.engine.layers import FusedLayer, Head
+from ffnskip.engine.substitutes import Substitute
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,16 @@ def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,
     return out, residual_similarity(h, out) if with_similarity else None
 
 
+def substitute_step(layer: FusedLayer, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor,
+                    bias: torch.Tensor, first_t: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """x + s(post_norm(h)) on the rows of row_mask, x elsewhere, for a low-rank substitute
+    s(n) = bias + (n @ first_t^T) @ second (first_t [r, D]: each output of the first product
+    reads one contiguous row). The products are written as multiply-and-reduce, which Inductor
+    fuses into loops (a library GEMM call per product took 69 us a decode step, these 39)."""
+    mapped = (layer.post_norm(h)[..., None, :] * first_t).sum(-1)  # [P, 1, r]
+    return torch.where(row_mask, x + (bias + (mapped[..., :, None] * second).sum(-2)), x)
+
+
 class Segments(Protocol):
     def bucket(self, batch: int) -> int: ...
     def row_mask(self, padded: int, rows: Seq[int] | None) -> torch.Tensor | None: ...
@@ -81,6 +94,8 @@ class Segments(Protocol):
                   step: StepInputs) -> torch.Tensor: ...
     def ffn(self, index: int, h: torch.Tensor,
             row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
+                   substitute: Substitute) -> torch.Tensor: ...
     def head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -108,6 +123,11 @@ class EagerSegments:
     def ffn(self, index: int, h: torch.Tensor,
             row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return ffn_step(self.layers[index], False, h, row_mask)
+
+    def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
+                   substitute: Substitute) -> torch.Tensor:
+        out = x + substitute(self.layers[index].post_norm(h))
+        return out if row_mask is None else torch.where(row_mask, out, x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self._head(x)

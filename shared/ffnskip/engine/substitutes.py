@@ -19,6 +19,7 @@ import io
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,6 +55,13 @@ class Substitute:
     def nbytes(self) -> int:
         """The bytes a step reads to apply it (the cost its skip pays back)."""
         return sum(t.numel() * t.element_size() for t in (self.bias, self.first, self.second) if t is not None)
+
+    @cached_property
+    def first_t(self) -> torch.Tensor:
+        """`first` transposed and contiguous [r, D]: the layout a compiled low-rank substitute reads
+        (segments.substitute_step), made on first use."""
+        assert self.first is not None, "a bias has no map"
+        return self.first.t().contiguous()
 
     def __call__(self, normed: torch.Tensor) -> torch.Tensor:
         """normed [..., D] -> s(normed) [..., D] in normed's dtype."""
@@ -114,25 +122,13 @@ def blob_digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def compensate(index: int, post_norm: torch.nn.Module, h: torch.Tensor, x: torch.Tensor,
-               skipping: Seq[bool], sets: Seq[SubstituteSet | None]) -> torch.Tensor:
-    """x with s(post_norm(h)) added on the rows that skip layer `index` (skipping[b], their FFN
-    left x[b] == h[b]) and whose set has a substitute for it. h, x: [P, T, D]; rows past
-    len(skipping) are padding and left alone."""
-    rows = [b for b, (skips, chosen) in enumerate(zip(skipping, sets)) if skips and chosen is not None and index in chosen]
-    if not rows:
-        return x
-    first = sets[rows[0]]
-    assert first is not None
-    if all(sets[b] is first for b in rows):  # the common case: one profile's set
-        if len(rows) == x.shape[0]:
-            return x + first[index](post_norm(h))
-        mask = torch.zeros(x.shape[0], 1, 1, dtype=torch.bool, device=x.device)
-        mask[rows] = True
-        return torch.where(mask, x + first[index](post_norm(h)), x)
-    x = x.clone()
-    for b in rows:
-        chosen = sets[b]
-        assert chosen is not None
-        x[b] = x[b] + chosen[index](post_norm(h[b]))
-    return x
+def substitute_groups(index: int, skipping: Seq[bool],
+                      sets: Seq[SubstituteSet | None]) -> list[tuple[Substitute, list[int]]]:
+    """The substitutes for layer `index` of the rows that skip it (skipping[b]) and whose set has
+    one, each with its rows: one group when the rows share a profile's set (the common case)."""
+    groups: dict[int, tuple[Substitute, list[int]]] = {}
+    for b, (skips, chosen) in enumerate(zip(skipping, sets)):
+        if skips and chosen is not None and index in chosen:
+            substitute = chosen[index]
+            groups.setdefault(id(substitute), (substitute, []))[1].append(b)
+    return list(groups.values())
