@@ -14,7 +14,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ffnskip.bench.gpu.run import DTYPES, MECHANISMS, GpuBenchOptions, run
+from ffnskip.bench.gpu.options import DTYPES, MECHANISMS, GpuBenchOptions
+from ffnskip.bench.gpu.run import run
 from ffnskip.bench.gpu.workload import CONFIGS
 from ffnskip.errors import FfnSkipError
 

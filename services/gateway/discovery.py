@@ -21,7 +21,7 @@ from ffnskip.aio import cancel_and_wait
 from ffnskip.errors import FfnSkipError
 from ffnskip.logs import get_logger
 from ffnskip.store.registry import DecoderRegistry
-from services.gateway.routing import Endpoint
+from services.gateway.endpoints import Endpoint
 
 log = get_logger(__name__)
 

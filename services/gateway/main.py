@@ -24,12 +24,13 @@ from ffnskip.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.auth import API, OPS, AuthInterceptor
 from services.gateway.channels import ChannelPool
 from services.gateway.discovery import RegistryDiscovery
+from services.gateway.endpoints import Endpoint
 from services.gateway.fleet import FleetTelemetry, Flusher
 from services.gateway.openai_api import OpenAIApi
 from services.gateway.openai_mapping import http_body_limit
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.proxy import Proxy, Timeouts, code_of
-from services.gateway.routing import Endpoint, Router
+from services.gateway.routing import Router
 from services.gateway.servicer import GatewayServicer, method_roles
 from services.gateway.settings import GatewaySettings
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry

@@ -37,8 +37,9 @@ from ffnskip.logs import get_logger
 from ffnskip.rpc.status import RETRY_AFTER_HEADER, status_code_of
 from ffnskip.v1 import generation_pb2
 from services.gateway.channels import ChannelPool
+from services.gateway.endpoints import Endpoint
 from services.gateway.resume import Relayed, resume_request, whole_answer
-from services.gateway.routing import Endpoint, Router
+from services.gateway.routing import Router
 from services.gateway.telemetry import NO_DECODER, NO_MODEL, Telemetry
 
 log = get_logger(__name__)

@@ -20,43 +20,15 @@ import hashlib
 import itertools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from ffnskip import errors
+from services.gateway.discovery import Discovery
+from services.gateway.endpoints import Endpoint
 
 # requests in flight a pod may have beyond the least loaded one and still take its conversations:
 # a prompt cache hit saves a prefill of the whole conversation; each request in flight slows a
 # pod's every step a little
 AFFINITY_SLACK = 2
-
-if TYPE_CHECKING:  # discovery builds Endpoints: a runtime import would be a circle
-    from services.gateway.discovery import Discovery
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One decoder pod as discovered, valid until `expires_at` (a monotonic time)."""
-
-    decoder_id: str
-    address: str
-    model_id: str
-    capacity: int = 1
-    load: float = 0.0
-    profile_version: int | None = None
-    draining: bool = False
-    expires_at: float = float("inf")
-
-    @classmethod
-    def from_registry(cls, info: Mapping[str, Any], expires_at: float) -> Endpoint:
-        return cls(
-            decoder_id=str(info["id"]), address=str(info["address"]), model_id=str(info["model_id"]),
-            capacity=int(info["capacity"]), load=float(info["load"]),
-            profile_version=info.get("profile_version"), draining=bool(info["draining"]), expires_at=expires_at,
-        )
-
-    def live(self, now: float) -> bool:
-        return now < self.expires_at
 
 
 def routable(endpoints: Sequence[Endpoint], model: str, now: float, exclude: Collection[str] = (),

@@ -16,8 +16,9 @@ import pytest
 from ffnskip import cli
 from ffnskip.bench.load import run_load
 from ffnskip.client import served_by
+from services.gateway.endpoints import Endpoint
 from services.gateway.proxy import conversation_affinity
-from services.gateway.routing import Endpoint, pick
+from services.gateway.routing import pick
 from tests.helpers.fleet import API_KEY, LONG_PROMPT, MODEL, OPS_KEY, decoders_listed, request, two_decoder_fleet, wait_for
 
 

@@ -15,10 +15,11 @@ from ffnskip.v1 import decoder_pb2_grpc, gateway_pb2_grpc
 from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.channels import ChannelPool
 from services.gateway.discovery import StaticDiscovery
+from services.gateway.endpoints import Endpoint
 from services.gateway.fleet import summarise
 from services.gateway.prompt_samples import PromptSampler
 from services.gateway.proxy import Proxy, Timeouts
-from services.gateway.routing import Endpoint, Router
+from services.gateway.routing import Router
 from services.gateway.servicer import GatewayServicer
 from services.gateway.telemetry import Telemetry
 

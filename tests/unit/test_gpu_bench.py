@@ -20,7 +20,7 @@ import torch
 
 from ffnskip.bench.gpu import graphs, measure, workload
 from ffnskip.bench.gpu.device_step import DeviceStep
-from ffnskip.bench.gpu.run import GpuBenchOptions
+from ffnskip.bench.gpu.options import GpuBenchOptions
 from ffnskip.cli.app import build_parser, main
 from ffnskip.cli.bench import gpu_options
 from ffnskip.engine.runner import ModelRunner

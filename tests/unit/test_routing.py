@@ -7,8 +7,9 @@ import pytest
 from ffnskip.errors import InvalidArgument, NotFound, Unavailable
 from ffnskip.v1 import generation_pb2 as pb
 from services.gateway.discovery import StaticDiscovery
+from services.gateway.endpoints import Endpoint
 from services.gateway.proxy import conversation_affinity
-from services.gateway.routing import AFFINITY_SLACK, Endpoint, Router, pick, routable
+from services.gateway.routing import AFFINITY_SLACK, Router, pick, routable
 from services.gateway.settings import GatewaySettings
 
 NOW = 100.0

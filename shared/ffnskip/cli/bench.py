@@ -12,7 +12,7 @@ from ffnskip.cli.args import add_model_args
 from ffnskip.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the benches import grpc and torch: only a bench run loads them
-    from ffnskip.bench.gpu.run import GpuBenchOptions
+    from ffnskip.bench.gpu.options import GpuBenchOptions
     from ffnskip.bench.inprocess import BenchOptions
     from ffnskip.bench.service import ServiceBenchOptions
 
@@ -139,7 +139,7 @@ def service_options(args: argparse.Namespace) -> ServiceBenchOptions:
 
 
 def gpu_options(args: argparse.Namespace) -> GpuBenchOptions:
-    from ffnskip.bench.gpu.run import GpuBenchOptions
+    from ffnskip.bench.gpu.options import GpuBenchOptions
 
     return GpuBenchOptions(model=args.gpu, batches=_ints(args.batches), new_tokens=args.new_tokens,
                            reps=GPU_REPS if args.reps is None else args.reps, device=args.device, dtype=args.dtype,

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ffnskip.bench.gpu.device_step import DeviceStep
 from ffnskip.bench.gpu.graphs import EagerRunner, SegmentedRunner, build_runner
+from ffnskip.bench.gpu.options import GpuBenchOptions
 from ffnskip.bench.gpu.workload import PATTERNS, BenchPlan, pattern_rows, step_bytes
 from ffnskip.engine.runner import ModelRunner
-
-if TYPE_CHECKING:  # the options are run's; it imports this module
-    from ffnskip.bench.gpu.run import GpuBenchOptions
 
 
 class Runner(Protocol):
