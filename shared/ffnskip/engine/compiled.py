@@ -18,9 +18,10 @@ Why this shape (measured on SmolLM2-135M, 2 CPU threads, docs/performance.md):
   package is a file, so a process loads in seconds what took minutes to compile.
 - Separate "attention" and "ffn" packages, so that a skipped FFN is a call not made; a
   "substitute" package applies a low-rank substitute where one replaces it (its rank dynamic).
-  Eagerly, the substitute's half-dozen small operations cost a skipped FFN most of its saving:
-  each runs with the caches cold after the packages, 250 us in a decode step against 57 for
-  the package (one row, SmolLM2-135M, w8a8; the FFN it replaces takes 150-200).
+  Eagerly, the substitute's half-dozen small operations cost more than the skipped FFN saved:
+  right after the packages each runs several times slower than in a loop, 248 us in a decode
+  step against 39 for the package (one row, SmolLM2-135M, w8a8; the FFN it replaces takes
+  130-230).
 - Static shapes except the attention span and the cache's size: each batch bucket
   (1, 2, 4, ... up to the cache's rows) is its own set of packages; a batch runs padded
   to the next bucket. (One package with a dynamic batch was tried once, on a busy

@@ -5,10 +5,10 @@ several chunks, a resumed answer with the FFNs its tokens skipped), running the 
 of layers.py directly, and decodes a batch of rows. A decode step runs as segments cut at
 the skip point (segments.py): per layer "q/k/v + cache write + attention + o_proj", then
 the decision, then "FFN" unless no row runs it (rows that skip it while others run it keep
-h), then the substitutes of the rows that skip it; the LM head after the last layer. An FFN no row runs is a call not made, so none of its
-weights is read. Segments run eagerly or compiled (compiled.py) with the same code; this
-module's own code (the loop, the step's inputs) is never traced, so changing it recompiles
-nothing.
+h), then the substitutes of the rows that skip it; the LM head after the last layer. An FFN
+no row runs is a call not made, so none of its weights is read. Segments run eagerly or
+compiled (compiled.py) with the same code; this module's own code (the loop, the step's
+inputs) is never traced, so changing it recompiles nothing.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ segment computes it, the cosine between h and the result (-> (out, cos or None))
 no row runs is a segment not called, so it costs nothing, and no weight is in two segments.
 `substitute(i, h, x, row_mask, s)` adds a skipped FFN's calibrated substitute (substitutes.py)
 on the rows of `row_mask`. `head(x)` is the final norm and the LM head, at the last position.
-compiled.py provides the
-same interface compiled (CompiledSegments). A batch runs padded to `bucket(batch)` rows
+compiled.py provides the same interface compiled (CompiledSegments). A batch runs padded to `bucket(batch)` rows
 (the batch itself when eager, the next compiled size when compiled), the first dimension of
 every tensor here.
 """
