@@ -21,8 +21,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import torch
 
 from ffnskip.bench.inprocess import read_bandwidth_gb_s
 from ffnskip.bench.json_results import write_results
+from ffnskip.bench.step_profile import timed_segments
 from ffnskip.engine import Engine, load_model
 from ffnskip.engine.policies import RUN_ALL, PlannedStep, decision_of
 from ffnskip.engine.substitutes import SubstituteSet
@@ -68,15 +67,15 @@ def main() -> int:
         variants = {"dense": (_plan(batch, layers, set()), None), "skipped": (_plan(batch, layers, skipped), None),
                     "skipped + substitutes": (_plan(batch, layers, skipped), [substitutes] * batch)}
         seconds: dict[str, list[float]] = {name: [] for name in variants}
-        calls: list[float] = []
-        with _timed_substitutes(runner.segments, calls):
+        calls: dict[str, list[float]] = {}
+        with timed_segments(runner, calls):
             for _ in range(args.steps):
                 for name, (skips, sets) in variants.items():
                     started = time.perf_counter()
                     runner.decode(cache, [1] * batch, [args.position] * batch, skips, sets)
                     seconds[name].append(time.perf_counter() - started)
         row: dict[str, Any] = {name: _versus(seconds["dense"], values) for name, values in seconds.items()}
-        row["substitute_call_us_median"] = round(statistics.median(calls) * 1e6, 1)
+        row["substitute_call_us_median"] = round(statistics.median(calls["ffn substitutes"]) * 1e6, 1)
         report["batches"][str(batch)] = row
         print(f"batch {batch}: " + "; ".join(
             f"{name} {r['step_ms_median']} ms, saves {r['saved_us_mean']} us [{r['saved_us_low']}, {r['saved_us_high']}]"
@@ -102,24 +101,6 @@ def _versus(dense: list[float], values: list[float]) -> dict:
     half = 1.96 * statistics.stdev(saved) / len(saved) ** 0.5
     return {"step_ms_median": round(statistics.median(values) * 1e3, 3), "saved_us_mean": round(mean, 1),
             "saved_us_low": round(mean - half, 1), "saved_us_high": round(mean + half, 1)}
-
-
-@contextmanager
-def _timed_substitutes(segments: Any, calls: list[float]) -> Iterator[None]:
-    """Time each substitute call of the segments while inside (the method is restored after)."""
-    run = segments.substitute
-
-    def timed(*args):
-        started = time.perf_counter()
-        result = run(*args)
-        calls.append(time.perf_counter() - started)
-        return result
-
-    segments.substitute = timed  # an instance attribute shadows the method while inside
-    try:
-        yield
-    finally:
-        del segments.substitute
 
 
 if __name__ == "__main__":

@@ -68,11 +68,13 @@ class DecoderMetrics:
     def watch_prompt_cache(self, cache: PromptCache | None) -> None:
         """Export the engine's prompt cache counters (none when it has no prompt cache)."""
         if cache is not None:
-            self.registry.register(PromptCacheCollector(self.model_name, cache))
+            self.registry.register(ScrapedCounters(
+                self.model_name, tuple((f"prompt_cache_{name}", text) for name, text in PROMPT_CACHE_COUNTERS),
+                lambda name: getattr(cache.stats, name.removeprefix("prompt_cache_"))))
 
     def watch_ffn_reads(self, engine: Engine) -> None:
         """Export the engine's decode-step counters: what skipping saved in weight reads."""
-        self.registry.register(FfnReadsCollector(self.model_name, engine))
+        self.registry.register(ScrapedCounters(self.model_name, FFN_READ_COUNTERS, lambda name: getattr(engine, name)))
 
     def stepped(self, seconds: float) -> None:
         self._step_seconds.observe(seconds)
@@ -92,38 +94,26 @@ class DecoderMetrics:
         start_http_server(port, addr=host, registry=self.registry)
 
 
-class PromptCacheCollector(Collector):
-    """The prompt cache's counters, read at each scrape (plain ints the engine thread adds to)."""
+class ScrapedCounters(Collector):
+    """Counters the engine thread keeps as plain ints, read at each scrape: (name, help) pairs,
+    each exported as `ffnskip:<name>_total` with the value `read(name)`."""
 
-    COUNTERS = (("hits", "Requests prefilled after a prefix a cache row held."),
-                ("misses", "Requests prefilled from their first token."),
-                ("evictions", "Kept prompt rows overwritten."),
-                ("reused_tokens", "Prompt tokens not prefilled thanks to the prompt cache."))
-
-    def __init__(self, model_name: str, cache: PromptCache) -> None:
-        self.model_name, self.cache = model_name, cache
+    def __init__(self, model_name: str, counters: tuple[tuple[str, str], ...], read: Callable[[str], int]) -> None:
+        self.model_name, self.counters, self.read = model_name, counters, read
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, text in self.COUNTERS:
-            family = CounterMetricFamily(f"{PREFIX}prompt_cache_{name}", text, labels=["model_name"])
-            family.add_metric([self.model_name], getattr(self.cache.stats, name))
-            yield family
-
-
-class FfnReadsCollector(Collector):
-    """Decode layer-steps, and those whose FFN weights were read, read at each scrape. A skip saves
-    a read only when no row of the step runs that FFN: 1 - reads / layer_steps is the share of
-    FFN reads the served skipping avoided (below the decode skip ratio when the rows of a batch
-    disagree, e.g. while some are still in their warm-up)."""
-
-    COUNTERS = (("decode_layer_steps", "decode_layer_steps", "Layers of the decode steps run (steps x layers)."),
-                ("decode_ffn_reads", "decode_ffn_reads", "Layers of the decode steps whose FFN ran for at least one row."))
-
-    def __init__(self, model_name: str, engine: Engine) -> None:
-        self.model_name, self.engine = model_name, engine
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, attribute, text in self.COUNTERS:
+        for name, text in self.counters:
             family = CounterMetricFamily(f"{PREFIX}{name}", text, labels=["model_name"])
-            family.add_metric([self.model_name], getattr(self.engine, attribute))
+            family.add_metric([self.model_name], self.read(name))
             yield family
+
+
+PROMPT_CACHE_COUNTERS = (("hits", "Requests prefilled after a prefix a cache row held."),
+                         ("misses", "Requests prefilled from their first token."),
+                         ("evictions", "Kept prompt rows overwritten."),
+                         ("reused_tokens", "Prompt tokens not prefilled thanks to the prompt cache."))
+# A skip saves a read only when no row of the step runs that FFN: 1 - reads / layer_steps is the
+# share of FFN reads the served skipping avoided (below the decode skip ratio when the rows of a
+# batch disagree, e.g. while some are still in their warm-up).
+FFN_READ_COUNTERS = (("decode_layer_steps", "Layers of the decode steps run (steps x layers)."),
+                     ("decode_ffn_reads", "Layers of the decode steps whose FFN ran for at least one row."))

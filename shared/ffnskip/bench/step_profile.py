@@ -55,7 +55,7 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
         step_ms.append(wall_ms)
     calls: dict[str, list[float]] = {}
     started = time.perf_counter()
-    with _timed_segments(engine.runner, calls):
+    with timed_segments(engine.runner, calls):
         for _ in range(steps):
             engine.step()
     wall_ms = (time.perf_counter() - started) * 1000.0 / steps
@@ -72,7 +72,7 @@ def profile_decode_step(engine, prompt_ids: list[int], steps: int = 8) -> dict:
 
 
 @contextmanager
-def _timed_segments(runner: ModelRunner, calls: dict[str, list[float]]) -> Iterator[None]:
+def timed_segments(runner: ModelRunner, calls: dict[str, list[float]]) -> Iterator[None]:
     """Time every segment call by kind while inside (the segments object is restored after)."""
     segments = runner.segments
 
