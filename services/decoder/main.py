@@ -12,7 +12,7 @@ import torch
 
 from ffnskip.aio import cancel_and_wait
 from ffnskip.config import DENSE
-from ffnskip.engine import Engine, load_model
+from ffnskip.engine import Engine, int8_kernel, load_model
 from ffnskip.engine.precompile import compile_in_child
 from ffnskip.logs import get_logger
 from ffnskip.rpc.process import run_service
@@ -98,7 +98,7 @@ async def serve(settings: DecoderSettings) -> None:
     facts = {"fingerprint": loaded.fingerprint, "device": str(loaded.device),
              "dtype": str(loaded.dtype).removeprefix("torch."), "weights": loaded.weights, "num_layers": loaded.num_layers}
     metrics.describe_engine(str(loaded.device), str(loaded.dtype).removeprefix("torch."), loaded.weights,
-                            engine_loop.engine.weight_bytes.total)
+                            int8_kernel.loaded_build() or "none", engine_loop.engine.weight_bytes.total)
     if settings.metrics_port:
         metrics.serve(settings.metrics_host, settings.metrics_port)
     servicer = DecoderServicer(DecoderService(settings, engine_loop, profiles), facts)

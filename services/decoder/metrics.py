@@ -55,14 +55,14 @@ class DecoderMetrics:
             "decode step of the running rows).", ["model_name"],
             buckets=(0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r
         ).labels(**labels)
-        self._engine = Info(PREFIX + "engine", "What the engine runs: device, activations' dtype and weight format.",
+        self._engine = Info(PREFIX + "engine", "What the engine runs: device, activations' dtype, weight format and int8 kernel build.",
                             ["model_name"], registry=r).labels(**labels)
         self._weight_bytes = Gauge(PREFIX + "engine_weight_bytes", "Bytes of weights a dense decode step reads.",
                                    ["model_name"], registry=r).labels(**labels)
         self.model_name = model_name
 
-    def describe_engine(self, device: str, dtype: str, weights: str, weight_bytes: int) -> None:
-        self._engine.info({"device": device, "dtype": dtype, "weights": weights})
+    def describe_engine(self, device: str, dtype: str, weights: str, int8_kernel: str, weight_bytes: int) -> None:
+        self._engine.info({"device": device, "dtype": dtype, "weights": weights, "int8_kernel": int8_kernel})
         self._weight_bytes.set(weight_bytes)
 
     def watch_prompt_cache(self, cache: PromptCache | None) -> None:

@@ -1,16 +1,19 @@
-"""The int8 product of a decode step's few rows on a CPU with AVX-512 VNNI: `ffnskip::int8_matmul`
-(int8_matmul.cpp), built from source with the C++ compiler the compiled segments use, and loaded
-into the process.
+"""The int8 product of a decode step's few rows on a CPU: `ffnskip::int8_matmul` (int8_matmul.cpp),
+built from source with the C++ compiler the compiled segments use, and loaded into the process.
+One source, two builds: "avx512_vnni" (the int8 dot-product instruction) and "avx2" (bytes widened
+to 16 bits). A process loads the best one that both its CPU and torch's CPU capability allow:
+ATEN_CPU_CAPABILITY=avx2, which holds torch's own kernels and Inductor's code to AVX2, holds this
+one to AVX2 too (on an AVX-512 CPU it shows what an AVX2-only one gets).
 
-Measured on 2 AVX-512 cores with SmolLM2-135M's matrices, each read from memory (more matrices than
+Measured (the AVX-512 build) on 2 AVX-512 cores with SmolLM2-135M's matrices, each read from memory (more matrices than
 the caches hold), at one row: the 3072 x 576 gate/up product 70-85 us against `torch._int_mm`'s
 173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8; 1.4-1.8x at 2 and 4 rows; at 8 rows
 the two were level and at 16 the library was faster. Both sum the integer products exactly, so
 which one runs changes the time and never a number: `layers.int8_product` takes the kernel for at
 most `ROWS` rows once it is loaded, the library's GEMM otherwise (and on a GPU, and where the CPU
-or the compiler lacks the instructions).
+lacks both instruction sets or the build fails).
 
-The library is built once per source, torch version and compiler into `<directory>/kernels/` (a
+The library is built once per source, build, torch version and compiler into `<directory>/kernels/` (a
 few seconds) and loaded once per process; the compiled segments' package key records whether it
 was, since a package calls it.
 """
@@ -31,50 +34,76 @@ log = get_logger(__name__)
 
 ROWS = 4  # products over at most this many rows take the kernel
 SOURCE = Path(__file__).with_name("int8_matmul.cpp")
-_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni")
-_loaded = False
+_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp")
+# each build's instruction flags, best first: the source picks its path from what they allow
+BUILDS: dict[str, tuple[str, ...]] = {
+    "avx512_vnni": ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
+    "avx2": ("-mavx2",),
+}
+_loaded: str | None = None  # the build loaded in this process
 
 
 def loaded() -> bool:
     """Whether `torch.ops.ffnskip.int8_matmul` is loaded in this process."""
+    return _loaded is not None
+
+
+def loaded_build() -> str | None:
+    """Which build is loaded ("avx512_vnni", "avx2"), None where none is."""
     return _loaded
 
 
+def runs(build: str) -> bool:
+    """Whether this CPU has the instructions `build` uses and torch's CPU capability allows them."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if build == "avx512_vnni":
+        return capability == "AVX512" and torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()
+    return build == "avx2" and capability in ("AVX512", "AVX2") and torch.cpu._is_avx2_supported()
+
+
+def best_build() -> str | None:
+    """The build this process loads: the first of `BUILDS` it runs; None for none."""
+    return next((build for build in BUILDS if runs(build)), None)
+
+
 def supported() -> bool:
-    """Whether this CPU has the instructions the kernel uses (AVX-512 with VNNI)."""
-    return torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()
+    """Whether this process runs some build of the kernel."""
+    return best_build() is not None
 
 
 def digest() -> str:
     """What a compiled package calling the kernel depends on: its source, or "none" when not loaded."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16] if _loaded else "none"
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16] if _loaded is not None else "none"
 
 
 def load(directory: Path) -> bool:
-    """Build (where missing) and load the kernel; False, and the library's GEMM stays, where this
-    CPU lacks the instructions or the build fails (the reason is logged)."""
+    """Build (where missing) and load the best build of the kernel; False, and the library's GEMM
+    stays, where none runs here or the build fails (the reason is logged)."""
     global _loaded
-    if _loaded or not supported():
-        return _loaded
+    build = best_build()
+    if _loaded is not None or build is None:
+        return _loaded is not None
     try:
-        torch.ops.load_library(str(_built(Path(directory) / "kernels")))
+        torch.ops.load_library(str(_built(Path(directory) / "kernels", build)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr[-2000:] if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        log.warning("int8 kernel not built; the library's int8 GEMM serves every product", detail=detail)
+        log.warning("int8 kernel not built; the library's int8 GEMM serves every product", build=build, detail=detail)
         return False
-    _loaded = True
+    _loaded = build
+    log.info("int8 kernel loaded", build=build)
     return True
 
 
-def _built(directory: Path) -> Path:
-    """The kernel's shared library under `directory`, compiled if this source, torch and compiler
-    have not been before."""
+def _built(directory: Path, build: str) -> Path:
+    """The kernel's shared library of `build` under `directory`, compiled if this source, build,
+    torch and compiler have not been before."""
     from torch._inductor.cpp_builder import get_cpp_compiler  # local: Inductor costs every importer
 
     compiler = get_cpp_compiler()
+    flags = (*_FLAGS, *BUILDS[build])
     key = hashlib.sha256(b"\0".join(part.encode() for part in (
-        SOURCE.read_text(), torch.__version__, compiler, " ".join(_FLAGS)))).hexdigest()[:16]
-    library = directory / f"int8_matmul-{key}.so"
+        SOURCE.read_text(), torch.__version__, compiler, " ".join(flags)))).hexdigest()[:16]
+    library = directory / f"int8_matmul-{build}-{key}.so"
     if library.exists():
         return library
     # local, and only to build: it imports setuptools, 4 MB a serving decoder need not hold
@@ -83,7 +112,7 @@ def _built(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     partial = library.with_name(f".{library.stem}.{uuid.uuid4().hex}.so")  # processes may build at once
     lib_dir = library_paths()[0]
-    command = [compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+    command = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
                *(f"-I{path}" for path in include_paths()), str(SOURCE), "-o", str(partial),
                f"-L{lib_dir}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"]
     try:

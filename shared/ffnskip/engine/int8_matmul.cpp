@@ -1,11 +1,17 @@
 // ffnskip::int8_matmul(x, w): x [M, K] int8 times w [N, K] int8 -> [M, N] int32, summed exactly,
-// what torch._int_mm(x, w.t()) returns, for the few rows of a decode step on a CPU with AVX-512 VNNI.
+// what torch._int_mm(x, w.t()) returns, for the few rows of a decode step on a CPU.
 //
 // Why: at one row the library's integer GEMM read SmolLM2-135M's int8 matrices at 9-12 GB/s on
 // 2 cores (it packs the weight for its kernel on every call), where a plain read of them ran at
-// 24; this kernel reads each weight row once, in place, with the CPU's int8 dot-product
-// instruction, at 20-30 GB/s. The integer sums are exact, so it returns the same numbers.
-// Over more rows the library's GEMM is faster: int8_kernel.py says where each one runs.
+// 24; this kernel reads each weight row once, in place, with the CPU's dot-product instructions,
+// at 20-30 GB/s. The integer sums are exact, so it returns the same numbers. Over more rows the
+// library's GEMM is faster: int8_kernel.py says where each one runs.
+//
+// Two builds of this one source, chosen by the instructions the compiler is allowed
+// (int8_kernel.py picks the build the CPU runs): AVX-512 with VNNI, whose instruction multiplies
+// and sums four byte pairs into each 32-bit lane; and AVX2, which widens the bytes to 16 bits and
+// sums pairs of their products (its byte instruction saturates at 16 bits, which would not be
+// exact for int8 times int8).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,29 +21,84 @@
 #include <algorithm>
 #include <vector>
 
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__)) && !defined(__AVX2__)
+#error "int8_matmul.cpp needs AVX-512 VNNI or AVX2: build it with -mavx512vnni -mavx512bw or -mavx2"
+#endif
+
 namespace {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 constexpr int kRows = 16;  // weight rows (outputs) per tile: one accumulator register each
 
 // out[j] = sum_k w[j][k] x[k] for NB weight rows j over the whole of K. The instruction multiplies
 // unsigned bytes by signed ones, so the weights are read as w + 128 (their top bit flipped) and
-// 128 sum(x) is taken off each sum.
+// 128 sum(x) is taken off each sum. Whole 64-byte chunks load unmasked: with a masked load in the
+// loop the kernel read 18-19 GB/s at one row on an AMD EPYC, unmasked 28-33.
 template <int NB>
 inline void tile(const int8_t* x, const int8_t* w, int32_t* out, int64_t k, int32_t x_sum) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[NB];
   for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
-  for (int64_t c = 0; c < k; c += 64) {
-    // past the end of K both sides load zeros, and a zero x byte adds nothing
-    const __mmask64 mask = k - c >= 64 ? ~0ULL : (~0ULL) >> (64 - (k - c));
-    const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + c);
+  const int64_t whole = k - k % 64;
+  for (int64_t c = 0; c < whole; c += 64) {
+    const __m512i xv = _mm512_loadu_si512(x + c);
     for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * k + c), flip);
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + j * k + c), flip);
+      acc[j] = _mm512_dpbusd_epi32(acc[j], wv, xv);
+    }
+  }
+  if (whole < k) {
+    // past the end of K both sides load zeros, and a zero x byte adds nothing
+    const __mmask64 mask = (~0ULL) >> (64 - (k - whole));
+    const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + whole);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * k + whole), flip);
       acc[j] = _mm512_dpbusd_epi32(acc[j], wv, xv);
     }
   }
   for (int j = 0; j < NB; ++j) out[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * x_sum;
 }
+
+#else  // AVX2
+
+constexpr int kRows = 8;  // 8 accumulators, the widened x and a weight row fit the 16 registers
+
+inline int32_t reduce_add(__m256i v) {
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(sum);
+}
+
+inline __m256i widen(const int8_t* bytes) {  // 16 int8 -> 16 int16
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+}
+
+// out[j] = sum_k w[j][k] x[k] for NB weight rows j over the whole of K, 32 bytes a step: each
+// product of two int16 is at most 2^14, and a pair of them sums into a 32-bit lane exactly. The
+// last K % 32 columns are summed one by one. (x_sum is the AVX-512 build's correction; unused.)
+template <int NB>
+inline void tile(const int8_t* x, const int8_t* w, int32_t* out, int64_t k, int32_t /*x_sum*/) {
+  __m256i acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+  const int64_t whole = k - k % 32;
+  for (int64_t c = 0; c < whole; c += 32) {
+    const __m256i x_low = widen(x + c), x_high = widen(x + c + 16);
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* row = w + j * k + c;
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(widen(row), x_low));
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(widen(row + 16), x_high));
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    int32_t sum = reduce_add(acc[j]);
+    for (int64_t c = whole; c < k; ++c) sum += static_cast<int32_t>(w[j * k + c]) * x[c];
+    out[j] = sum;
+  }
+}
+
+#endif
 
 // output columns [n_start, n_end) for every row of x: each tile of weight rows is read from memory
 // once, for the first row of x, and from the core's cache for the others

@@ -25,6 +25,7 @@ from pathlib import Path
 from ffnskip.engine.compiled import CompiledSegments, batch_buckets
 from ffnskip.engine.engine import Engine
 from ffnskip.engine.loading import LoadedModel, load_model
+from ffnskip.logs import configure_logging
 
 
 def compile_in_child(loaded: LoadedModel, max_batch: int) -> Iterator[dict]:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True)
     args = parser.parse_args(argv)
+    configure_logging()  # on stderr: stdout carries the events the parent reads, one JSON object a line
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, weights=args.weights)
     # a KV cache of a few positions: the packages' cache dimensions are dynamic
     engine = Engine(loaded, max_batch=args.max_batch, max_seq_len=16, compile=True)
