@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,24 @@ def test_packages_of_another_precision_or_model_do_not_collide(tiny_loaded, tiny
     other = load_model(str(save_tiny_model(tmp_path / "other", seed=1, num_layers=3)), device="cpu", dtype="float32",
                        cache_dir=package_cache)
     assert fp32 != package_key(other.fingerprint, torch.float32, "full", cpu, True)
+
+
+def test_cpus_of_one_capability_with_other_instructions_do_not_share_packages(tmp_path):
+    """Inductor compiles with -march=native: a package built on a CPU with more instructions than
+    another of the same torch capability must not be loaded there from the shared compile cache."""
+    from ffnskip.engine.cpu_target import cpu_target
+
+    def target(flags: str) -> str:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: spectre_v1\n\n"
+                           f"processor\t: 1\nflags\t\t: {flags}\n")
+        return cpu_target.__wrapped__(cpuinfo)
+
+    zen4 = target("fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16")
+    assert zen4.startswith(torch.backends.cpu.get_cpu_capability() + "-")
+    assert zen4 == target("avx512_bf16 avx512_vnni avx512vl avx512bw avx512f avx2 sse2 fpu")  # the same set
+    assert zen4 != target("fpu sse2 avx2 avx512f avx512bw avx512vl")  # no VNNI, no BF16
+    assert cpu_target() == cpu_target.__wrapped__(Path("/proc/cpuinfo"))  # this host's, read once
 
 
 @pytest.mark.parametrize("policy", POLICIES)

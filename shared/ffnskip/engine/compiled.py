@@ -52,6 +52,7 @@ from torch.export import Dim
 from ffnskip.engine import int8_kernel
 from ffnskip.engine import layers as layers_module
 from ffnskip.engine import segments as segments_module
+from ffnskip.engine.cpu_target import cpu_target
 from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
 from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step, substitute_step
 from ffnskip.engine.substitutes import Substitute
@@ -115,7 +116,7 @@ def compiled_substitute(substitute: Substitute) -> bool:
 def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torch.device, autotune: bool) -> str:
     """Everything a compiled package depends on besides its segment and bucket."""
     digest = hashlib.sha256()
-    target = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    target = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_target()
     # a package built calling the int8 kernel needs it loaded
     kernel = int8_kernel.digest() if calls_int8_kernel(weights, device) else "none"
     for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT), kernel):
