@@ -5,17 +5,18 @@ to 16 bits). A process loads the best one that both its CPU and torch's CPU capa
 ATEN_CPU_CAPABILITY=avx2, which holds torch's own kernels and Inductor's code to AVX2, holds this
 one to AVX2 too (on an AVX-512 CPU it shows what an AVX2-only one gets).
 
-Measured (the AVX-512 build) on 2 AVX-512 cores with SmolLM2-135M's matrices, each read from memory (more matrices than
-the caches hold), at one row: the 3072 x 576 gate/up product 70-85 us against `torch._int_mm`'s
-173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8; 1.4-1.8x at 2 and 4 rows; at 8 rows
-the two were level and at 16 the library was faster. Both sum the integer products exactly, so
-which one runs changes the time and never a number: `layers.int8_product` takes the kernel for at
-most `ROWS` rows once it is loaded, the library's GEMM otherwise (and on a GPU, and where the CPU
-lacks both instruction sets or the build fails).
+Measured (the AVX-512 build) on 2 Intel AVX-512 cores with SmolLM2-135M's matrices, each read from
+memory (more matrices than the caches hold), at one row: the 3072 x 576 gate/up product 70-85 us
+against `torch._int_mm`'s 173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8; 1.4-1.8x
+at 2 and 4 rows; at 8 rows the two were level and at 16 the library was faster. The AVX2 build on
+2 AMD cores at one row: 54-56 us against the library's 104 at AVX2. Both sum the integer products
+exactly, so which one runs changes the time and never a number: `layers.int8_product` takes the
+kernel for at most `ROWS` rows once it is loaded, the library's GEMM otherwise (and on a GPU, and
+where the CPU lacks both instruction sets or the build fails).
 
-The library is built once per source, build, torch version and compiler into `<directory>/kernels/` (a
-few seconds) and loaded once per process; the compiled segments' package key records whether it
-was, since a package calls it.
+The library is built once per source, build, torch version and compiler into
+`<directory>/kernels/` (a few seconds) and loaded once per process; the compiled segments' package
+key records whether it was, since a package calls it.
 """
 
 from __future__ import annotations
@@ -64,11 +65,6 @@ def runs(build: str) -> bool:
 def best_build() -> str | None:
     """The build this process loads: the first of `BUILDS` it runs; None for none."""
     return next((build for build in BUILDS if runs(build)), None)
-
-
-def supported() -> bool:
-    """Whether this process runs some build of the kernel."""
-    return best_build() is not None
 
 
 def digest() -> str:
