@@ -30,6 +30,7 @@ namespace {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 constexpr int kRows = 16;  // weight rows (outputs) per tile: one accumulator register each
+constexpr bool kUsesXSum = true;  // tile takes 128 sum(x) off each output
 
 // out[j] = sum_k w[j][k] x[k] for NB weight rows j over the whole of K. The instruction multiplies
 // unsigned bytes by signed ones, so the weights are read as w + 128 (their top bit flipped) and
@@ -63,6 +64,7 @@ inline void tile(const int8_t* x, const int8_t* w, int32_t* out, int64_t k, int3
 #else  // AVX2
 
 constexpr int kRows = 8;  // 8 accumulators, the widened x and a weight row fit the 16 registers
+constexpr bool kUsesXSum = false;
 
 inline int32_t reduce_add(__m256i v) {
   __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -77,7 +79,8 @@ inline __m256i widen(const int8_t* bytes) {  // 16 int8 -> 16 int16
 
 // out[j] = sum_k w[j][k] x[k] for NB weight rows j over the whole of K, 32 bytes a step: each
 // product of two int16 is at most 2^14, and a pair of them sums into a 32-bit lane exactly. The
-// last K % 32 columns are summed one by one. (x_sum is the AVX-512 build's correction; unused.)
+// last K % 32 columns are summed one by one. (x_sum is the AVX-512 build's correction: not
+// computed for this build, kUsesXSum.)
 template <int NB>
 inline void tile(const int8_t* x, const int8_t* w, int32_t* out, int64_t k, int32_t /*x_sum*/) {
   __m256i acc[NB];
@@ -120,8 +123,9 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor out = at::empty({m, n}, xc.options().dtype(at::kInt));
   const int8_t* xp = xc.const_data_ptr<int8_t>();
   std::vector<int32_t> x_sums(m, 0);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < k; ++c) x_sums[i] += xp[i * k + c];
+  if (kUsesXSum)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) x_sums[i] += xp[i * k + c];
   const int8_t* wp = wc.const_data_ptr<int8_t>();
   int32_t* op = out.mutable_data_ptr<int32_t>();
   at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
