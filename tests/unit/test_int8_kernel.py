@@ -20,9 +20,9 @@ needs_vnni = pytest.mark.skipif(not int8_kernel.runs("avx512_vnni"), reason="thi
 needs_avx2 = pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="this CPU lacks AVX2: no build of the kernel runs")
 
 # Shapes with every remainder the builds handle: K past a whole 64 (AVX-512) or 32 (AVX2) bytes,
-# N past a whole tile of 16 or 8 weight rows, M past the kernel's ROWS.
+# N odd and even (the two threads split the weight rows), M past the kernel's ROWS.
 SHAPES = [(1, 1), (15, 63), (16, 64), (17, 65), (7, 31), (8, 32), (9, 33), (40, 130), (33, 576)]
-ROW_COUNTS = [1, 2, 3, 4, 5, 17]
+ROW_COUNTS = [1, 2, 3, 4, 5, 8, 9, 17]
 
 
 def extreme_operands(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,14 @@ one to AVX2 too (on an AVX-512 CPU it shows what an AVX2-only one gets).
 
 Measured (the AVX-512 build) on 2 Intel AVX-512 cores with SmolLM2-135M's matrices, each read from
 memory (more matrices than the caches hold), at one row: the 3072 x 576 gate/up product 70-85 us
-against `torch._int_mm`'s 173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8; 1.4-1.8x
-at 2 and 4 rows; at 8 rows the two were level and at 16 the library was faster. The AVX2 build on
-2 AMD cores at one row: 54-56 us against the library's 104 at AVX2. Both sum the integer products
-exactly, so which one runs changes the time and never a number: `layers.int8_product` takes the
-kernel for at most `ROWS` rows once it is loaded, the library's GEMM otherwise (and on a GPU, and
-where the CPU lacks both instruction sets or the build fails).
+against `torch._int_mm`'s 173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8. On 2 AMD
+EPYC cores, since each weight row is read whole in memory order: gate/up 43-54 us at one row and
+52-77 at 4 (the AVX2 build 45-50 and 86-99, where the library takes 104 and 123 at AVX2), the LM
+head at 8 rows 0.82-0.92 ms against the library's 1.9-2.0; at 16 rows the library is faster on
+gate/up. Both sum the integer products exactly, so which one runs changes the time and never a
+number: `layers.int8_product` takes the kernel for at most `ROWS` rows once it is loaded, the
+library's GEMM otherwise (and on a GPU, and where the CPU lacks both instruction sets or the build
+fails).
 
 The library is built once per source, build, torch version and compiler into
 `<directory>/kernels/` (a few seconds) and loaded once per process; the compiled segments' package
@@ -33,7 +35,7 @@ from ffnskip.logs import get_logger
 
 log = get_logger(__name__)
 
-ROWS = 4  # products over at most this many rows take the kernel
+ROWS = 8  # products over at most this many rows take the kernel
 SOURCE = Path(__file__).with_name("int8_matmul.cpp")
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp")
 # each build's instruction flags, best first: the source picks its path from what they allow
@@ -68,8 +70,11 @@ def best_build() -> str | None:
 
 
 def digest() -> str:
-    """What a compiled package calling the kernel depends on: its source, or "none" when not loaded."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16] if _loaded is not None else "none"
+    """What a compiled package calling the kernel depends on: its source and the rows it takes (a
+    package traced for a batch bucket calls it or the library), or "none" when not loaded."""
+    if _loaded is None:
+        return "none"
+    return hashlib.sha256(SOURCE.read_bytes() + f"rows {ROWS}".encode()).hexdigest()[:16]
 
 
 def load(directory: Path) -> bool:
