@@ -27,9 +27,9 @@
 namespace {
 
 // Each weight row is read whole before the next, so a thread streams its share of the matrix in
-// memory order. Tiles of 16 (8) rows read side by side, one chunk of each in turn, read 31-33 GB/s
-// at one row on 2 AMD EPYC cores, and this order 36-40 (the 3072 x 576 gate/up product 44-48 us
-// against 55-56; at 4 rows of x 48-56 against 83-104, since a row's later x rows read it from L1).
+// memory order. On 2 AMD EPYC cores, against tiles of 16 (8) rows read side by side, one chunk of
+// each in turn, the 3072 x 576 gate/up product took 43-54 us against 58-64 at one row and 52-77
+// against 73-86 at 4 rows of x (a row's later x rows read it from L1).
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
@@ -108,7 +108,9 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w) {
       for (int64_t c = 0; c < k; ++c) x_sums[i] += xp[i * k + c];
   const int8_t* wp = wc.const_data_ptr<int8_t>();
   int32_t* op = out.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { columns(xp, wp, op, m, k, n, begin, end, x_sums.data()); });
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    columns(xp, wp, op, m, k, n, begin, end, x_sums.data());
+  });
   return out;
 }
 
