@@ -100,6 +100,19 @@ def test_a_running_row_gets_a_token_every_step_while_a_long_prompt_prefills(tiny
     assert running.generated == whole(tiny_loaded, SHORT, 40)
 
 
+def test_an_idle_engine_prefills_a_prompt_longer_than_the_chunk_in_one_step(tiny_loaded):
+    """Nothing decodes, so nobody waits for the forward: the prompt's first token comes from
+    the first step, and the answer is the one a whole prefill gives."""
+    engine = Engine(tiny_loaded, max_batch=2, max_seq_len=128, prefill_chunk=8)
+    seq = engine.add(prompt=LONG, sampling=greedy(5))
+    assert len(seq.prompt_ids) > 8
+    events = engine.step()
+    assert seq.prefilled == len(seq.prompt_ids) and [e.seq_id for e in events] == [seq.seq_id]
+    while engine.has_work:
+        engine.step()
+    assert seq.generated == whole(tiny_loaded, LONG, 5)
+
+
 def test_a_burst_prefills_whole_prompts_while_they_fit_in_admission_order(tiny_loaded):
     """Three prompts of 17 tokens with a chunk of 40: the first two prefill at the first step,
     and the third, which would not fit whole, waits for the next step instead of being split."""

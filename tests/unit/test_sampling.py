@@ -154,7 +154,11 @@ def test_prompt_logprobs_are_the_same_in_chunks(tiny_loaded):
     chunked = Engine(tiny_loaded, max_batch=2, max_seq_len=128, prefill_chunk=5)
     results = []
     for engine in (whole, chunked):
+        engine.add(prompt="hi", sampling=SamplingParams(max_new_tokens=40, ignore_eos=True), skip=DENSE)
+        engine.step()  # a decoding row: from here on the chunked engine splits prompts
         seq = engine.add(prompt=prompt, sampling=sampling, skip=DENSE)
+        engine.step()
+        assert seq.prefilled == (len(seq.prompt_ids) if engine is whole else 5)
         while not seq.finished:
             engine.step()
         results.append(engine.result(seq).prompt_logprobs)

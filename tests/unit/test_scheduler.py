@@ -145,15 +145,25 @@ def test_without_a_chunk_every_admitted_prompt_goes_whole():
     assert scheduler.decoding == 3
 
 
+def decoding_row(scheduler: Scheduler, rows: FakeRows) -> FakeSeq:
+    """A sequence prefilled and decoding in row 0, so that chunks hold it back from here on."""
+    running = FakeSeq("running", 1)
+    scheduler.add(running)
+    step(scheduler, rows)
+    return running
+
+
 def test_a_prompt_longer_than_the_chunk_goes_alone_one_chunk_a_step():
     rows = FakeRows(3)
     scheduler = Scheduler(rows, prefill_chunk=8)
+    running = decoding_row(scheduler, rows)
     for seq in seqs(long=20, short=3):
         scheduler.add(seq)
     assert chunks(step(scheduler, rows)) == [("long", 0, 8)]
     assert chunks(step(scheduler, rows)) == [("long", 8, 8)]
-    assert chunks(step(scheduler, rows)) == [("long", 16, 4), ("short", 0, 3)]  # the rest fits, with short
-    assert scheduler.decoding == 2
+    plan = step(scheduler, rows)
+    assert chunks(plan) == [("long", 16, 4), ("short", 0, 3)]  # the rest fits, with short
+    assert plan.decode == [running] and scheduler.decoding == 3
 
 
 def test_a_long_prompt_behind_a_short_one_is_not_split_where_the_budget_ends():
@@ -162,7 +172,34 @@ def test_a_long_prompt_behind_a_short_one_is_not_split_where_the_budget_ends():
     for seq in seqs(short=3, long=20):
         scheduler.add(seq)
     assert chunks(step(scheduler, rows)) == [("short", 0, 3)]  # not long's first 5 tokens as well
+    assert chunks(step(scheduler, rows)) == [("long", 0, 8)]  # short decodes now: long goes in chunks
+
+
+def test_while_no_row_decodes_the_first_prompt_goes_whole_and_the_next_ones_wait_their_chunk():
+    """Nobody waits for an idle decoder's forward, so its first prompt is not split; the prompts
+    behind it keep the chunk budget (a burst's first prompts get their first token sooner)."""
+    rows = FakeRows(4)
+    scheduler = Scheduler(rows, prefill_chunk=8)
+    for seq in seqs(long=20, short=3, third=8):
+        scheduler.add(seq)
+    assert chunks(step(scheduler, rows)) == [("long", 0, 20)]  # short does not fit behind it
+    assert chunks(step(scheduler, rows)) == [("short", 0, 3)]  # long decodes now: the chunk again
+    assert chunks(step(scheduler, rows)) == [("third", 0, 8)]
+    assert scheduler.decoding == 3
+
+
+def test_an_idle_decoder_finishes_a_prompt_begun_in_chunks_whole():
+    """A prompt split while a row decoded goes on whole once that row has left."""
+    rows = FakeRows(3)
+    scheduler = Scheduler(rows, prefill_chunk=8)
+    running = decoding_row(scheduler, rows)
+    long = FakeSeq("long", 30)
+    scheduler.add(long)
     assert chunks(step(scheduler, rows)) == [("long", 0, 8)]
+    running.finished = True
+    plan = step(scheduler, rows)
+    assert chunks(plan) == [("long", 8, 22)] and plan.decode == []
+    assert scheduler.running == [long] and scheduler.decoding == 1
 
 
 def test_completed_prompts_join_the_decoding_rows_in_the_order_of_the_plan():

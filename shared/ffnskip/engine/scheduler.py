@@ -152,10 +152,16 @@ class Scheduler(Generic[S]):
     def _next_chunks(self) -> list[PrefillChunk[S]]:
         """This step's prompt chunks, in admission order: whole prompts while they fit in
         `prefill_chunk` tokens; a prompt longer than that goes alone, one chunk a step (a prompt
-        split where a step's budget ends would make that step longer and get no token sooner)."""
+        split where a step's budget ends would make that step longer and get no token sooner).
+        While no row decodes, the budget grows to the first prompt's whole remainder: no running
+        row waits for the forward, so splitting that prompt would only delay its own first token
+        (and read every weight once more per chunk)."""
         if self.prefill_chunk is None:
             return [PrefillChunk(seq, seq.prefilled, len(seq.context_ids) - seq.prefilled) for seq in self.prefilling]
         left = self.prefill_chunk
+        if self.prefilling and not self.decoding:
+            first = self.prefilling[0]
+            left = max(left, len(first.context_ids) - first.prefilled)
         chunks: list[PrefillChunk[S]] = []
         for seq in self.prefilling:
             remaining = len(seq.context_ids) - seq.prefilled
