@@ -134,6 +134,9 @@ def test_up_restarts_a_killed_decoder_ignores_a_stopped_one_and_stops_on_sigterm
     first = stack.processes()
     assert {"gateway", "decoder-0", "decoder-1", "calibrator", "redis"} <= first.keys(), stack.tail()
     pids = {process.pid for process in first.values()}
+    # calibration yields the shared cores to serving: the calibrator alone runs under the idle policy
+    assert os.sched_getscheduler(first["calibrator"].pid) == os.SCHED_IDLE
+    assert {os.sched_getscheduler(first[name].pid) for name in ("gateway", "decoder-0", "decoder-1")} == {os.SCHED_OTHER}
 
     with GatewayClient(first["gateway"].address, api_key=API_KEY) as client:
         # SIGKILL decoder-1: reported, the gateway keeps serving on decoder-0 meanwhile

@@ -206,9 +206,11 @@ class Stack:
         self.redis.wait_ready()
         calibrated = self._active_profile() is not None
         port = free_port()
+        # calibration shares the machine's cores with the decoders here, so it runs in the background:
+        # on 2 cores requests served during the first calibration got 1.2-11 tokens/s, now 14-61
         self.calibrator = Child.service("calibrator", "services.calibrator.main", self._env(
             FFNSKIP_CALIBRATOR_HOST="127.0.0.1", FFNSKIP_CALIBRATOR_PORT=str(port), FFNSKIP_MODELS=self.model),
-            port, self.log_dir).start()
+            port, self.log_dir, background=True).start()
         self._start_gateway()
         self._start_decoders()  # with no profile yet they serve dense, and pick the first one up when it is active
         self.calibrator.wait_serving(START_TIMEOUT_S)

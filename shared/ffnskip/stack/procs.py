@@ -47,6 +47,16 @@ def dying_with_parent(command: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command  # setpriv execs: same pid
 
 
+def in_background(command: list[str]) -> list[str]:
+    """`command` under the idle scheduling policy (SCHED_IDLE, util-linux's `chrt`, where it
+    exists): work that shares the machine with serving processes runs only on cores they leave
+    free, so it uses them whole while nothing is served and yields them at once when a request
+    comes. (A lower nice value is not enough: each time a background thread takes a core for its
+    time slice, a decode step's OpenMP threads wait for the one it displaced.)"""
+    chrt = shutil.which("chrt") if sys.platform == "linux" else None
+    return [chrt, "--idle", "0", *command] if chrt else command
+
+
 def exit_reason(returncode: int) -> str:
     """"signal 9" for a child killed by a signal (Popen's negative codes), else "code N"."""
     return f"signal {-returncode}" if returncode < 0 else f"code {returncode}"
@@ -64,8 +74,11 @@ class Child:
         self._log: IO[bytes] | None = None
 
     @classmethod
-    def service(cls, name: str, module: str, env: dict[str, str], port: int, log_dir: Path) -> Child:
-        return cls(name, [sys.executable, "-m", module], log_dir / f"{name}.log", env, port)
+    def service(cls, name: str, module: str, env: dict[str, str], port: int, log_dir: Path,
+                background: bool = False) -> Child:
+        """A service run as `python -m module`; `background`: under the idle scheduling policy (in_background)."""
+        command = [sys.executable, "-m", module]
+        return cls(name, in_background(command) if background else command, log_dir / f"{name}.log", env, port)
 
     @property
     def address(self) -> str:
