@@ -207,7 +207,7 @@ class Stack:
         calibrated = self._active_profile() is not None
         port = free_port()
         # calibration shares the machine's cores with the decoders here, so it runs in the background:
-        # on 2 cores requests served during the first calibration got 1.2-11 tokens/s, now 14-61
+        # on 2 cores requests served during the first calibration got 1.2-11 tokens/s, now 14-65
         self.calibrator = Child.service("calibrator", "services.calibrator.main", self._env(
             FFNSKIP_CALIBRATOR_HOST="127.0.0.1", FFNSKIP_CALIBRATOR_PORT=str(port), FFNSKIP_MODELS=self.model),
             port, self.log_dir, background=True).start()
