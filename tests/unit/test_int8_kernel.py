@@ -20,9 +20,10 @@ needs_vnni = pytest.mark.skipif(not int8_kernel.runs("avx512_vnni"), reason="thi
 needs_avx2 = pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="this CPU lacks AVX2: no build of the kernel runs")
 
 # Shapes with every remainder the builds handle: K past a whole 64 (AVX-512) or 32 (AVX2) bytes,
-# N odd and even (the two threads split the weight rows), M past the kernel's ROWS.
+# N odd and even (the two threads split the weight rows), N past a whole tile of 16 weight rows,
+# M past the rows summed one output at a time (8) and past the kernel's ROWS (16).
 SHAPES = [(1, 1), (15, 63), (16, 64), (17, 65), (7, 31), (8, 32), (9, 33), (40, 130), (33, 576)]
-ROW_COUNTS = [1, 2, 3, 4, 5, 8, 9, 17]
+ROW_COUNTS = [1, 2, 3, 4, 5, 8, 9, 16, 17]
 
 
 def extreme_operands(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +118,11 @@ def kernel_calls(rows: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) 
 def test_int8_product_takes_the_kernel_for_a_few_rows_and_gives_the_same_numbers(kernel, monkeypatch):
     generator = torch.Generator().manual_seed(4)
     values, scale = quantise_rows(torch.randn(48, 96, generator=generator))
-    for count in (1, int8_kernel.ROWS, int8_kernel.ROWS + 1):
+    assert int8_kernel.rows() == 16
+    for count in (1, 8, 9, 16, 17):
         rows = torch.randn(count, 96, generator=generator)
         with_kernel, calls = kernel_calls(rows, values, scale)
-        assert calls == (1 if count <= int8_kernel.ROWS else 0)
+        assert calls == (1 if count <= 16 else 0)
         with monkeypatch.context() as patch:
             patch.setattr(int8_kernel, "_loaded", None)
             without, calls = kernel_calls(rows, values, scale)

@@ -10,11 +10,13 @@ memory (more matrices than the caches hold), at one row: the 3072 x 576 gate/up 
 against `torch._int_mm`'s 173-190, the 49,152 x 576 LM head 0.9-1.2 ms against 2.5-2.8. On 2 AMD
 EPYC cores, since each weight row is read whole in memory order: gate/up 43-54 us at one row and
 52-77 at 4 (the AVX2 build 45-50 and 86-99, where the library takes 104 and 123 at AVX2), the LM
-head at 8 rows 0.82-0.92 ms against the library's 1.9-2.0; at 16 rows the library is faster on
-gate/up. Both sum the integer products exactly, so which one runs changes the time and never a
-number: `layers.int8_product` takes the kernel for at most `ROWS` rows once it is loaded, the
-library's GEMM otherwise (and on a GPU, and where the CPU lacks both instruction sets or the build
-fails).
+head at 8 rows 0.82-0.92 ms against the library's 1.9-2.0. At 16 rows, one output at a time lost
+to the library (gate/up 164-173 us against 124-129); the AVX-512 build's tiles of 16 weight rows
+take 86-90 there, the down product 42-45 against 90-91, the 576 x 576 ones 19-20 against 37, the
+LM head 1.4-1.5 ms against 2.0-2.2. Both sum the integer products exactly, so which one runs
+changes the time and never a number: `layers.int8_product` takes the kernel for at most `rows()`
+rows once it is loaded (16 for the AVX-512 build, 8 for the AVX2 one), the library's GEMM
+otherwise (a prefill chunk, a GPU, a CPU without either instruction set, a failed build).
 
 The library is built once per source, build, torch version and compiler into
 `<directory>/kernels/` (a few seconds) and loaded once per process; the compiled segments' package
@@ -35,7 +37,10 @@ from ffnskip.logs import get_logger
 
 log = get_logger(__name__)
 
-ROWS = 8  # products over at most this many rows take the kernel
+# products over at most this many rows take the kernel, by build: the AVX-512 build sums more than
+# 8 rows in tiles of 16 weight rows (int8_matmul.cpp), which at 16 rows took 0.5-0.7 of the
+# library's time on 2 AMD EPYC cores; the AVX2 build has no tiles, and the library is faster there
+ROWS = {"avx512_vnni": 16, "avx2": 8}
 SOURCE = Path(__file__).with_name("int8_matmul.cpp")
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp")
 # each build's instruction flags, best first: the source picks its path from what they allow
@@ -64,6 +69,11 @@ def runs(build: str) -> bool:
     return build == "avx2" and capability in ("AVX512", "AVX2") and torch.cpu._is_avx2_supported()
 
 
+def rows() -> int:
+    """The most rows of x a product takes the loaded kernel for; 0 where none is loaded."""
+    return ROWS[_loaded] if _loaded is not None else 0
+
+
 def best_build() -> str | None:
     """The build this process loads: the first of `BUILDS` it runs; None for none."""
     return next((build for build in BUILDS if runs(build)), None)
@@ -74,7 +84,7 @@ def digest() -> str:
     package traced for a batch bucket calls it or the library), or "none" when not loaded."""
     if _loaded is None:
         return "none"
-    return hashlib.sha256(SOURCE.read_bytes() + f"rows {ROWS}".encode()).hexdigest()[:16]
+    return hashlib.sha256(SOURCE.read_bytes() + f"rows {rows()}".encode()).hexdigest()[:16]
 
 
 def load(directory: Path) -> bool:

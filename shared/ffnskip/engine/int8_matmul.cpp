@@ -4,8 +4,10 @@
 // Why: at one row the library's integer GEMM read SmolLM2-135M's int8 matrices at 9-12 GB/s on
 // 2 cores (it packs the weight for its kernel on every call), where a plain read of them ran at
 // 24; this kernel reads each weight row once, in place and in memory order, with the CPU's
-// dot-product instructions, at 20-40 GB/s. The integer sums are exact, so it returns the same
-// numbers. Over more rows the library's GEMM is faster: int8_kernel.py says where each one runs.
+// dot-product instructions, at 20-40 GB/s. Over 9-16 rows (a full decode batch) the AVX-512
+// build sums tiles of 16 weight rows instead (see `tiles`). The integer sums are exact, so it
+// returns the same numbers. Over more rows (a prefill chunk) the library's GEMM is faster:
+// int8_kernel.py says where each one runs.
 //
 // Two builds of this one source, chosen by the instructions the compiler is allowed
 // (int8_kernel.py picks the build the CPU runs): AVX-512 with VNNI, whose instruction multiplies
@@ -33,7 +35,15 @@ namespace {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
-constexpr bool kUsesXSum = true;  // dot() takes 128 sum(x) off each output
+// sum_k x[k], which dot() takes 128 times off each output (times bytes of 1, 64 at a time)
+inline int32_t row_sum(const int8_t* x, int64_t k) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t c = 0; c < k; c += 64) {
+    const __mmask64 mask = k - c >= 64 ? ~0ULL : (~0ULL) >> (64 - (k - c));
+    acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), _mm512_maskz_loadu_epi8(mask, x + c));
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
 
 // sum_k w[k] x[k] over the whole of K. The instruction multiplies unsigned bytes by signed ones,
 // so the weights are read as w + 128 (their top bit flipped) and 128 sum(x) is taken off. Whole
@@ -56,7 +66,7 @@ inline int32_t dot(const int8_t* x, const int8_t* w, int64_t k, int32_t x_sum) {
 
 #else  // AVX2
 
-constexpr bool kUsesXSum = false;
+inline int32_t row_sum(const int8_t* /*x*/, int64_t /*k*/) { return 0; }  // dot() takes no correction
 
 inline int32_t reduce_add(__m256i v) {
   __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -71,7 +81,7 @@ inline __m256i widen(const int8_t* bytes) {  // 16 int8 -> 16 int16
 
 // sum_k w[k] x[k] over the whole of K, 32 bytes a step: each product of two int16 is at most
 // 2^14, and a pair of them sums into a 32-bit lane exactly. The last K % 32 columns are summed
-// one by one. (x_sum is the AVX-512 build's correction: not computed for this build, kUsesXSum.)
+// one by one. (x_sum is the AVX-512 build's correction: zero for this build, row_sum.)
 inline int32_t dot(const int8_t* x, const int8_t* w, int64_t k, int32_t /*x_sum*/) {
   __m256i acc = _mm256_setzero_si256();
   const int64_t whole = k - k % 32;
@@ -94,6 +104,100 @@ void columns(const int8_t* x, const int8_t* w, int32_t* out, int64_t m, int64_t 
     for (int64_t i = 0; i < m; ++i) out[i * n + j] = dot(x + i * k, w + j * k, k, x_sums[i]);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+// A tile: 16 weight rows, one per 32-bit lane of a register. Over several rows of x the per-output
+// reduction above (a dozen instructions for each 9 products at K = 576) costs more than the
+// products; a tile keeps one accumulator per weight row, sums the 16 of them into one register
+// with 45 shuffles and adds for each row of x, and reads its 16 weight rows (9 KB at K = 576) from
+// L1 for every row of x after the first pass.
+constexpr int64_t kTile = 16;
+// Up to this many rows of x, the reduction per output costs less than the tile's (at one row a
+// tile reads its weights at 32-36 GB/s, one row at a time at 42-46: measured on 2 AMD EPYC cores)
+constexpr int64_t kFewRows = 8;
+
+// lane j = the sum of acc[j]'s 16 lanes: pairs, then quadruples within each 128-bit lane, then
+// across the four 128-bit lanes
+inline __m512i lane_sums(const __m512i (&acc)[kTile]) {
+  __m512i pairs[8], quads[4];
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    pairs[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2 * p], acc[2 * p + 1]),
+                                _mm512_unpackhi_epi32(acc[2 * p], acc[2 * p + 1]));
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+    quads[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * q], pairs[2 * q + 1]),
+                                _mm512_unpackhi_epi64(pairs[2 * q], pairs[2 * q + 1]));
+  const __m512i low = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_i32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i high = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The instruction multiplies unsigned bytes by signed ones. Here x is the unsigned side, read as
+// x + 128 (`flipped`, zero past K), and the weights the signed side, so each output is the
+// flipped row's sums less 128 times its weight row's sum: the tile's first pass sums the weight
+// rows (times bytes of 1), each row whole in memory order, which streams the tile from memory.
+inline __m512i tile_weight_sums(const int8_t* w, int64_t k) {
+  const int64_t whole = k - k % 64;
+  const __mmask64 mask = whole < k ? (~0ULL) >> (64 - (k - whole)) : 0;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[kTile];
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kTile; ++j) {
+    acc[j] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < whole; c += 64) acc[j] = _mm512_dpbusd_epi32(acc[j], ones, _mm512_loadu_si512(w + j * k + c));
+    if (mask) acc[j] = _mm512_dpbusd_epi32(acc[j], ones, _mm512_maskz_loadu_epi8(mask, w + j * k + whole));
+  }
+  return lane_sums(acc);
+}
+
+// one row of x as the unsigned bytes x + 128, 64 at a time, zero from k to the next whole 64
+inline void flip(const int8_t* x, uint8_t* flipped, int64_t k) {
+  const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < k; c += 64) {
+    const __mmask64 mask = k - c >= 64 ? ~0ULL : (~0ULL) >> (64 - (k - c));
+    const __m512i bytes = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x + c), top);
+    _mm512_storeu_si512(flipped + c, _mm512_maskz_mov_epi8(mask, bytes));
+  }
+}
+
+// the tile's 16 sums of (x + 128) w for one flipped row of x
+inline __m512i tile_row(const uint8_t* flipped, const int8_t* w, int64_t k) {
+  const int64_t whole = k - k % 64;
+  __m512i acc[kTile];
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kTile; ++j) acc[j] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < whole; c += 64) {
+    const __m512i xv = _mm512_loadu_si512(flipped + c);
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kTile; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_loadu_si512(w + j * k + c));
+  }
+  if (whole < k) {
+    const __mmask64 mask = (~0ULL) >> (64 - (k - whole));
+    const __m512i xv = _mm512_loadu_si512(flipped + whole);
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kTile; ++j)
+      acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_maskz_loadu_epi8(mask, w + j * k + whole));
+  }
+  return lane_sums(acc);
+}
+
+// output columns [16 t, 16 t + 16) of every row of x, for tiles t in [t_start, t_end)
+void tiles(const uint8_t* flipped, int64_t stride, const int8_t* w, int32_t* out, int64_t m, int64_t k,
+           int64_t n, int64_t t_start, int64_t t_end) {
+  for (int64_t t = t_start; t < t_end; ++t) {
+    const int8_t* tile = w + t * kTile * k;
+    const __m512i correction = _mm512_slli_epi32(tile_weight_sums(tile, k), 7);
+    for (int64_t i = 0; i < m; ++i)
+      _mm512_storeu_si512(out + i * n + t * kTile, _mm512_sub_epi32(tile_row(flipped + i * stride, tile, k), correction));
+  }
+}
+
+#endif
+
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "int8_matmul: x [M, K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
@@ -102,15 +206,27 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w) {
   const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
   at::Tensor out = at::empty({m, n}, xc.options().dtype(at::kInt));
   const int8_t* xp = xc.const_data_ptr<int8_t>();
-  std::vector<int32_t> x_sums(m, 0);
-  if (kUsesXSum)
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < k; ++c) x_sums[i] += xp[i * k + c];
   const int8_t* wp = wc.const_data_ptr<int8_t>();
   int32_t* op = out.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    columns(xp, wp, op, m, k, n, begin, end, x_sums.data());
-  });
+  int64_t tiled = 0;  // the weight rows summed in tiles; the rest one by one
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (m > kFewRows) {
+    const int64_t stride = (k + 63) / 64 * 64;
+    std::vector<uint8_t> flipped(m * stride);
+    for (int64_t i = 0; i < m; ++i) flip(xp + i * k, flipped.data() + i * stride, k);
+    at::parallel_for(0, n / kTile, 1, [&](int64_t begin, int64_t end) {
+      tiles(flipped.data(), stride, wp, op, m, k, n, begin, end);
+    });
+    tiled = n / kTile * kTile;
+  }
+#endif
+  if (tiled < n) {
+    std::vector<int32_t> x_sums(m);
+    for (int64_t i = 0; i < m; ++i) x_sums[i] = row_sum(xp + i * k, k);
+    at::parallel_for(tiled, n, 1, [&](int64_t begin, int64_t end) {
+      columns(xp, wp, op, m, k, n, begin, end, x_sums.data());
+    });
+  }
   return out;
 }
 

@@ -91,7 +91,7 @@ def int8_product(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         rows = rows * smoothing
     step = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30) / 127
     values = torch.round(rows / step).to(torch.int8)
-    if rows.shape[0] <= int8_kernel.ROWS and rows.device.type == "cpu" and int8_kernel.loaded():
+    if rows.shape[0] <= int8_kernel.rows() and rows.device.type == "cpu":
         sums = torch.ops.ffnskip.int8_matmul(values, weight)
     else:
         sums = torch._int_mm(values, weight.t())
