@@ -8,6 +8,12 @@ import threading
 import time
 from functools import partial
 
+if __name__ == "__main__":
+    # transformers imports scipy's optimiser (for an object-detection loss) wherever scipy is
+    # installed: 35 MB of resident memory that a decoder never uses. Marked absent before anything
+    # imports transformers, in the decoder's own process only (importers of this module keep it).
+    sys.modules.setdefault("scipy", None)  # type: ignore[arg-type]
+
 import torch
 
 from ffnskip.aio import cancel_and_wait

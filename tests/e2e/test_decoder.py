@@ -3,9 +3,11 @@ SmolLM2 model on loopback, gRPC over sockets."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -70,6 +72,14 @@ def publish(redis_url: str, fingerprint: str, **fields) -> int:
     params = {"threshold": 0.97, "max_skip": 4, "warm_up": 4, **fields}
     profile = build_profile(model_id=MODEL, fingerprint=fingerprint, num_layers=30, cold_start=1, cold_end=29, **params)
     return store.publish(profile, activate=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy is not installed: nothing to keep out")
+def test_the_decoder_process_holds_no_scipy(stack):
+    """transformers imports scipy wherever it is installed (the test extra's lm-eval brings it); a
+    decoder keeps it out of its memory."""
+    maps = Path(f"/proc/{stack['decoder'].process.pid}/maps").read_text()
+    assert "/scipy/" not in maps
 
 
 def test_stream_tokens_in_order_with_final_stats(stack):
