@@ -35,11 +35,14 @@ namespace {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
+// the first min(bytes, 64) bytes of a 64-byte chunk (a masked load reads zeros past them)
+inline __mmask64 first_bytes(int64_t bytes) { return bytes >= 64 ? ~0ULL : (~0ULL) >> (64 - bytes); }
+
 // sum_k x[k], which dot() takes 128 times off each output (times bytes of 1, 64 at a time)
 inline int32_t row_sum(const int8_t* x, int64_t k) {
   __m512i acc = _mm512_setzero_si512();
   for (int64_t c = 0; c < k; c += 64) {
-    const __mmask64 mask = k - c >= 64 ? ~0ULL : (~0ULL) >> (64 - (k - c));
+    const __mmask64 mask = first_bytes(k - c);
     acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), _mm512_maskz_loadu_epi8(mask, x + c));
   }
   return _mm512_reduce_add_epi32(acc);
@@ -57,7 +60,7 @@ inline int32_t dot(const int8_t* x, const int8_t* w, int64_t k, int32_t x_sum) {
     acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(w + c), flip), _mm512_loadu_si512(x + c));
   if (whole < k) {
     // past the end of K both sides load zeros, and a zero x byte adds nothing
-    const __mmask64 mask = (~0ULL) >> (64 - (k - whole));
+    const __mmask64 mask = first_bytes(k - whole);
     const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + whole), flip);
     acc = _mm512_dpbusd_epi32(acc, wv, _mm512_maskz_loadu_epi8(mask, x + whole));
   }
@@ -142,7 +145,7 @@ inline __m512i lane_sums(const __m512i (&acc)[kTile]) {
 // rows (times bytes of 1), each row whole in memory order, which streams the tile from memory.
 inline __m512i tile_weight_sums(const int8_t* w, int64_t k) {
   const int64_t whole = k - k % 64;
-  const __mmask64 mask = whole < k ? (~0ULL) >> (64 - (k - whole)) : 0;
+  const __mmask64 mask = whole < k ? first_bytes(k - whole) : 0;
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc[kTile];
 #pragma GCC unroll 16
@@ -158,7 +161,7 @@ inline __m512i tile_weight_sums(const int8_t* w, int64_t k) {
 inline void flip(const int8_t* x, uint8_t* flipped, int64_t k) {
   const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t c = 0; c < k; c += 64) {
-    const __mmask64 mask = k - c >= 64 ? ~0ULL : (~0ULL) >> (64 - (k - c));
+    const __mmask64 mask = first_bytes(k - c);
     const __m512i bytes = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x + c), top);
     _mm512_storeu_si512(flipped + c, _mm512_maskz_mov_epi8(mask, bytes));
   }
@@ -176,7 +179,7 @@ inline __m512i tile_row(const uint8_t* flipped, const int8_t* w, int64_t k) {
     for (int64_t j = 0; j < kTile; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_loadu_si512(w + j * k + c));
   }
   if (whole < k) {
-    const __mmask64 mask = (~0ULL) >> (64 - (k - whole));
+    const __mmask64 mask = first_bytes(k - whole);
     const __m512i xv = _mm512_loadu_si512(flipped + whole);
 #pragma GCC unroll 16
     for (int64_t j = 0; j < kTile; ++j)
