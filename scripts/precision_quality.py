@@ -11,6 +11,13 @@ matrices with a scale per output row, float32 activations: what `FFNSKIP_WEIGHTS
 w8a8 (the same matrices, each product's activations rounded to int8 with a scale per row:
 `FFNSKIP_WEIGHTS=w8a8`),
 and Q8_0 rounding in float32 (llama.cpp's int8 format, blocks of 32 inputs) as the reference.
+
+With `--profile` (a profile.json and its substitutes), each precision is also teacher-forced under
+that profile, its substitutes applied as that precision's engine applies them (w8a8: int8 factors):
+
+    python scripts/precision_quality.py --precisions w8a8 \
+        --profile ~/.cache/ffnskip/profiles/smollm2-135m.profile.json \
+        --substitutes ~/.cache/ffnskip/profiles/smollm2-135m.substitutes.<digest>.bin
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from ffnskip.bench.json_results import write_results
 from ffnskip.calibration import quality as Q
@@ -26,7 +34,9 @@ from ffnskip.config import DENSE, SamplingParams
 from ffnskip.datasets import texts
 from ffnskip.engine import Engine, load_model
 from ffnskip.engine.prompts import encode_prompt
+from ffnskip.engine.substitutes import SubstituteSet
 from ffnskip.evaluation.weight_rounding import round_model_linears
+from ffnskip.profile import Profile
 from ffnskip.settings import cache_root
 
 
@@ -38,8 +48,16 @@ def main() -> int:
     parser.add_argument("--warm-up", type=int, default=16, help="tokens not counted (as the quality budget counts)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precisions", default="w8a8,int8,bfloat16,q8_0")
+    parser.add_argument("--profile", type=Path, help="also each precision under this profile.json")
+    parser.add_argument("--substitutes", type=Path, help="the profile's substitutes (default: substitutes.bin beside it)")
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args()
+    profile, substitutes = None, None
+    if args.profile is not None:
+        profile = Profile.from_dict(json.loads(args.profile.read_text()))
+        blob = (args.substitutes or args.profile.with_name("substitutes.bin")).read_bytes() if profile.substitutes else None
+        profile.check_substitutes(blob)
+        substitutes = None if blob is None else SubstituteSet.from_bytes(blob)
     cache, after = cache_root(os.environ), args.warm_up
     started = time.perf_counter()
 
@@ -71,6 +89,10 @@ def main() -> int:
             "weight_bytes_per_step": candidate.weight_bytes.total,
         }
         print(precision, json.dumps(results[precision]), flush=True)
+        if profile is not None:
+            under = Q.divergence(candidate, prompts, references, profile.skip_params(), args.batch, substitutes=substitutes)
+            results[f"{precision} + profile"] = under.summary(after)
+            print(f"{precision} + profile", json.dumps(results[f"{precision} + profile"]), flush=True)
     write_results(args.json, results, started)
     return 0
 

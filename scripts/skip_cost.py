@@ -6,12 +6,14 @@
 
 One engine (compiled, the decoder's weight format) runs the same decode step three ways, one
 after the other, `--steps` times: dense, the profile's FFN set skipped plainly, and skipped with
-the profile's substitutes. Each variant's step runs next to the others', so the machine's drift
+the profile's substitutes; and, over more than one row, a mixed step: a quarter of the rows in
+their warm-up (running every FFN) and the rest skipping with the substitutes, as most steps of
+16 streams arriving at different times are. Each variant's step runs next to the others', so the machine's drift
 (seconds to minutes on a shared host) cancels in the per-step differences, which a run of whole
 requests per variant cannot resolve at a few tenths of a millisecond. Reported per batch: the
 median step, the mean saving against dense with its 95% interval, and the median time of the
-substitutes' calls inside the step. Every row skips (no warm-up), so this is the saving of a step
-whose rows all skip, the upper bound of what a served profile gains.
+substitutes' calls inside the step. In the other variants every row skips (no warm-up): the
+saving of a step whose rows all skip, the upper bound of what a served profile gains.
 """
 
 from __future__ import annotations
@@ -57,15 +59,20 @@ def main() -> int:
     engine.warm_up(batches)
     engine.release_raw_weights()
     runner, cache, layers = engine.runner, engine.cache, engine.num_layers
-    substitutes = SubstituteSet.from_bytes(blob).to(device, runner.dtype)
+    substitutes = SubstituteSet.from_bytes(blob).to(device, runner.dtype).served_by(runner.weights)
     skipped = set(profile.static_layers)
     report: dict = {"model": args.model, "weights": args.weights, "static_layers": sorted(skipped),
                     "substitutes": {str(layer): s.kind for layer, s in substitutes.layers.items()},
                     "steps": args.steps, "bandwidth_gb_s_before": round(read_bandwidth_gb_s(device), 1), "batches": {}}
     for batch in batches:
         runner.prefill(cache, list(range(batch)), [[1] * args.position] * batch)
-        variants = {"dense": (_plan(batch, layers, set()), None), "skipped": (_plan(batch, layers, skipped), None),
-                    "skipped + substitutes": (_plan(batch, layers, skipped), [substitutes] * batch)}
+        every = (1 << batch) - 1
+        variants = {"dense": (_plan(batch, layers, set(), every), None),
+                    "skipped": (_plan(batch, layers, skipped, every), None),
+                    "skipped + substitutes": (_plan(batch, layers, skipped, every), [substitutes] * batch)}
+        if batch > 1:  # the first quarter of the rows in their warm-up
+            warming = (1 << max(1, batch // 4)) - 1
+            variants["mixed + substitutes"] = (_plan(batch, layers, skipped, every & ~warming), [substitutes] * batch)
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         calls: dict[str, list[float]] = {}
         with timed_segments(runner, calls):
@@ -87,11 +94,12 @@ def main() -> int:
     return 0
 
 
-def _plan(batch: int, layers: int, skipped: set[int]) -> PlannedStep:
-    """A step in which every row skips the FFNs of `skipped` and runs the others."""
-    every = (1 << batch) - 1
-    decisions = [decision_of(every, batch) if layer in skipped else RUN_ALL for layer in range(layers)]
-    return PlannedStep(decisions, [sorted(skipped) for _ in range(batch)], layers - len(skipped), None)
+def _plan(batch: int, layers: int, skipped: set[int], skipping: int) -> PlannedStep:
+    """A step in which the rows of the mask `skipping` skip the FFNs of `skipped`; every other FFN
+    (and every FFN of the other rows) runs."""
+    decisions = [decision_of(skipping, batch) if layer in skipped else RUN_ALL for layer in range(layers)]
+    reads = layers - (len(skipped) if skipping == (1 << batch) - 1 else 0)
+    return PlannedStep(decisions, [sorted(skipped) if skipping >> b & 1 else [] for b in range(batch)], reads, None)
 
 
 def _versus(dense: list[float], values: list[float]) -> dict:

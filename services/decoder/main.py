@@ -82,7 +82,8 @@ def profile_watcher(settings: DecoderSettings, engine_loop: EngineLoop, store: P
     """The watcher of the active profile, building its substitutes for the engine (its device,
     dtype and width) on the engine thread."""
     loaded = engine_loop.engine.loaded
-    target = SubstituteTarget(loaded.device, loaded.dtype, int(loaded.model.config.hidden_size), run=engine_loop.call)
+    target = SubstituteTarget(loaded.device, loaded.dtype, int(loaded.model.config.hidden_size), loaded.weights,
+                              run=engine_loop.call)
     return ProfileWatcher(store, settings.model_name, loaded.fingerprint, settings.profile_cache_dir, default=DENSE,
                           mode=settings.skip_policy, quorum=settings.aligned_quorum, substitutes=target)
 

@@ -51,13 +51,14 @@ def _run_here(build: Callable[[], SubstituteSet]) -> SubstituteSet:
 
 @dataclass(frozen=True)
 class SubstituteTarget:
-    """Where the engine serves substitutes: its device, dtype and hidden width (None: unchecked),
-    and `run`, which runs the building on the engine's thread (EngineLoop.call: in a decoder that
-    thread makes every torch call)."""
+    """Where the engine serves substitutes: its device, dtype, hidden width (None: unchecked) and
+    matrices' format (SubstituteSet.served_by), and `run`, which runs the building on the engine's
+    thread (EngineLoop.call: in a decoder that thread makes every torch call)."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     width: int | None = None
+    weights: str = "full"
     run: Callable[[Callable[[], SubstituteSet]], SubstituteSet] = _run_here
 
     def build(self, profile: Profile, blob: bytes | None) -> SubstituteSet:
@@ -82,7 +83,7 @@ class SubstituteTarget:
         widths = sorted({int(substitute.bias.shape[0]) for substitute in parsed.layers.values()})
         if self.width is not None and widths != [self.width]:  # a wrong width would fail every step it runs in
             raise InvalidArgument("substitutes", f"width {widths}, the model's hidden size is {self.width}")
-        return parsed.to(self.device, self.dtype)
+        return parsed.to(self.device, self.dtype).served_by(self.weights)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class ActiveProfile:
 
     @property
     def substitute_bytes(self) -> int:
-        """Bytes of the substitutes as served (the engine's dtype); 0 for plain skips."""
+        """Bytes of the substitutes as served (the engine's dtype and matrix format); 0 for plain skips."""
         return 0 if self.substitutes is None else self.substitutes.nbytes
 
     def substitutes_for(self, skip: SkipParams) -> SubstituteSet | None:

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from ffnskip.config import DENSE, SamplingParams, SkipParams
 from ffnskip.engine import Engine
-from ffnskip.engine.substitutes import Substitute, SubstituteSet
+from ffnskip.engine.substitutes import Int8LowRank, Substitute, SubstituteSet
 from ffnskip.profile import Profile
 from ffnskip.rpc.server import Server
 from ffnskip.store import ProfileStore, RedisSettings, connect
@@ -29,7 +29,7 @@ from ffnskip.v1 import generation_pb2 as pb
 from services.decoder.engine_loop import EngineLoop
 from services.decoder.main import SERVICE_NAME, build_engine, profile_watcher
 from services.decoder.metrics import DecoderMetrics
-from services.decoder.profiles import ProfileWatcher
+from services.decoder.profiles import ActiveProfile, ProfileWatcher, SubstituteTarget
 from services.decoder.service import DecoderService
 from services.decoder.servicer import DecoderServicer
 from services.decoder.settings import DecoderSettings
@@ -175,6 +175,21 @@ def test_requests_under_the_profile_get_its_substitutes(served: dict) -> None:
                        skipped_layers=[pb.SkippedLayers(layers=c.skipped_layers) for c in chunks[:8]])
     resumed = generate(served, resume=resume)
     assert list(resumed.token_ids) == list(compensated.token_ids) and resumed.profile_version == version
+
+
+def test_a_w8a8_decoder_builds_a_low_rank_set_with_int8_factors(served: dict) -> None:
+    """A decoder whose matrices are w8a8 holds a profile's low-rank maps as its engine applies
+    them (Int8LowRank), and reports those bytes, not the stored float32 ones."""
+    generator = torch.Generator().manual_seed(5)
+    subs = SubstituteSet({layer: Substitute(*(torch.randn(*shape, generator=generator) for shape in ((64,), (64, 8), (8, 64))))
+                          for layer in (2, 3)})
+    blob = subs.to_bytes()
+    profile = build_profile(model_id=MODEL, fingerprint=served["fingerprint"], policy="static", static_layers=[2, 3],
+                            cold_start=1, cold_end=5, warm_up=2, substitutes=substitutes_record(blob, [2, 3], "lowrank"))
+    built = {weights: SubstituteTarget(width=64, weights=weights).build(profile, blob) for weights in ("full", "w8a8")}
+    assert all(isinstance(built["w8a8"][layer], Int8LowRank) for layer in (2, 3))
+    assert all(isinstance(built["full"][layer], Substitute) for layer in (2, 3))
+    assert ActiveProfile(1, profile.skip_params(), built["w8a8"]).substitute_bytes < subs.nbytes / 2
 
 
 def corrupt(served: dict, version: int, how: str) -> None:

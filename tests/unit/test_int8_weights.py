@@ -17,6 +17,7 @@ from ffnskip.engine.loading import resolve_weights
 from ffnskip.engine.runner import ModelRunner
 from ffnskip.engine.smoothing import ALPHA, LAYER_INPUTS, calibration_tokens, input_maxima, smoothing
 from ffnskip.engine.stats import weight_bytes
+from ffnskip.engine.substitutes import Int8LowRank, Substitute, SubstituteSet
 from ffnskip.errors import InvalidArgument
 from tests.helpers.tiny import save_tiny_model
 
@@ -160,6 +161,22 @@ def test_int8_product_is_the_rounded_rows_times_the_rounded_matrix():
     expected = rounded_rows(rows) @ rounded_per_row(weight).T
     torch.testing.assert_close(int8_product(rows, values, scale), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(int8_product(rows, values, scale)[2], torch.zeros(37))
+
+
+def test_an_int8_low_rank_substitute_is_its_rounded_factors_products():
+    """A w8a8 engine applies a low-rank substitute as it applies its matrices: both factors rounded
+    per output row, each product's rows per row; a quarter of the bytes, laid out as the kernel reads
+    them (rounded from a transposed view, the factors kept its strides and every product copied them)."""
+    generator = torch.Generator().manual_seed(3)
+    bias, first, second = (torch.randn(*shape, generator=generator) for shape in ((96,), (96, 16), (16, 96)))
+    substitute = Substitute(bias, first, second)
+    int8 = substitute.int8()
+    normed = torch.randn(5, 1, 96, generator=generator)
+    mapped = rounded_rows(normed.reshape(5, 96)) @ rounded_per_row(first.t()).T
+    expected = bias + rounded_rows(mapped) @ rounded_per_row(second.t()).T
+    torch.testing.assert_close(int8(normed), expected.reshape(5, 1, 96), rtol=1e-5, atol=1e-5)
+    assert all(factor.is_contiguous() for factor in int8.factors)
+    assert int8.nbytes < substitute.nbytes / 3
 
 
 def test_a_rows_int8_product_does_not_depend_on_the_other_rows_of_its_batch():
@@ -306,22 +323,32 @@ def test_an_unknown_weight_format_setting_names_the_field():
 
 
 @pytest.mark.heavy  # AOTInductor compiles: minutes
-def test_compiled_w8a8_equals_eager_in_a_padded_mixed_batch(int8_dir, tmp_path_factory, w8a8_eager):
-    """Buckets 1, 4 and 8 of int8 products give the eager w8a8 engine's tokens and skips."""
+def test_compiled_w8a8_equals_eager_in_a_padded_mixed_batch(int8_dir, tmp_path_factory, w8a8_eager, monkeypatch):
+    """Buckets 1, 4 and 8 of int8 products give the eager w8a8 engine's tokens and skips, the
+    static rows' low-rank substitute applied with int8 factors by its package (never eagerly)."""
     cache = tmp_path_factory.mktemp("w8a8-packages")
     loaded = load_model(str(int8_dir), device="cpu", dtype="float32", cache_dir=cache, weights="w8a8")
     engine = Engine(loaded, max_batch=8, max_seq_len=64, compile=True)
     engine.warm_up([1, 4, 8])
     policies = (STATIC, DENSE, ADAPTIVE) * 3
+    width, generator = int(loaded.model.config.hidden_size), torch.Generator().manual_seed(4)
+    substitutes = SubstituteSet({1: Substitute(*(torch.randn(*shape, generator=generator)
+                                                 for shape in ((width,), (width, 3), (3, width))))})
 
     def mixed(engine: Engine, prompts: list[str]) -> list[tuple[list[int], list]]:
-        seqs = [engine.add(prompt=p, sampling=SAMPLING, skip=skip) for p, skip in zip(prompts, policies)]
+        seqs = [engine.add(prompt=p, sampling=SAMPLING, skip=skip, substitutes=substitutes if skip is STATIC else None)
+                for p, skip in zip(prompts, policies)]
         while engine.has_work:
             engine.step()
         return [(list(s.generated), engine.result(s).skip_records) for s in seqs]
 
+    expected = {n: mixed(w8a8_eager, PROMPTS[:n]) for n in (1, 3)}
+    eager_calls: list[int] = []
+    original = Int8LowRank.__call__
+    monkeypatch.setattr(Int8LowRank, "__call__", lambda self, normed: eager_calls.append(1) or original(self, normed))
     for prompts in (PROMPTS[:1], PROMPTS, PROMPTS * 2):
-        expected = mixed(w8a8_eager, prompts) if len(prompts) <= 4 else mixed(w8a8_eager, prompts[:3]) * 2
-        assert mixed(engine, prompts) == expected
+        assert mixed(engine, prompts) == (expected[len(prompts)] if len(prompts) <= 4 else expected[3] * 2)
     engine.release_raw_weights()
-    assert mixed(engine, PROMPTS * 2) == mixed(w8a8_eager, PROMPTS[:3]) * 2
+    assert mixed(engine, PROMPTS * 2) == expected[3] * 2
+    assert eager_calls == []
+    assert w8a8_eager.generate(PROMPTS[:1], SAMPLING, STATIC)[0].token_ids != expected[1][0][0]  # it acted

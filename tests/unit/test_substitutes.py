@@ -14,7 +14,7 @@ from ffnskip.calibration.selection import grow, select
 from ffnskip.calibration.substitutes import SubstituteKind, fit, validated_ridge
 from ffnskip.config import DENSE, Policy, SamplingParams, SkipParams
 from ffnskip.engine import Engine
-from ffnskip.engine.substitutes import Substitute, SubstituteSet, substitute_groups
+from ffnskip.engine.substitutes import Int8LowRank, Substitute, SubstituteSet, substitute_groups
 
 PROMPTS = [[1, 5, 9, 13], [2, 7, 3], [4, 4, 8, 15, 16], [6, 23, 42]]
 TOKENS = 12
@@ -145,6 +145,23 @@ def test_a_low_rank_substitutes_transposed_factor_is_its_first_one():
     first = torch.arange(12.0).reshape(4, 3)
     substitute = Substitute(torch.zeros(4), first, torch.ones(3, 4))
     assert torch.equal(substitute.first_t, first.t()) and substitute.first_t.is_contiguous()
+
+
+def test_a_w8a8_engine_serves_a_sets_low_rank_maps_with_int8_factors(tiny_loaded):
+    """An engine whose matrices take int8 activations (w8a8) applies a low-rank map as an
+    Int8LowRank, made once per set; a bias as it is; other engines the set as it is. The int8 form
+    is never stored (the calibrated set is)."""
+    width = _width(tiny_loaded)
+    lowrank, bias = Substitute(torch.zeros(width), torch.ones(width, 2), torch.ones(2, width)), Substitute(torch.ones(width))
+    subs = SubstituteSet({1: lowrank, 2: bias})
+    served = subs.served_by("w8a8")
+    assert isinstance(served[1], Int8LowRank) and served[1].rank == 2 and served[2] is bias
+    assert subs.served_by("w8a8") is served
+    assert subs.served_by("full") is subs and subs.served_by("int8") is subs
+    seq = Engine(tiny_loaded, max_batch=1, max_seq_len=256).add(prompt_ids=[1, 2], substitutes=subs)
+    assert seq.substitutes is subs  # a float32 engine
+    with pytest.raises(ValueError, match="int8"):
+        served.to_bytes()
 
 
 def test_compensated_decode_equals_the_one_pass_forced_forward(tiny_loaded):

@@ -34,7 +34,7 @@ import torch
 from ffnskip.calibration.forced import ForcedBatch, ForcedForward, position_kl
 from ffnskip.calibration.selection import _fit_all
 from ffnskip.calibration.substitutes import SubstituteKind
-from ffnskip.engine.substitutes import Substitute, SubstituteSet
+from ffnskip.engine.substitutes import AnySubstitute, Substitute, SubstituteSet
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,9 @@ def _dense(forward: ForcedForward, batch: ForcedBatch, first: int) -> tuple[list
     return forward.log_probs(batch, base.states), x
 
 
-def _mapped(substitute: Substitute, change: Callable[[torch.Tensor], torch.Tensor]) -> Substitute:
+def _mapped(substitute: AnySubstitute, change: Callable[[torch.Tensor], torch.Tensor]) -> Substitute:
     """The substitute with `change` applied to each of its tensors."""
+    if not isinstance(substitute, Substitute):
+        raise TypeError("distil a set as calibrated (float factors), not its int8 form")
     first, second = substitute.first, substitute.second
     return Substitute(change(substitute.bias), None if first is None else change(first), None if second is None else change(second))

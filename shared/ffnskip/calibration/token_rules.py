@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ffnskip.engine import skip_rule
 from ffnskip.engine.skip_rule import TORCH, SkipState
-from ffnskip.engine.substitutes import Substitute, SubstituteSet
+from ffnskip.engine.substitutes import AnySubstitute, SubstituteSet
 
 
 class TokenRule(Protocol):
@@ -185,7 +185,7 @@ class ChosenTokens:
         self.previous = 1 - similarity(h, out)
 
 
-def oracle_need(substitute: Substitute, h: torch.Tensor, normed: torch.Tensor, ffn: torch.Tensor) -> torch.Tensor:
+def oracle_need(substitute: AnySubstitute, h: torch.Tensor, normed: torch.Tensor, ffn: torch.Tensor) -> torch.Tensor:
     """|mlp(h) - s(n)| / |h| per position: how far the substitute is from the FFN it replaces."""
     return (ffn - substitute(normed)).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
 

@@ -52,14 +52,15 @@ from torch.export import Dim
 from ffnskip.engine import int8_kernel
 from ffnskip.engine import layers as layers_module
 from ffnskip.engine import segments as segments_module
+from ffnskip.engine import substitutes as substitutes_module
 from ffnskip.engine.cpu_target import cpu_target
 from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
 from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step, substitute_step
-from ffnskip.engine.substitutes import Substitute
+from ffnskip.engine.substitutes import AnySubstitute, Substitute
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and layers.py is hashed as it is.
-PACKAGE_FORMAT = 4
+PACKAGE_FORMAT = 5
 KINDS = ("attention", "ffn", "substitute", "head")
 # The parameters each kind of segment reads, in the order they follow its other inputs
 # (those a model lacks, like Llama's biases, are left out; the scales only int8 matrices have, the
@@ -107,10 +108,10 @@ def calls_int8_kernel(weights: str, device: torch.device) -> bool:
     return weights == "w8a8" and device.type == "cpu"
 
 
-def compiled_substitute(substitute: Substitute) -> bool:
+def compiled_substitute(substitute: AnySubstitute) -> bool:
     """Whether the "substitute" package applies it: a low-rank map of rank 2 or more (its rank is
     the package's one dynamic size). A bias or a full map runs eagerly."""
-    return substitute.second is not None and substitute.second.shape[0] >= 2
+    return substitute.kind == "lowrank" and substitute.rank >= 2
 
 
 def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torch.device, autotune: bool) -> str:
@@ -121,7 +122,7 @@ def package_key(fingerprint: str, dtype: torch.dtype, weights: str, device: torc
     kernel = int8_kernel.digest() if calls_int8_kernel(weights, device) else "none"
     for part in (fingerprint, str(dtype), weights, torch.__version__, target, str(autotune), str(PACKAGE_FORMAT), kernel):
         digest.update(part.encode() + b"\0")
-    for module in (segments_module, layers_module):  # the code traced into a package
+    for module in (segments_module, layers_module, substitutes_module):  # the code traced into a package
         digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()[:20]
 
@@ -186,31 +187,27 @@ class _Shared(nn.Module):
         return torch.func.functional_call(self._example[0], dict(zip(self.names, weights)), inputs)
 
 
-class _Attention(nn.Module):
+class _LayerSegment(nn.Module):
+    """One kind of segment of `layer` (its forward: the segment's function)."""
+
     def __init__(self, layer: FusedLayer) -> None:
         super().__init__()
         self.layer = layer
 
+
+class _Attention(_LayerSegment):
     def forward(self, x, keys, values, write_positions, mask, cos, sin):
         return attention_step(self.layer, x, keys, values, write_positions, mask, cos, sin)
 
 
-class _Ffn(nn.Module):
-    def __init__(self, layer: FusedLayer) -> None:
-        super().__init__()
-        self.layer = layer
-
+class _Ffn(_LayerSegment):
     def forward(self, h, row_mask):
         return ffn_step(self.layer, True, h, row_mask)
 
 
-class _Substitute(nn.Module):
-    def __init__(self, layer: FusedLayer) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, h, x, row_mask, bias, first_t, second):
-        return substitute_step(self.layer, h, x, row_mask, bias, first_t, second)
+class _Substitute(_LayerSegment):
+    def forward(self, h, x, row_mask, bias, *factors):
+        return substitute_step(self.layer, h, x, row_mask, bias, *factors)
 
 
 class CompiledSegments:
@@ -292,12 +289,11 @@ class CompiledSegments:
         return out, similarity
 
     def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
-                   substitute: Substitute) -> torch.Tensor:
+                   substitute: AnySubstitute) -> torch.Tensor:
         if self._cold(h.shape[0]) is not None or not compiled_substitute(substitute):
             return self._plain.substitute(index, h, x, row_mask, substitute)
-        assert substitute.second is not None  # a low-rank map (compiled_substitute)
         mask = self._all_rows[h.shape[0]] if row_mask is None else row_mask
-        return self._runner(h.shape[0], "substitute")([h, x, mask, substitute.bias, substitute.first_t, substitute.second,
+        return self._runner(h.shape[0], "substitute")([h, x, mask, substitute.bias, *substitute.factors,
                                                       *self._substitute_weights[index]])[0]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,11 +373,10 @@ class CompiledSegments:
             return (_Shared(_Ffn(first), [f"layer.{n}" for n in names]),
                     (x, self._all_rows[padded].clone(), *self._ffn_weights[0]), None)
         if name == "substitute":
-            rank, width = 8, first.hidden_size  # the rank is dynamic
-            args = (x, torch.zeros_like(x), self._all_rows[padded].clone(), torch.zeros(width, **like),
-                    torch.zeros(rank, width, **like), torch.zeros(rank, width, **like), *self._substitute_weights[0])
-            rank_dim = Dim("rank", min=2)
-            dynamic = ((None, None, None, None, {0: rank_dim}, {0: rank_dim}, *([None] * len(names))),)
+            factors, factor_dims = self._example_factors(8)  # the rank is dynamic
+            args = (x, torch.zeros_like(x), self._all_rows[padded].clone(), torch.zeros(first.hidden_size, **like),
+                    *factors, *self._substitute_weights[0])
+            dynamic = ((None, None, None, None, *factor_dims, *([None] * len(names))),)
             return _Shared(_Substitute(first), [f"layer.{n}" for n in names]), args, dynamic
         weights = self._attention_weights[0]
         cos = torch.ones(padded, 1, first.head_dim, **like)
@@ -394,3 +389,12 @@ class CompiledSegments:
         # one entry: forward takes its inputs as *args
         dynamic = ((None, cache, cache, None, {3: Dim("span", min=2)}, None, None, *([None] * len(weights))),)
         return _Shared(_Attention(first), [f"layer.{n}" for n in names]), args, dynamic
+
+    def _example_factors(self, rank: int) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Dim] | None, ...]]:
+        """Example factors of a low-rank substitute as this format's engine applies them (Substitute
+        or, where the matrices are w8a8, Int8LowRank .factors), and their dynamic rank dims."""
+        width, dim = self.layers[0].hidden_size, Dim("rank", min=2)
+        example = Substitute(*(torch.zeros(shape, dtype=self.dtype) for shape in ((width,), (width, rank), (rank, width))))
+        if self.weights == "w8a8":
+            return tuple(t.to(self.device) for t in example.int8().factors), ({0: dim}, {0: dim}, {1: dim}, None)
+        return tuple(t.to(self.device) for t in example.factors), ({0: dim}, {0: dim})

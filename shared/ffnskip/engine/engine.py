@@ -92,7 +92,7 @@ class Engine:
         another decoder generated and delivered for this request, `resumed_skips` the layers
         each skipped; generation continues after them (Sequence.resume). A sequence those
         tokens already finish is returned finished, not queued. `substitutes`: what the FFNs
-        it skips are replaced with (a profile's; None: nothing)."""
+        it skips are replaced with (a profile's; None: nothing), as this engine's matrices apply them."""
         resolved = skip.resolved(self.num_layers)
         if prompt_ids is None:
             prompt_ids = encode_prompt(self.tokenizer, prompt, messages)
@@ -105,10 +105,10 @@ class Engine:
                 raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
         self._check_lengths(len(prompt_ids), sampling.max_new_tokens)
         seq = Sequence(
-            prompt_ids=prompt_ids, sampling=sampling, skip=resolved,
-            plan=RowPlan.build(resolved, self.num_layers),
+            prompt_ids=prompt_ids, sampling=sampling, skip=resolved, plan=RowPlan.build(resolved, self.num_layers),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            eos_ids=self.eos_ids, request_id=request_id, teacher=teacher, substitutes=substitutes)
+            eos_ids=self.eos_ids, request_id=request_id, teacher=teacher,
+            substitutes=None if substitutes is None else substitutes.served_by(self.runner.weights))
         if resumed:
             seq.resume(list(resumed), [list(s) for s in resumed_skips] or None, self.num_layers)
             if seq.finished:

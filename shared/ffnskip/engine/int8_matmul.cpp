@@ -233,9 +233,10 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-// shapes only: what tracing (torch.export) runs
+// shapes only: what tracing (torch.export) runs; symbolic sizes, since a substitute's rank is a
+// dynamic size of its package
 at::Tensor int8_matmul_meta(const at::Tensor& x, const at::Tensor& w) {
-  return at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kInt));
+  return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options().dtype(at::kInt));
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ffnskip.engine.layers import FusedLayer, Head
-from ffnskip.engine.substitutes import Substitute
+from ffnskip.engine.substitutes import AnySubstitute, int8_low_rank
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,21 @@ def ffn_step(layer: FusedLayer, with_similarity: bool, h: torch.Tensor,
 
 
 def substitute_step(layer: FusedLayer, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor,
-                    bias: torch.Tensor, first_t: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+                    bias: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     """x + s(post_norm(h)) on the rows of row_mask, x elsewhere, for a low-rank substitute
-    s(n) = bias + (n @ first_t^T) @ second (first_t [r, D]: each output of the first product
-    reads one contiguous row). The products are written as multiply-and-reduce, which Inductor
-    fuses into loops (a library GEMM call per product took 69 us a decode step, these 39)."""
-    mapped = (layer.post_norm(h)[..., None, :] * first_t).sum(-1)  # [P, 1, r]
-    return torch.where(row_mask, x + (bias + (mapped[..., :, None] * second).sum(-2)), x)
+    s(n) = bias + (n @ first) @ second given by its `factors` (Substitute.factors,
+    Int8LowRank.factors). Float factors (first_t [r, D], each output of the first product reading
+    one contiguous row; second [r, D]) are multiplied and reduced, which Inductor fuses into loops
+    (a library GEMM call per product took 69 us a decode step, these 39); int8 ones are two int8
+    products, as a w8a8 engine's matrices are."""
+    normed = layer.post_norm(h)
+    if len(factors) == 2:
+        first_t, second = factors
+        mapped = (normed[..., None, :] * first_t).sum(-1)  # [P, 1, r]
+        added = (mapped[..., :, None] * second).sum(-2)
+    else:
+        added = int8_low_rank(normed, *factors)
+    return torch.where(row_mask, x + (bias + added), x)
 
 
 class Segments(Protocol):
@@ -94,7 +102,7 @@ class Segments(Protocol):
     def ffn(self, index: int, h: torch.Tensor,
             row_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
-                   substitute: Substitute) -> torch.Tensor: ...
+                   substitute: AnySubstitute) -> torch.Tensor: ...
     def head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -124,7 +132,7 @@ class EagerSegments:
         return ffn_step(self.layers[index], False, h, row_mask)
 
     def substitute(self, index: int, h: torch.Tensor, x: torch.Tensor, row_mask: torch.Tensor | None,
-                   substitute: Substitute) -> torch.Tensor:
+                   substitute: AnySubstitute) -> torch.Tensor:
         out = x + substitute(self.layers[index].post_norm(h))
         return out if row_mask is None else torch.where(row_mask, out, x)
 
