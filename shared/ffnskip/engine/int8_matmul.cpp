@@ -99,12 +99,29 @@ inline int32_t dot(const int8_t* x, const int8_t* w, int64_t k, int32_t /*x_sum*
 
 #endif
 
+// The weights are asked for ahead of their use with the non-temporal hint: a decode step streams
+// 136 MB of them through a 32 MB L3, and brought in the ordinary way they evicted everything the
+// step reads again (the cache's keys and values, the activations, the interpreter's and torch's
+// own code and data for the eager work between the packages). Measured in process on 2 AMD EPYC
+// cores, decode steps alternated with and without it: one row 3.3-6.2% faster in three runs of
+// four (-1.9% in the other), the ordinary hint 0.5-3.1%; 16 rows 5.0-5.1% with either hint; the
+// AVX2 build at one row 4.3%, at 8 rows level.
+inline void prefetch_non_temporal(const int8_t* start, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(start);
+  for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch(p + c, _MM_HINT_NTA);
+}
+
+// weight rows asked for ahead of the one being summed (a few KB at SmolLM2's K of 576 and 1536)
+constexpr int64_t kRowsAhead = 4;
+
 // output columns [n_start, n_end) for every row of x: each weight row is read from memory once,
 // for the first row of x, and from the core's cache for the others
 void columns(const int8_t* x, const int8_t* w, int32_t* out, int64_t m, int64_t k, int64_t n,
              int64_t n_start, int64_t n_end, const int32_t* x_sums) {
-  for (int64_t j = n_start; j < n_end; ++j)
+  for (int64_t j = n_start; j < n_end; ++j) {
+    if (j + kRowsAhead < n_end) prefetch_non_temporal(w + (j + kRowsAhead) * k, k);
     for (int64_t i = 0; i < m; ++i) out[i * n + j] = dot(x + i * k, w + j * k, k, x_sums[i]);
+  }
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -193,6 +210,7 @@ void tiles(const uint8_t* flipped, int64_t stride, const int8_t* w, int32_t* out
            int64_t n, int64_t t_start, int64_t t_end) {
   for (int64_t t = t_start; t < t_end; ++t) {
     const int8_t* tile = w + t * kTile * k;
+    if (t + 1 < t_end) prefetch_non_temporal(tile + kTile * k, kTile * k);  // the next tile
     const __m512i correction = _mm512_slli_epi32(tile_weight_sums(tile, k), 7);
     for (int64_t i = 0; i < m; ++i)
       _mm512_storeu_si512(out + i * n + t * kTile, _mm512_sub_epi32(tile_row(flipped + i * stride, tile, k), correction));
