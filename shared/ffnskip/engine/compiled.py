@@ -56,7 +56,7 @@ from ffnskip.engine import substitutes as substitutes_module
 from ffnskip.engine.cpu_target import cpu_target
 from ffnskip.engine.layers import FusedLayer, Head, blocked, scale_of
 from ffnskip.engine.segments import EagerSegments, StepInputs, attention_step, ffn_step, substitute_step
-from ffnskip.engine.substitutes import AnySubstitute, Substitute
+from ffnskip.engine.substitutes import AnySubstitute, Substitute, int8_factors
 
 # Bump when a change here alters what a package computes or expects (the traced wrappers, the
 # example shapes, the options); the source of segments.py and layers.py is hashed as it is.
@@ -395,6 +395,6 @@ class CompiledSegments:
         or, where the matrices are w8a8, Int8LowRank .factors), and their dynamic rank dims."""
         width, dim = self.layers[0].hidden_size, Dim("rank", min=2)
         example = Substitute(*(torch.zeros(shape, dtype=self.dtype) for shape in ((width,), (width, rank), (rank, width))))
-        if self.weights == "w8a8":
+        if int8_factors(self.weights):
             return tuple(t.to(self.device) for t in example.int8().factors), ({0: dim}, {0: dim}, {1: dim}, None)
         return tuple(t.to(self.device) for t in example.factors), ({0: dim}, {0: dim})

@@ -106,6 +106,12 @@ class Substitute:
                            *quantise_rows(self.second.t().contiguous()))
 
 
+def int8_factors(weights: str) -> bool:
+    """Whether an engine whose matrices are in format `weights` (config.WEIGHT_FORMATS) applies a
+    low-rank map with int8 factors: where its products take int8 activations too ("w8a8")."""
+    return weights == "w8a8"
+
+
 def int8_low_rank(normed: torch.Tensor, first: torch.Tensor, first_scale: torch.Tensor,
                   second: torch.Tensor, second_scale: torch.Tensor) -> torch.Tensor:
     """(normed @ first^T) @ second^T for int8 factors with a scale per output row, each product's
@@ -174,8 +180,8 @@ class SubstituteSet:
 
     def served_by(self, weights: str) -> SubstituteSet:
         """The set as an engine whose matrices are in format `weights` applies it (config.WEIGHT_FORMATS):
-        with int8 factors where they take int8 activations too ("w8a8"), else as it is."""
-        return self.int8 if weights == "w8a8" else self
+        with int8 factors where they take int8 activations too (int8_factors), else as it is."""
+        return self.int8 if int8_factors(weights) else self
 
     @property
     def nbytes(self) -> int:
